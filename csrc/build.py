@@ -1,0 +1,159 @@
+"""Decides which parts of the csrc/ extension can be built on this machine.
+
+setup.py calls ``extension_modules_and_cmdclass()`` at install time
+(``pip install --no-build-isolation -e .``). Two optional extensions:
+
+* ``megatron_evomoe._C_data`` (csrc/packing_index.cpp): C++17 + pybind11,
+  no torch headers, so it compiles in seconds. Built when a C++ compiler and
+  pybind11 are found.
+* ``megatron_evomoe._C_cuda`` (csrc/permute_cuda.cu + permute_bindings.cpp):
+  a torch ``CUDAExtension`` built with ninja through ``BuildExtension``.
+  Built when, in addition, torch is a CUDA build (``torch.version.cuda``) and
+  nvcc is found under torch's ``CUDA_HOME``. Set ``TORCH_CUDA_ARCH_LIST``
+  (e.g. "8.0;9.0") to choose the GPU targets; torch's default is the visible
+  GPU, or a list of common archs when there is none.
+
+Switches (environment): ``EVOMOE_SKIP_CPP_BUILD=1`` builds no compiled
+extension at all (C++ helper and CUDA); ``EVOMOE_SKIP_CUDA_BUILD=1`` skips
+only the CUDA one. Whatever is not built leaves the pure-Python path, with
+one line on stderr saying so; a missing compiler never fails the install.
+``EVOMOE_STRICT_BUILD=1`` makes compile errors fatal (CI), otherwise an
+extension that fails to compile is skipped with setuptools' warning.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+
+DATA_EXT = "megatron_evomoe._C_data"
+CUDA_EXT = "megatron_evomoe._C_cuda"
+_PREFIX = "megatron_evomoe:"
+
+
+def extension_modules_and_cmdclass():
+    """(ext_modules, cmdclass) for setup(); never raises."""
+    if _env_flag("EVOMOE_SKIP_CPP_BUILD"):
+        _say("C++ helpers not built (EVOMOE_SKIP_CPP_BUILD=1); using the pure-Python path")
+        return [], {}
+    compiler = find_cxx_compiler()
+    if compiler is None:
+        _say("C++ helpers not built (no compiler); using the pure-Python path")
+        return [], {}
+
+    ext_modules = []
+    data_ext, why_not = _data_extension()
+    if data_ext is None:
+        _say(f"C++ helpers not built ({why_not}); using the pure-Python path")
+    else:
+        ext_modules.append(data_ext)
+
+    cuda_ext, why_not = _cuda_extension()
+    if cuda_ext is None:
+        _say(f"CUDA extension not built ({why_not}); the ops use Triton/PyTorch")
+        return ext_modules, {}
+    ext_modules.append(cuda_ext)
+    from torch.utils.cpp_extension import BuildExtension
+
+    return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def find_cxx_compiler() -> str | None:
+    """Path of the C++ compiler setuptools would use ($CXX, Python's CXX, c++/g++/clang++)."""
+    candidates = []
+    for command in (os.environ.get("CXX"), sysconfig.get_config_var("CXX")):
+        if command:
+            try:
+                candidates.append(shlex.split(command)[0])
+            except ValueError:
+                pass
+    candidates += ["c++", "g++", "clang++"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _data_extension():
+    try:
+        import pybind11
+    except ImportError:
+        return None, "pybind11 is not installed"
+    from setuptools import Extension
+
+    return (
+        Extension(
+            DATA_EXT,
+            sources=["csrc/packing_index.cpp"],
+            include_dirs=[pybind11.get_include()],
+            # -g0 overrides the -g in Python's CFLAGS (a 4 MB .so and a slower build otherwise).
+            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"],
+            language="c++",
+            optional=not _env_flag("EVOMOE_STRICT_BUILD"),
+        ),
+        "",
+    )
+
+
+def _cuda_extension():
+    if _env_flag("EVOMOE_SKIP_CUDA_BUILD"):
+        return None, "EVOMOE_SKIP_CUDA_BUILD=1"
+    torch_version, torch_cuda, why_not = torch_build_info()
+    if why_not:
+        return None, why_not
+    if torch_cuda is None:
+        return None, f"torch {torch_version} is not a CUDA build"
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    except Exception as exc:  # noqa: BLE001
+        return None, f"torch.utils.cpp_extension not usable: {exc}"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if nvcc is None or not os.path.exists(nvcc):
+        return None, "nvcc not found (set CUDA_HOME to the CUDA toolkit)"
+    return (
+        CUDAExtension(
+            CUDA_EXT,
+            sources=["csrc/permute_bindings.cpp", "csrc/permute_cuda.cu"],
+            # No -std here: BuildExtension adds the standard torch needs.
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            optional=not _env_flag("EVOMOE_STRICT_BUILD"),
+        ),
+        "",
+    )
+
+
+def torch_build_info() -> tuple[str | None, str | None, str]:
+    """(torch.__version__, torch.version.cuda, why-not) without importing torch when possible.
+
+    setup.py runs several times per `pip install` and importing torch takes
+    seconds; torch/version.py is a few constants, so it is read directly.
+    """
+    if "torch" not in sys.modules:
+        try:
+            spec = importlib.util.find_spec("torch")
+            if spec is None:
+                return None, None, "torch is not installed"
+            path = os.path.join(list(spec.submodule_search_locations)[0], "version.py")
+            namespace: dict = {}
+            with open(path, encoding="utf-8") as handle:
+                exec(compile(handle.read(), path, "exec"), namespace)  # noqa: S102 -- torch's own constants
+            return namespace["__version__"], namespace.get("cuda"), ""
+        except Exception:  # noqa: BLE001 -- unusual layout: ask torch itself
+            pass
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 -- never fail the install over an optional part
+        return None, None, f"torch not importable: {exc}"
+    return torch.__version__, getattr(torch.version, "cuda", None), ""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _say(message: str) -> None:
+    print(f"{_PREFIX} {message}", file=sys.stderr)

@@ -1,0 +1,43 @@
+"""Data pipeline: LLaVA-format conversations + images, tokenizers, a resumable sampler,
+and the bundled tiny dataset of drawn scenes.
+
+Training loop usage:
+
+    paths = build_bundled_dataset("data/bundled")            # or a real LLaVA json + image folder
+    tok = load_tokenizer(paths["tokenizer"])
+    ds = LlavaDataset(paths["instruct"], paths["images"], tok, seq_len=128,
+                      num_image_tokens=16, image_size=32)
+    sampler = ResumableSampler(len(ds), seed=0, rank=dp_rank, world_size=dp_size)
+    batch = ds.collate([ds[next(sampler)] for _ in range(micro_batch_size)])
+
+Names are imported lazily (PEP 562) so that `python -m megatron_evomoe.data.build_bundled`
+neither pays for importing torch nor imports its own module twice.
+"""
+import importlib
+
+_EXPORTS = {
+    "build_bundled": ("build_bundled_dataset",),
+    "conversation": ("DEFAULT_TEMPLATE", "IGNORE_INDEX", "IMAGE_TAG", "ConversationTemplate", "parse_conversations",
+                     "render_conversation", "render_prompt"),
+    "errors": ("DataError",),
+    "image_processing": ("CLIP_MEAN", "CLIP_STD", "ImageProcessor", "load_image"),
+    "llava_dataset": ("LlavaDataset", "PopeDataset", "PopeSample", "collate_llava", "read_records"),
+    "sampler": ("ResumableSampler",),
+    "scenes": ("Scene", "SceneGenerator", "SceneObject"),
+    "tokenizer": ("HFTokenizer", "Tokenizer", "WordTokenizer", "load_tokenizer"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,144 @@
+"""Decoder LLM: RMSNorm, RoPE, grouped-query attention (SDPA), SwiGLU FFN or MoE per layer.
+
+Plain modules: no communication code. Parallel layouts are applied from outside
+(megatron_evomoe/parallel). Every feed-forward block takes `(x, modality)` and
+returns `(y, aux_loss)` so dense, evolving and MoE blocks are interchangeable.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16 autocast.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables; applied with the rotate-half convention (LLaMA/HF)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)  # [S, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [B, nh, S, hd], positions: [S] or [B, S]
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        if cos.dim() == 3:  # per-sample positions -> broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden // num_heads
+        self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                kv_cache=None) -> torch.Tensor:
+        B, S, _ = x.shape
+        # heads are read from the weight shapes so a TP-sharded layer (fewer local heads) just works
+        q = self.wq(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
+        k = self.wk(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
+        v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q, k = rope(q, positions), rope(k, positions)
+        causal = True
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            causal = S > 1  # one new token attends to the whole cache
+            if causal and k.shape[2] != S:
+                raise NotImplementedError("chunked prefill onto a non-empty KV cache")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class FFN(nn.Module):
+    """SwiGLU feed-forward: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, hidden: int, ffn_hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w_up = nn.Linear(hidden, ffn_hidden, bias=False)
+        self.w_down = nn.Linear(ffn_hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)), None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp: nn.Module = FFN(cfg.hidden_size, cfg.ffn_hidden_size)
+
+    def forward(self, x, modality, rope, positions, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, positions, kv_cache)
+        y, aux = self.mlp(self.mlp_norm(x), modality)
+        return x + y, aux
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> decoder layers -> final norm -> LM head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.vocab_size > 0, "vocab_size must be resolved (from the tokenizer) before building"
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # GPT-2 style: residual output projections scaled down with depth.
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            last = name.split(".")[-2] if name.endswith("weight") else name.split(".")[-1]
+            nn.init.normal_(p, 0.0, out_std if last in ("wo", "w_down") else std)
+
+    def forward(self, h: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor | None = None,
+                kv_caches=None):
+        """h: [B, S, C] input embeddings; modality: [B, S] -> (logits [B, S, V], aux loss scalar)."""
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            h, aux = layer(h, modality, self.rope, positions, None if kv_caches is None else kv_caches[i])
+            if aux is not None:
+                aux_total = aux_total + aux
+        return self.lm_head(self.norm(h)), aux_total

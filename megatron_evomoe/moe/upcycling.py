@@ -1,0 +1,96 @@
+"""How the E experts of a new MoE layer are made from the dense FFN (`moe.init`).
+
+- ``evolution``: FFN1 and its evolved copies from stage II (EvoMoE; see evolution.py)
+- ``copy``: E identical copies (MoE-LLaVA's sparse upcycling)
+- ``noise``: copies plus Gaussian noise of std `noise_std` relative to each weight's std
+- ``drop``: drop-upcycling: per expert, re-initialise a random fraction r of the
+  intermediate units (rows of w_gate/w_up, columns of w_down) from N(mean, std)
+  of the entries they replace
+- ``scratch``: fresh random experts
+Weights here are nn.Linear layout ([out, in]), one dict per expert.
+"""
+from __future__ import annotations
+
+import torch
+
+from .evolution import FFN_WEIGHTS, EvolvingFFN
+
+
+def dense_weights(ffn) -> dict[str, torch.Tensor]:
+    return {name: getattr(ffn, name).weight.detach() for name in FFN_WEIGHTS}
+
+
+def copy_experts(ffn, num_experts: int) -> list[dict]:
+    w = dense_weights(ffn)
+    return [{k: v.clone() for k, v in w.items()} for _ in range(num_experts)]
+
+
+def noise_experts(ffn, num_experts: int, noise_std: float, generator: torch.Generator) -> list[dict]:
+    experts = copy_experts(ffn, num_experts)
+    for ex in experts:
+        for k, v in ex.items():
+            noise = torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v)
+            ex[k] = v + noise_std * v.float().std().to(v) * noise
+    return experts
+
+
+def drop_experts(ffn, num_experts: int, ratio: float, generator: torch.Generator) -> list[dict]:
+    """Drop-upcycling: each expert re-draws its own random subset of intermediate units."""
+    experts = copy_experts(ffn, num_experts)
+    ffn_hidden = experts[0]["w_gate"].shape[0]
+    num_drop = int(round(ratio * ffn_hidden))
+    for ex in experts:
+        units = torch.randperm(ffn_hidden, generator=generator)[:num_drop]
+        for k, v in ex.items():
+            rows = v[units] if k != "w_down" else v[:, units]  # the replaced entries
+            mean, std = rows.float().mean(), rows.float().std() if rows.numel() > 1 else torch.tensor(0.0)
+            fresh = (torch.randn(rows.shape, generator=generator) * std + mean).to(v)
+            if k == "w_down":
+                v[:, units] = fresh
+            else:
+                v[units] = fresh
+    return experts
+
+
+def scratch_experts(ffn, num_experts: int, init_std: float, generator: torch.Generator) -> list[dict]:
+    w = dense_weights(ffn)
+    return [{k: (torch.randn(v.shape, generator=generator) * init_std).to(v) for k, v in w.items()}
+            for _ in range(num_experts)]
+
+
+def make_experts(ffn, moe_cfg, init_std: float, generator: torch.Generator) -> list[dict]:
+    """Expert weights for one layer, by `moe.init`."""
+    init, E = moe_cfg.init, moe_cfg.num_experts
+    if init == "evolution":
+        if not isinstance(ffn, EvolvingFFN):
+            raise ValueError("moe.init=evolution: the layer has no evolved experts; add an "
+                             "'evolve' stage (moe_mode: evolve) before the first sparse stage")
+        return ffn.expert_weights()
+    if init == "copy":
+        return copy_experts(ffn, E)
+    if init == "noise":
+        return noise_experts(ffn, E, moe_cfg.noise_std, generator)
+    if init == "drop":
+        return drop_experts(ffn, E, moe_cfg.drop_ratio, generator)
+    if init == "scratch":
+        return scratch_experts(ffn, E, init_std, generator)
+    raise ValueError(f"moe.init: unknown expert initialisation {init!r}")
+
+
+def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
+    """Dense (or evolving) FFN -> MoELayer with experts by `moe.init` and a fresh router.
+
+    This is the 'split' of the evolution scheduler at the stage II -> III
+    boundary when moe.init=evolution, and the baselines' upcycling otherwise.
+    """
+    from .experts import GroupedExperts
+    from .moe_layer import MoELayer
+    from .router import build_router
+
+    w = ffn.w_gate.weight
+    hidden, ffn_hidden = w.shape[1], w.shape[0]
+    experts = GroupedExperts(cfg.moe.num_experts, hidden, ffn_hidden, backend=cfg.moe.expert_backend)
+    experts.load_from_ffns(make_experts(ffn, cfg.moe, cfg.model.init_std, generator))
+    router = build_router(cfg.router, cfg.moe, hidden)
+    layer = MoELayer(router, experts, aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff)
+    return layer.to(device=w.device, dtype=w.dtype)

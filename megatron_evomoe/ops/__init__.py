@@ -1,0 +1,21 @@
+"""Ops that models call: one autograd.Function per op over torch.library custom ops, each picking
+the CUDA extension, compiled Triton or PyTorch at run time (see ``backend.py``) and logging its choice.
+
+    from megatron_evomoe.ops.grouped_gemm import grouped_mm   # grouped_mm(x, w, offsets, backend="auto") -> y
+    from megatron_evomoe.ops.permute import permute, unpermute
+        # permute(x, topk_idx, num_experts, backend="auto") -> (x_perm, row_map, counts)
+        # unpermute(y_perm, row_map, gates, backend="auto") -> y
+
+The ``permute`` function is deliberately not re-exported here: the name would shadow the
+``megatron_evomoe.ops.permute`` module (``import megatron_evomoe.ops.permute as m`` would then
+return the function). Import it from its module, as above.
+"""
+from .backend import BACKENDS, BackendUnavailableError, resolve_backend
+from .grouped_gemm import GroupedMMFunction, grouped_mm
+from .permute import PermuteFunction, UnpermuteFunction, unpermute
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "resolve_backend",
+    "grouped_mm", "GroupedMMFunction",
+    "unpermute", "PermuteFunction", "UnpermuteFunction",
+]

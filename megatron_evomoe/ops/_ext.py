@@ -1,0 +1,187 @@
+"""Loader for the optional compiled extensions, and the contract of the CUDA ops.
+
+Two extensions may be built by ``pip install --no-build-isolation -e .``
+(see csrc/build.py):
+
+* ``megatron_evomoe._C_data`` (C++/pybind11, no torch): the packing-index
+  builder used by ``megatron_evomoe.data.packing``. ``load_data_helpers()``.
+* ``megatron_evomoe._C_cuda`` (CUDA, torch extension): token permutation for
+  MoE dispatch. ``load()``. Built only with nvcc and a CUDA build of torch.
+
+Neither loader raises: each returns None and records why, and ``describe()``
+gives one line for logs, e.g. ``cuda_ext: not built (torch 2.13.0+cpu is a CPU
+build: torch.version.cuda is None); data_ext: built``. Setting
+``EVOMOE_DISABLE_CUDA_EXT=1`` makes ``load()`` return None (to exercise the
+other backends); loaders cache their answer (``reset()`` clears it).
+
+Permutation contract (shared with the Triton and PyTorch backends of
+``megatron_evomoe.ops.permute``; the ``reference_*`` functions below are its
+executable form). With T tokens, K slots per token (top-k), E experts and C
+channels, slot ``(t, k)`` is the flat index ``s = t * K + k``:
+
+* ``expert_histogram(topk_idx [T, K] int64, E) -> counts [E] int64``:
+  ``counts[e]`` = number of slots routed to expert e.
+* ``permute(x [T, C], topk_idx [T, K] int64, E) -> (x_perm [T*K, C], row_map
+  [T, K] int64, counts [E] int64)``: a *stable* sort of the slots by expert:
+  expert e's segment is rows ``[offset_e, offset_e + counts[e])`` with
+  ``offset_e = sum(counts[:e])``, and within it the slots appear in increasing
+  ``s = t * K + k``. ``x_perm[row_map[t, k]] = x[t]``.
+* Slots whose expert id is outside ``[0, E)`` (e.g. -1 for a dropped token)
+  are not counted, get ``row_map = -1``, and take no row; the rows after
+  ``sum(counts)`` are zero, so x_perm always has T*K rows (no host sync).
+* ``unpermute(y_perm [N, C], row_map [T, K], gates [T, K] or None) -> y [T, C]``:
+  ``y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]]`` over slots with
+  ``row_map >= 0`` (gates None: weight 1), accumulated in fp32, returned in
+  ``y_perm.dtype``.
+* Backward helpers: ``permute_backward(grad_x_perm, row_map) -> grad_x`` (=
+  ``unpermute`` with unit gates); ``unpermute_backward(grad_y, y_perm, row_map,
+  gates) -> (grad_y_perm [N, C], grad_gates [T, K])`` with ``grad_y_perm[r] =
+  gates[t, k] * grad_y[t]`` for the slot owning row r (zero for rows no slot
+  owns) and ``grad_gates[t, k] = <grad_y[t], y_perm[row_map[t, k]]>`` (fp32
+  accumulation, returned in ``gates.dtype``; 0 for dropped slots).
+* CUDA ext limits: x / y_perm in float32, float16 or bfloat16; 1 <= E <= 1024
+  (``MAX_EXPERTS``); topk_idx / row_map int64 (int32 is accepted and widened);
+  row_map entries outside ``[0, N)`` are ignored rather than read; inputs are
+  made contiguous; everything runs on the current stream of the inputs' device.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Any
+
+CUDA_MODULE = "megatron_evomoe._C_cuda"
+_REBUILD_HINT = "reinstall with `pip install --no-build-isolation -e .`"
+
+
+def load() -> ModuleType | None:
+    """The CUDA permute extension, or None (not built, not importable, no CUDA device)."""
+    return _load_cuda()[0]
+
+
+def load_data_helpers() -> ModuleType | None:
+    """The C++ data helpers (``_C_data``), or None when not built or stale.
+
+    Same answer as ``megatron_evomoe.data.packing.load_cpp_helpers()``, which the
+    data path calls directly (it must not import torch and this package)."""
+    return _load_data()[0]
+
+
+def describe() -> str:
+    """One line for logs: what was built and usable, and why not."""
+    return f"cuda_ext: {_load_cuda()[1]}; {describe_data_helpers()}"
+
+
+def describe_data_helpers() -> str:
+    return f"data_ext: {_load_data()[1]}"
+
+
+def reset() -> None:
+    """Forget cached load results (after an install, or to re-read EVOMOE_DISABLE_CUDA_EXT)."""
+    _load_cuda.cache_clear()
+    try:
+        from megatron_evomoe.data.packing import load_cpp_helpers
+
+        load_cpp_helpers.cache_clear()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cuda() -> tuple[ModuleType | None, str]:
+    if os.environ.get("EVOMOE_DISABLE_CUDA_EXT", "") not in ("", "0"):
+        return None, "disabled (EVOMOE_DISABLE_CUDA_EXT is set)"
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 -- a loader must never raise
+        return None, f"not built (torch not importable: {exc})"
+    try:
+        module = importlib.import_module(CUDA_MODULE)
+    except Exception as exc:  # noqa: BLE001 -- ImportError, or OSError from a bad .so
+        if getattr(torch.version, "cuda", None) is None:
+            return None, (
+                f"not built (torch {torch.__version__} is a CPU build: torch.version.cuda is None)"
+            )
+        if _spec_missing(CUDA_MODULE):
+            return None, (
+                "not built (no megatron_evomoe._C_cuda: the install found no nvcc/CUDA_HOME, or "
+                f"EVOMOE_SKIP_CUDA_BUILD / EVOMOE_SKIP_CPP_BUILD was set; {_REBUILD_HINT})"
+            )
+        return None, f"built but not importable ({type(exc).__name__}: {exc}; {_REBUILD_HINT})"
+    try:
+        has_device = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_device = False
+    if not has_device:
+        return None, "built but unused (no CUDA device visible)"
+    try:
+        device = torch.cuda.get_device_name()
+    except Exception as exc:  # noqa: BLE001
+        device = f"device name unavailable: {exc}"
+    return module, f"built (CUDA {torch.version.cuda}, {device})"
+
+
+def _load_data() -> tuple[ModuleType | None, str]:
+    # The loader lives in data/packing.py so that the data path never imports this package.
+    try:
+        from megatron_evomoe.data.packing import load_cpp_helpers
+    except Exception as exc:  # noqa: BLE001
+        return None, f"not loadable (megatron_evomoe.data.packing: {type(exc).__name__}: {exc})"
+    return load_cpp_helpers()
+
+
+def _spec_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except Exception:  # noqa: BLE001
+        return True
+
+
+# ---------------------------------------------------------------------------
+# PyTorch reference of the contract above (any device, differentiable in x,
+# y_perm and gates). The CUDA tests compare the extension with these.
+# ---------------------------------------------------------------------------
+
+
+def reference_expert_histogram(topk_idx: Any, num_experts: int):
+    """topk_idx: [T, K] int64 -> counts [E] int64 (ids outside [0, E) not counted)."""
+    import torch
+
+    flat = topk_idx.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    return torch.bincount(flat[valid], minlength=num_experts).to(torch.int64)
+
+
+def reference_permute(x: Any, topk_idx: Any, num_experts: int):
+    """x: [T, C], topk_idx: [T, K] -> (x_perm [T*K, C], row_map [T, K] int64, counts [E] int64)."""
+    import torch
+
+    num_tokens, k = topk_idx.shape
+    flat = topk_idx.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots last
+    slot_of_row = torch.sort(key, stable=True).indices  # [T*K]: ties keep slot order
+    row_of_slot = torch.empty_like(slot_of_row)
+    row_of_slot[slot_of_row] = torch.arange(len(flat), device=flat.device)
+    row_map = torch.where(valid, row_of_slot, torch.full_like(row_of_slot, -1))
+    rows = x[torch.div(slot_of_row, max(k, 1), rounding_mode="floor")]  # [T*K, C]
+    x_perm = torch.where(valid[slot_of_row][:, None], rows, torch.zeros_like(rows))
+    counts = reference_expert_histogram(topk_idx, num_experts)
+    return x_perm, row_map.view(num_tokens, k), counts
+
+
+def reference_unpermute(y_perm: Any, row_map: Any, gates: Any = None):
+    """y_perm: [N, C], row_map: [T, K], gates: [T, K] or None -> y [T, C] (fp32 sum, y_perm dtype)."""
+    import torch
+
+    num_rows, channels = y_perm.shape
+    valid = (row_map >= 0) & (row_map < num_rows)
+    acc = torch.promote_types(y_perm.dtype, torch.float32)  # fp32 sums (fp64 stays fp64)
+    # Invalid slots read an extra zero row, so the graph (and gates.grad) always exists.
+    padded = torch.cat([y_perm, y_perm.new_zeros(1, channels)]).to(acc)
+    rows = padded[torch.where(valid, row_map.long(), num_rows)]  # [T, K, C]
+    weight = valid.to(acc) if gates is None else torch.where(valid, gates.to(acc), 0.0)
+    return (rows * weight[..., None]).sum(1).to(y_perm.dtype)

@@ -1,0 +1,213 @@
+"""grouped_mm: y[rows_e] = x[rows_e] @ w[e] over expert-sorted rows, differentiable in x and w.
+
+Layers: three ``torch.library`` custom ops (forward, dgrad, wgrad; each with a fake impl so that
+torch.compile traces them as opaque nodes) -> ``GroupedMMFunction`` (autograd.Function; the same
+backward is registered on the forward op, so ``torch.ops.megatron_evomoe.grouped_mm`` is
+differentiable too) -> ``grouped_mm()``, which picks the backend (see ``backend.py``).
+
+Semantics (all backends): x: [T, K], w: [E, K, N], offsets: [E] int32/int64 cumulative end rows.
+Rows at or past offsets[-1] belong to no expert and get zero output / zero dgrad; experts without
+rows get dw[e] = 0; outputs are in x.dtype with fp32 accumulation.
+
+The PyTorch backend uses ``torch._grouped_mm`` wherever it accepts the inputs (CUDA, and this CPU
+build too) and a loop over non-empty experts otherwise. ``torch._grouped_mm``'s own autograd is
+not used: on the CPU build its backward raises (and it rejects expanded gradients), so the
+backward here is written as two more ``torch._grouped_mm`` calls (dgrad: dy @ w^T per group;
+wgrad: x^T @ dy with the groups along the reduction dim), which work on CPU and CUDA alike. It
+leaves rows past offsets[-1] unwritten, so those are zeroed with a mask (no host sync).
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import cuda_ext_module, log_choice, resolve_backend
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks (ValueError naming the argument; no host sync)
+# --------------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_mm expects x: [T, K] and w: [E, K, N], got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if x.dtype not in _FLOATS or x.dtype != w.dtype:
+        raise ValueError(f"grouped_mm expects x and w of one dtype among {_FLOATS}, got {x.dtype} and {w.dtype}")
+    if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"grouped_mm expects offsets: [E={w.shape[0]}] int32/int64, "
+                         f"got {offsets.dtype} {tuple(offsets.shape)}")
+    if not (x.device == w.device == offsets.device):
+        raise ValueError(f"grouped_mm inputs must share a device, got x {x.device}, w {w.device}, "
+                         f"offsets {offsets.device}")
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch backend
+# --------------------------------------------------------------------------------------------------
+_grouped_mm_rejects: set[tuple] = set()  # (device type, dtype, aligned) where torch._grouped_mm raised
+
+
+def _try_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs32: torch.Tensor) -> torch.Tensor | None:
+    """torch._grouped_mm(a, b, offs) or None where this build / device / dtype / layout refuses it."""
+    if not hasattr(torch, "_grouped_mm"):
+        return None
+    aligned = all((s * a.element_size()) % 16 == 0 for s in (a.shape[-1], b.shape[-1]))
+    key = (a.device.type, a.dtype, aligned)
+    if key in _grouped_mm_rejects:
+        return None
+    try:
+        return torch._grouped_mm(a, b, offs32)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError):  # unsupported dtype / arch / alignment: remember, loop
+        _grouped_mm_rejects.add(key)
+        return None
+
+
+def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    ends = [int(v) for v in offsets.tolist()]  # host sync: the loop fallback only
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _zero_tail_rows(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    tail = torch.arange(out.shape[0], device=out.device) >= offsets[-1]
+    return out.masked_fill_(tail[:, None], 0)
+
+
+def _torch_ab(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """out[rows_e] = a[rows_e] @ b[e] (b: [E, K, N], any strides)."""
+    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
+        return a.new_zeros((a.shape[0], b.shape[2]))
+    out = _try_torch_grouped_mm(a.contiguous(), b, offsets.to(torch.int32))
+    if out is not None:
+        return _zero_tail_rows(out, offsets)
+    out = a.new_zeros((a.shape[0], b.shape[2]))
+    for e, (lo, hi) in enumerate(_bounds(offsets)):
+        if hi > lo:
+            out[lo:hi] = (a[lo:hi].float() @ b[e].float()).to(a.dtype)
+    return out
+
+
+def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    E = offsets.shape[0]
+    if x.shape[0] == 0 or x.shape[1] == 0 or dy.shape[1] == 0:
+        return x.new_zeros((E, x.shape[1], dy.shape[1]))
+    # Groups along the reduction dim; empty groups come out as zeros (torch's own _grouped_mm
+    # backward relies on the same call, and the tests check it on every device they run on).
+    dw = _try_torch_grouped_mm(x.t(), dy.contiguous(), offsets.to(torch.int32))
+    if dw is not None:
+        return dw
+    dw = x.new_zeros((E, x.shape[1], dy.shape[1]))
+    for e, (lo, hi) in enumerate(_bounds(offsets)):
+        if hi > lo:
+            dw[e] = (x[lo:hi].float().t() @ dy[lo:hi].float()).to(x.dtype)
+    return dw
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend dispatch
+# --------------------------------------------------------------------------------------------------
+def _fwd_impl(x, w, offsets, backend):
+    if backend == "triton":
+        from megatron_evomoe.kernels import grouped_gemm as k
+        return k.grouped_mm_fwd(x, w, offsets)
+    if backend == "cuda_ext":
+        return cuda_ext_module()[0].grouped_mm(x, w, offsets)
+    return _torch_ab(x, w, offsets)
+
+
+def _dgrad_impl(dy, w, offsets, backend):
+    if backend == "triton":
+        from megatron_evomoe.kernels import grouped_gemm as k
+        return k.grouped_mm_dgrad(dy, w, offsets)
+    if backend == "cuda_ext":
+        return cuda_ext_module()[0].grouped_mm_dgrad(dy, w, offsets)
+    return _torch_ab(dy.contiguous(), w.transpose(1, 2), offsets)
+
+
+def _wgrad_impl(x, dy, offsets, backend):
+    if backend == "triton":
+        from megatron_evomoe.kernels import grouped_gemm as k
+        return k.grouped_mm_wgrad(x, dy, offsets)
+    if backend == "cuda_ext":
+        return cuda_ext_module()[0].grouped_mm_wgrad(x, dy, offsets)
+    return _torch_wgrad(x, dy, offsets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; the fakes give shapes and dtypes)
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("megatron_evomoe::grouped_mm", mutates_args=())
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """y: [T, N] = per-expert x @ w[e] with an already-resolved backend."""
+    return _fwd_impl(x, w, offsets, backend)
+
+
+@grouped_mm_op.register_fake
+def _(x, w, offsets, backend):
+    log_choice("grouped_mm", backend, x.device.type, "chosen while tracing for torch.compile")
+    return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@torch.library.custom_op("megatron_evomoe::grouped_mm_dgrad", mutates_args=())
+def grouped_mm_dgrad_op(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """dx: [T, K] = per-expert dy @ w[e]^T."""
+    return _dgrad_impl(dy, w, offsets, backend)
+
+
+@grouped_mm_dgrad_op.register_fake
+def _(dy, w, offsets, backend):
+    return dy.new_empty((dy.shape[0], w.shape[1]))
+
+
+@torch.library.custom_op("megatron_evomoe::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """dw: [E, K, N] = per-expert x^T @ dy."""
+    return _wgrad_impl(x, dy, offsets, backend)
+
+
+@grouped_mm_wgrad_op.register_fake
+def _(x, dy, offsets, backend):
+    return x.new_empty((offsets.shape[0], x.shape[1], dy.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, w, offsets, backend = inputs
+    ctx.save_for_backward(x, w, offsets)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, w, offsets = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = grouped_mm_dgrad_op(dy, w, offsets, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = grouped_mm_wgrad_op(x, dy, offsets, ctx.backend)
+    return dx, dw, None, None
+
+
+grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class GroupedMMFunction(torch.autograd.Function):
+    """y = grouped_mm(x, w, offsets); backward: dx by dgrad, dw by wgrad (same backend)."""
+
+    @staticmethod
+    def forward(x, w, offsets, backend):
+        return grouped_mm_op(x, w, offsets, backend)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """y[rows_e] = x[rows_e] @ w[e]. x: [T, K], w: [E, K, N], offsets: [E] (cumulative end rows) -> [T, N].
+
+    Differentiable in x and w. ``backend``: "auto" | "cuda_ext" | "triton" | "torch" (backend.py)."""
+    _check(x, w, offsets)
+    chosen = resolve_backend(backend, "grouped_mm", x.device)
+    return GroupedMMFunction.apply(x, w, offsets, chosen)

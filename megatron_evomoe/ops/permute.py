@@ -1,0 +1,281 @@
+"""permute / unpermute: move tokens into expert order (with top-k duplication) and back.
+
+    permute(x: [T, C], topk_idx: [T, K], num_experts) -> (x_perm: [T*K, C], row_map: [T, K] int64, counts: [E] int64)
+    unpermute(y_perm: [N, C], row_map: [T, K], gates: [T, K] | None) -> y: [T, C]
+        y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]]
+
+The exact semantics (stable order, dropped slots with ids outside [0, E), dtypes) are the contract
+in ``_ext.py``, shared by the three backends. permute is differentiable in x; unpermute in y_perm
+and gates. Layers: ``torch.library`` custom ops with fakes (forward and backward of each) ->
+``PermuteFunction`` / ``UnpermuteFunction`` (the same backward is registered on the forward ops)
+-> ``permute()`` / ``unpermute()``, which pick the backend (``backend.py``).
+
+The PyTorch backend is vectorised torch ops on the device (a stable sort, index gathers, an
+index_copy into a scratch row for dropped slots): no host sync, [T, K, C] temporaries.
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import cuda_ext_module, log_choice, resolve_backend
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+def _check_permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> None:
+    if x.dim() != 2 or x.dtype not in _FLOATS:
+        raise ValueError(f"permute expects x: [T, C] in {_FLOATS}, got {x.dtype} {tuple(x.shape)}")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0] or topk_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"permute expects topk_idx: [T={x.shape[0]}, K] int32/int64, "
+                         f"got {topk_idx.dtype} {tuple(topk_idx.shape)}")
+    if topk_idx.device != x.device:
+        raise ValueError(f"permute: topk_idx is on {topk_idx.device} but x is on {x.device}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"permute expects num_experts >= 1, got {num_experts!r}")
+
+
+def _check_unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None) -> None:
+    if y_perm.dim() != 2 or y_perm.dtype not in _FLOATS:
+        raise ValueError(f"unpermute expects y_perm: [N, C] in {_FLOATS}, got {y_perm.dtype} {tuple(y_perm.shape)}")
+    if row_map.dim() != 2 or row_map.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"unpermute expects row_map: [T, K] int32/int64, got {row_map.dtype} {tuple(row_map.shape)}")
+    if gates is not None and (gates.shape != row_map.shape or gates.dtype not in _FLOATS):
+        raise ValueError(f"unpermute expects gates: [T, K] = {tuple(row_map.shape)} floating, "
+                         f"got {gates.dtype} {tuple(gates.shape)}")
+    devices = {y_perm.device, row_map.device} | ({gates.device} if gates is not None else set())
+    if len(devices) > 1:
+        raise ValueError(f"unpermute inputs must share a device, got {sorted(map(str, devices))}")
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch backend
+# --------------------------------------------------------------------------------------------------
+def _torch_permute(x, topk_idx, num_experts):
+    T, K = topk_idx.shape
+    flat = topk_idx.reshape(-1).long()
+    routed = (flat >= 0) & (flat < num_experts)
+    key = torch.where(routed, flat, num_experts)  # dropped slots sort last
+    slot_of_row = torch.sort(key, stable=True).indices  # [T*K]
+    row_of_slot = torch.empty_like(slot_of_row)
+    row_of_slot[slot_of_row] = torch.arange(flat.numel(), device=flat.device)
+    rows = x[torch.div(slot_of_row, max(K, 1), rounding_mode="floor")]  # [T*K, C]
+    x_perm = torch.where(routed[slot_of_row][:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+    row_map = torch.where(routed, row_of_slot, -1).view(T, K)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return x_perm, row_map, counts[:num_experts].clone()
+
+
+def _gathered(y_perm, row_map):
+    """(rows: [T, K, C] fp32 with zeros for invalid entries, valid: [T, K])."""
+    N = y_perm.shape[0]
+    valid = (row_map >= 0) & (row_map < N)
+    if N == 0:
+        return y_perm.new_zeros((*row_map.shape, y_perm.shape[1]), dtype=torch.float32), valid
+    rows = y_perm[torch.where(valid, row_map, 0).long()].float()
+    return torch.where(valid[..., None], rows, 0.0), valid
+
+
+def _torch_unpermute(y_perm, row_map, gates):
+    rows, valid = _gathered(y_perm, row_map)
+    if gates is not None:
+        rows = rows * gates.float()[..., None]
+    return rows.sum(1).to(y_perm.dtype)
+
+
+def _torch_unpermute_backward(grad_y, y_perm, row_map, gates):
+    T, K = row_map.shape
+    N, C = y_perm.shape
+    rows, valid = _gathered(y_perm, row_map)
+    grad_gates = (rows * grad_y.float()[:, None, :]).sum(-1).to(gates.dtype)  # 0 where invalid
+    vals = (gates.float()[..., None] * grad_y.float()[:, None, :]).to(y_perm.dtype).reshape(T * K, C)
+    grad_y_perm = y_perm.new_zeros((N + 1, C))  # row N takes the dropped slots
+    grad_y_perm.index_copy_(0, torch.where(valid, row_map, N).reshape(-1).long(), vals)
+    return grad_y_perm[:N], grad_gates
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend dispatch
+# --------------------------------------------------------------------------------------------------
+def _kernels():
+    from megatron_evomoe.kernels import permute as k
+    return k
+
+
+def _ext():
+    return cuda_ext_module()[0]
+
+
+def _permute_impl(x, topk_idx, num_experts, backend):
+    if backend == "triton":
+        return _kernels().permute_fwd(x, topk_idx, num_experts)
+    if backend == "cuda_ext":
+        return tuple(_ext().permute(x, topk_idx.long(), num_experts))
+    return _torch_permute(x, topk_idx, num_experts)
+
+
+def _permute_backward_impl(grad_x_perm, row_map, backend):
+    if backend == "triton":
+        return _kernels().permute_bwd(grad_x_perm, row_map)
+    if backend == "cuda_ext":
+        return _ext().permute_backward(grad_x_perm, row_map)
+    return _torch_unpermute(grad_x_perm, row_map, None)
+
+
+def _unpermute_impl(y_perm, row_map, gates, backend):
+    if backend == "triton":
+        return _kernels().unpermute_fwd(y_perm, row_map, gates)
+    if backend == "cuda_ext":
+        return _ext().unpermute(y_perm, row_map, gates)
+    return _torch_unpermute(y_perm, row_map, gates)
+
+
+def _unpermute_backward_impl(grad_y, y_perm, row_map, gates, backend):
+    if backend == "triton":
+        return _kernels().unpermute_bwd(grad_y, y_perm, row_map, gates)
+    if backend == "cuda_ext":
+        return tuple(_ext().unpermute_backward(grad_y, y_perm, row_map, gates))
+    return _torch_unpermute_backward(grad_y, y_perm, row_map, gates)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("megatron_evomoe::permute", mutates_args=())
+def permute_op(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_perm [T*K, C], row_map [T, K] int64, counts [E] int64) with an already-resolved backend."""
+    return _permute_impl(x, topk_idx, num_experts, backend)
+
+
+@permute_op.register_fake
+def _(x, topk_idx, num_experts, backend):
+    log_choice("permute", backend, x.device.type, "chosen while tracing for torch.compile")
+    T, K = topk_idx.shape
+    return (x.new_empty((T * K, x.shape[1])), topk_idx.new_empty((T, K), dtype=torch.int64),
+            topk_idx.new_empty((num_experts,), dtype=torch.int64))
+
+
+@torch.library.custom_op("megatron_evomoe::permute_backward", mutates_args=())
+def permute_backward_op(grad_x_perm: torch.Tensor, row_map: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad_x [T, C] = sum_k grad_x_perm[row_map[t, k]]."""
+    return _permute_backward_impl(grad_x_perm, row_map, backend)
+
+
+@permute_backward_op.register_fake
+def _(grad_x_perm, row_map, backend):
+    return grad_x_perm.new_empty((row_map.shape[0], grad_x_perm.shape[1]))
+
+
+@torch.library.custom_op("megatron_evomoe::unpermute", mutates_args=())
+def unpermute_op(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None,
+                 backend: str) -> torch.Tensor:
+    """y [T, C] = sum_k gates[t, k] * y_perm[row_map[t, k]]."""
+    return _unpermute_impl(y_perm, row_map, gates, backend)
+
+
+@unpermute_op.register_fake
+def _(y_perm, row_map, gates, backend):
+    log_choice("unpermute", backend, y_perm.device.type, "chosen while tracing for torch.compile")
+    return y_perm.new_empty((row_map.shape[0], y_perm.shape[1]))
+
+
+@torch.library.custom_op("megatron_evomoe::unpermute_backward", mutates_args=())
+def unpermute_backward_op(grad_y: torch.Tensor, y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_y_perm [N, C], grad_gates [T, K])."""
+    return _unpermute_backward_impl(grad_y, y_perm, row_map, gates, backend)
+
+
+@unpermute_backward_op.register_fake
+def _(grad_y, y_perm, row_map, gates, backend):
+    return torch.empty_like(y_perm), torch.empty_like(gates)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+def _permute_setup(ctx, inputs, output):
+    _, _, _, backend = inputs
+    _, row_map, counts = output
+    ctx.mark_non_differentiable(row_map, counts)
+    ctx.save_for_backward(row_map)
+    ctx.backend = backend
+
+
+def _permute_backward(ctx, grad_x_perm, _grad_row_map, _grad_counts):
+    (row_map,) = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0] and grad_x_perm is not None:
+        grad_x = permute_backward_op(grad_x_perm, row_map, ctx.backend)
+    return grad_x, None, None, None
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y_perm, row_map, gates, backend = inputs
+    ctx.save_for_backward(y_perm, row_map, gates)
+    ctx.backend = backend
+
+
+def _unpermute_backward(ctx, grad_y):
+    y_perm, row_map, gates = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+        return None, None, None, None
+    unit = gates is None
+    if unit:  # d/dy_perm of an ungated sum: the same scatter with unit gates
+        gates = torch.ones(row_map.shape, dtype=y_perm.dtype, device=y_perm.device)
+    grad_y_perm, grad_gates = unpermute_backward_op(grad_y, y_perm, row_map, gates, ctx.backend)
+    return (grad_y_perm if ctx.needs_input_grad[0] else None, None,
+            None if unit or not ctx.needs_input_grad[2] else grad_gates, None)
+
+
+permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+class PermuteFunction(torch.autograd.Function):
+    """(x_perm, row_map, counts) = permute(x, topk_idx, E); grad flows to x only."""
+
+    @staticmethod
+    def forward(x, topk_idx, num_experts, backend):
+        return permute_op(x, topk_idx, num_experts, backend)
+
+    setup_context = staticmethod(_permute_setup)
+    backward = staticmethod(_permute_backward)
+
+
+class UnpermuteFunction(torch.autograd.Function):
+    """y = unpermute(y_perm, row_map, gates); grads flow to y_perm and gates."""
+
+    @staticmethod
+    def forward(y_perm, row_map, gates, backend):
+        return unpermute_op(y_perm, row_map, gates, backend)
+
+    setup_context = staticmethod(_unpermute_setup)
+    backward = staticmethod(_unpermute_backward)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [T, C], topk_idx: [T, K] -> (x_perm: [T*K, C] expert-sorted, row_map: [T, K] int64, counts: [E] int64).
+
+    Differentiable in x. Slots with ids outside [0, E) are dropped (row_map -1, zero rows at the end)."""
+    _check_permute(x, topk_idx, num_experts)
+    chosen = resolve_backend(backend, "permute", x.device)
+    return PermuteFunction.apply(x, topk_idx, num_experts, chosen)
+
+
+def unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None,
+              backend: str = "auto") -> torch.Tensor:
+    """y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]] -> [T, C] in y_perm.dtype (gates None: weight 1).
+
+    Differentiable in y_perm and gates; row_map entries outside [0, N) are skipped."""
+    _check_unpermute(y_perm, row_map, gates)
+    chosen = resolve_backend(backend, "unpermute", y_perm.device)
+    return UnpermuteFunction.apply(y_perm, row_map, gates, chosen)

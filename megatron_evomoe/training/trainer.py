@@ -1,0 +1,255 @@
+"""The staged trainer: runs every stage of the config in order, resumable at any step.
+
+One optimizer step = `grad_accum_steps` micro-batches; the LM loss is the sum of
+token losses divided by the number of supervised tokens in the whole step, so
+it does not depend on how the step is split. Checkpoints carry everything a
+resumed run needs to continue the same trajectory: model, optimizer, stage and
+step, sampler position, RNG states and the evolution generator.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..model.mllm import IGNORE_INDEX, MultimodalLM
+from . import checkpoint as ckpt
+from .data_setup import StageData, prepare_data
+from .evaluation import evaluate_pope
+from .logger import MetricsLogger
+from .nonfinite import NonFiniteError, first_nonfinite_grad
+from .optim import build_optimizer, lr_at
+from .routing_log import RoutingLog
+from .stages import apply_stage_structure, evolution_scheduler, set_trainable
+
+log = logging.getLogger("megatron_evomoe")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = resolve_device(t.device)
+        seed_everything(t.seed)
+        self.save_dir = Path(t.save_dir)
+        self.data = prepare_data(cfg)
+        self.tokenizer = self.data.tokenizer
+        self.model = MultimodalLM(cfg, self.tokenizer.image_token_id).to(self.device)
+        # Upcycling/router creation draws from its own generator, so the stage
+        # transition is reproducible whether or not the run was resumed.
+        self.structure_gen = torch.Generator().manual_seed(t.seed + 7919)
+        self.metrics = MetricsLogger(self.save_dir, t.tensorboard)
+        self.global_step = 0
+        self.history: list[dict] = []  # per-step records, for tests and reports
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> list[dict]:
+        state = self._load_latest()
+        start_stage = state["stage_idx"] if state else 0
+        for idx, stage in enumerate(self.cfg.stages):
+            if idx < start_stage:  # replay structure only; weights come from the checkpoint
+                apply_stage_structure(self.model, self.cfg, stage, self.structure_gen)
+                continue
+            resume = state if state and state["stage_idx"] == idx else None
+            self._run_stage(idx, stage, resume)
+        self.metrics.close()
+        return self.history
+
+    def _load_latest(self) -> dict | None:
+        if not self.cfg.train.resume:
+            return None
+        path = ckpt.find_latest(self.save_dir)
+        if path is None:
+            return None
+        state = ckpt.load_checkpoint(path)
+        log.info("resuming from %s (stage %s, step %d)", path, self.cfg.stages[state["stage_idx"]].name, state["step"])
+        return state
+
+    # ---------------------------------------------------------------- stage
+    def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
+        cfg = self.cfg
+        apply_stage_structure(self.model, cfg, stage, self.structure_gen)
+        trainable = set_trainable(self.model, cfg, stage, idx)
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        opt = build_optimizer(params, stage.lr, cfg.train.weight_decay, tuple(cfg.train.adam_betas), self.device)
+        evo = evolution_scheduler(self.model, cfg) if stage.moe_mode == "evolve" else None
+        data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx)
+        routing = RoutingLog(self.model)
+        step = 0
+        if resume is not None:
+            step = self._restore(resume, opt, data, evo)
+            if step >= stage.steps:  # the stage had finished; only the move to the next is left
+                return
+        else:
+            log.info("=== stage %d/%d '%s': %d steps, moe_mode=%s, %d trainable tensors (%s params)",
+                     idx + 1, len(cfg.stages), stage.name, stage.steps, stage.moe_mode, len(trainable),
+                     f"{sum(p.numel() for _, p in params):,}")
+        lr_scale = 1.0
+        pbar = _progress(cfg.train.progress_bar, stage, step)
+        t_last, tokens_since = time.perf_counter(), 0
+        while step < stage.steps:
+            lr = lr_at(step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * lr_scale
+            for g in opt.param_groups:
+                g["lr"] = lr
+            record, num_tokens = self._train_step(opt, params, data, evo, step, stage)
+            if record.get("skipped") and cfg.train.nonfinite == "reduce_lr":
+                lr_scale *= 0.5
+            step += 1
+            self.global_step += 1
+            tokens_since += num_tokens
+            record.update(stage=stage.name, stage_step=step, global_step=self.global_step, lr=lr)
+            self.history.append(record)
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
+            if step % cfg.train.log_interval == 0 or step == stage.steps:
+                now = time.perf_counter()
+                record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                self._log(record, routing, evo)
+            if cfg.train.save_interval and step % cfg.train.save_interval == 0 and step < stage.steps:
+                self._save(idx, step, opt, data, evo, stage_end=False)
+        if pbar is not None:
+            pbar.close()
+        routing.close()
+        if stage.eval and cfg.data.num_eval_samples > 0:
+            scores = evaluate_pope(self.model, self.data, cfg, self.device)
+            log.info("stage '%s' POPE (held-out, %d questions): acc %.3f  precision %.3f  recall %.3f  "
+                     "F1 %.3f  yes-ratio %.3f", stage.name, scores["num_questions"], scores["accuracy"],
+                     scores["precision"], scores["recall"], scores["f1"], scores["yes_ratio"])
+            self.metrics.log(self.global_step, {f"eval/{stage.name}/{k}": v for k, v in scores.items()})
+            self.history.append({"stage": stage.name, "eval": scores})
+        self._save(idx, stage.steps, opt, data, evo, stage_end=True)
+
+    def _train_step(self, opt, params, data, evo, step, stage):
+        cfg = self.cfg
+        micro = [data.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+        num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        opt.zero_grad(set_to_none=True)
+        lm_total, aux_total = 0.0, 0.0
+        for batch in micro:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+                out = self.model(batch["input_ids"], batch["images"], batch["labels"])
+            lm = out.lm_loss_sum / max(num_tokens, 1)
+            aux = out.aux_loss / len(micro)
+            (lm + aux).backward()
+            lm_total += float(lm.detach())
+            aux_total += float(aux.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.train.clip_grad or float("inf")))
+        record = {"loss": lm_total + aux_total, "lm_loss": lm_total, "aux_loss": aux_total, "grad_norm": grad_norm}
+        if not np.isfinite(record["loss"]) or not np.isfinite(grad_norm):
+            where = first_nonfinite_grad(params)
+            msg = (f"non-finite {'loss' if not np.isfinite(record['loss']) else 'gradient'} at stage "
+                   f"'{stage.name}' step {step + 1}" + (f", first in parameter {where}" if where else ""))
+            if cfg.train.nonfinite == "stop":
+                raise NonFiniteError(msg)
+            log.warning("%s: step skipped (train.nonfinite=%s)", msg, cfg.train.nonfinite)
+            opt.zero_grad(set_to_none=True)
+            record["skipped"] = True
+            return record, num_tokens
+        if evo is not None:
+            evo.before_step()
+        opt.step()
+        if evo is not None:
+            evo.after_step()
+        return record, num_tokens
+
+    # ------------------------------------------------------------- logging
+    def _log(self, record: dict, routing: RoutingLog, evo) -> None:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        extra = ""
+        if evo is not None:
+            dist = evo.distances()
+            per_expert = np.mean(np.array(dist), axis=0)
+            for n, d in enumerate(per_expert):
+                scalars[f"evolution/distance_expert{n + 2}"] = float(d)
+            extra += " | dist from FFN1 " + " ".join(f"e{n + 2}={d:.2e}" for n, d in enumerate(per_expert))
+        routing_scalars, routing_text = routing.summary_and_reset()
+        scalars.update(routing_scalars)
+        extra += routing_text
+        self.metrics.log(self.global_step, {f"train/{k}" if "/" not in k else k: v for k, v in scalars.items()})
+        log.info("[%s %d] loss %.4f (lm %.4f aux %.4f) | lr %.2e | grad %.2f | %.0f tok/s%s",
+                 record["stage"], record["stage_step"], record["loss"], record["lm_loss"], record["aux_loss"],
+                 record["lr"], record["grad_norm"], record.get("tokens_per_s", 0.0), extra)
+
+    # ---------------------------------------------------------- checkpoint
+    def _save(self, idx, step, opt, data, evo, stage_end: bool) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "stage_idx": idx,
+            "step": step,
+            "global_step": self.global_step,
+            "data": data.state_dict(),
+            "rng": rng_state(),
+            "structure_gen": self.structure_gen.get_state(),
+            "evolution": evo.state_dict() if evo is not None else None,
+            "config": self.cfg.to_dict(),
+        }
+        stage = self.cfg.stages[idx]
+        name = f"{idx:02d}-{stage.name}-step{step:06d}"
+        meta = {"stage": stage.name, "stage_idx": idx, "step": step, "global_step": self.global_step,
+                "stage_end": stage_end}
+        path = ckpt.save_checkpoint(self.save_dir, name, state, meta, self.cfg.train.keep_checkpoints)
+        log.info("saved checkpoint %s", path)
+
+    def _restore(self, state: dict, opt, data, evo) -> int:
+        self.model.load_state_dict(state["model"])
+        if state["step"] < self.cfg.stages[state["stage_idx"]].steps:
+            opt.load_state_dict(state["optimizer"])
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.structure_gen.set_state(state["structure_gen"])
+        if evo is not None and state["evolution"] is not None:
+            evo.load_state_dict(state["evolution"])
+        self.global_step = state["global_step"]
+        return state["step"]
+
+
+def _progress(enabled: bool, stage, start: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=stage.steps, initial=start, desc=stage.name, leave=False, dynamic_ncols=True)

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Train a multimodal MoE LLM with EvoMoE, stage by stage.
+
+    python pretrain_evomoe.py --config examples/configs/tiny_cpu.yaml --train.save_dir=runs/demo
+    torchrun --nproc_per_node=1 pretrain_evomoe.py --config ... [--section.field=value ...]
+    python pretrain_evomoe.py --config ... --dry-run     # validate, print sizes and the plan
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_evomoe.config import ConfigError, load_config
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print sizes and the plan, exit")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognised argument {bad[0]!r}: overrides are written --section.field=value")
+    return args, overrides
+
+
+def resolve_vocab_for_plan(cfg) -> str:
+    """The vocabulary size for counting, without building anything."""
+    if cfg.model.vocab_size:
+        return str(cfg.model.vocab_size)
+    from pathlib import Path
+
+    from megatron_evomoe.data.tokenizer import load_tokenizer
+    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.root) / "tokenizer"
+    if tok.exists():
+        cfg.model.vocab_size = load_tokenizer(str(tok)).vocab_size
+        return f"{cfg.model.vocab_size} (from {tok})"
+    cfg.model.vocab_size = 1
+    return "unknown until the tokenizer is built (embeddings counted as 1 row)"
+
+
+def print_plan(cfg) -> None:
+    from megatron_evomoe.config import moe_layer_indices
+    from megatron_evomoe.model.size import count_parameters
+
+    vocab = resolve_vocab_for_plan(cfg)
+
+    print(f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, heads {cfg.model.num_heads} "
+          f"(kv {cfg.model.num_kv_heads}), FFN {cfg.model.ffn_hidden_size}, vocab {vocab}")
+    print(f"MoE layers: {moe_layer_indices(cfg)}; {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, "
+          f"init={cfg.moe.init}, router={cfg.router.type}")
+    print(f"parallel: tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep}")
+    print(f"{'stage':<14}{'moe_mode':<10}{'steps':>7}{'lr':>10}  {'total':>12}{'LLM active/token':>18}"
+          f"{'vision':>10}  trainable")
+    for stage, row in zip(cfg.stages, count_parameters(cfg)):
+        print(f"{stage.name:<14}{stage.moe_mode:<10}{stage.steps:>7}{stage.lr:>10.1e}  {row['total']:>12,}"
+              f"{row['llm_active_per_token']:>18,}{row['vision']:>10,}  {', '.join(stage.trainable)}")
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            print_plan(cfg)
+            return 0
+        from megatron_evomoe.training.trainer import Trainer
+        Trainer(cfg).run()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Test-wide set-up shared by every test folder.
+
+* TRITON_INTERPRET=1 unless the caller set it (e.g. TRITON_INTERPRET=0 to run the kernels compiled
+  on a GPU): it must be in the environment before anything imports triton, because ``@triton.jit``
+  reads it when a kernel module is imported.
+* The ``gpu`` marker: such tests are skipped, with the reason "needs CUDA", only when no CUDA
+  device is visible.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with reason 'needs CUDA' without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -1,0 +1,90 @@
+"""TextVQA: file reading, VQA accuracy end to end, errors."""
+import json
+
+import pytest
+from PIL import Image
+
+from megatron_evomoe.eval import run_benchmark
+from megatron_evomoe.eval.textvqa import DEFAULT_PROMPT_SUFFIX
+
+
+def _humans(match, n):
+    return [match] * n + [f"noise {i}" for i in range(10 - n)]
+
+
+# (question, human answers, model answer, expected accuracy)
+CASES = [
+    ("How many?", _humans("two", 3), "Two", 0.9),
+    ("What animal?", _humans("cat", 2), "the cat.", 0.6),
+    ("What brand?", _humans("Coca-Cola", 1), "coca cola", 0.3),
+    ("What word?", _humans("stop", 0), "stop", 0.0),
+    ("What year?", _humans("1999", 4), "1999", 1.0),
+]
+
+
+def _write(tmp_path, missing=None, cases=CASES):
+    images = tmp_path / "train_images"
+    images.mkdir()
+    data = []
+    for i, (q, humans, _, _) in enumerate(cases):
+        image_id = f"abc{i:03d}"
+        if image_id != missing:
+            Image.new("RGB", (4, 4)).save(images / f"{image_id}.jpg")
+        data.append({"question_id": 34000 + i, "question": q, "image_id": image_id,
+                     "answers": humans, "image_classes": ["Thing"]})
+    path = tmp_path / "TextVQA_0.5.1_val.json"
+    path.write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
+    return path, images
+
+
+def test_run_textvqa(tmp_path):
+    path, images = _write(tmp_path)
+    model = {q + DEFAULT_PROMPT_SUFFIX: a for q, _, a, _ in CASES}
+    seen = []
+
+    def answer_fn(image_path, prompt):
+        seen.append(image_path)
+        return model[prompt]
+
+    res = run_benchmark("textvqa", str(path), str(images), answer_fn, str(tmp_path / "out"))
+    assert seen[1] == str(images / "abc001.jpg")
+    assert [q["score"] for q in res["questions"]] == pytest.approx([0.9, 0.6, 0.3, 0.0, 1.0])
+    assert res["metrics"]["accuracy"] == pytest.approx(0.56)
+    saved = json.loads((tmp_path / "out" / "textvqa.json").read_text())
+    assert saved["questions"][0]["normalized"] == "2"
+    assert saved["questions"][1]["normalized"] == "cat"
+    assert saved["metrics"]["num_scored"] == 5
+
+
+def test_test_split_without_answers_is_not_scored(tmp_path):
+    path, images = _write(tmp_path)
+    doc = json.loads(path.read_text())
+    for entry in doc["data"]:
+        del entry["answers"]
+    path.write_text(json.dumps(doc))
+    res = run_benchmark("textvqa", str(path), str(images), lambda i, p: "x", str(tmp_path / "o"),
+                        prompt_suffix="")
+    assert res["metrics"]["accuracy"] is None and res["metrics"]["num_questions"] == 5
+
+
+def test_missing_image(tmp_path):
+    path, images = _write(tmp_path, missing="abc003")
+    calls = []
+    with pytest.raises(ValueError) as err:
+        run_benchmark("textvqa", str(path), str(images), lambda i, p: calls.append(p) or "x",
+                      str(tmp_path / "out"))
+    msg = str(err.value)
+    assert str(path) in msg and "34003" in msg and str(images / "abc003.jpg") in msg
+    assert calls == []
+
+
+def test_malformed(tmp_path):
+    path, images = _write(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["data"][2]["answers"] = ["only", "three", "answers"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"data\[2\] \(question 34002\): 'answers' must be"):
+        run_benchmark("textvqa", str(path), str(images), lambda i, p: "x", str(tmp_path))
+    path.write_text('{"data": [\n{"question_id": 1,\n}')
+    with pytest.raises(ValueError, match=r"TextVQA_0\.5\.1_val\.json:3: not valid JSON"):
+        run_benchmark("textvqa", str(path), str(images), lambda i, p: "x", str(tmp_path))

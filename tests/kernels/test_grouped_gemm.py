@@ -1,0 +1,120 @@
+"""Grouped GEMM Triton kernels (forward, dgrad, wgrad) against the per-expert loop reference.
+
+On CPU these run under TRITON_INTERPRET=1 (tests/conftest.py) with small shapes. The `gpu` tests
+run the same checks compiled and autotuned on CUDA (run them with TRITON_INTERPRET=0).
+"""
+import pytest
+import torch
+
+from megatron_evomoe.kernels import grouped_gemm as gg
+
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    # bf16/fp16 outputs are rounded once from fp32 sums; the interpreter also truncates instead of
+    # rounding to nearest, so allow about two bf16 ulps.
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+
+def _offsets(counts, device, dtype=torch.int32):
+    return torch.tensor(counts, device=device, dtype=torch.int64).cumsum(0).to(dtype)
+
+
+def _nan(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def check_all(counts, K, N, dtype, device, tail=0, config=None, offsets_dtype=torch.int32, seed=0):
+    """fwd, dgrad and wgrad vs the reference, every output element poisoned with NaN beforehand."""
+    g = torch.Generator().manual_seed(seed)
+    E, T = len(counts), sum(counts) + tail
+    offsets = _offsets(counts, device, offsets_dtype)
+    x = torch.randn(T, K, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(E, K, N, generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
+
+    y = gg.grouped_mm_fwd(x, w, offsets, out=_nan((T, N), dtype, device), config=config)
+    dx = gg.grouped_mm_dgrad(dy, w, offsets, out=_nan((T, K), dtype, device), config=config)
+    dw = gg.grouped_mm_wgrad(x, dy, offsets, out=_nan((E, K, N), dtype, device), config=config)
+
+    cases = [("y", y, gg.grouped_mm_reference(x, w, offsets)),
+             ("dx", dx, gg.grouped_mm_dgrad_reference(dy, w, offsets)),
+             ("dw", dw, gg.grouped_mm_wgrad_reference(x, dy, offsets))]
+    for name, got, ref in cases:
+        assert not torch.isnan(got).any(), f"{name}: some elements were never written"
+        torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    # Exact structural zeros: tail rows, and the weight gradient of experts without rows.
+    assert (y[sum(counts):] == 0).all() and (dx[sum(counts):] == 0).all()
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert (dw[e] == 0).all(), f"dw[{e}] of an empty expert must be 0"
+
+
+# (counts per expert, K, N, rows past offsets[-1]): odd sizes, none a multiple of the tiles.
+LAYOUTS = {
+    "empty_experts": ([0, 37, 0, 5, 21, 0], 40, 50, 0),  # first, middle and last experts empty
+    "single_expert": ([45], 33, 19, 0),
+    "many_experts_tail": ([3, 0, 17, 1, 9, 0, 2, 30, 4, 0, 6, 1, 0, 8, 5], 24, 36, 7),  # E=15: E+1 = 16 lanes
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_grouped_gemm_matches_reference(layout, dtype):
+    counts, K, N, tail = LAYOUTS[layout]
+    check_all(counts, K, N, dtype, "cpu", tail=tail)
+
+
+def test_grouped_gemm_fp16_int64_offsets_small_tiles():
+    # 16-row tiles: many tiles per expert, and int64 offsets.
+    check_all([20, 0, 33], 35, 18, torch.float16, "cpu", tail=3, offsets_dtype=torch.int64,
+              config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+
+
+def test_grouped_gemm_large_row_tile_over_many_experts():
+    # BLOCK_M much larger than each expert: every tile is partial, several experts per tile count.
+    check_all([5, 9, 0, 3, 7, 1, 0, 2, 4, 6, 8, 2, 1, 0, 3, 5, 7, 9, 11, 2], 16, 17, torch.float32, "cpu",
+              config=dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16))
+
+
+def test_grouped_gemm_no_rows_at_all():
+    # Every expert empty: y and dx are all tail rows (zeros), dw is all zeros.
+    check_all([0, 0, 0], 20, 24, torch.float32, "cpu", tail=11)
+
+
+def test_grouped_gemm_zero_tokens():
+    x = torch.empty(0, 8)
+    w = torch.randn(2, 8, 4)
+    off = torch.zeros(2, dtype=torch.int32)
+    assert gg.grouped_mm_fwd(x, w, off).shape == (0, 4)
+    dw = gg.grouped_mm_wgrad(x, torch.empty(0, 4), off, out=_nan((2, 8, 4), torch.float32, "cpu"))
+    assert (dw == 0).all()
+
+
+def test_grouped_gemm_rejects_bad_arguments():
+    x, w = torch.randn(4, 8), torch.randn(2, 8, 3)
+    with pytest.raises(ValueError, match="offsets"):
+        gg.grouped_mm_fwd(x, w, torch.tensor([4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        gg.grouped_mm_fwd(x.double(), w.double(), torch.tensor([2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="share a dtype"):
+        gg.grouped_mm_fwd(x.half(), w, torch.tensor([2, 4], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_grouped_gemm_matches_reference_cuda(layout, dtype):
+    counts, K, N, tail = LAYOUTS[layout]
+    check_all(counts, K, N, dtype, "cuda", tail=tail)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_grouped_gemm_cuda_model_sized(dtype):
+    # Skewed load, zero-row experts, dims multiple of 16 (the autotuned hot path, wgmma on sm_90).
+    counts = [700, 0, 3, 129, 0, 64, 1, 127]
+    check_all(counts, 512, 384, dtype, "cuda")
+    for cfg in gg.FWD_CONFIGS:  # every config the autotuner may pick
+        check_all(counts, 256, 192, dtype, "cuda", config=cfg)

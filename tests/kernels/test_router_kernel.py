@@ -1,0 +1,264 @@
+"""Fused DTR kernels (kernels/router.py) against their PyTorch references.
+
+Runs the Triton kernels under TRITON_INTERPRET=1 on CPU (tests/conftest.py); the ``gpu`` variants
+run the same checks on CUDA tensors (compiled when TRITON_INTERPRET=0)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_evomoe.kernels import router as kr  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+M = 2
+
+
+def make_params(H, R, D, E, C, dtype=torch.float32, device="cpu", seed=0):
+    """Router parameters scaled so that h, u, e and the logits are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, std: torch.randn(*shape, generator=g) * std  # noqa: E731
+    params = dict(
+        w1=rnd(M, H, C, std=C ** -0.5), b1=rnd(M, H, std=0.5),
+        w2_down=rnd(M, H, 2 * R, C, std=0.5 * (C * H) ** -0.5), b2_down=rnd(M, 2 * R, C, std=0.5 * C ** -0.5),
+        w2_up=rnd(M, H, D, R, std=0.5 * (H * R) ** -0.5), b2_up=rnd(M, D, R, std=0.5 * R ** -0.5),
+        phi_w=rnd(E, D, std=D ** -0.5), phi_b=rnd(E, std=0.5),
+    )
+    return [p.to(device=device, dtype=dtype) for p in params.values()]
+
+
+def make_inputs(T, C, layout, dtype=torch.float32, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(T, C, generator=g).to(device=device, dtype=dtype)
+    if layout == "mixed":
+        mod = torch.randint(0, M, (T,), generator=g)
+    elif layout == "alternating":  # every token block holds both modalities
+        mod = torch.arange(T) % 2
+    elif layout == "text":
+        mod = torch.zeros(T, dtype=torch.long)
+    else:
+        mod = torch.ones(T, dtype=torch.long)
+    return z, mod.to(device)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output starts as NaN (floats) or -7 (ints): a missed element shows up."""
+    def empty(*shape, **kwargs):
+        t = torch.empty(*shape, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+    monkeypatch.setattr(kr, "_empty", empty)
+    from megatron_evomoe.kernels import topk_softmax as kts
+    monkeypatch.setattr(kts, "_empty", empty)
+
+
+def assert_rel(actual, expected, limit, name):
+    """max |actual - expected| <= limit * max |expected| (gradients: elementwise rtol is meaningless near 0)."""
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    err = float((actual.float() - expected.float()).abs().max() / scale)
+    assert err <= limit, f"{name}: relative error {err:.2e} > {limit:.0e}"
+
+
+def assert_close(actual, expected, rtol, atol, name):
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------- references
+
+@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
+def test_bilinear_reference_equals_materialized(activation):
+    ps = make_params(H=5, R=3, D=4, E=6, C=24)
+    z, mod = make_inputs(29, 24, "mixed")
+    zb = z.clone().requires_grad_()
+    pb = [p.clone().requires_grad_() for p in ps]
+    zm = z.clone().requires_grad_()
+    pm = [p.clone().requires_grad_() for p in ps]
+    bil = kr.dtr_reference_bilinear(zb, mod, *pb, 2, True, activation)
+    mat = kr.dtr_reference_materialized(zm, mod, *pm, 2, True, activation)
+    for name, a, b in zip(("logits", "probs", "topk_idx", "gates", "prob_sum", "counts"), bil, mat):
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(a, b), name
+    assert int(bil[5].sum()) == 29 * 2
+    w = torch.randn_like(bil[0])
+    ((bil[0] * w).sum() + bil[3].sum() * 0.5).backward()
+    ((mat[0] * w).sum() + mat[3].sum() * 0.5).backward()
+    for name, a, b in zip(["z"] + list(kr.DTR_PARAM_NAMES), [zb] + pb, [zm] + pm):
+        assert_rel(a.grad, b.grad, 1e-5, f"d{name}")
+
+
+def test_reference_matches_dumb_per_token_loop():
+    H, R, D, E, C = 4, 2, 3, 5, 16
+    ps = make_params(H, R, D, E, C)
+    w1, b1, w2d, b2d, w2u, b2u, phw, phb = ps
+    z, mod = make_inputs(9, C, "mixed")
+    logits = kr.dtr_reference_bilinear(z, mod, *ps, 1)[0]
+    for t in range(9):
+        m = int(mod[t])
+        h = w1[m] @ z[t] + b1[m]
+        theta_down = sum(h[j] * w2d[m, j] for j in range(H)) + b2d[m]       # [2R, C]
+        u = theta_down @ z[t]
+        a = F.silu(u[:R]) * u[R:]
+        theta_up = sum(h[j] * w2u[m, j] for j in range(H)) + b2u[m]         # [D, R]
+        torch.testing.assert_close(logits[t], phw @ (theta_up @ a) + phb, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- forward
+
+FWD_CASES = [
+    # (T, C, H, R, D, E, K, layout, dtype)
+    (37, 40, 6, 3, 5, 6, 1, "mixed", torch.float32),
+    (37, 40, 6, 3, 5, 6, 2, "alternating", torch.float32),
+    (21, 33, 20, 4, 8, 8, 4, "text", torch.float32),
+    (21, 33, 20, 4, 8, 8, 2, "image", torch.float32),
+    (45, 48, 40, 2, 17, 4, 2, "mixed", torch.float32),     # two hypernetwork chunks (NUM_J = 2 when capped)
+    (37, 64, 16, 8, 16, 4, 1, "mixed", torch.bfloat16),
+    (30, 40, 6, 3, 5, 6, 4, "alternating", torch.bfloat16),
+]
+
+
+def _fwd_check(T, C, H, R, D, E, K, layout, dtype, device, activation=None, config=None):
+    ps = make_params(H, R, D, E, C, dtype, device)
+    z, mod = make_inputs(T, C, layout, dtype, device)
+    out = kr.dtr_forward_triton(z, mod, *ps, K, True, activation, config=config)
+    ref = kr.dtr_reference_bilinear(z, mod, *ps, K, True, activation)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for name, i in (("logits", 0), ("probs", 1), ("prob_sum", 4)):
+        assert_close(out[i], ref[i], name=name, **tol)
+    idx, ref_idx = out[2], ref[2]
+    assert idx.dtype == torch.int64 and idx.shape == (T, K)
+    # identical indices wherever the reference's consecutive top-(k+1) probabilities are not near-tied
+    top = torch.topk(ref[1], min(K + 1, E), dim=-1).values
+    gap = (top[:, :-1] - top[:, 1:]).min(dim=-1).values if top.shape[1] > 1 else torch.ones(T)
+    clear = gap > (1e-5 if dtype == torch.float32 else 5e-3)
+    assert clear.float().mean() > 0.8, "test inputs are too tied to be meaningful"
+    assert torch.equal(idx[clear], ref_idx[clear])
+    assert_close(out[3][clear], ref[3][clear], name="gates", **tol)
+    assert out[5].dtype == torch.int64 and int(out[5].sum()) == T * K
+    if dtype == torch.float32:
+        assert torch.equal(out[5], ref[5])
+    # saved activations: h before the activation, u, e
+    zf = z.float()
+    for t in (0, T - 1):
+        m = int(mod[t])
+        torch.testing.assert_close(out[6][t], ps[0][m].float() @ zf[t] + ps[1][m].float(), **tol)
+    return out, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: f"T{c[0]}-C{c[1]}-H{c[2]}-R{c[3]}-k{c[6]}-{c[7]}-{str(c[8])[6:]}")
+def test_forward_matches_reference(case, device, poison):
+    cfg = None
+    T, C, H, R, D, E, K, layout, dtype = case
+    if H == 40:  # force two j-chunks of 32 rows: exercises the chunked bilinear path
+        cfg = kr.dtr_config(H, R, D, E, K, block_c=32, max_cols=64)
+        assert cfg.NUM_J == 2
+    _fwd_check(*case, device=device, config=cfg)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_forward_activation(activation, poison):
+    _fwd_check(23, 32, 6, 3, 5, 6, 2, "mixed", torch.float32, "cpu", activation=activation)
+
+
+def test_forward_is_deterministic():
+    ps = make_params(6, 3, 5, 6, 40)
+    z, mod = make_inputs(37, 40, "mixed")
+    a = kr.dtr_forward_triton(z, mod, *ps, 2)
+    b = kr.dtr_forward_triton(z, mod, *ps, 2)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_modality_flag_changes_only_its_token():
+    ps = make_params(6, 3, 5, 6, 40)
+    z, mod = make_inputs(37, 40, "mixed")
+    flipped = mod.clone()
+    flipped[11] = 1 - flipped[11]
+    for fn in (lambda m: kr.dtr_forward_triton(z, m, *ps, 2)[0], lambda m: kr.dtr_reference_bilinear(z, m, *ps, 2)[0]):
+        before, after = fn(mod), fn(flipped)
+        diff = (before - after).abs().amax(dim=1)
+        assert diff[11] > 1e-2, "token 11's logits must follow its modality"
+        others = torch.ones(37, dtype=torch.bool)
+        others[11] = False
+        assert diff[others].max() <= 1e-6, "other tokens' logits must not move"
+        # and token 11 now matches the other modality's hypernetwork
+    ref_other = kr.dtr_reference_bilinear(z[11:12], flipped[11:12], *ps, 2)[0]
+    torch.testing.assert_close(kr.dtr_forward_triton(z, flipped, *ps, 2)[0][11:12], ref_other, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_and_single_token():
+    ps = make_params(6, 3, 5, 6, 40)
+    z, mod = make_inputs(0, 40, "mixed")
+    out = kr.dtr_forward_triton(z, mod, *ps, 2)
+    assert out[0].shape == (0, 6) and out[2].shape == (0, 2)
+    assert torch.equal(out[4], torch.zeros(6)) and torch.equal(out[5], torch.zeros(6, dtype=torch.int64))
+    grads = kr.dtr_backward_triton(torch.zeros(0, 6), z, mod, *ps, out[6], out[7], out[8])
+    assert grads[0].shape == (0, 40) and all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(grads[1:], ps))
+    z, mod = make_inputs(1, 40, "image")
+    _ = kr.dtr_forward_triton(z, mod, *ps, 2)
+    torch.testing.assert_close(_[0], kr.dtr_reference_bilinear(z, mod, *ps, 2)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_raise_naming_the_field():
+    ps = make_params(6, 3, 5, 6, 40)
+    z, mod = make_inputs(8, 40, "mixed")
+    with pytest.raises(ValueError, match="mod must hold modality ids"):
+        kr.dtr_forward_triton(z, mod + 1, *ps, 2)
+    bad = list(ps)
+    bad[3] = bad[3][:, :-1]
+    with pytest.raises(ValueError, match="b2_down"):
+        kr.dtr_forward_triton(z, mod, *bad, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        kr.dtr_forward_triton(z, mod, *ps, 7)
+    with pytest.raises(ValueError, match="activation"):
+        kr.dtr_forward_triton(z, mod, *ps, 2, True, "relu")
+
+
+# ------------------------------------------------------------------------------- backward
+
+BWD_CASES = [
+    # (T, C, H, R, D, E, layout, dtype, activation, num_splits)
+    (37, 40, 6, 3, 5, 6, "mixed", torch.float32, None, 1),
+    (50, 70, 20, 8, 16, 4, "alternating", torch.float32, "gelu", 2),
+    (45, 33, 40, 2, 3, 3, "text", torch.float32, "silu", 3),
+    (30, 64, 16, 4, 8, 4, "mixed", torch.bfloat16, None, 2),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: f"T{c[0]}-H{c[2]}-R{c[3]}-{c[6]}-{str(c[7])[6:]}-{c[8]}-s{c[9]}")
+def test_backward_matches_autograd(case, device, poison):
+    T, C, H, R, D, E, layout, dtype, activation, splits = case
+    ps = make_params(H, R, D, E, C, dtype, device)
+    z, mod = make_inputs(T, C, layout, dtype, device)
+    zr = z.clone().requires_grad_()
+    pr = [p.clone().requires_grad_() for p in ps]
+    logits = kr.dtr_logits_bilinear(zr, mod, *pr, activation)
+    grad_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    (logits * grad_logits).sum().backward()
+    out = kr.dtr_forward_triton(z, mod, *ps, 1, True, activation)
+    cfg = kr.dtr_config(H, R, D, E, 1, block_c=32, max_cols=64) if H == 40 else None
+    grads = kr.dtr_backward_triton(grad_logits, z, mod, *ps, out[6], out[7], out[8], activation,
+                                   num_splits=splits, config=cfg)
+    refs = [zr.grad] + [p.grad for p in pr]
+    for name, g, r, p in zip(["z"] + list(kr.DTR_PARAM_NAMES), grads, refs, [z] + ps):
+        assert g.dtype == p.dtype and g.shape == p.shape, name
+        assert_rel(g, r, 1e-5 if dtype == torch.float32 else 2e-2, f"d{name}")
+
+
+def test_backward_skips_what_is_not_needed():
+    ps = make_params(6, 3, 5, 6, 40)
+    z, mod = make_inputs(20, 40, "mixed")
+    out = kr.dtr_forward_triton(z, mod, *ps, 1)
+    g = torch.randn(20, 6)
+    full = kr.dtr_backward_triton(g, z, mod, *ps, *out[6:])
+    only_dz = kr.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dparams=False)
+    assert all(x is None for x in only_dz[1:]) and torch.equal(only_dz[0], full[0])
+    only_p = kr.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dz=False)
+    assert only_p[0] is None and all(torch.equal(a, b) for a, b in zip(only_p[1:], full[1:]))

@@ -1,0 +1,139 @@
+"""The grouped_mm op: backend resolution, autograd vs a plain-torch reference, custom-op checks."""
+import logging
+import types
+
+import pytest
+import torch
+
+import megatron_evomoe.ops.backend as backend_mod
+from megatron_evomoe.ops import BackendUnavailableError, resolve_backend
+from megatron_evomoe.ops import grouped_gemm as ggo
+from megatron_evomoe.ops.grouped_gemm import grouped_mm
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}
+
+
+def reference(x, w, counts, tail):
+    """Differentiable loop over experts; rows past the last expert give zeros."""
+    outs, lo = [], 0
+    for e, c in enumerate(counts):
+        outs.append(x[lo:lo + c].float() @ w[e].float())
+        lo += c
+    outs.append(x[lo:lo + tail].float() @ torch.zeros_like(w[0]).float())
+    return torch.cat(outs).to(x.dtype)
+
+
+def check_autograd(backend, dtype, device, counts, tail, K=24, N=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(counts) + tail
+    offsets = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+    x = torch.randn(T, K, generator=g).to(device, dtype).requires_grad_()
+    w = torch.randn(len(counts), K, N, generator=g).to(device, dtype).requires_grad_()
+    dy = torch.randn(T, N, generator=g).to(device, dtype)
+    y = grouped_mm(x, w, offsets, backend=backend)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    y_ref = reference(x, w, counts, tail)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        assert got.dtype == dtype and got.shape == ref.shape
+        torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype], msg=lambda m: f"{backend} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_mm_autograd(backend, dtype):
+    check_autograd(backend, dtype, "cpu", counts=[9, 0, 14, 1, 0], tail=3)
+
+
+def test_grouped_mm_torch_backend_single_expert_and_sum_backward():
+    # .sum() hands backward an expanded (stride 0) gradient, which torch._grouped_mm itself rejects.
+    x = torch.randn(7, 5, requires_grad=True)
+    w = torch.randn(1, 5, 3, requires_grad=True)
+    grouped_mm(x, w, torch.tensor([7]), backend="torch").sum().backward()
+    torch.testing.assert_close(x.grad, w.detach()[0].sum(1).expand(7, 5))
+    torch.testing.assert_close(w.grad[0], x.detach().sum(0)[:, None].expand(5, 3))
+
+
+def test_grouped_mm_loop_fallback_matches(monkeypatch):
+    # Force the per-expert loop (what runs where torch._grouped_mm refuses the inputs).
+    monkeypatch.setattr(ggo, "_try_torch_grouped_mm", lambda *a: None)
+    check_autograd("torch", torch.float32, "cpu", counts=[4, 0, 6], tail=2)
+
+
+def test_resolve_backend_choices(monkeypatch):
+    assert resolve_backend("auto", "grouped_mm", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", "grouped_mm", "cpu") == "torch"
+    assert resolve_backend("triton", "grouped_mm", "cpu") == "triton"  # TRITON_INTERPRET=1 here
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_backend("cublas", "grouped_mm", "cpu")
+    with pytest.raises(BackendUnavailableError, match="'cuda_ext' was requested for grouped_mm"):
+        resolve_backend("cuda_ext", "grouped_mm", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", "grouped_mm", "cpu")
+
+
+def test_explicit_unavailable_backend_raises_from_the_op():
+    x, w = torch.randn(4, 8), torch.randn(2, 8, 3)
+    with pytest.raises(BackendUnavailableError, match="cuda_ext"):
+        grouped_mm(x, w, torch.tensor([2, 4]), backend="cuda_ext")
+    with pytest.raises(ValueError, match="offsets"):
+        grouped_mm(x, w, torch.tensor([4]), backend="torch")
+
+
+def test_auto_prefers_cuda_ext_then_triton(monkeypatch):
+    """Resolution for CUDA inputs, with a stand-in extension (no GPU needed to decide)."""
+    from megatron_evomoe.ops import _ext
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fake = types.SimpleNamespace(permute=None, permute_backward=None)  # no grouped_mm functions
+    monkeypatch.setattr(_ext, "load", lambda: fake)
+    assert resolve_backend("auto", "permute", "cuda") == "cuda_ext"
+    assert resolve_backend("auto", "grouped_mm", "cuda") == "triton"
+    with pytest.raises(BackendUnavailableError, match="no grouped_mm"):
+        resolve_backend("cuda_ext", "grouped_mm", "cuda")
+    monkeypatch.setattr(_ext, "load", lambda: None)
+    assert resolve_backend("auto", "permute", "cuda") == "triton"
+    monkeypatch.setattr(backend_mod, "triton_importable", lambda: (False, "no triton"))
+    assert resolve_backend("auto", "permute", "cuda") == "torch"
+
+
+def test_choice_is_logged_once(caplog):
+    backend_mod.reset_logged()
+    x, w, off = torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([2, 4])
+    with caplog.at_level(logging.INFO, logger="megatron_evomoe.ops"):
+        for _ in range(3):
+            grouped_mm(x, w, off)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "megatron_evomoe.ops"]
+    assert len(msgs) == 1 and "grouped_mm: using the torch backend on cpu" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(3, 8, 6, requires_grad=True)
+    off = torch.tensor([4, 4, 9], dtype=torch.int32)
+    dy = torch.randn(10, 6)
+    for op, args in ((ggo.grouped_mm_op, (x, w, off, backend)),
+                     (ggo.grouped_mm_dgrad_op, (dy, w.detach(), off, backend)),
+                     (ggo.grouped_mm_wgrad_op, (x.detach(), dy, off, backend))):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_traces_the_ops():
+    """fullgraph=True: no graph break in backend resolution, custom ops or their autograd."""
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(3, 8, 6, requires_grad=True)
+    off = torch.tensor([4, 4, 9], dtype=torch.int32)
+    f = torch.compile(lambda x, w: grouped_mm(x, w, off).square().sum(), fullgraph=True, backend="aot_eager")
+    gx, gw = torch.autograd.grad(f(x, w), (x, w))
+    gx_ref, gw_ref = torch.autograd.grad(reference(x, w, [4, 0, 5], 1).square().sum(), (x, w))
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_mm_autograd_cuda(backend, dtype):
+    check_autograd(backend, dtype, "cuda", counts=[130, 0, 64, 1, 0, 257], tail=5, K=128, N=96)

@@ -1,0 +1,160 @@
+"""End-to-end staged training on a tiny model: freezing, evolution, resume, atomic saves."""
+import json
+
+import pytest
+import torch
+
+from megatron_evomoe.moe.evolution import EvolvingFFN
+from megatron_evomoe.moe.moe_layer import MoELayer
+from megatron_evomoe.training import checkpoint as ckpt
+from megatron_evomoe.training.stages import apply_stage_structure
+from megatron_evomoe.training.trainer import Trainer
+
+
+def losses(history):
+    return [(h["stage"], h["stage_step"], h["loss"]) for h in history if "loss" in h]
+
+
+def test_stages_freeze_exactly_what_they_say(make_cfg, monkeypatch):
+    trainer = Trainer(make_cfg())
+    snapshots = {}
+    real = Trainer._run_stage
+
+    def spy(self, idx, stage, resume):
+        apply_stage_structure(self.model, self.cfg, stage, self.structure_gen)  # idempotent: real() won't redo it
+        before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        real(self, idx, stage, resume)
+        after = dict(self.model.named_parameters())
+        snapshots[stage.name] = {n for n in before if n in after and not torch.equal(before[n], after[n])}
+
+    monkeypatch.setattr(Trainer, "_run_stage", spy)
+    trainer.run()
+    assert snapshots["projector"] and all(n.startswith("projector.") for n in snapshots["projector"])
+    assert all(n.startswith("llm.layers.1.mlp.") for n in snapshots["evolution"])
+    assert snapshots["evolution"] == {"llm.layers.1.mlp.w_gate.weight", "llm.layers.1.mlp.w_up.weight",
+                                      "llm.layers.1.mlp.w_down.weight"}
+    assert snapshots["router"] and all(n.startswith("llm.layers.1.mlp.router.") for n in snapshots["router"])
+    layer = trainer.model.llm.layers[1].mlp
+    assert isinstance(layer, MoELayer) and layer.experts.num_experts == 4
+
+
+def test_split_uses_the_evolved_experts(make_cfg, monkeypatch):
+    trainer = Trainer(make_cfg())
+    seen = {}
+    real = Trainer._run_stage
+
+    def spy(self, idx, stage, resume):
+        if stage.name == "router":
+            ffn = self.model.llm.layers[1].mlp
+            assert isinstance(ffn, EvolvingFFN)
+            seen["experts"] = [{k: v.clone() for k, v in e.items()} for e in ffn.expert_weights()]
+        real(self, idx, stage, resume)
+
+    monkeypatch.setattr(Trainer, "_run_stage", spy)
+    trainer.run()
+    ex = trainer.model.llm.layers[1].mlp.experts  # frozen in the router stage, so unchanged
+    for e, w in enumerate(seen["experts"]):
+        torch.testing.assert_close(ex.w_down[e], w["w_down"].t(), rtol=0, atol=0)
+    # evolved experts really moved away from FFN1 and from each other
+    assert not torch.equal(ex.w_gate[0], ex.w_gate[1]) and not torch.equal(ex.w_gate[1], ex.w_gate[2])
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [6, 7])  # inside the evolution stage (global steps 6..8)
+def test_resume_continues_the_same_trajectory(make_cfg, tmp_path, monkeypatch, crash_at):
+    full = Trainer(make_cfg(save_dir=tmp_path / "full")).run()
+
+    real = Trainer._train_step
+
+    def crashing(self, *a, **k):
+        if self.global_step + 1 == crash_at:
+            raise Crash()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_train_step", crashing)
+    with pytest.raises(Crash):
+        Trainer(make_cfg(save_dir=tmp_path / "resumed")).run()
+    monkeypatch.setattr(Trainer, "_train_step", real)
+    resumed_trainer = Trainer(make_cfg(save_dir=tmp_path / "resumed"))
+    resumed = resumed_trainer.run()
+    # the last checkpoint before the crash is at global step 5 (end of warm-up) or 6 (save_interval=2)
+    tail = losses(resumed)
+    assert len(tail) >= 2 + 3  # at least 2 steps after the resume point, plus the router stage
+    full_by_key = {(s, i): l for s, i, l in losses(full)}
+    for s, i, l in tail:
+        assert l == full_by_key[(s, i)], (s, i)  # bitwise: deterministic CPU run
+    full_model = Trainer(make_cfg(save_dir=tmp_path / "full"))  # loads the final checkpoint's weights
+    state_a = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "full"))["model"]
+    state_b = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "resumed"))["model"]
+    assert state_a.keys() == state_b.keys()
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+    del full_model
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(save_dir=tmp_path / "run")
+    trainer = Trainer(cfg)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-way through writing
+            f.write(b"partial")
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = ckpt.find_latest(tmp_path / "run")
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["global_step"] == 2 and meta["complete"] is True
+    state = ckpt.load_checkpoint(latest)
+    assert state["global_step"] == 2
+    # the half-written folder is never taken for a checkpoint, and the run resumes from step 2
+    resumed = Trainer(make_cfg(save_dir=tmp_path / "run"))
+    history = resumed.run()
+    assert losses(history)[0][:2] == ("warmup", 1)
+
+
+def test_save_error_is_reported_and_previous_checkpoint_survives(make_cfg, tmp_path, monkeypatch):
+    trainer = Trainer(make_cfg(save_dir=tmp_path / "run"))
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
+        trainer.run()
+    assert json.loads((ckpt.find_latest(tmp_path / "run") / "meta.json").read_text())["global_step"] == 2
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_nonfinite_policies(make_cfg, monkeypatch):
+    from megatron_evomoe.training.nonfinite import NonFiniteError
+    cfg = make_cfg("--train.nonfinite=stop", "--stages.projector.steps=3")
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.projector[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"stage 'projector' step 1"):
+        trainer.run()
+    cfg = make_cfg("--train.nonfinite=skip", "--stages=[{name: p, trainable: ['projector.*'], "
+                   "data: captions.json, steps: 2, eval: false}]")
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        trainer.model.projector[0].weight[0, 0] = float("nan")
+    before = trainer.model.projector[2].weight.detach().clone()
+    history = trainer.run()
+    assert all(h.get("skipped") for h in history if "loss" in h)
+    assert torch.equal(before, trainer.model.projector[2].weight)
