@@ -3,6 +3,7 @@
 
     python pretrain_evomoe.py --config examples/configs/tiny_cpu.yaml --train.save_dir=runs/demo
     torchrun --nproc_per_node=1 pretrain_evomoe.py --config ... [--section.field=value ...]
+    torchrun --nproc_per_node=4 pretrain_evomoe.py --config ... --parallel.tp=2 --parallel.ep=2   # gloo on CPU
     python pretrain_evomoe.py --config ... --dry-run     # validate, print sizes and the plan
 """
 from __future__ import annotations
@@ -12,6 +13,10 @@ import logging
 import sys
 
 from megatron_evomoe.config import ConfigError, load_config
+from megatron_evomoe.data.errors import DataError
+from megatron_evomoe.training.checkpoint import CheckpointError
+
+USER_ERRORS = (DataError, CheckpointError)
 
 
 def parse_args(argv):
@@ -66,10 +71,22 @@ def main(argv=None) -> int:
         if args.dry_run:
             print_plan(cfg)
             return 0
+        from megatron_evomoe.parallel.launch import init_distributed
         from megatron_evomoe.training.trainer import Trainer
-        Trainer(cfg).run()
+        state = init_distributed(cfg)  # None unless launched by torchrun / SLURM with several processes
+        if state is not None and state.rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)  # one rank reports; all ranks warn
+        try:
+            Trainer(cfg, state).run()
+        finally:
+            if state is not None:
+                import torch.distributed as dist
+                dist.destroy_process_group()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:  # bad data or checkpoints: the message names the file and record
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -36,9 +36,10 @@ setup(
         "pillow",
         "tqdm",
         "tensorboard",
+        "safetensors",  # megatron_evomoe.convert (Hugging Face import/export)
     ],
     extras_require={
-        "test": ["pytest", "matplotlib", "tokenizers"],
+        "test": ["pytest", "matplotlib", "tokenizers", "transformers"],
         # Built from source / CUDA-only. NVIDIA apex is not on PyPI (the PyPI
         # 'apex' is an unrelated project): build it from source and it is
         # detected at run time through `import apex.optimizers`.

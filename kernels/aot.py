@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every Triton kernel of this package, with a resource report. No GPU needed.
 
     python -m megatron_evomoe.kernels.aot [--arch 80 90] [--out report.json] [--kernel NAME ...]
-                                          [--jobs N] [--check]
+                                          [--exclude NAME ...] [--max-configs N] [--jobs N] [--check] [--list]
 
 Each registered kernel is compiled at every tile configuration it autotunes over, for each arch,
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. The cubin goes through
@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -121,21 +122,22 @@ def _tool(name: str) -> str:
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def _inspect_cubin(cubin: bytes) -> dict:
+def _inspect_cubin(cubin: bytes, arch: int) -> dict:
+    """Registers / stack / local bytes from ``cuobjdump -res-usage``; HGMMA from ``-sass`` (sm_90+
+    only: wgmma does not exist before, and the SASS dump is the slow part of the report)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True)
+        cmd = [_tool("cuobjdump"), "-res-usage"] + (["-sass"] if arch >= 90 else []) + [path]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
-    m = _RES_RE.search(res.stdout)
+    m = _RES_RE.search(out)
     if not m:
-        raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{res.stdout}")
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{out[:2000]}")
     regs, stack, _, local = (int(g) for g in m.groups())
-    return dict(registers=regs, stack=stack, local=local, hgmma="HGMMA" in sass.stdout,
-                sass_lines=sass.stdout.count("\n"))
+    return dict(registers=regs, stack=stack, local=local, hgmma="HGMMA" in out)
 
 
 def compile_one(name: str, config_index: int, arch: int) -> dict:
@@ -148,6 +150,7 @@ def compile_one(name: str, config_index: int, arch: int) -> dict:
     config = spec.configs[config_index]
     row = dict(kernel=name, config=config_label(config), arch=arch, ok=False, error=None,
                hgmma_expected=spec.hgmma_expected and arch >= 90)
+    start = time.perf_counter()
     try:
         fn = spec.fn
         constexprs = {k: v for k, v in config.items() if k not in _OPTION_KEYS}
@@ -167,22 +170,30 @@ def compile_one(name: str, config_index: int, arch: int) -> dict:
         options = {k: config[k] for k in _OPTION_KEYS if k in config}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        row.update(_inspect_cubin(compiled.asm["cubin"]))
+        row.update(_inspect_cubin(compiled.asm["cubin"], arch))
         row["shared"] = int(getattr(compiled.metadata, "shared", 0))
         row["ok"] = True
+        row["seconds"] = round(time.perf_counter() - start, 2)
     except Exception as exc:  # a failing config is a result to report, not a crash of the whole report
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return row
 
 
-def run_report(archs=(80, 90), kernels=None, jobs: int | None = None) -> tuple[list[dict], list[str]]:
-    """Compile everything registered (after discovery); returns (rows, import errors)."""
+def run_report(archs=(80, 90), kernels=None, jobs: int | None = None, exclude=(),
+               max_configs: int | None = None, full=()) -> tuple[list[dict], list[str]]:
+    """Compile what is registered (after discovery): ``kernels`` (default all) minus ``exclude``, at
+    each config (or the first ``max_configs``, except for the kernels in ``full``) for each arch.
+    Returns (rows, import errors)."""
     import_errors = discover()
     names = sorted(_REGISTRY) if not kernels else list(kernels)
-    unknown = [n for n in names if n not in _REGISTRY]
+    unknown = [n for n in [*names, *exclude, *full] if n not in _REGISTRY]
     if unknown:
         raise ValueError(f"unknown kernel(s) {unknown}; registered: {sorted(_REGISTRY)}")
-    work = [(n, i, a) for n in names for i in range(len(_REGISTRY[n].configs)) for a in archs]
+    names = [n for n in names if n not in set(exclude)]
+    work = [(n, i, a) for n in names
+            for i in range(len(_REGISTRY[n].configs))[:None if n in full else max_configs] for a in archs]
+    if not work:
+        return [], import_errors
     jobs = jobs or min(len(work), os.cpu_count() or 1, 8)
     if jobs <= 1:
         rows = [compile_one(*w) for w in work]
@@ -214,6 +225,7 @@ def format_table(rows: list[dict]) -> str:
     headers = ["kernel", "config", "arch", "regs", "stack", "local", "smem", "HGMMA"]
     body = []
     for r in rows:
+        r = dict(r, config=r["config"] if len(r["config"]) <= 60 else r["config"][:57] + "...")  # full text in --out
         if r["ok"]:
             if r["arch"] < 90:
                 hg = "n/a"  # wgmma exists from sm_90 on
@@ -240,17 +252,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
     p.add_argument("--out", help="also write the rows as JSON to this file")
     p.add_argument("--kernel", nargs="+", help="only these registered kernels")
+    p.add_argument("--exclude", nargs="+", default=[], help="skip these registered kernels")
+    p.add_argument("--max-configs", type=int, default=None, help="compile only the first N configs of each kernel")
+    p.add_argument("--full", nargs="+", default=[], help="with --max-configs: these kernels still at every config")
+    p.add_argument("--list", action="store_true", help="print the registered kernel names and exit")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, max 8)")
     p.add_argument("--check", action="store_true", help="exit 1 on compile errors, spills, missing HGMMA")
     args = p.parse_args(argv)
-    rows, import_errors = run_report(tuple(args.arch), args.kernel, args.jobs)
+    if args.list:
+        import_errors = discover()
+        for name in sorted(_REGISTRY):
+            print(name)
+        for err in import_errors:
+            print(f"PROBLEM: import failed: {err}", file=sys.stderr)
+        return 1 if import_errors else 0
+    # Triton 3.9 warns (once per process, so once per worker) that this default will change; pin
+    # today's default explicitly, which is also what the runtime compiles with.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    rows, import_errors = run_report(tuple(args.arch), args.kernel, args.jobs, args.exclude, args.max_configs,
+                                     args.full)
     print(format_table(rows))
     found = problems(rows, import_errors)
     for msg in found:
         print(f"PROBLEM: {msg}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(rows=rows, import_errors=import_errors, problems=found), f, indent=1)
+            json.dump(dict(rows=rows, import_errors=import_errors, problems=found, registered=sorted(_REGISTRY)),
+                      f, indent=1)
     return 1 if (args.check and found) else 0
 
 

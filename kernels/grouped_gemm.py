@@ -1,16 +1,18 @@
 """Grouped GEMM over expert-sorted tokens: forward, dgrad and wgrad (Triton), with the PyTorch reference.
 
 Tokens are sorted by expert. ``offsets: [E]`` (int32 or int64) holds the cumulative end row of each
-expert, like ``torch._grouped_mm``'s ``offs``: expert e owns rows ``[offsets[e-1], offsets[e])``
-(``offsets[-1] == 0`` by convention for e == 0).
+expert, like ``torch._grouped_mm``'s ``offs``: expert e owns rows ``[offsets[e-1], offsets[e])``,
+expert 0 starting at row 0.
 
     forward  y[rows_e]  = x[rows_e] @ w[e]          x: [T, K], w: [E, K, N] -> y: [T, N]
     dgrad    dx[rows_e] = dy[rows_e] @ w[e]^T       dy: [T, N]              -> dx: [T, K]
     wgrad    dw[e]      = x[rows_e]^T @ dy[rows_e]                          -> dw: [E, K, N]
 
 Rows at or past ``offsets[-1]`` belong to no expert: their ``y`` / ``dx`` rows are written as zeros
-and they add nothing to ``dw``. Experts with zero rows get ``dw[e] = 0``. ``offsets`` must be
-non-decreasing and ``<= T`` (not checked: checking would need a host sync).
+and they add nothing to ``dw``. Experts with zero rows get ``dw[e] = 0``. ``offsets`` should be
+non-decreasing and within [0, T]; that is not checked (it would need a host sync), but the kernels
+clamp every row range into [0, T] so that bad offsets give wrong numbers, never out-of-bounds
+memory accesses.
 
 Tile schedule (forward and dgrad). Without padding the inputs or syncing with the host, every
 program works out for itself which (expert, row tile) it owns: it loads all E offsets as one
@@ -80,6 +82,8 @@ def _row_tile(offsets_ptr, num_experts, num_rows, tile_id, BLOCK_M: tl.constexpr
     ends = tl.where(e < num_experts, ends, num_rows)  # tail pseudo-expert (and padding) end at T
     prev = tl.load(offsets_ptr + e - 1, mask=(e >= 1) & (e <= num_experts), other=0).to(tl.int32)
     starts = tl.where(e > num_experts, num_rows, prev)  # padding lanes: empty [T, T)
+    ends = tl.minimum(tl.maximum(ends, 0), num_rows)  # memory safety against bad offsets
+    starts = tl.minimum(tl.maximum(starts, 0), num_rows)
     counts = tl.maximum(ends - starts, 0)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(tiles, 0)  # inclusive
@@ -138,7 +142,7 @@ def _grouped_mm_kernel(
 @triton.jit
 def _grouped_mm_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offsets_ptr,
-    K, N,
+    num_rows, K, N,
     stride_xm, stride_xk,
     stride_dym, stride_dyn,
     stride_dwe, stride_dwk, stride_dwn,
@@ -153,6 +157,8 @@ def _grouped_mm_wgrad_kernel(
     tile_n = tile % tiles_n
     row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
     row_end = tl.load(offsets_ptr + expert).to(tl.int32)
+    row_start = tl.minimum(tl.maximum(row_start, 0), num_rows)  # memory safety against bad offsets
+    row_end = tl.minimum(tl.maximum(row_end, 0), num_rows)
 
     ks = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of dw[e]
     ns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)   # cols of dw[e]
@@ -311,7 +317,7 @@ def grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
     def grid(meta):
         return (E, triton.cdiv(K, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]))
 
-    args = (x, dy, dw, offsets, K, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+    args = (x, dy, dw, offsets, T, K, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2))
     meta = dict(DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=_dot_upcast(x.dtype))
     _launch(_grouped_mm_wgrad_autotuned, _grouped_mm_wgrad_kernel, grid, args, meta, config)
@@ -357,11 +363,12 @@ def _register_aot() -> None:
     from megatron_evomoe.kernels.aot import register_aot
 
     # The hot path: model dims (and so the strides) are multiples of 16 elements, which the runtime
-    # specialises on; without it loads cannot be vectorised and are not pipelined with cp.async/TMA.
+    # specialises on; without it loads cannot be vectorised and are not pipelined (cp.async).
     hot_divisible = ("N", "K", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_cm",
                      "stride_xm", "stride_dym", "stride_dwe", "stride_dwk")
     # E_POW2=256 (up to 255 experts, e.g. Qwen3's 128) is the widest schedule vector we expect; the
-    # register count barely depends on it.
+    # register count barely depends on it. Unit strides are constants, as the runtime specialises them.
+    fixed = dict(E_POW2=256, DOT_PRECISION="ieee", DOT_UPCAST=False, stride_ak=1, stride_cn=1)
     fwd_sig = {
         "a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "offsets_ptr": "*i32",
         "num_rows": "i32", "N": "i32", "K": "i32", "num_experts": "i32",
@@ -371,26 +378,27 @@ def _register_aot() -> None:
     }
     register_aot(
         _grouped_mm_kernel, fwd_sig,
-        [dict(c, E_POW2=256, DOT_PRECISION="ieee", DOT_UPCAST=False, stride_ak=1, stride_bn=1, stride_cn=1) for c in FWD_CONFIGS],
+        [dict(c, **fixed, stride_bn=1) for c in FWD_CONFIGS],
         name="grouped_mm_fwd", hgmma_expected=True, divisible_by_16=hot_divisible,
     )
     # dgrad = the same kernel on w^T: B is contiguous along K instead of N.
     dgrad_sig = dict(fwd_sig, stride_bk="constexpr", stride_bn="i32")
     register_aot(
         _grouped_mm_kernel, dgrad_sig,
-        [dict(c, E_POW2=256, DOT_PRECISION="ieee", DOT_UPCAST=False, stride_ak=1, stride_bk=1, stride_cn=1) for c in FWD_CONFIGS],
+        [dict(c, **fixed, stride_bk=1) for c in FWD_CONFIGS],
         name="grouped_mm_dgrad", hgmma_expected=True, divisible_by_16=hot_divisible,
     )
     wgrad_sig = {
         "x_ptr": "*bf16", "dy_ptr": "*bf16", "dw_ptr": "*bf16", "offsets_ptr": "*i32",
-        "K": "i32", "N": "i32",
+        "num_rows": "i32", "K": "i32", "N": "i32",
         "stride_xm": "i32", "stride_xk": "constexpr",
         "stride_dym": "i32", "stride_dyn": "constexpr",
         "stride_dwe": "i32", "stride_dwk": "i32", "stride_dwn": "constexpr",
     }
     register_aot(
         _grouped_mm_wgrad_kernel, wgrad_sig,
-        [dict(c, DOT_PRECISION="ieee", DOT_UPCAST=False, stride_xk=1, stride_dyn=1, stride_dwn=1) for c in WGRAD_CONFIGS],
+        [dict(c, DOT_PRECISION="ieee", DOT_UPCAST=False, stride_xk=1, stride_dyn=1, stride_dwn=1)
+         for c in WGRAD_CONFIGS],
         name="grouped_mm_wgrad", hgmma_expected=True, divisible_by_16=hot_divisible,
     )
 

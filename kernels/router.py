@@ -24,21 +24,26 @@ hypernetwork. The alternative, computing the block with both modalities' weights
 per row, doubles the dominant GEMM (z @ w2_down^T) for every block.
 
 Kernels (all over the modality-grouped token order, gathering z rows through ``perm``):
-  _dtr_fwd_kernel        per token block: h, u (bilinear over C tiles), SwiGLU, e, logits, softmax,
-                         top-k, per-block expert statistics; saves hpre [T, H], u [T, 2R], e [T, D]
-                         (small per-token activations, never per-token weights) for the backward.
-  _dtr_bwd_token_kernel  per token block: grad of e, a, u (gu [T, 2R]) and of hpre (ghpre [T, H]);
-                         recomputes P = z @ w2_down^T (one more pass over z) to get dL/dh.
-  _dtr_bwd_dz_kernel     per (token block, C tile): dz = ghpre @ w1[m] + (h (x) gu) @ w2_down[m] + gu @ b2_down[m].
+  _dtr_fwd_kernel        per token block: one pass over C for h = w1 z + b1 and b2_down z, then
+                         NUM_J passes for the bilinear u (HJ hypernetwork rows j each; the z block is
+                         re-read from L2, the price of keeping the accumulators in registers), SwiGLU,
+                         e, logits, softmax, top-k and per-block expert statistics. Saves hpre [T, H],
+                         u [T, 2R], e [T, D] (small per-token activations, never per-token weights).
+  _dtr_bwd_token_kernel  per token block, from ge = dL/de = dL/dlogits @ phi_w (torch): gu = dL/du
+                         [T, 2R] and ghpre = dL/d(w1 z + b1) [T, H]; recomputes P = z @ w2_down^T
+                         (NUM_J more passes over z) for the dL/dh term that needs it.
+  _dtr_bwd_dz_kernel     per (token block, C tile): dz = ghpre @ w1[m] + gu @ b2_down[m] + (h (x) gu) @ w2_down[m].
   _dtr_bwd_dw_kernel     per (modality, j chunk, C tile, token split): dw2_down, dw1, db2_down as
                          sums over the modality's tokens of outer products with z.
 The small parameter gradients (db1, w2_up, b2_up, phi) are GEMMs over the saved per-token
-activations, done in torch.
+activations ([T, M*H] x [T, D*R] at most), done in torch.
 
 Determinism: nothing uses atomics. Per-block expert statistics and per-split weight-gradient
 partials are written to scratch buffers and summed by torch in a fixed order, so results are
-bitwise reproducible run to run (at the price of a [splits, M, H*2R, C] fp32 scratch buffer,
-a few MiB, and one extra read of it).
+bitwise reproducible run to run. The price: a [splits, M, H*2R, C] fp32 scratch buffer (splits is
+about 2 * SMs / (M * NUM_J * C tiles); a few tens of MiB at the paper's sizes) and one more read of
+it. fp32 atomic_add into [M, H*2R, C] would save that memory but make every weight gradient depend
+on the order in which blocks finish.
 
 Padding: tl.arange and tl.dot want power-of-two sizes and dot dimensions >= 16, so H, D, E are padded
 to HP, DP, EP >= 16 and R to RP (power of two) for the bilinear contraction (the dominant GEMM, where
@@ -92,8 +97,9 @@ def dtr_dims(z, mod, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b, top_k
     if z.dim() != 2:
         raise ValueError(f"z must be [T, C]; got shape {tuple(z.shape)}")
     num_tokens, hidden = z.shape
-    if mod.shape != (num_tokens,) or mod.dtype.is_floating_point or mod.dtype == torch.bool:
-        raise ValueError(f"mod must be an integer tensor [T]={num_tokens}; got {tuple(mod.shape)} {mod.dtype}")
+    if mod.shape != (num_tokens,) or mod.dtype.is_floating_point or mod.dtype.is_complex:
+        raise ValueError(f"mod must be an integer (or bool image-mask) tensor [T={num_tokens}]; "
+                         f"got {tuple(mod.shape)} {mod.dtype}")
     if w1.dim() != 3 or w1.shape[2] != hidden:
         raise ValueError(f"w1 must be [M, H, C={hidden}]; got {tuple(w1.shape)}")
     num_mod, hyper = w1.shape[:2]
@@ -187,12 +193,18 @@ def dtr_reference_materialized(z, mod, w1, b1, w2_down, b2_down, w2_up, b2_up, p
 # ============================================================================= Triton kernels
 #
 # Tile rules that keep the compiled kernels in registers (checked by `python -m
-# megatron_evomoe.kernels.aot`): Triton lays out every tl.dot of a loop body that holds more than
-# one dot with all warps along M (its "chained dot" rule), so the token tile is BLOCK_T = 16 * num_warps
-# (one 16-row MMA tile per warp; a smaller tile would make the warps compute the same rows), and each
-# thread then holds N/2 fp32 accumulators for an [BLOCK_T, N] result. N is bounded by chunking the
-# hypernetwork rows j (HJ rows per pass over C, NUM_J passes); per-token vectors needed in another
-# chunking or another r padding are read back from their global-memory copy.
+# megatron_evomoe.kernels.aot`: no spills on sm_80 / sm_90 at the registered shapes):
+# * Triton lays out the tl.dot of a loop body that holds more than one dot with all warps along M
+#   (its "chained dot" rule), so the token tile is BLOCK_T = 16 * num_warps: one 16-row MMA tile per
+#   warp (with fewer rows the warps would compute the same rows), each thread holding N/2 fp32
+#   accumulators of an [BLOCK_T, N] result. N is bounded by chunking the hypernetwork rows j.
+# * Chunk loops are runtime loops (`range`), not `tl.static_range`: unrolled copies let the
+#   compiler hoist every copy's pipeline prologue (the z tile's pointers) to the top of the kernel
+#   and keep them all live, which spilled.
+# * Per-token vectors needed in another chunking or another r padding are read back from their
+#   global-memory copy (store, barrier, load) instead of being sliced in registers.
+# * The small fp32 GEMMs (phase 2 of the forward, the backward's (j, d) and (d, r) contractions) use
+#   3xTF32 with B operands of at most 16-64 columns: sm_80 keeps MMA B operands in registers.
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
@@ -328,8 +340,6 @@ def _dtr_fwd_kernel(
     z_rows = z_ptr + tok[:, None] * C
     w2u_m = w2u_ptr + m64 * (H * D * R)
     hp = tl.arange(0, HP)
-    dcol = tl.arange(0, DP)
-    dmask = dcol < D
     ecol = tl.arange(0, EP)
     emask = ecol < E
 
@@ -344,7 +354,7 @@ def _dtr_fwd_kernel(
     tl.debug_barrier()  # hpre is read back chunk by chunk
 
     # ---- u += sum_j h_j (w2_down[m, j] z): bilinear, HJ rows j per pass over C
-    for jc in tl.static_range(NUM_J):
+    for jc in range(NUM_J):
         h = _act(_load_rows(hpre_ptr, tok, rmask, jc * HJ, HJ, H, H - jc * HJ), ACT)   # padded j: act(0) = 0
         acc_g, acc_l = _rows_p_chunk(z_rows, rmask, w2d_ptr + m64 * (H * 2 * R * C), C, jc, H, R, HJ, RP,
                                      OP_DTYPE, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_C)
@@ -355,29 +365,36 @@ def _dtr_fwd_kernel(
     _store_rows(u_ptr, ul, tok, rmask, R, RP, 2 * R, R)
     tl.debug_barrier()  # u is read back in the RA layout
 
-    # ---- e = b2_up[m] a + sum_j h_j (w2_up[m, j] a): GEMMs over r and over (j, r)
+    # ---- e = b2_up[m] a + sum_j h_j (w2_up[m, j] a): GEMMs over r and over (j, r), 16 values of d at
+    # a time (the B operands of the small fp32 GEMMs stay at 16 columns: sm_80 holds them in registers);
+    # logits = phi_w e + phi_b accumulated over the same d chunks
     ug_a = _load_rows(u_ptr, tok, rmask, 0, RA, 2 * R, R)
     ul_a = _load_rows(u_ptr, tok, rmask, R, RA, 2 * R, R)
     a_a = ug_a * tl.sigmoid(ug_a) * ul_a                                 # [BT, RA]
     ra = tl.arange(0, RA)
-    b2u_t = tl.load(b2u_ptr + m64 * (D * R) + dcol[None, :] * R + ra[:, None],
-                    mask=(ra[:, None] < R) & dmask[None, :], other=0.0).to(tl.float32)   # [RA, DP]
-    e = tl.dot(a_a, b2u_t, input_precision="ieee")                       # [BT, DP]
     jr = tl.arange(0, HJ * RP)
-    for jc in tl.static_range(NUM_J):
-        h = _act(_load_rows(hpre_ptr, tok, rmask, jc * HJ, HJ, H, H - jc * HJ), ACT)
-        g = tl.reshape(h[:, :, None] * a[:, None, :], [BLOCK_T, HJ * RP])  # (j, r), r fastest
-        jj = jc * HJ + jr // RP
-        rr = jr % RP
-        wu = tl.load(w2u_m + (jj * (D * R) + rr)[:, None] + dcol[None, :] * R,
-                     mask=((jj < H) & (rr < R))[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        e = tl.dot(g, wu, e, input_precision="ieee")
-    _store_rows(e_ptr, e, tok, rmask, 0, DP, D, D)
+    dl = tl.arange(0, 16)
+    logits = tl.zeros([BLOCK_T, EP], dtype=tl.float32)
+    for dc in range(DP // 16):
+        dd = dc * 16 + dl
+        dmask = dd < D
+        b2u_t = tl.load(b2u_ptr + m64 * (D * R) + dd[None, :] * R + ra[:, None],
+                        mask=(ra[:, None] < R) & dmask[None, :], other=0.0).to(tl.float32)   # [RA, 16]
+        e = tl.dot(a_a, b2u_t, input_precision="tf32x3")                   # [BT, 16]
+        for jc in range(NUM_J):
+            h = _act(_load_rows(hpre_ptr, tok, rmask, jc * HJ, HJ, H, H - jc * HJ), ACT)
+            g = tl.reshape(h[:, :, None] * a[:, None, :], [BLOCK_T, HJ * RP])  # (j, r), r fastest
+            jj = jc * HJ + jr // RP
+            rr = jr % RP
+            wu = tl.load(w2u_m + (jj * (D * R) + rr)[:, None] + dd[None, :] * R,
+                         mask=((jj < H) & (rr < R))[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            e = tl.dot(g, wu, e, input_precision="tf32x3")
+        _store_rows(e_ptr, e, tok, rmask, dc * 16, 16, D, D - dc * 16)
+        phi_t = tl.load(phiw_ptr + ecol[None, :] * D + dd[:, None], mask=emask[None, :] & dmask[:, None],
+                        other=0.0).to(tl.float32)                          # [16, EP]
+        logits = tl.dot(e, phi_t, logits, input_precision="tf32x3")
 
-    # ---- phi, softmax, top-k, per-block statistics
-    phi_t = tl.load(phiw_ptr + ecol[None, :] * D + dcol[:, None], mask=emask[None, :] & dmask[:, None],
-                    other=0.0).to(tl.float32)                              # [DP, EP]
-    logits = tl.dot(e, phi_t, input_precision="ieee")
+    # ---- softmax, top-k, per-block statistics
     logits += tl.load(phib_ptr + ecol, mask=emask, other=0.0).to(tl.float32)[None, :]
     probs, gates, idx, chosen = softmax_topk_tile(logits, E, EP, K, KP, RENORM)
     _store_rows(logits_ptr, logits, tok, rmask, 0, EP, E, E)
@@ -391,16 +408,16 @@ def _dtr_fwd_kernel(
 @triton.jit
 def _dtr_bwd_token_kernel(
     z_ptr, perm_ptr, off_ptr,
-    w2d_ptr, w2u_ptr, b2u_ptr, phiw_ptr,
-    glogits_ptr, hpre_ptr, u_ptr, gu_ptr, ghpre_ptr,
+    w2d_ptr, w2u_ptr, b2u_ptr,
+    ge_ptr, hpre_ptr, u_ptr, gu_ptr, ghpre_ptr,
     C,
-    M: tl.constexpr, H: tl.constexpr, R: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    M: tl.constexpr, H: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     HP: tl.constexpr, HJ: tl.constexpr, NUM_J: tl.constexpr, HJX: tl.constexpr, HJY: tl.constexpr,
-    RP: tl.constexpr, RA: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, ACT: tl.constexpr,
+    DC: tl.constexpr, RP: tl.constexpr, RA: tl.constexpr, DP: tl.constexpr, ACT: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dL/dlogits -> gu = dL/du [T, 2R] and ghpre = dL/d(w1 z + b1) [T, H]."""
+    """ge = dL/de [T, D] -> gu = dL/du [T, 2R] and ghpre = dL/d(w1 z + b1) [T, H]."""
     pid = tl.program_id(0)
     m, row0, row_end = _block_rows(pid, off_ptr, M, BLOCK_T)
     srow = row0 + tl.arange(0, BLOCK_T)
@@ -412,52 +429,52 @@ def _dtr_bwd_token_kernel(
     amask = ra < R
     dcol = tl.arange(0, DP)
     dmask = dcol < D
-    ecol = tl.arange(0, EP)
 
-    g = _load_rows(glogits_ptr, tok, rmask, 0, EP, E, E)                  # [BT, EP]
-    phi = tl.load(phiw_ptr + ecol[:, None] * D + dcol[None, :], mask=(ecol[:, None] < E) & dmask[None, :],
-                  other=0.0).to(tl.float32)                                  # [EP, DP]
-    ge = tl.dot(g, phi, input_precision="ieee")                             # [BT, DP] dL/de
-
-    # dL/da = b2_up[m]^T ge + sum_j h_j w2_up[m, j]^T ge: GEMM over (j, d), HJX rows j at a time
+    # dL/da = b2_up[m]^T ge + sum_j h_j w2_up[m, j]^T ge: GEMMs over d and over (j, d), HJX rows j at a time
+    ge = _load_rows(ge_ptr, tok, rmask, 0, DP, D, D)                         # [BT, DP]
     b2u = tl.load(b2u_ptr + m64 * (D * R) + dcol[:, None] * R + ra[None, :], mask=dmask[:, None] & amask[None, :],
                   other=0.0).to(tl.float32)                                  # [DP, RA]
-    ga = tl.dot(ge, b2u, input_precision="ieee")                            # [BT, RA]
+    ga = tl.dot(ge, b2u, input_precision="tf32x3")                          # [BT, RA]
     jd = tl.arange(0, HJX * DP)
-    for jx in tl.static_range(HP // HJX):
+    for jx in range(HP // HJX):
         h = _act(_load_rows(hpre_ptr, tok, rmask, jx * HJX, HJX, H, H - jx * HJX), ACT)
         x = tl.reshape(h[:, :, None] * ge[:, None, :], [BLOCK_T, HJX * DP])  # (j, d), d fastest
         jj = jx * HJX + jd // DP
         dd = jd % DP
         wu = tl.load(w2u_m + (jj * (D * R) + dd * R)[:, None] + ra[None, :],
                      mask=((jj < H) & (dd < D))[:, None] & amask[None, :], other=0.0).to(tl.float32)
-        ga = tl.dot(x, wu, ga, input_precision="ieee")
+        ga = tl.dot(x, wu, ga, input_precision="tf32x3")
     ug = _load_rows(u_ptr, tok, rmask, 0, RA, 2 * R, R)
     ul = _load_rows(u_ptr, tok, rmask, R, RA, 2 * R, R)
     sg = tl.sigmoid(ug)
-    _store_rows(gu_ptr, ga * ul * sg * (1.0 + ug * (1.0 - sg)), tok, rmask, 0, RA, 2 * R, R)  # silu' = s (1 + x (1 - s))
+    # silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x)
+    _store_rows(gu_ptr, ga * ul * sg * (1.0 + ug * (1.0 - sg)), tok, rmask, 0, RA, 2 * R, R)
     _store_rows(gu_ptr, ga * ug * sg, tok, rmask, R, RA, 2 * R, R)
 
-    # dL/dh_j, second half: ge . (w2_up[m, j] a) = sum_{d, r} (ge (x) a)[d, r] w2_up[m, j, d, r]
+    # dL/dh_j, second half: ge . (w2_up[m, j] a) = sum_{d, r} ge_d a_r w2_up[m, j, d, r], DC values of d at a time
     ug_p = _load_rows(u_ptr, tok, rmask, 0, RP, 2 * R, R)
     ul_p = _load_rows(u_ptr, tok, rmask, R, RP, 2 * R, R)
     a_p = ug_p * tl.sigmoid(ug_p) * ul_p                                    # [BT, RP]
-    y = tl.reshape(ge[:, :, None] * a_p[:, None, :], [BLOCK_T, DP * RP])    # (d, r), r fastest
-    dr = tl.arange(0, DP * RP)
-    yoff = (dr // RP) * R + dr % RP
-    ymask = (dr // RP < D) & (dr % RP < R)
-    for jy in tl.static_range(HP // HJY):
+    dr = tl.arange(0, DC * RP)
+    for jy in range(HP // HJY):
         hj = jy * HJY + tl.arange(0, HJY)
-        wu_t = tl.load(w2u_m + hj[None, :] * (D * R) + yoff[:, None], mask=(hj[None, :] < H) & ymask[:, None],
-                       other=0.0).to(tl.float32)                             # [DP*RP, HJY]
-        _store_rows(ghpre_ptr, tl.dot(y, wu_t, input_precision="ieee"), tok, rmask, jy * HJY, HJY, H, H - jy * HJY)
+        gh2 = tl.zeros([BLOCK_T, HJY], dtype=tl.float32)
+        for dc in range(DP // DC):
+            ge_c = _load_rows(ge_ptr, tok, rmask, dc * DC, DC, D, D - dc * DC)
+            y = tl.reshape(ge_c[:, :, None] * a_p[:, None, :], [BLOCK_T, DC * RP])   # (d, r), r fastest
+            d_of = dc * DC + dr // RP
+            r_of = dr % RP
+            wu_t = tl.load(w2u_m + hj[None, :] * (D * R) + (d_of * R + r_of)[:, None],
+                           mask=(hj[None, :] < H) & ((d_of < D) & (r_of < R))[:, None], other=0.0).to(tl.float32)
+            gh2 = tl.dot(y, wu_t, gh2, input_precision="tf32x3")           # [BT, HJY]
+        _store_rows(ghpre_ptr, gh2, tok, rmask, jy * HJY, HJY, H, H - jy * HJY)
     tl.debug_barrier()  # gu and the partial ghpre are read back below
 
     # dL/dh_j, first half: gu . (w2_down[m, j] z), the bilinear P recomputed chunk by chunk
     gug = _load_rows(gu_ptr, tok, rmask, 0, RP, 2 * R, R)
     gul = _load_rows(gu_ptr, tok, rmask, R, RP, 2 * R, R)
     z_rows = z_ptr + tok[:, None] * C
-    for jc in tl.static_range(NUM_J):
+    for jc in range(NUM_J):
         acc_g, acc_l = _rows_p_chunk(z_rows, rmask, w2d_ptr + m64 * (H * 2 * R * C), C, jc, H, R, HJ, RP,
                                      OP_DTYPE, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_C)
         gh = tl.sum(tl.reshape(acc_g, [BLOCK_T, HJ, RP]) * gug[:, None, :], axis=2)
@@ -505,7 +522,7 @@ def _dtr_bwd_dz_kernel(
     gug = _load_rows(gu_ptr, tok, rmask, 0, RP, 2 * R, R)
     gul = _load_rows(gu_ptr, tok, rmask, R, RP, 2 * R, R)
     jr = tl.arange(0, HJ * RP)
-    for jc in tl.static_range(NUM_J):
+    for jc in range(NUM_J):
         h = _act(_load_rows(hpre_ptr, tok, rmask, jc * HJ, HJ, H, H - jc * HJ), ACT)
         jj = jc * HJ + jr // RP
         rr = jr % RP
@@ -606,13 +623,15 @@ class DtrConfig:
 
     HP, RP, DP, EP, KP: H, R, D, E, K padded to powers of two (HP, DP, EP >= 16: tl.dot dimensions);
     RA = max(16, RP): r where it is a tl.dot dimension. HJ hypernetwork rows per pass over C
-    (NUM_J = HP / HJ passes), HJ*RP columns per bilinear accumulator. HJX, HJY: row chunks of the
-    backward's small GEMMs over (j, d) and (d, r). BLOCK_T = 16 * num_warps tokens per program."""
+    (NUM_J = HP / HJ passes), HJ*RP columns per bilinear accumulator. HJX, HJY, DC: chunks of j, j
+    and d in the backward's small GEMMs over (j, d) and (d, r) (at most 64 columns each).
+    BLOCK_T = 16 * num_warps tokens per program."""
     HP: int
     HJ: int
     NUM_J: int
     HJX: int
     HJY: int
+    DC: int
     RP: int
     RA: int
     DP: int
@@ -633,7 +652,8 @@ def dtr_config(H: int, R: int, D: int, E: int, K: int = 1, *, num_warps: int = 4
     at BLOCK_T = 16 * num_warps. ``block_t`` other than 16 * num_warps: interpreter tests only."""
     hp, rp, dp = _pow2_at_least(H, 16), _pow2_at_least(R), _pow2_at_least(D, 16)
     hj = min(hp, max(acc_cols // rp, 16 // rp, 1))  # powers of two; HJ*RP >= 16 (a tl.dot dimension)
-    return DtrConfig(HP=hp, HJ=hj, NUM_J=hp // hj, HJX=min(hp, max(1, 64 // dp)), HJY=16, RP=rp,
+    return DtrConfig(HP=hp, HJ=hj, NUM_J=hp // hj, HJX=min(hp, max(1, 64 // dp)), HJY=16,
+                     DC=min(dp, max(16 // rp, 64 // rp, 1)), RP=rp,
                      RA=max(16, rp), DP=dp, EP=_pow2_at_least(E, 16), KP=_pow2_at_least(K),
                      BLOCK_T=block_t or 16 * num_warps, BLOCK_C=block_c, num_warps=num_warps)
 
@@ -660,7 +680,7 @@ def _dot_dtype(z, *weights):
 
 def modality_schedule(mod: torch.Tensor, num_modalities: int):
     """perm [T] int32: token ids grouped by modality (stable); offsets [M+1] int32 (device, no sync)."""
-    perm = torch.argsort(mod, stable=True).to(torch.int32)
+    perm = torch.argsort(mod.to(torch.int32), stable=True).to(torch.int32)
     counts = torch.bincount(mod.reshape(-1).long(), minlength=num_modalities)[:num_modalities]
     offsets = torch.zeros(num_modalities + 1, dtype=torch.int32, device=mod.device)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -747,6 +767,7 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
     w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b = _params(w1, b1, w2_down, b2_down, w2_up, b2_up,
                                                                    phi_w, phi_b)
     g = grad_logits.float().contiguous()
+    ge = g @ phi_w.float()                                                  # [T, D] dL/de
     hpre, u, e = hpre.contiguous(), u.contiguous(), e.contiguous()
     dev = z.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -759,10 +780,9 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
         perm, offsets = modality_schedule(mod, M)
         c = config or dtr_config(H, R, D, E, block_c=_block_c(z))
         _dtr_bwd_token_kernel[(triton.cdiv(T, c.BLOCK_T) + M - 1,)](
-            z, perm, offsets, w2_down, w2_up, b2_up, phi_w, g, hpre, u, gu, ghpre, C,
-            M=M, H=H, R=R, D=D, E=E, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, HJX=c.HJX, HJY=c.HJY, RP=c.RP, RA=c.RA,
-            DP=c.DP, EP=c.EP, ACT=act, BLOCK_T=c.BLOCK_T, BLOCK_C=c.BLOCK_C, num_warps=c.num_warps,
-            num_stages=2, **dtypes)
+            z, perm, offsets, w2_down, w2_up, b2_up, ge, hpre, u, gu, ghpre, C,
+            M=M, H=H, R=R, D=D, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, HJX=c.HJX, HJY=c.HJY, DC=c.DC, RP=c.RP, RA=c.RA,
+            DP=c.DP, ACT=act, BLOCK_T=c.BLOCK_T, BLOCK_C=c.BLOCK_C, num_warps=c.num_warps, num_stages=2, **dtypes)
 
     dz = None
     if need_dz:
@@ -776,9 +796,9 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
     if not need_dparams:
         return (dz,) + (None,) * 8
 
-    # MODE 0: M = HJ*RP accumulator rows over 4 warps; MODE 1: HP and RA rows, one warp
+    # MODE 0: HJ*RP accumulator rows (64) over 4 warps; MODE 1: HP + 2 RA rows, narrower C tiles
     cw0 = config or dtr_config(H, R, D, E, block_c=64, block_t=64)
-    cw1 = config or dtr_config(H, R, D, E, num_warps=1, block_c=32, block_t=64)
+    cw1 = config or dtr_config(H, R, D, E, block_c=32)
     tiles0 = M * cw0.NUM_J * triton.cdiv(C, cw0.BLOCK_C)
     splits = num_splits or _default_splits(dev, tiles0, triton.cdiv(T, cw0.BLOCK_T))
     alloc = _empty if T > 0 else torch.zeros   # every element is written when the kernels run
@@ -797,7 +817,6 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
     onehot = F.one_hot(mod.long(), M).to(torch.float32)                     # [T, M]
     h = _apply_activation(hpre, activation)
     a = F.silu(u[:, :R]) * u[:, R:]
-    ge = g @ phi_w.float()                                                  # [T, D]
     dphi_w = g.t() @ e
     dphi_b = g.sum(0)
     db1 = onehot.t() @ ghpre
@@ -826,9 +845,9 @@ def _register_aot():
         tiles = dict(HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, BLOCK_T=c.BLOCK_T, BLOCK_C=c.BLOCK_C,
                      num_warps=c.num_warps)
         fwd.append(dict(common, **tiles, H=H, R=R, D=D, E=E, K=K, DP=c.DP, EP=c.EP, KP=c.KP, RENORM=True))
-        tok.append(dict(common, **tiles, H=H, R=R, D=D, E=E, HJX=c.HJX, HJY=c.HJY, DP=c.DP, EP=c.EP))
+        tok.append(dict(common, **tiles, H=H, R=R, D=D, HJX=c.HJX, HJY=c.HJY, DC=c.DC, DP=c.DP))
         dz.append(dict(common, **tiles, H=H, R=R))
-        for mode, cw in ((0, c), (1, dtr_config(H, R, D, E, num_warps=1, block_c=32, block_t=64))):
+        for mode, cw in ((0, c), (1, dtr_config(H, R, D, E, block_c=32))):
             dw.append(dict(common, H=H, R=R, HP=cw.HP, HJ=cw.HJ, NUM_J=cw.NUM_J, RP=cw.RP, RA=cw.RA, MODE=mode,
                            BLOCK_T=cw.BLOCK_T, BLOCK_C=cw.BLOCK_C, num_warps=cw.num_warps))
     ptrs = lambda t, *names: {n: t for n in names}  # noqa: E731
@@ -838,19 +857,19 @@ def _register_aot():
                                   "phiw_ptr", "phib_ptr"),
                   **ptrs("*fp32", "logits_ptr", "probs_ptr", "gates_ptr", "psum_ptr", "hpre_ptr", "u_ptr", "e_ptr"),
                   "idx_ptr": "*i64", "cnt_ptr": "*i32"},
-                 fwd, name="dtr_fwd")
+                 fwd, name="dtr_fwd", divisible_by_16=("C",))
     register_aot(_dtr_bwd_token_kernel,
-                 {**index, **ptrs("*bf16", "z_ptr", "w2d_ptr", "w2u_ptr", "b2u_ptr", "phiw_ptr"),
-                  **ptrs("*fp32", "glogits_ptr", "hpre_ptr", "u_ptr", "gu_ptr", "ghpre_ptr")},
-                 tok, name="dtr_bwd_token")
+                 {**index, **ptrs("*bf16", "z_ptr", "w2d_ptr", "w2u_ptr", "b2u_ptr"),
+                  **ptrs("*fp32", "ge_ptr", "hpre_ptr", "u_ptr", "gu_ptr", "ghpre_ptr")},
+                 tok, name="dtr_bwd_token", divisible_by_16=("C",))
     register_aot(_dtr_bwd_dz_kernel,
                  {**index, **ptrs("*bf16", "dz_ptr", "w1_ptr", "w2d_ptr", "b2d_ptr"),
                   **ptrs("*fp32", "hpre_ptr", "gu_ptr", "ghpre_ptr")},
-                 dz, name="dtr_bwd_dz")
+                 dz, name="dtr_bwd_dz", divisible_by_16=("C",))
     register_aot(_dtr_bwd_dw_kernel,
                  {**index, "z_ptr": "*bf16", "NUM_SPLITS": "i32",
                   **ptrs("*fp32", "hpre_ptr", "gu_ptr", "ghpre_ptr", "dw2d_ptr", "dw1_ptr", "db2d_ptr")},
-                 dw, name="dtr_bwd_dw")
+                 dw, name="dtr_bwd_dw", divisible_by_16=("C",))
 
 
 _register_aot()

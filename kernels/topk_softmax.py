@@ -192,7 +192,7 @@ def _register_aot():
     from megatron_evomoe.kernels.aot import register_aot
 
     configs = []
-    for e, k in ((4, 1), (8, 2), (64, 2), (128, 8)):
+    for e, k in ((4, 1), (64, 2), (128, 8)):
         ep, kp = _pads(e, k)
         configs.append(dict(E=e, K=k, EP=ep, KP=kp, RENORM=True, BLOCK_T=_block_t(ep), num_warps=4))
     register_aot(_topk_softmax_fwd_kernel,

@@ -32,6 +32,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen/Qwen2); off = LLaMA
 
 
 @dataclass
@@ -45,6 +46,13 @@ class VisionConfig:
     num_heads: int = 4
     ffn_hidden_size: int = 128
     projector: str = "mlp2x_gelu"  # mlp2x_gelu | linear
+    # Options that let pretrained towers load exactly (see docs/checkpoint_format.md);
+    # the defaults are the project's own small ViT.
+    cls_token: bool = False  # CLIP: a class token is prepended (and dropped from the features)
+    pre_norm: bool = False  # CLIP: LayerNorm on the embeddings before the first block
+    final_norm: bool = True  # False: features are the last block's output (LLaVA reads layer -2, no LN)
+    activation: str = "gelu"  # gelu | quick_gelu (CLIP) | gelu_tanh (SigLIP)
+    norm_eps: float = 1e-5  # LayerNorm eps (SigLIP: 1e-6)
 
     @property
     def num_image_tokens(self) -> int:
@@ -167,6 +175,7 @@ class Config:
 
 _CHOICES = {
     "vision.projector": ("mlp2x_gelu", "linear"),
+    "vision.activation": ("gelu", "quick_gelu", "gelu_tanh"),
     "moe.expert_backend": ("auto", "torch", "loop", "triton", "cuda_ext"),
     "moe.init": ("evolution", "copy", "noise", "drop", "scratch"),
     "router.type": ("dtr", "linear", "linear_per_modality"),

@@ -49,14 +49,18 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden // num_heads
-        self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=False)
+        # qkv_bias: Qwen/Qwen2 put biases on q, k and v (not on the output projection).
+        self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=False)
+        if qkv_bias:
+            for lin in (self.wq, self.wk, self.wv):
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache=None) -> torch.Tensor:
@@ -95,7 +99,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                              qkv_bias=getattr(cfg, "qkv_bias", False))
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp: nn.Module = FFN(cfg.hidden_size, cfg.ffn_hidden_size)
 

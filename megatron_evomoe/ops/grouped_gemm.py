@@ -207,7 +207,13 @@ class GroupedMMFunction(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y[rows_e] = x[rows_e] @ w[e]. x: [T, K], w: [E, K, N], offsets: [E] (cumulative end rows) -> [T, N].
 
-    Differentiable in x and w. ``backend``: "auto" | "cuda_ext" | "triton" | "torch" (backend.py)."""
+    Differentiable in x and w. ``backend``: "auto" | "cuda_ext" | "triton" | "torch" (backend.py).
+    Under autocast both operands are cast to the autocast dtype first, as torch.matmul would be
+    (custom ops are not autocast-aware by themselves)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w = x.to(dtype), w.to(dtype)
     _check(x, w, offsets)
     chosen = resolve_backend(backend, "grouped_mm", x.device)
     return GroupedMMFunction.apply(x, w, offsets, chosen)

@@ -60,7 +60,9 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, parallel_state=None):
+        """parallel_state: a `megatron_evomoe.parallel.ParallelState` for multi-process runs
+        (TP/PP/EP/DP; see parallel/apply.py::ParallelTraining), None for one process."""
         self.cfg = cfg
         t = cfg.train
         if t.num_threads:
@@ -70,13 +72,25 @@ class Trainer:
         self.device = resolve_device(t.device)
         seed_everything(t.seed)
         self.save_dir = Path(t.save_dir)
-        self.data = prepare_data(cfg)
+        if parallel_state is not None:  # rank 0 builds the bundled dataset, the others wait for it
+            from ..parallel.launch import rank0_first
+            with rank0_first(parallel_state):
+                self.data = prepare_data(cfg)
+        else:
+            self.data = prepare_data(cfg)
         self.tokenizer = self.data.tokenizer
         self.model = MultimodalLM(cfg, self.tokenizer.image_token_id).to(self.device)
+        # Parallel runs: every rank builds the same full model (same seed), then keeps its shard.
+        self.par = None
+        if parallel_state is not None:
+            from ..parallel.apply import ParallelTraining
+            self.par = ParallelTraining(self.model, parallel_state, cfg)
         # Upcycling/router creation draws from its own generator, so the stage
         # transition is reproducible whether or not the run was resumed.
         self.structure_gen = torch.Generator().manual_seed(t.seed + 7919)
-        self.metrics = MetricsLogger(self.save_dir, t.tensorboard)
+        self.metrics = MetricsLogger(self.save_dir, t.tensorboard, enabled=self.par is None or self.par.is_main)
+        # checkpoints: one folder per rank under parallelism (each rank saves its own shard)
+        self.ckpt_dir = self.save_dir if self.par is None else self.par.checkpoint_dir(self.save_dir)
         self.global_step = 0
         self.history: list[dict] = []  # per-step records, for tests and reports
 
@@ -86,17 +100,25 @@ class Trainer:
         start_stage = state["stage_idx"] if state else 0
         for idx, stage in enumerate(self.cfg.stages):
             if idx < start_stage:  # replay structure only; weights come from the checkpoint
-                apply_stage_structure(self.model, self.cfg, stage, self.structure_gen)
+                self._apply_structure(stage)
                 continue
             resume = state if state and state["stage_idx"] == idx else None
             self._run_stage(idx, stage, resume)
         self.metrics.close()
         return self.history
 
+    def _apply_structure(self, stage) -> None:
+        if self.par is not None:  # unshard the FFNs that change, convert as one process would, reshard
+            self.par.apply_stage_structure(stage, self.structure_gen)
+        else:
+            apply_stage_structure(self.model, self.cfg, stage, self.structure_gen)
+
     def _load_latest(self) -> dict | None:
         if not self.cfg.train.resume:
             return None
-        path = ckpt.find_latest(self.save_dir)
+        path = ckpt.find_latest(self.ckpt_dir)
+        if self.par is not None:  # all ranks must resume from the same step
+            self.par.agree_on_step(-1 if path is None else ckpt_meta_step(path))
         if path is None:
             return None
         state = ckpt.load_checkpoint(path)
@@ -106,12 +128,19 @@ class Trainer:
     # ---------------------------------------------------------------- stage
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
         cfg = self.cfg
-        apply_stage_structure(self.model, cfg, stage, self.structure_gen)
-        trainable = set_trainable(self.model, cfg, stage, idx)
+        self._apply_structure(stage)
+        trainable = (set_trainable(self.model, cfg, stage, idx) if self.par is None
+                     else self.par.set_trainable(stage, idx))
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        opt = build_optimizer(params, stage.lr, cfg.train.weight_decay, tuple(cfg.train.adam_betas), self.device)
+        if self.par is not None:
+            self.par.start_stage(params)  # the stage's bucketed DP / expert-DP gradient reducer
+        # a pipeline stage may hold none of this stage's trainable tensors (e.g. the projector stage
+        # on the last pipeline stage): its optimizer gets one empty placeholder tensor
+        opt_params = params or [("pipeline_idle", torch.nn.Parameter(torch.zeros(0, device=self.device)))]
+        opt = build_optimizer(opt_params, stage.lr, cfg.train.weight_decay, tuple(cfg.train.adam_betas), self.device)
         evo = evolution_scheduler(self.model, cfg) if stage.moe_mode == "evolve" else None
-        data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx)
+        dp = (self.par.state.dp_rank, self.par.state.dp_size) if self.par is not None else (0, 1)
+        data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx, rank=dp[0], world_size=dp[1])
         routing = RoutingLog(self.model)
         step = 0
         if resume is not None:
@@ -123,7 +152,7 @@ class Trainer:
                      idx + 1, len(cfg.stages), stage.name, stage.steps, stage.moe_mode, len(trainable),
                      f"{sum(p.numel() for _, p in params):,}")
         lr_scale = 1.0
-        pbar = _progress(cfg.train.progress_bar, stage, step)
+        pbar = _progress(cfg.train.progress_bar and (self.par is None or self.par.is_main), stage, step)
         t_last, tokens_since = time.perf_counter(), 0
         while step < stage.steps:
             lr = lr_at(step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * lr_scale
@@ -150,7 +179,9 @@ class Trainer:
         if pbar is not None:
             pbar.close()
         routing.close()
-        if stage.eval and cfg.data.num_eval_samples > 0:
+        if stage.eval and cfg.data.num_eval_samples > 0 and self.par is not None and self.par.pipeline:
+            log.warning("stage '%s': evaluation skipped (generation is not pipelined)", stage.name)
+        elif stage.eval and cfg.data.num_eval_samples > 0:  # under TP/EP/DP every rank evaluates in step
             scores = evaluate_pope(self.model, self.data, cfg, self.device)
             log.info("stage '%s' POPE (held-out, %d questions): acc %.3f  precision %.3f  recall %.3f  "
                      "F1 %.3f  yes-ratio %.3f", stage.name, scores["num_questions"], scores["accuracy"],
@@ -163,8 +194,13 @@ class Trainer:
         cfg = self.cfg
         micro = [data.next_batch() for _ in range(cfg.train.grad_accum_steps)]
         num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        if self.par is not None:  # the loss is normalised by the supervised tokens of the global step
+            num_tokens = self.par.global_tokens(num_tokens)
         opt.zero_grad(set_to_none=True)
         lm_total, aux_total = 0.0, 0.0
+        if self.par is not None and self.par.pipeline:
+            lm_total, aux_total = self.par.forward_backward(micro, num_tokens, self.device, cfg.train.bf16)
+            micro = []  # the 1F1B schedule ran forward and backward
         for batch in micro:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
@@ -174,7 +210,12 @@ class Trainer:
             (lm + aux).backward()
             lm_total += float(lm.detach())
             aux_total += float(aux.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.train.clip_grad or float("inf")))
+        if self.par is not None:  # all-reduce gradients (DP / expert-DP), norm over all shards, clip
+            grad_norm = self.par.reduce_and_clip(params, cfg.train.clip_grad)
+            lm_total, aux_total = self.par.sum_losses(lm_total, aux_total)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params],
+                                                             cfg.train.clip_grad or float("inf")))
         record = {"loss": lm_total + aux_total, "lm_loss": lm_total, "aux_loss": aux_total, "grad_norm": grad_norm}
         if not np.isfinite(record["loss"]) or not np.isfinite(grad_norm):
             where = first_nonfinite_grad(params)
@@ -229,7 +270,7 @@ class Trainer:
         name = f"{idx:02d}-{stage.name}-step{step:06d}"
         meta = {"stage": stage.name, "stage_idx": idx, "step": step, "global_step": self.global_step,
                 "stage_end": stage_end}
-        path = ckpt.save_checkpoint(self.save_dir, name, state, meta, self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.ckpt_dir, name, state, meta, self.cfg.train.keep_checkpoints)
         log.info("saved checkpoint %s", path)
 
     def _restore(self, state: dict, opt, data, evo) -> int:
@@ -243,6 +284,11 @@ class Trainer:
             evo.load_state_dict(state["evolution"])
         self.global_step = state["global_step"]
         return state["step"]
+
+
+def ckpt_meta_step(path) -> int:
+    import json
+    return int(json.loads((Path(path) / "meta.json").read_text()).get("global_step", -1))
 
 
 def _progress(enabled: bool, stage, start: int):

@@ -118,3 +118,33 @@ def test_grouped_gemm_cuda_model_sized(dtype):
     check_all(counts, 512, 384, dtype, "cuda")
     for cfg in gg.FWD_CONFIGS:  # every config the autotuner may pick
         check_all(counts, 256, 192, dtype, "cuda", config=cfg)
+
+
+def test_grouped_gemm_bad_offsets_stay_in_bounds():
+    """Offsets past T, negative or decreasing are a caller bug that cannot be checked without a host
+    sync; the kernels clamp row ranges into [0, T] so that such offsets never touch memory outside
+    the tensors. The tensors here are views into NaN-padded buffers: an out-of-bounds read would
+    bring NaN into the result, an out-of-bounds write would overwrite the padding."""
+    T, K, N, pad = 10, 16, 16, 4
+
+    def padded(rows, cols, fill):
+        buf = torch.full((rows + 2 * pad, cols), fill)
+        return buf, buf[pad:pad + rows]
+
+    _, x = padded(T, K, float("nan"))
+    _, dy = padded(T, N, float("nan"))
+    x.copy_(torch.randn(T, K))
+    dy.copy_(torch.randn(T, N))
+    w = torch.randn(3, K, N)
+    for bad in ([4, 2, 50], [-3, 6, 8], [12, 13, 14]):
+        off = torch.tensor(bad, dtype=torch.int32)
+        y_buf, y = padded(T, N, 7.0)
+        dx_buf, dx = padded(T, K, 7.0)
+        dw_buf = torch.full((5, K, N), 7.0)
+        gg.grouped_mm_fwd(x, w, off, out=y)
+        gg.grouped_mm_dgrad(dy, w, off, out=dx)
+        gg.grouped_mm_wgrad(x, dy, off, out=dw_buf[1:4])
+        for name, buf, inner in (("y", y_buf, y), ("dx", dx_buf, dx)):
+            assert torch.isfinite(inner).all(), f"{bad}: {name} read out of bounds"
+            assert (buf[:pad] == 7).all() and (buf[pad + T:] == 7).all(), f"{bad}: {name} written out of bounds"
+        assert torch.isfinite(dw_buf[1:4]).all() and (dw_buf[0] == 7).all() and (dw_buf[4] == 7).all()

@@ -110,21 +110,32 @@ def test_reference_matches_dumb_per_token_loop():
 
 # ------------------------------------------------------------------------------- forward
 
+def small_tiles(H, R, D, E, K=1):
+    """16-token blocks and narrow accumulators: several blocks per modality and several j chunks
+    (NUM_J > 1) even at test sizes. The default tiles (64-token blocks) are tested too."""
+    return kr.dtr_config(H, R, D, E, K, block_t=16, block_c=32, acc_cols=32)
+
+
 FWD_CASES = [
-    # (T, C, H, R, D, E, K, layout, dtype)
-    (37, 40, 6, 3, 5, 6, 1, "mixed", torch.float32),
-    (37, 40, 6, 3, 5, 6, 2, "alternating", torch.float32),
-    (21, 33, 20, 4, 8, 8, 4, "text", torch.float32),
-    (21, 33, 20, 4, 8, 8, 2, "image", torch.float32),
-    (45, 48, 40, 2, 17, 4, 2, "mixed", torch.float32),     # two hypernetwork chunks (NUM_J = 2 when capped)
-    (37, 64, 16, 8, 16, 4, 1, "mixed", torch.bfloat16),
-    (30, 40, 6, 3, 5, 6, 4, "alternating", torch.bfloat16),
+    # (T, C, H, R, D, E, K, layout, dtype, tiles)
+    (37, 40, 6, 3, 5, 6, 1, "mixed", torch.float32, "small"),
+    (37, 40, 6, 3, 5, 6, 2, "alternating", torch.float32, "default"),
+    (21, 33, 20, 4, 8, 8, 4, "text", torch.float32, "small"),
+    (21, 33, 20, 4, 8, 8, 2, "image", torch.float32, "default"),
+    (45, 48, 40, 2, 17, 4, 2, "mixed", torch.float32, "small"),
+    (70, 40, 6, 3, 5, 6, 2, "mixed", torch.float32, "default"),     # > 64 tokens: several default blocks
+    (37, 64, 16, 8, 16, 4, 1, "mixed", torch.bfloat16, "small"),
+    (30, 40, 6, 3, 5, 6, 4, "alternating", torch.bfloat16, "default"),
+    (21, 32, 6, 3, 5, 6, 2, "image", torch.float16, "default"),
 ]
 
 
-def _fwd_check(T, C, H, R, D, E, K, layout, dtype, device, activation=None, config=None):
+def _fwd_check(T, C, H, R, D, E, K, layout, dtype, tiles, device, activation=None):
     ps = make_params(H, R, D, E, C, dtype, device)
     z, mod = make_inputs(T, C, layout, dtype, device)
+    config = small_tiles(H, R, D, E, K) if tiles == "small" else None
+    if config is not None:
+        assert config.NUM_J > 1 or H <= 8, "small tiles should chunk the hypernetwork rows"
     out = kr.dtr_forward_triton(z, mod, *ps, K, True, activation, config=config)
     ref = kr.dtr_reference_bilinear(z, mod, *ps, K, True, activation)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
@@ -136,13 +147,13 @@ def _fwd_check(T, C, H, R, D, E, K, layout, dtype, device, activation=None, conf
     top = torch.topk(ref[1], min(K + 1, E), dim=-1).values
     gap = (top[:, :-1] - top[:, 1:]).min(dim=-1).values if top.shape[1] > 1 else torch.ones(T)
     clear = gap > (1e-5 if dtype == torch.float32 else 5e-3)
-    assert clear.float().mean() > 0.8, "test inputs are too tied to be meaningful"
+    assert clear.float().mean() > 0.75, "test inputs are too tied to be meaningful"
     assert torch.equal(idx[clear], ref_idx[clear])
     assert_close(out[3][clear], ref[3][clear], name="gates", **tol)
     assert out[5].dtype == torch.int64 and int(out[5].sum()) == T * K
     if dtype == torch.float32:
         assert torch.equal(out[5], ref[5])
-    # saved activations: h before the activation, u, e
+    # saved pre-activation h for the backward
     zf = z.float()
     for t in (0, T - 1):
         m = int(mod[t])
@@ -151,19 +162,15 @@ def _fwd_check(T, C, H, R, D, E, K, layout, dtype, device, activation=None, conf
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: f"T{c[0]}-C{c[1]}-H{c[2]}-R{c[3]}-k{c[6]}-{c[7]}-{str(c[8])[6:]}")
+@pytest.mark.parametrize("case", FWD_CASES,
+                         ids=lambda c: f"T{c[0]}-C{c[1]}-H{c[2]}-R{c[3]}-k{c[6]}-{c[7]}-{str(c[8])[6:]}-{c[9]}")
 def test_forward_matches_reference(case, device, poison):
-    cfg = None
-    T, C, H, R, D, E, K, layout, dtype = case
-    if H == 40:  # force two j-chunks of 32 rows: exercises the chunked bilinear path
-        cfg = kr.dtr_config(H, R, D, E, K, block_c=32, max_cols=64)
-        assert cfg.NUM_J == 2
-    _fwd_check(*case, device=device, config=cfg)
+    _fwd_check(*case, device=device)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 def test_forward_activation(activation, poison):
-    _fwd_check(23, 32, 6, 3, 5, 6, 2, "mixed", torch.float32, "cpu", activation=activation)
+    _fwd_check(23, 32, 6, 3, 5, 6, 2, "mixed", torch.float32, "small", "cpu", activation=activation)
 
 
 def test_forward_is_deterministic():
@@ -173,6 +180,15 @@ def test_forward_is_deterministic():
     b = kr.dtr_forward_triton(z, mod, *ps, 2)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_bool_image_mask_is_accepted_as_modality_ids():
+    ps = make_params(6, 3, 5, 6, 40)
+    z, mod = make_inputs(20, 40, "mixed")
+    as_bool = kr.dtr_forward_triton(z, mod.bool(), *ps, 2)
+    as_int = kr.dtr_forward_triton(z, mod, *ps, 2)
+    for a, b in zip(as_bool, as_int):
+        assert torch.equal(a, b)
 
 
 def test_modality_flag_changes_only_its_token():
@@ -223,18 +239,20 @@ def test_bad_inputs_raise_naming_the_field():
 # ------------------------------------------------------------------------------- backward
 
 BWD_CASES = [
-    # (T, C, H, R, D, E, layout, dtype, activation, num_splits)
-    (37, 40, 6, 3, 5, 6, "mixed", torch.float32, None, 1),
-    (50, 70, 20, 8, 16, 4, "alternating", torch.float32, "gelu", 2),
-    (45, 33, 40, 2, 3, 3, "text", torch.float32, "silu", 3),
-    (30, 64, 16, 4, 8, 4, "mixed", torch.bfloat16, None, 2),
+    # (T, C, H, R, D, E, layout, dtype, activation, num_splits, tiles)
+    (37, 40, 6, 3, 5, 6, "mixed", torch.float32, None, 1, "small"),
+    (50, 70, 20, 8, 16, 4, "alternating", torch.float32, "gelu", 2, "default"),
+    (45, 33, 40, 2, 3, 3, "text", torch.float32, "silu", 3, "default"),
+    (70, 40, 6, 3, 5, 6, "mixed", torch.float32, None, 2, "small"),
+    (30, 64, 16, 4, 8, 4, "mixed", torch.bfloat16, None, 2, "small"),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: f"T{c[0]}-H{c[2]}-R{c[3]}-{c[6]}-{str(c[7])[6:]}-{c[8]}-s{c[9]}")
+@pytest.mark.parametrize("case", BWD_CASES,
+                         ids=lambda c: f"T{c[0]}-H{c[2]}-R{c[3]}-{c[6]}-{str(c[7])[6:]}-{c[8]}-s{c[9]}-{c[10]}")
 def test_backward_matches_autograd(case, device, poison):
-    T, C, H, R, D, E, layout, dtype, activation, splits = case
+    T, C, H, R, D, E, layout, dtype, activation, splits, tiles = case
     ps = make_params(H, R, D, E, C, dtype, device)
     z, mod = make_inputs(T, C, layout, dtype, device)
     zr = z.clone().requires_grad_()
@@ -242,14 +260,38 @@ def test_backward_matches_autograd(case, device, poison):
     logits = kr.dtr_logits_bilinear(zr, mod, *pr, activation)
     grad_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)).to(device)
     (logits * grad_logits).sum().backward()
-    out = kr.dtr_forward_triton(z, mod, *ps, 1, True, activation)
-    cfg = kr.dtr_config(H, R, D, E, 1, block_c=32, max_cols=64) if H == 40 else None
+    config = small_tiles(H, R, D, E) if tiles == "small" else None
+    out = kr.dtr_forward_triton(z, mod, *ps, 1, True, activation, config=config)
     grads = kr.dtr_backward_triton(grad_logits, z, mod, *ps, out[6], out[7], out[8], activation,
-                                   num_splits=splits, config=cfg)
+                                   num_splits=splits, config=config)
     refs = [zr.grad] + [p.grad for p in pr]
     for name, g, r, p in zip(["z"] + list(kr.DTR_PARAM_NAMES), grads, refs, [z] + ps):
         assert g.dtype == p.dtype and g.shape == p.shape, name
         assert_rel(g, r, 1e-5 if dtype == torch.float32 else 2e-2, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_model_sized_forward_backward_cuda(dtype):
+    """The paper's router sizes (H=32, R=8, D=16, E=4) at a few thousand tokens, default tiles (compiled
+    when TRITON_INTERPRET=0): forward and every gradient against the reference."""
+    T, C, H, R, D, E = 3000, 512, 32, 8, 16, 4
+    ps = make_params(H, R, D, E, C, dtype, "cuda")
+    z, mod = make_inputs(T, C, "mixed", dtype, "cuda")
+    out = kr.dtr_forward_triton(z, mod, *ps, 1)
+    zr = z.clone().requires_grad_()
+    pr = [p.clone().requires_grad_() for p in ps]
+    ref = kr.dtr_reference_bilinear(zr, mod, *pr, 1)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_rel(out[0], ref[0].detach(), tol, "logits")
+    assert_rel(out[1], ref[1].detach(), tol, "probs")
+    agree = (out[2] == ref[2]).float().mean()
+    assert agree > (0.999 if dtype == torch.float32 else 0.99), f"top-1 agreement {agree:.4f}"
+    grad_logits = torch.randn(T, E, device="cuda")
+    (ref[0] * grad_logits).sum().backward()
+    grads = kr.dtr_backward_triton(grad_logits, z, mod, *ps, *out[6:])
+    for name, g, r in zip(["z"] + list(kr.DTR_PARAM_NAMES), grads, [zr] + pr):
+        assert_rel(g, r.grad, 1e-4 if dtype == torch.float32 else 3e-2, f"d{name}")
 
 
 def test_backward_skips_what_is_not_needed():

@@ -54,6 +54,17 @@ def test_grouped_mm_torch_backend_single_expert_and_sum_backward():
     torch.testing.assert_close(w.grad[0], x.detach().sum(0)[:, None].expand(5, 3))
 
 
+def test_grouped_mm_under_autocast_casts_like_matmul():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(2, 8, 4, requires_grad=True)  # fp32 parameters, bf16 compute
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, torch.tensor([2, 6]))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), reference(x, w, [2, 4], 0).float(), rtol=2e-2, atol=5e-2)
+
+
 def test_grouped_mm_loop_fallback_matches(monkeypatch):
     # Force the per-expert loop (what runs where torch._grouped_mm refuses the inputs).
     monkeypatch.setattr(ggo, "_try_torch_grouped_mm", lambda *a: None)

@@ -158,3 +158,19 @@ def test_nonfinite_policies(make_cfg, monkeypatch):
     history = trainer.run()
     assert all(h.get("skipped") for h in history if "loss" in h)
     assert torch.equal(before, trainer.model.projector[2].weight)
+
+
+def test_nonfinite_reduce_lr_halves_the_lr_after_a_bad_step(make_cfg):
+    cfg = make_cfg("--train.nonfinite=reduce_lr", "--stages=[{name: p, trainable: ['projector.*'], "
+                   "data: captions.json, steps: 3, eval: false, schedule: constant, lr: 0.01}]")
+    trainer = Trainer(cfg)
+    calls = {"n": 0}
+
+    def nan_in_second_step(module, args, out):
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 2 else out
+
+    trainer.model.projector.register_forward_hook(nan_in_second_step)
+    history = [h for h in trainer.run() if "loss" in h]
+    assert [bool(h.get("skipped")) for h in history] == [False, True, False]
+    assert [h["lr"] for h in history] == [0.01, 0.01, 0.005]

@@ -1,0 +1,456 @@
+"""Hugging Face decoder LLMs <-> our DecoderLM: config and weight-name mapping.
+
+Supported (`model_type`): ``llama`` and ``mistral`` (RMSNorm, rotate-half RoPE, GQA,
+SwiGLU, no biases), ``qwen2`` (the same with q/k/v biases -> ``model.qkv_bias``),
+``mixtral`` (every layer MoE, softmax -> top-k -> renormalised gates: our TopKRouter with
+``moe.renormalize=true``, k > 1) and ``qwen2_moe`` (MoE on the layers that
+``decoder_sparse_step`` / ``mlp_only_layers`` select, gates renormalised iff
+``norm_topk_prob``; only without a shared expert).
+Not representable, each with a clear `ConversionError`: Phi / Phi-2 and StableLM
+(LayerNorm with biases, partial rotary embeddings, a parallel block or GELU MLP), rope
+scaling, a head_dim other than hidden/heads, biases on the output or MLP projections,
+sliding-window attention shorter than the sequence, Qwen2-MoE's shared expert.
+
+One weight map serves both directions: `llm_weight_map` names, for each of our tensors,
+the Hugging Face tensor(s) it comes from and how (copied, or per-expert [out, in]
+matrices stacked and transposed into our [E, in, out] layout); import reads through it and
+export (export.py) writes through it, so an export re-imports exactly.
+
+`HFCheckpoint` reads a Hugging Face folder: ``config.json`` plus ``model.safetensors``,
+a sharded ``model.safetensors.index.json`` (or any ``*.safetensors``), or
+``pytorch_model.bin`` (+ index) as a fallback.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .errors import ConversionError, check_shape, unsupported
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# model_type -> why our decoder cannot represent it (checked before anything else).
+UNSUPPORTED_LLMS = {
+    "phi": "Phi / Phi-2 use LayerNorm with biases, partial rotary embeddings (partial_rotary_factor), "
+           "a parallel attention+MLP block and a GELU MLP with biases; our decoder has RMSNorm, full "
+           "rotary embeddings, sequential blocks and a bias-free SwiGLU FFN",
+    "stablelm": "StableLM uses LayerNorm with biases and partial rotary embeddings "
+                "(partial_rotary_factor=0.25); our decoder has RMSNorm and full rotary embeddings",
+    "qwen": "Qwen-1 checkpoints are remote code (fused c_attn, logn attention); convert them to the "
+            "Qwen2 layout first (model_type qwen2)",
+    "gemma": "Gemma scales embeddings by sqrt(hidden) and uses (1 + weight) RMSNorm and GeGLU",
+    "phi3": "Phi-3 fuses qkv_proj and gate_up_proj and may use long-rope scaling",
+}
+LLM_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+
+
+# =============================================================================== reading
+
+class HFCheckpoint:
+    """A Hugging Face model folder: its config.json and lazily read weight tensors."""
+
+    def __init__(self, directory, config: Optional[dict] = None):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise ConversionError(f"{self.dir}: not a directory")
+        self.config = config if config is not None else read_config(self.dir)
+        self._where: Dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict = {}
+        self._bin_cache: Dict[Path, dict] = {}
+        self.used: set = set()
+        self._index_weights()
+
+    # ----------------------------------------------------------------- listing
+    def _index_weights(self) -> None:
+        d = self.dir
+        if (d / SAFE_INDEX).is_file() or (d / BIN_INDEX).is_file():
+            index = d / SAFE_INDEX if (d / SAFE_INDEX).is_file() else d / BIN_INDEX
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
+            for name, fname in weight_map.items():
+                self._where[name] = d / fname
+            missing = sorted({str(p.name) for p in self._where.values() if not p.is_file()})
+            if missing:
+                raise ConversionError(f"{index}: lists shard file(s) that are missing: {', '.join(missing)}")
+            return
+        files = sorted(d.glob("*.safetensors"))
+        if not files and (d / "pytorch_model.bin").is_file():
+            files = [d / "pytorch_model.bin"]
+        if not files:
+            raise ConversionError(f"{d}: no weights found (expected model.safetensors, {SAFE_INDEX}, "
+                                  f"*.safetensors or pytorch_model.bin)")
+        for f in files:
+            for name in self._file_keys(f):
+                self._where[name] = f
+
+    def _file_keys(self, path: Path) -> List[str]:
+        if path.suffix == ".safetensors":
+            return list(self._safe(path).keys())
+        return list(self._bin(path).keys())
+
+    def _safe(self, path: Path):
+        if path not in self._handles:
+            try:
+                from safetensors import safe_open
+            except ImportError as e:  # pragma: no cover - install_requires has it
+                raise ConversionError("reading .safetensors needs the `safetensors` package: "
+                                      "pip install safetensors") from e
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as e:  # the Rust side raises its own error types
+                raise ConversionError(f"{path}: cannot be read as safetensors ({e})") from None
+        return self._handles[path]
+
+    def _bin(self, path: Path) -> dict:
+        if path not in self._bin_cache:
+            try:
+                self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ConversionError(f"{path}: cannot be read as a PyTorch state dict ({e})") from None
+        return self._bin_cache[path]
+
+    @property
+    def files(self) -> List[str]:
+        return sorted({p.name for p in self._where.values()})
+
+    def keys(self) -> List[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    # ----------------------------------------------------------------- reading
+    def _missing(self, name: str) -> ConversionError:
+        return ConversionError(f"{self.dir}: tensor {name!r} not found in {', '.join(self.files)}")
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        if name not in self._where:
+            raise self._missing(name)
+        path = self._where[name]
+        if path.suffix == ".safetensors":
+            return tuple(self._safe(path).get_slice(name).get_shape())
+        return tuple(self._bin(path)[name].shape)
+
+    def get(self, name: str, shape: Optional[Iterable[int]] = None, why: str = "") -> torch.Tensor:
+        """Tensor `name`; with `shape`, a ConversionError naming tensor and file if it differs."""
+        if name not in self._where:
+            raise self._missing(name)
+        path = self._where[name]
+        if shape is not None:
+            check_shape(name, self.shape(name), shape, f"{self.dir / path.name}", why)
+        if path.suffix == ".safetensors":
+            t = self._safe(path).get_tensor(name)
+        else:
+            t = self._bin(path)[name]
+        self.used.add(name)
+        return t
+
+    def unused(self, prefixes: Iterable[str] = ("",)) -> List[str]:
+        prefixes = tuple(prefixes)
+        return sorted(k for k in self._where if k not in self.used and k.startswith(prefixes))
+
+
+def read_config(directory) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{directory}: no config.json (not a Hugging Face model folder?)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return cfg
+
+
+# =============================================================================== config
+
+@dataclass
+class LLMSpec:
+    """What an HF LLM config means for our config (model / moe / router sections)."""
+    family: str  # llama | qwen2 | mixtral | qwen2_moe (mistral maps to llama)
+    model: dict  # ModelConfig fields
+    moe_layers: List[int] = field(default_factory=list)
+    num_experts: int = 1
+    top_k: int = 1
+    renormalize: bool = True
+    notes: List[str] = field(default_factory=list)
+    ignorable: Tuple[str, ...] = ()  # fnmatch patterns of HF tensors that may stay unread
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+
+def _rope(cfg: dict, fail) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling")
+    rtype = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else params.get("rope_type")
+    if rtype not in (None, "default"):
+        raise fail(f"rope scaling {rtype!r} (only plain RoPE is implemented)")
+    theta = cfg.get("rope_theta", params.get("rope_theta"))
+    return float(theta if theta is not None else 10000.0)
+
+
+def llm_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optional[int] = None) -> LLMSpec:
+    """Read an HF LLM config; ConversionError for anything our decoder cannot represent."""
+    mt = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+
+    def fail(feature: str) -> ConversionError:
+        return unsupported(mt, archs, feature, where)
+
+    if mt in UNSUPPORTED_LLMS:
+        raise fail(UNSUPPORTED_LLMS[mt])
+    if mt not in LLM_TYPES:
+        raise fail(f"model_type {mt!r} is not a supported decoder (supported: {', '.join(LLM_TYPES)})")
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConversionError(f"{where}: missing field {key!r}")
+        return cfg[key]
+
+    hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+    kv = cfg.get("num_key_value_heads") or heads
+    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+        raise fail(f"head_dim={cfg.get('head_dim')} differs from hidden_size/num_attention_heads="
+                   f"{hidden}/{heads} (our attention derives the head size from them)")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise fail(f"hidden_act={act!r} (our FFN is SwiGLU with SiLU)")
+    if cfg.get("attention_bias"):
+        raise fail("attention_bias=true (biases on q/k/v and the output projection; "
+                   "only q/k/v biases are supported, as in Qwen2)")
+    if cfg.get("mlp_bias"):
+        raise fail("mlp_bias=true (our FFN has no biases)")
+    qkv_bias = {"qwen2": True, "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(mt, False)
+    max_pos = int(need("max_position_embeddings"))
+    notes = []
+    window = cfg.get("sliding_window")
+    uses_window = ((mt in ("mistral", "mixtral") and window)
+                   or (mt.startswith("qwen2") and cfg.get("use_sliding_window")))
+    if any(t == "sliding_attention" for t in cfg.get("layer_types") or []):
+        uses_window = True
+    if uses_window and window and window < max_pos:
+        # Attention only differs from full attention past the window: cap the length there.
+        notes.append(f"sliding_window={window} < max_position_embeddings={max_pos}: "
+                     f"model.max_seq_len capped at {window}, where full attention is exact")
+        max_pos = int(window)
+    if max_seq_len:
+        max_pos = min(max_pos, int(max_seq_len))
+    ffn = int(need("intermediate_size"))
+    spec = LLMSpec(family={"mistral": "llama"}.get(mt, mt), model=dict(
+        vocab_size=int(need("vocab_size")), hidden_size=int(hidden), num_layers=int(layers),
+        num_heads=int(heads), num_kv_heads=int(kv), ffn_hidden_size=ffn, max_seq_len=max_pos,
+        rope_theta=_rope(cfg, fail), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        init_std=float(cfg.get("initializer_range", 0.02))), notes=notes)
+
+    if mt == "mixtral":
+        spec.num_experts, spec.top_k = int(need("num_local_experts")), int(need("num_experts_per_tok"))
+        if spec.top_k == 1:
+            raise fail("num_experts_per_tok=1: Mixtral renormalises a single gate to 1.0, our router keeps "
+                       "the softmax probability for top-1")
+        spec.renormalize = True
+        spec.moe_layers = list(range(layers))
+    elif mt == "qwen2_moe":
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        if shared > 0:
+            raise fail(f"a shared expert with a sigmoid gate (shared_expert_intermediate_size={shared}); "
+                       "our MoE layer has routed experts only")
+        spec.ignorable = ("*mlp.shared_expert.*", "*mlp.shared_expert_gate.*")  # width 0: adds exactly 0
+        spec.num_experts, spec.top_k = int(need("num_experts")), int(need("num_experts_per_tok"))
+        spec.renormalize = bool(cfg.get("norm_topk_prob", False))
+        if spec.renormalize and spec.top_k == 1:
+            raise fail("norm_topk_prob=true with num_experts_per_tok=1 (gate always 1.0); our router keeps "
+                       "the softmax probability for top-1")
+        step = int(cfg.get("decoder_sparse_step", 1) or 1)
+        only_mlp = set(cfg.get("mlp_only_layers") or [])
+        spec.moe_layers = [i for i in range(layers)
+                           if spec.num_experts > 0 and i not in only_mlp and (i + 1) % step == 0]
+        moe_ffn = int(cfg.get("moe_intermediate_size") or ffn)
+        if spec.moe_layers and len(spec.moe_layers) == layers:
+            spec.model["ffn_hidden_size"] = moe_ffn
+        elif spec.moe_layers and moe_ffn != ffn:
+            raise fail(f"dense layers (intermediate_size={ffn}) and MoE experts (moe_intermediate_size="
+                       f"{moe_ffn}) of different widths; our experts are made from the dense FFN shape")
+    return spec
+
+
+def moe_layers_string(layers: List[int], num_layers: int) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(num_layers)):
+        return "all"
+    return ",".join(str(i) for i in layers)
+
+
+# =============================================================================== weight map
+
+@dataclass(frozen=True)
+class Src:
+    """Where one of our tensors comes from: HF tensor names and how they combine.
+
+    op: ``copy`` (one tensor, same layout) | ``stack_t`` (one [out, in] matrix per
+    expert, transposed and stacked into [E, in, out]) | ``cat0`` (equal parts concatenated
+    along dim 0, e.g. q, k, v into a fused qkv) | ``zeros`` (no source: the HF model has no
+    such tensor, ours must be zero, e.g. CLIP's bias-free patch embedding).
+    """
+    names: Tuple[str, ...]
+    op: str = "copy"
+
+
+def llm_weight_map(spec: LLMSpec, prefix: str = "model.", head: str = "lm_head.", ours: str = "llm.") -> Dict[str, Src]:
+    """Our state-dict name -> Src, for the decoder of `spec` (prefixes select a nested LLM)."""
+    m = spec.model
+    out: Dict[str, Src] = {f"{ours}embed.weight": Src((f"{prefix}embed_tokens.weight",)),
+                           f"{ours}norm.weight": Src((f"{prefix}norm.weight",))}
+    out[f"{ours}lm_head.weight"] = Src((f"{prefix}embed_tokens.weight",) if m["tie_embeddings"]
+                                       else (f"{head}weight",))
+    E = spec.num_experts
+    for i in range(m["num_layers"]):
+        hf, us = f"{prefix}layers.{i}.", f"{ours}layers.{i}."
+        out[us + "attn_norm.weight"] = Src((hf + "input_layernorm.weight",))
+        out[us + "mlp_norm.weight"] = Src((hf + "post_attention_layernorm.weight",))
+        for our, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+            out[f"{us}attn.{our}.weight"] = Src((f"{hf}self_attn.{theirs}.weight",))
+            if m["qkv_bias"] and our != "wo":
+                out[f"{us}attn.{our}.bias"] = Src((f"{hf}self_attn.{theirs}.bias",))
+        if i not in spec.moe_layers:
+            for our, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+                out[f"{us}mlp.{our}.weight"] = Src((f"{hf}mlp.{theirs}.weight",))
+            continue
+        if spec.family == "mixtral":
+            block, names = hf + "block_sparse_moe.", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
+        else:
+            block, names = hf + "mlp.", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+        out[us + "mlp.router.weight"] = Src((block + "gate.weight",))
+        for our, theirs in names.items():
+            out[f"{us}mlp.experts.{our}"] = Src(tuple(f"{block}experts.{e}.{theirs}.weight" for e in range(E)),
+                                                "stack_t")
+    return out
+
+
+def _fused_experts(ck: HFCheckpoint, src: Src, our_name: str, expected) -> Optional[torch.Tensor]:
+    """Transformers >= 5 in-memory layout (experts.gate_up_proj [E, 2F, C], experts.down_proj [E, C, F])."""
+    block = src.names[0].split("experts.")[0]
+    if block.endswith("block_sparse_moe."):  # v5 renames Mixtral's block to mlp
+        block = block[: -len("block_sparse_moe.")] + "mlp."
+    E, a, b = expected
+    if our_name.endswith("w_down"):
+        name = block + "experts.down_proj"
+        if not ck.has(name):
+            return None
+        return ck.get(name, (E, b, a)).transpose(1, 2)
+    name = block + "experts.gate_up_proj"
+    if not ck.has(name):
+        return None
+    fused = ck.get(name, (E, 2 * b, a))
+    half = fused[:, :b] if our_name.endswith("w_gate") else fused[:, b:]
+    return half.transpose(1, 2)
+
+
+def read_mapped(ck: HFCheckpoint, wmap: Dict[str, Src], expected: Dict[str, Tuple[int, ...]],
+                why: str = "") -> Dict[str, torch.Tensor]:
+    """Read every mapped tensor, checking each HF tensor's shape against what `expected` implies."""
+    out = {}
+    for our_name, src in wmap.items():
+        shape = tuple(expected[our_name])
+        if src.op == "copy":
+            out[our_name] = ck.get(src.names[0], shape, why)
+        elif src.op == "stack_t":
+            if not ck.has(src.names[0]):
+                fused = _fused_experts(ck, src, our_name, shape)
+                if fused is not None:
+                    out[our_name] = fused.contiguous()
+                    continue
+            per = (shape[2], shape[1])  # [out, in] of one expert
+            out[our_name] = torch.stack([ck.get(n, per, why).t() for n in src.names]).contiguous()
+        elif src.op == "cat0":
+            part = (shape[0] // len(src.names),) + shape[1:]
+            out[our_name] = torch.cat([ck.get(n, part, why) for n in src.names])
+        elif src.op == "zeros":
+            out[our_name] = torch.zeros(shape)
+        else:  # pragma: no cover
+            raise AssertionError(src.op)
+    return out
+
+
+def write_mapped(state: Dict[str, torch.Tensor], wmap: Dict[str, Src]) -> Dict[str, torch.Tensor]:
+    """Inverse of `read_mapped`: our tensors -> HF-named tensors (tied ones written once)."""
+    out: Dict[str, torch.Tensor] = {}
+    for our_name, src in wmap.items():
+        t = state[our_name]
+        if src.op == "copy":
+            if src.names[0] in out:  # tied lm_head -> embed_tokens: already written
+                continue
+            out[src.names[0]] = t.detach().contiguous()
+        elif src.op == "stack_t":
+            for e, n in enumerate(src.names):
+                out[n] = t[e].detach().t().contiguous()
+        elif src.op == "cat0":
+            for n, part in zip(src.names, t.detach().chunk(len(src.names))):
+                out[n] = part.contiguous()
+        elif src.op == "zeros":
+            if bool(t.detach().ne(0).any()):
+                raise ConversionError(f"{our_name} is non-zero, but the target format has no such tensor "
+                                      "(export would change the model)")
+        else:  # pragma: no cover
+            raise AssertionError(src.op)
+    return out
+
+
+def export_extras(spec: LLMSpec, prefix: str = "model.", dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    """Tensors the HF class has but our model does not need: Qwen2-MoE's width-0 shared expert."""
+    out: Dict[str, torch.Tensor] = {}
+    if spec.family != "qwen2_moe":
+        return out
+    C = spec.model["hidden_size"]
+    for i in spec.moe_layers:
+        p = f"{prefix}layers.{i}.mlp."
+        out[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, C, dtype=dtype)
+        out[p + "shared_expert.up_proj.weight"] = torch.zeros(0, C, dtype=dtype)
+        out[p + "shared_expert.down_proj.weight"] = torch.zeros(C, 0, dtype=dtype)
+        out[p + "shared_expert_gate.weight"] = torch.zeros(1, C, dtype=dtype)
+    return out
+
+
+# =============================================================================== export config
+
+def hf_llm_config(model_cfg, family: str, moe_layers: List[int], num_experts: int, top_k: int,
+                  renormalize: bool, torch_dtype: str) -> dict:
+    """An HF config.json dict for our decoder as `family` (llama | qwen2 | mixtral | qwen2_moe)."""
+    m = model_cfg
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM"}[family]
+    cfg = {
+        "architectures": [arch], "model_type": family, "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads, "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+        "hidden_act": "silu", "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
+        "attention_dropout": 0.0, "use_cache": True, "torch_dtype": torch_dtype, "dtype": torch_dtype,
+    }
+    if family == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False, head_dim=m.hidden_size // m.num_heads)
+    if family in ("qwen2", "qwen2_moe"):
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+    if family == "mixtral":
+        cfg.update(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None,
+                   router_jitter_noise=0.0, output_router_logits=False)
+    if family == "qwen2_moe":
+        dense = [i for i in range(m.num_layers) if i not in moe_layers]
+        cfg.update(num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=bool(renormalize and top_k > 1),
+                   decoder_sparse_step=1, mlp_only_layers=dense, moe_intermediate_size=m.ffn_hidden_size,
+                   shared_expert_intermediate_size=0, qkv_bias=bool(m.qkv_bias),
+                   output_router_logits=False)
+    return cfg

@@ -1,0 +1,228 @@
+"""Generation CLI: answer prompts about images with a trained (or imported) checkpoint.
+
+    python -m megatron_evomoe.generate --ckpt RUN_OR_CKPT --image PATH --prompt "What is in the image?"
+        [--prompt ... (several: decoded as a batch)] [--image ... (one per prompt, or one for all)]
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...]
+        [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--data-root DIR] [--json]
+
+The prompt goes through the training template (`data.conversation.render_prompt`:
+"[BOS] USER: <image> {prompt} ASSISTANT:"; `<image>` is prepended when an image is given
+and the prompt has no tag) and the image through the project's `ImageProcessor` (with the
+mean/std an imported tower recorded, else CLIP's). Decoding is batched (prompts of equal
+length together) with the KV cache of `generation.py`: greedy at temperature 0, else
+sampling (temperature, nucleus `--top-p`) from a generator seeded by `--seed`. An answer
+ends at EOS, at `--max-new-tokens`, or just before the first `--stop` string.
+The library side is `load_for_inference`, `prompt_ids` and `generate_texts`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from .data.conversation import IMAGE_TAG, render_prompt
+from .data.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
+from .generation import KVCache
+
+
+# =============================================================================== loading
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a run folder's latest complete checkpoint."""
+    from .training import checkpoint as ckpt
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    latest = ckpt.find_latest(path)
+    if latest is None:
+        raise ValueError(f"{path}: neither a checkpoint folder nor a run folder with complete checkpoints")
+    return latest
+
+
+def load_for_inference(path, device: str = "cpu", data_root: Optional[str] = None, dtype: str = "float32"):
+    """`training.restore.load_trained_model`, plus: an imported checkpoint whose recorded data
+    root is gone (the run folder was moved) reads its tokenizer from the run folder itself.
+    Returns (model in eval mode, cfg, bundle, state)."""
+    from .training.restore import load_trained_model
+    folder = resolve_checkpoint(path)
+    if data_root is None:
+        meta = json.loads((folder / "meta.json").read_text())
+        run_dir = folder.parent.parent
+        if meta.get("format") == "hf-import" and (run_dir / "tokenizer").is_dir():
+            data_root = str(run_dir)
+    model, cfg, bundle, state = load_trained_model(folder, device=device, data_root=data_root)
+    if dtype != "float32":
+        model = model.to({"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    return model, cfg, bundle, state
+
+
+def image_processor_for(cfg, state: Optional[dict] = None) -> ImageProcessor:
+    ip = (state or {}).get("image_processor") or {}
+    return ImageProcessor(cfg.vision.image_size, ip.get("mean") or CLIP_MEAN, ip.get("std") or CLIP_STD)
+
+
+def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool) -> List[int]:
+    """Token ids of the templated prompt; the `<image>` tag is added in front when an image is given."""
+    if has_image and not cfg.vision.enabled:
+        raise ValueError("the checkpoint has no vision tower (vision.enabled=false): drop --image")
+    if has_image and IMAGE_TAG not in prompt:
+        prompt = f"{IMAGE_TAG}\n{prompt}"
+    if not has_image and IMAGE_TAG in prompt:
+        raise ValueError(f"the prompt holds an {IMAGE_TAG} tag but no image was given")
+    n_img = cfg.vision.num_image_tokens if cfg.vision.enabled else 0
+    return render_prompt(prompt, tokenizer, n_img)
+
+
+# =============================================================================== decoding
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """logits: [B, V] fp32 -> next ids [B]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def _decode_group(model, tokenizer, batch: torch.Tensor, images, max_new_tokens: int, temperature: float,
+                  top_p: float, generator, stop: Sequence[str]) -> List[str]:
+    """batch: [B, P] prompts of one length -> B answers."""
+    B, P = batch.shape
+    llm = model.llm
+    h, modality = model.embed(batch, images)
+    hd = llm.cfg.hidden_size // llm.cfg.num_heads
+    caches = [KVCache(B, layer.attn.wk.weight.shape[0] // hd, llm.cfg.max_seq_len, hd, h.dtype, h.device)
+              for layer in llm.layers]
+    logits, _ = llm(h, modality, torch.arange(P, device=h.device), caches)
+    eos = tokenizer.eos_id
+    new: List[List[int]] = [[] for _ in range(B)]
+    texts = [""] * B
+    done = [False] * B
+    for step in range(max_new_tokens):
+        last = logits[:, -1].float()
+        last[:, model.image_token_id] = float("-inf")  # image slots come only from images
+        nxt = _pick(last, temperature, top_p, generator)
+        for b, tok in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if tok == eos:
+                done[b] = True
+                continue
+            new[b].append(tok)
+            if stop:
+                texts[b], hit = _cut_at_stop(tokenizer.decode(new[b], skip_special_tokens=True), stop)
+                done[b] = hit
+        if all(done) or step == max_new_tokens - 1:
+            break
+        nxt = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, eos), nxt)
+        h, modality = model.embed(nxt[:, None], None)
+        logits, _ = llm(h, modality, torch.tensor([P + step], device=h.device), caches)
+    out = []
+    for b in range(B):
+        text = tokenizer.decode(new[b], skip_special_tokens=True)
+        out.append(_cut_at_stop(text, stop)[0].strip())
+    return out
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], images: Optional[torch.Tensor] = None, *,
+                   max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                   stop: Sequence[str] = (), generator: Optional[torch.Generator] = None) -> List[str]:
+    """Answers to templated prompts (lists of ids); image i (of `images` [N, 3, H, W]) belongs to prompt i.
+
+    Prompts are batched by length (no attention padding needed); each answer stops at EOS,
+    `max_new_tokens`, or before the first stop string.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    device = next(model.parameters()).device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    limit = model.llm.cfg.max_seq_len
+    groups: dict = {}
+    for i, p in enumerate(prompts):
+        if len(p) >= limit:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; model.max_seq_len={limit} leaves no room to answer")
+        groups.setdefault(len(p), []).append(i)
+    answers: List[str] = [""] * len(prompts)
+    dtype = next(model.parameters()).dtype
+    for length, idx in groups.items():
+        batch = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
+        imgs = images[idx].to(device=device, dtype=dtype) if images is not None else None
+        steps = min(max_new_tokens, limit - length)
+        for i, text in zip(idx, _decode_group(model, tokenizer, batch, imgs, steps, temperature, top_p,
+                                              generator, stop)):
+            answers[i] = text
+    return answers
+
+
+# =============================================================================== CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_evomoe.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", action="append", required=True, help="question; repeat for a batch")
+    p.add_argument("--image", action="append", default=[], help="image file: one for all prompts or one each")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the answer")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--data-root", default=None, help="folder with the tokenizer/ (if the run's data moved)")
+    p.add_argument("--json", action="store_true", help='print one {"prompt", "image", "answer"} JSON per line')
+    return p
+
+
+def run(args) -> List[str]:
+    from .training.trainer import resolve_device
+    n, images = len(args.prompt), args.image
+    if images and len(images) not in (1, n):
+        raise ValueError(f"got {len(images)} --image for {n} --prompt: give one image, or one per prompt")
+    device = resolve_device(args.device)
+    model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root,
+                                                   dtype=args.dtype)
+    tok = bundle.tokenizer
+    per_prompt = (images * n if len(images) == 1 else images) if images else [None] * n
+    ids = [prompt_ids(p, tok, cfg, img is not None) for p, img in zip(args.prompt, per_prompt)]
+    pixels = None
+    if images:
+        proc = image_processor_for(cfg, state)
+        pixels = torch.stack([proc(path) for path in per_prompt])
+    answers = generate_texts(model, tok, ids, pixels, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
+    for prompt, img, ans in zip(args.prompt, per_prompt, answers):
+        print(json.dumps({"prompt": prompt, "image": img, "answer": ans}) if args.json else ans)
+    return answers
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .training.checkpoint import CheckpointError
+    try:
+        run(args)
+    except (ValueError, CheckpointError) as e:  # ConfigError and DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

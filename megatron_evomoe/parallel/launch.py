@@ -1,0 +1,164 @@
+"""Process-group initialisation from torchrun or SLURM environments.
+
+    state = init_distributed(cfg)     # None for a plain one-process run
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Under SLURM without
+torchrun (one task per GPU, `srun python pretrain_evomoe.py ...`) the same values come from
+SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first host of SLURM_JOB_NODELIST (the
+examples/slurm scripts use srun + torchrun, so torchrun's variables win when both exist).
+Backend: `parallel.backend=auto` is NCCL when CUDA is available, gloo otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from .state import ParallelState, validate_parallel
+
+log = logging.getLogger("megatron_evomoe")
+
+DEFAULT_PORT = 29500
+
+
+@dataclass
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # torchrun | slurm | single
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """'gpu[01-03,07],login1' -> ['gpu01', 'gpu02', 'gpu03', 'gpu07', 'login1'] (no scontrol needed)."""
+    hosts = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+            else:
+                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def launch_info(environ=None) -> LaunchInfo:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                          addr, int(env.get("MASTER_PORT", DEFAULT_PORT)), "slurm")
+    return LaunchInfo(0, 1, 0, "127.0.0.1", DEFAULT_PORT, "single")
+
+
+def resolve_backend(requested: str, cuda_available: bool | None = None) -> str:
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "auto":
+        return "nccl" if cuda else "gloo"
+    if requested == "nccl" and not cuda:
+        raise ConfigError("parallel.backend: 'nccl' needs CUDA devices; use gloo (or auto) on CPUs")
+    return requested
+
+
+def init_distributed(cfg, environ=None) -> ParallelState | None:
+    """Initialise torch.distributed from the environment and build the ParallelState.
+
+    Returns None for a one-process run without parallelism (the trainer's plain path).
+    Validates the layout against the world size first (ConfigError naming the field).
+    """
+    info = launch_info(environ)
+    validate_parallel(cfg, info.world_size)
+    if info.world_size == 1:
+        return None
+    backend = resolve_backend(cfg.parallel.backend)
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", info.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+    state = ParallelState.build(cfg, info.rank, info.world_size)
+    log.info("distributed: %s backend, launched by %s; %s", backend, info.source, state.describe())
+    return state
+
+
+@contextlib.contextmanager
+def rank0_first(state: ParallelState | None):
+    """Rank 0 runs the body first (e.g. builds the dataset), the others after it finished."""
+    multi = state is not None and state.world_size > 1
+    if multi and state.rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if multi and state.rank == 0:
+            dist.barrier()
+
+
+def plan(cfg, world_size: int) -> str:
+    """The layout a launch would get: sizes, the rank table (first 64 ranks), what each group does."""
+    layout = validate_parallel(cfg, world_size)
+    from .state import layout_table
+    p = cfg.parallel
+    lines = [f"world {world_size}: tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep} "
+             f"expert-dp={layout.edp} sequence_parallel={str(bool(p.sequence_parallel and layout.tp > 1)).lower()}"
+             f" num_microbatches={p.num_microbatches}",
+             f"global batch per optimizer step: micro_batch_size {cfg.train.micro_batch_size} x dp {layout.dp} "
+             f"x grad_accum_steps {cfg.train.grad_accum_steps} = "
+             f"{cfg.train.micro_batch_size * layout.dp * cfg.train.grad_accum_steps} samples"]
+    table = layout_table(layout).splitlines()
+    lines += table[:66] + ([f"... ({world_size - 64} more ranks)"] if world_size > 64 else [])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m megatron_evomoe.parallel.launch --world-size N [--config F] [--section.field=v ...]:
+    validate the parallel layout for N processes and print it (used by the SLURM dry runs)."""
+    import argparse
+    import sys
+
+    from ..config import load_config
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--config")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, [o for o in overrides if o.startswith("--") and "=" in o])
+        print(plan(cfg, args.world_size))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""Pipeline parallelism: stage split, P2P send/recv of activations and gradients, 1F1B schedule.
+
+Split. Stage s of pp keeps decoder layers [s*L//pp, (s+1)*L//pp); the first stage also keeps
+the vision tower, projector and token embedding, the last the final norm and LM head (and
+computes the loss). The other modules become `PipelinePlaceholder`s without parameters, so
+parameter names keep their global layer index (`llm.layers.3.mlp...` on whichever stage
+owns layer 3) and stage patterns keep working.
+
+Every stage reads the same micro-batches (token ids and labels are cheap): later stages
+rebuild the per-token modality mask from the ids; only the hidden states [B, S(/tp), C]
+travel between stages.
+
+Schedule (non-interleaved 1F1B, M micro-batches, stage s of P): s' = min(P-s-1, M) warm-up
+forwards, then alternate one forward / one backward, then s' cool-down backwards, so at most
+P-s micro-batches are in flight on stage s. Each forward step on a non-last stage returns its
+output activation and its MoE aux losses; the backward of that step runs autograd on
+[activation, aux] with [gradient received from the next stage, 1], so aux-loss gradients flow
+on the stage that produced them. The last stage's step returns the LM loss contribution
+(sum of token losses / supervised tokens of the global step) plus its aux losses. Reported
+losses are summed over the stages (an all-reduce over the PP group, so every stage has them).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import moe_layer_indices
+from ..model.llm import FFN
+from ..model.modality import IMAGE, TEXT
+from ..moe.evolution import EvolvingFFN
+from ..moe.moe_layer import MoELayer
+from .state import ParallelState
+
+TAG_ACTIVATION, TAG_GRADIENT = 1, 2
+
+
+class PipelinePlaceholder(nn.Module):
+    """Stands for a module that lives on another pipeline stage (holds no parameters).
+
+    For a decoder layer it remembers what kind of FFN block the layer has ("dense", "evolve",
+    "sparse"), so that stage structure changes can be replayed on a throwaway shadow (see
+    `pipeline_shadows`) and draw the same random numbers as a single-process run.
+    """
+
+    def __init__(self, what: str, mlp_kind: str | None = None):
+        super().__init__()
+        self.what, self.mlp_kind = what, mlp_kind
+        # `layer.mlp` reads None here (code that scans layers for MoE blocks skips it); a shadow
+        # module is put in this slot only during a stage structure change
+        self.register_module("mlp", None)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.what} lives on another pipeline stage")
+
+    def extra_repr(self) -> str:
+        return f"{self.what} (on another stage)"
+
+
+def is_placeholder(m) -> bool:
+    return isinstance(m, PipelinePlaceholder)
+
+
+def _kind(mlp) -> str:
+    if isinstance(mlp, MoELayer):
+        return "sparse"
+    return "evolve" if isinstance(mlp, EvolvingFFN) else "dense"
+
+
+def stage_layer_range(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
+    """Decoder layers [start, stop) of pipeline stage `stage` (contiguous, balanced)."""
+    return stage * num_layers // pp, (stage + 1) * num_layers // pp
+
+
+def split_pipeline(model, state: ParallelState, cfg=None):
+    """Keep only this stage's modules (idempotent). Returns the model."""
+    if getattr(model, "pipeline_stage", None) is not None:
+        return model
+    llm = model.llm
+    start, stop = stage_layer_range(len(llm.layers), state.pp_size, state.pp_rank)
+    for i in range(len(llm.layers)):
+        if not start <= i < stop:
+            llm.layers[i] = PipelinePlaceholder(f"llm.layers.{i}", _kind(llm.layers[i].mlp))
+    if not state.is_first_stage:
+        model.vision = None
+        model.projector = None
+        llm.embed = PipelinePlaceholder("llm.embed")
+    if not state.is_last_stage:
+        llm.norm = PipelinePlaceholder("llm.norm")
+        llm.lm_head = PipelinePlaceholder("llm.lm_head")
+    model.pipeline_stage = (state.pp_rank, start, stop)
+    return model
+
+
+@contextlib.contextmanager
+def pipeline_shadows(model, cfg):
+    """Give the placeholders of MoE-designated layers a full-size zero-weight `mlp` of their kind
+    for the duration of a stage structure change, then drop it (keeping the new kind)."""
+    shadows = []
+    for i in moe_layer_indices(cfg):
+        layer = model.llm.layers[i]
+        if is_placeholder(layer):
+            layer.mlp = _shadow(layer.mlp_kind, cfg)
+            shadows.append(layer)
+    try:
+        yield
+    finally:
+        for layer in shadows:
+            layer.mlp_kind = _kind(layer.mlp)
+            layer.mlp = None
+
+
+def _shadow(kind: str, cfg) -> nn.Module:
+    C, F = cfg.model.hidden_size, cfg.model.ffn_hidden_size
+    if kind == "sparse":  # nothing converts a MoE layer further; only isinstance checks see it
+        m = MoELayer.__new__(MoELayer)
+        nn.Module.__init__(m)
+        return m
+    with torch.device("meta"):  # built without drawing from the global RNG
+        m = EvolvingFFN(C, F, len(cfg.evolution.beta_ranges)) if kind == "evolve" else FFN(C, F)
+    m = m.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(m.parameters()) + list(m.buffers()):
+            t.zero_()
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage forward
+# --------------------------------------------------------------------------------------------------
+def stage_forward(model, state: ParallelState, batch: dict, h_in: torch.Tensor | None):
+    """One micro-batch through this stage's modules.
+
+    Returns (out, aux, lm_sum, num_tokens): out is the activation to send ([B, S(/tp), C]) on a
+    non-last stage and None on the last, where lm_sum/num_tokens are the LM loss sum and count.
+    """
+    from .apply import lm_loss_sum, tp_forward
+    from .tensor_parallel import scatter_to_sequence_region
+    _, start, stop = model.pipeline_stage
+    ids = batch["input_ids"]
+    llm = model.llm
+    if state.is_first_stage:
+        h, modality = model.embed(ids, batch.get("images"))
+    else:
+        h, modality = h_in, torch.where(ids == model.image_token_id, IMAGE, TEXT)
+    S = ids.shape[1]
+    with tp_forward(model, S, local_logits=True) as sp:
+        if sp and state.is_first_stage:
+            h = scatter_to_sequence_region(h, model.tp.group, dim=1)
+        positions = torch.arange(S, device=h.device)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for i in range(start, stop):
+            h, a = llm.layers[i](h, modality, llm.rope, positions)
+            if a is not None:
+                aux = aux + a
+        if not state.is_last_stage:
+            return h, aux, None, None
+        logits = llm.lm_head(llm.norm(h))
+    lm_sum, num = lm_loss_sum(model, logits, batch["labels"])
+    return None, aux, lm_sum, num
+
+
+def activation_shape(model, state: ParallelState, batch: dict) -> tuple[int, ...]:
+    B, S = batch["input_ids"].shape
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.sequence_parallel and S % tp.size == 0:
+        S //= tp.size
+    return (B, S, model.llm.cfg.hidden_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# P2P
+# --------------------------------------------------------------------------------------------------
+def _p2p(state: ParallelState, send_next=None, send_prev=None, recv_prev_shape=None, recv_next_shape=None,
+         dtype=torch.float32):
+    """Post the sends and receives together, then wait: no ordering deadlock between neighbours."""
+    ops, recv_prev, recv_next = [], None, None
+    if send_next is not None:
+        ops.append(dist.isend(send_next.detach().contiguous(), state.stage_rank(state.pp_rank + 1), tag=TAG_ACTIVATION))
+    if send_prev is not None:
+        ops.append(dist.isend(send_prev.contiguous(), state.stage_rank(state.pp_rank - 1), tag=TAG_GRADIENT))
+    if recv_prev_shape is not None:
+        recv_prev = torch.empty(recv_prev_shape, dtype=dtype)
+        ops.append(dist.irecv(recv_prev, state.stage_rank(state.pp_rank - 1), tag=TAG_ACTIVATION))
+    if recv_next_shape is not None:
+        recv_next = torch.empty(recv_next_shape, dtype=dtype)
+        ops.append(dist.irecv(recv_next, state.stage_rank(state.pp_rank + 1), tag=TAG_GRADIENT))
+    for op in ops:
+        op.wait()
+    return recv_prev, recv_next
+
+
+# --------------------------------------------------------------------------------------------------
+# 1F1B
+# --------------------------------------------------------------------------------------------------
+def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict], num_tokens: int,
+                          device: torch.device | str = "cpu", autocast_dtype=None) -> dict:
+    """Run forward and backward of all micro-batches of one step on this stage (gradients
+    accumulate in .grad). `num_tokens`: supervised tokens of the whole step over all DP ranks.
+
+    Returns {"lm_loss", "aux_loss"}: this DP rank's contributions summed over the stages.
+    """
+    M, P, s = len(micro_batches), state.pp_size, state.pp_rank
+    first, last = state.is_first_stage, state.is_last_stage
+    dtype = next(model.parameters()).dtype
+    warmup = min(P - s - 1, M)
+    steady = M - warmup
+    in_flight = deque()
+    totals = torch.zeros(2, dtype=torch.float64)  # lm, aux
+    shape = lambda i: activation_shape(model, state, micro_batches[i])  # noqa: E731
+
+    def fwd(i, h_in):
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in micro_batches[i].items()}
+        if h_in is not None:
+            h_in = h_in.to(device).requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            out, aux, lm_sum, _ = stage_forward(model, state, batch, h_in)
+        aux = aux / M
+        totals[1] += float(aux.detach())
+        if last:
+            loss = lm_sum / max(num_tokens, 1) + aux
+            totals[0] += float(lm_sum.detach()) / max(num_tokens, 1)
+            in_flight.append((h_in, loss, None))
+            return None
+        in_flight.append((h_in, out, aux))
+        return out
+
+    def bwd(grad_out):
+        h_in, out, aux = in_flight.popleft()
+        if last:
+            tensors, grads = [out], [torch.ones_like(out)]
+        else:
+            tensors, grads = [out, aux], [grad_out.to(out.dtype), torch.ones_like(aux)]
+        # nothing to do where this stage trains nothing and receives no trainable input (e.g. the
+        # first stage while only later layers train): the zero gradient sent back is ignored
+        pairs = [(t, g) for t, g in zip(tensors, grads) if t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        if h_in is None:
+            return None
+        return h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
+
+    for i in range(warmup):
+        h_in = None if first else _p2p(state, recv_prev_shape=shape(i), dtype=dtype)[0]
+        out = fwd(i, h_in)
+        _p2p(state, send_next=out)
+    h_in = None
+    if steady and not first:
+        h_in = _p2p(state, recv_prev_shape=shape(warmup), dtype=dtype)[0]
+    for j in range(steady):
+        i = warmup + j
+        out = fwd(i, h_in)
+        # send this activation and receive the gradient of the oldest in-flight micro-batch
+        grad = None if last else _p2p(state, send_next=out, recv_next_shape=shape(i - warmup), dtype=dtype)[1]
+        g_in = bwd(grad)
+        if j == steady - 1:
+            if not first:
+                _p2p(state, send_prev=g_in)
+        else:
+            h_in = _p2p(state, send_prev=None if first else g_in,
+                        recv_prev_shape=None if first else shape(i + 1), dtype=dtype)[0]
+    for k in range(warmup):
+        i = steady + k
+        grad = None if last else _p2p(state, recv_next_shape=shape(i), dtype=dtype)[1]
+        g_in = bwd(grad)
+        if not first:
+            _p2p(state, send_prev=g_in)
+    if state.pp_group is not None:
+        dist.all_reduce(totals, group=state.pp_group)
+    return {"lm_loss": float(totals[0]), "aux_loss": float(totals[1])}

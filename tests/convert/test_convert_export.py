@@ -1,0 +1,144 @@
+"""Export to Hugging Face: transformers loads the folder with the same logits, and re-importing the
+export gives back exactly the same state dict (and, for the project's own format, the same model)."""
+import json
+
+import pytest
+import torch
+
+from megatron_evomoe.convert import ConversionError, evomoe_to_hf, hf_to_evomoe
+from megatron_evomoe.convert.__main__ import main as convert_main
+from megatron_evomoe.training import checkpoint as ckpt
+from megatron_evomoe.training.restore import load_trained_model
+
+from .conftest import EVO_STAGES, IMAGE_ID, SMALL_LLM, SMALL_VISION, make_run, randomize, text_ids
+
+TOL = 1e-4
+quiet = dict(echo=lambda s: None)
+
+
+def reimport_state(src, dst):
+    hf_to_evomoe(src, dst, **quiet)
+    return ckpt.load_checkpoint(ckpt.find_latest(dst))
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def ids_without_image(seed=1):
+    return torch.randint(5, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
+def test_import_export_roundtrip(hf, save_hf, tmp_path, kind):
+    cls, cfg_cls, extra = {"llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+                           "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+                           "mixtral": ("MixtralForCausalLM", "MixtralConfig",
+                                       dict(num_local_experts=4, num_experts_per_tok=2))}[kind]
+    m = randomize(getattr(hf, cls)(getattr(hf, cfg_cls)(**SMALL_LLM, **extra)))
+    hf_to_evomoe(save_hf(m, kind), tmp_path / "run", **quiet)
+    assert convert_main(["evomoe-to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "out"),
+                         "--max-shard-size", "20KB"]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["model_type"] == kind
+    assert (out / "model.safetensors.index.json").is_file()  # sharded
+    back = hf.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = text_ids()
+    with torch.no_grad():
+        assert float((back(input_ids=ids).logits - m(input_ids=ids).logits).abs().max()) < TOL
+    before = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "run"))["model"]
+    assert_same_state(before, reimport_state(out, tmp_path / "again")["model"])
+
+
+def test_alternate_layer_top1_moe_exports_as_qwen2_moe(hf, tmp_path):
+    """EvoMoE's layout (MoE on alternate layers, linear router, top-1 gate = its probability)."""
+    run, model, cfg = make_run(tmp_path, "--vision.enabled=false", "--moe.init=copy", "--router.type=linear",
+                               "--moe.top_k=1", "--stages=[{name: moe, steps: 1, moe_mode: sparse}]")
+    with pytest.raises(ConversionError, match="MoE on every layer"):
+        evomoe_to_hf(run, tmp_path / "mixtral", "mixtral", **quiet)
+    evomoe_to_hf(run, tmp_path / "out", **quiet)
+    hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf_cfg["model_type"] == "qwen2_moe" and hf_cfg["mlp_only_layers"] == [0, 2]
+    assert hf_cfg["norm_topk_prob"] is False and hf_cfg["num_experts_per_tok"] == 1
+    back = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = ids_without_image()
+    with torch.no_grad():
+        assert float((back(input_ids=ids).logits - model(ids).logits).abs().max()) < TOL
+    state = ckpt.load_checkpoint(ckpt.find_latest(run))["model"]
+    assert_same_state(state, reimport_state(tmp_path / "out", tmp_path / "again")["model"])
+
+
+def test_llava_export_roundtrip(hf, save_hf, tmp_path):
+    cfg = hf.LlavaConfig(vision_config=hf.CLIPVisionConfig(**SMALL_VISION), text_config=hf.LlamaConfig(**SMALL_LLM),
+                         image_token_index=IMAGE_ID)
+    m = randomize(hf.LlavaForConditionalGeneration(cfg))
+    hf_to_evomoe(save_hf(m, "llava"), tmp_path / "run", **quiet)
+    evomoe_to_hf(tmp_path / "run", tmp_path / "out", **quiet)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_token_index"] == IMAGE_ID
+    back = hf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids = text_ids()
+    ids[:, 1:5] = IMAGE_ID
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert float((back(input_ids=ids, pixel_values=x).logits -
+                      m(input_ids=ids, pixel_values=x).logits).abs().max()) < TOL
+    before = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "run"))["model"]
+    assert_same_state(before, reimport_state(tmp_path / "out", tmp_path / "again")["model"])
+
+
+def test_dtr_model_roundtrips_through_own_format(tmp_path):
+    """DTR has no HF class: the project's format keeps every tensor and the training config."""
+    run, model, cfg = make_run(tmp_path, EVO_STAGES)
+    evomoe_to_hf(run, tmp_path / "out", **quiet)  # auto -> evomoe
+    hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf_cfg["model_type"] == "evomoe" and hf_cfg["router_type"] == "dtr"
+    assert hf_cfg["layer_kinds"] == ["dense", "moe_dtr", "dense", "moe_dtr"]
+    state = ckpt.load_checkpoint(ckpt.find_latest(run))
+    again = reimport_state(tmp_path / "out", tmp_path / "again")
+    assert_same_state(state["model"], again["model"])
+    assert again["stage_idx"] == 2 and again["config"]["stages"] == state["config"]["stages"]
+    a, _, _, _ = load_trained_model(run)
+    b, _, _, _ = load_trained_model(tmp_path / "again")
+    ids = ids_without_image()
+    ids[:, 2:6] = 4  # image slots
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(a(ids, x).logits, b(ids, x).logits)
+
+
+def test_stage2_checkpoint_exports_ffn1_dense(hf, tmp_path):
+    """An evolve-stage checkpoint runs its MoE layers dense: HF (LLaMA) gets that forward exactly."""
+    run, model, cfg = make_run(tmp_path, "--vision.enabled=false", EVO_STAGES, stage_idx=1)
+    lines = []
+    evomoe_to_hf(run, tmp_path / "out", echo=lines.append)
+    assert any("evolved experts" in s for s in lines)
+    back = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.model_type == "llama"
+    ids = ids_without_image()
+    with torch.no_grad():
+        assert float((back(input_ids=ids).logits - model(ids).logits).abs().max()) < TOL
+
+
+def test_llm_only_export_of_multimodal_model(hf, tmp_path):
+    run, model, cfg = make_run(tmp_path, "--moe.layers=none", "--stages=[{name: warmup, steps: 1}]")
+    with pytest.raises(ConversionError, match="--llm-only"):
+        evomoe_to_hf(run, tmp_path / "x", "llama", **quiet)
+    evomoe_to_hf(run, tmp_path / "out", "llama", llm_only=True, **quiet)
+    back = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = ids_without_image()
+    with torch.no_grad():
+        assert float((back(input_ids=ids).logits - model(ids).logits).abs().max()) < TOL
+
+
+def test_export_refuses_what_a_format_cannot_hold(tmp_path):
+    run, _, _ = make_run(tmp_path, "--vision.enabled=false", EVO_STAGES)
+    with pytest.raises(ConversionError, match="DTR"):
+        evomoe_to_hf(run, tmp_path / "a", "qwen2_moe", **quiet)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ConversionError, match="not empty"):
+        evomoe_to_hf(run, tmp_path / "full", **quiet)
+    with pytest.raises(ConversionError, match="neither a checkpoint folder"):
+        evomoe_to_hf(tmp_path / "nothing", tmp_path / "b", **quiet)

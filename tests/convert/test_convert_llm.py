@@ -1,0 +1,107 @@
+"""HF decoder LLM -> our checkpoint: logits match the transformers model in fp32 (< 1e-4)."""
+import json
+
+import pytest
+import torch
+
+from megatron_evomoe.convert.__main__ import main as convert_main
+from megatron_evomoe.moe.moe_layer import MoELayer
+from megatron_evomoe.moe.router import TopKRouter
+from megatron_evomoe.training.restore import load_trained_model
+
+from .conftest import SMALL_LLM, randomize, text_ids
+
+TOL = 1e-4
+
+
+def import_and_compare(hf_model, src, dst, **load_kw):
+    """Convert with the CLI, load with load_trained_model, compare logits; returns (model, cfg, diff)."""
+    assert convert_main(["hf-to-evomoe", "--src", str(src), "--dst", str(dst)]) == 0
+    model, cfg, bundle, state = load_trained_model(dst, **load_kw)
+    ids = text_ids()
+    with torch.no_grad():
+        ref = hf_model(input_ids=ids).logits
+        ours = model(ids).logits
+    assert ours.shape == ref.shape
+    return model, cfg, float((ours - ref).abs().max())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_logit_parity(hf, save_hf, tmp_path, tied):
+    m = randomize(hf.LlamaForCausalLM(hf.LlamaConfig(**SMALL_LLM, tie_word_embeddings=tied, rope_theta=5e5)))
+    model, cfg, diff = import_and_compare(m, save_hf(m, "llama"), tmp_path / "run")
+    assert diff < TOL
+    assert (cfg.model.hidden_size, cfg.model.num_kv_heads, cfg.model.rope_theta) == (32, 2, 5e5)
+    assert cfg.model.tie_embeddings is tied and cfg.model.qkv_bias is False and not cfg.vision.enabled
+    if tied:
+        assert model.llm.lm_head.weight is model.llm.embed.weight
+    meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("00-*/meta.json")).read_text())
+    assert meta["format"] == "hf-import" and meta["source_architectures"] == ["LlamaForCausalLM"]
+
+
+def test_qwen2_with_qkv_biases(hf, save_hf, tmp_path):
+    m = randomize(hf.Qwen2ForCausalLM(hf.Qwen2Config(**SMALL_LLM)))
+    assert m.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    model, cfg, diff = import_and_compare(m, save_hf(m, "qwen2"), tmp_path / "run")
+    assert diff < TOL
+    assert cfg.model.qkv_bias and model.llm.layers[0].attn.wq.bias is not None
+
+
+def test_sharded_source_with_index(hf, save_hf, tmp_path):
+    m = randomize(hf.LlamaForCausalLM(hf.LlamaConfig(**SMALL_LLM)))
+    src = save_hf(m, "sharded", max_shard_size="20KB")
+    assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("*.safetensors"))) > 2
+    assert import_and_compare(m, src, tmp_path / "run")[2] < TOL
+
+
+def test_mixtral_experts_and_router(hf, save_hf, tmp_path):
+    m = randomize(hf.MixtralForCausalLM(hf.MixtralConfig(**SMALL_LLM, num_local_experts=4, num_experts_per_tok=2)))
+    model, cfg, diff = import_and_compare(m, save_hf(m, "mixtral"), tmp_path / "run")
+    assert diff < TOL
+    for layer in model.llm.layers:  # every layer sparse, linear router, renormalised top-2
+        assert isinstance(layer.mlp, MoELayer) and isinstance(layer.mlp.router, TopKRouter)
+        assert layer.mlp.experts.w_gate.shape == (4, 32, 48)  # [E, C, F]
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.renormalize, cfg.moe.layers) == (4, 2, True, "all")
+    # the router is Mixtral's gate, the experts its w1/w3/w2 transposed
+    hf_gate = m.model.layers[1].mlp.gate.weight
+    assert torch.equal(model.llm.layers[1].mlp.router.weight, hf_gate)
+
+
+@pytest.mark.parametrize("norm_topk", [False, True])
+def test_qwen2_moe_mixed_layers(hf, save_hf, tmp_path, norm_topk):
+    cfg = hf.Qwen2MoeConfig(**dict(SMALL_LLM, num_hidden_layers=3), num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=48, shared_expert_intermediate_size=0, mlp_only_layers=[0],
+                            norm_topk_prob=norm_topk)
+    m = randomize(hf.Qwen2MoeForCausalLM(cfg))
+    model, ours, diff = import_and_compare(m, save_hf(m, "qwen2moe"), tmp_path / "run")
+    assert diff < TOL
+    assert ours.moe.layers == "1,2" and ours.moe.renormalize is norm_topk and ours.model.qkv_bias
+    assert not isinstance(model.llm.layers[0].mlp, MoELayer) and isinstance(model.llm.layers[2].mlp, MoELayer)
+
+
+def test_tokenizer_copied_and_generate_loadable(hf, save_hf, tmp_path):
+    """The run folder carries its tokenizer (with <image> appended) and still loads after a move."""
+    m = randomize(hf.LlamaForCausalLM(hf.LlamaConfig(**SMALL_LLM)))
+    run = tmp_path / "run"
+    assert convert_main(["hf-to-evomoe", "--src", str(save_hf(m, "llama")), "--dst", str(run)]) == 0
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    from megatron_evomoe.generate import load_for_inference
+    model, cfg, bundle, _ = load_for_inference(moved)
+    assert bundle.tokenizer.image_token_id == 60 and cfg.model.vocab_size == 64
+
+
+def test_vocab_grows_for_image_token(hf, save_hf, tmp_path):
+    """A tokenizer that fills the vocabulary: <image> needs a new row; old logits are unchanged."""
+    from .conftest import write_tokenizer
+    m = randomize(hf.LlamaForCausalLM(hf.LlamaConfig(**SMALL_LLM)))
+    src = save_hf(m, "llama", tokenizer=False)
+    write_tokenizer(src, num_words=64)
+    assert convert_main(["hf-to-evomoe", "--src", str(src), "--dst", str(tmp_path / "run")]) == 0
+    model, cfg, bundle, _ = load_trained_model(tmp_path / "run")
+    assert cfg.model.vocab_size == 65 and bundle.tokenizer.image_token_id == 64
+    ids = text_ids()
+    with torch.no_grad():
+        ours, ref = model(ids).logits, m(input_ids=ids).logits
+    assert float((ours[..., :64] - ref).abs().max()) < TOL
