@@ -214,8 +214,10 @@ def problems(rows: list[dict], import_errors: list[str]) -> list[str]:
         if not r["ok"]:
             out.append(f"{tag}: compile failed: {r['error']}")
             continue
-        if r["local"] > 0:
-            out.append(f"{tag}: {r['local']} bytes of local memory (register spills)")
+        # ptxas reports spills under STACK as well as LOCAL: Triton kernels make no calls
+        # and no local arrays, so any stack frame is spilled registers.
+        if r["local"] > 0 or r["stack"] > 0:
+            out.append(f"{tag}: {r['local']} bytes of local memory, {r['stack']} bytes of stack (register spills)")
         if r["hgmma_expected"] and not r["hgmma"]:
             out.append(f"{tag}: no HGMMA (wgmma) instruction in the SASS")
     return out

@@ -701,8 +701,23 @@ def _params(w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b):
     return [t.contiguous() for t in (w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b)]
 
 
-def _block_c(z) -> int:
-    return 64 if z.dtype != torch.float32 else 32
+KERNELS = ("fwd", "token", "dz", "dw_w2down", "dw_w1")
+
+
+def default_config(kernel: str, H: int, R: int, D: int, E: int, K: int = 1, fp32: bool = False) -> DtrConfig:
+    """The tiles each kernel launches with (those the AOT report checks for spills, sm_80 and sm_90).
+
+    fp32 operands run as 3xTF32, whose hi/lo operand splits live in registers on sm_80: narrower
+    C tiles and accumulators there."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    if kernel == "dw_w2down":
+        return dtr_config(H, R, D, E, K, block_c=16 if fp32 else 64)
+    if kernel == "dw_w1":
+        return dtr_config(H, R, D, E, K, block_c=32)
+    if kernel == "dz":
+        return dtr_config(H, R, D, E, K, block_c=32 if fp32 else 64, acc_cols=32 if fp32 else 64)
+    return dtr_config(H, R, D, E, K, block_c=16 if fp32 else 64, acc_cols=32 if fp32 else 64)
 
 
 # ============================================================================= launchers
@@ -715,7 +730,8 @@ def dtr_forward_triton(z, mod, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, ph
     T, C, M, H, R, D, E = dtr_dims(z, mod, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b, top_k)
     K = int(top_k)
     act = activation_id(activation)
-    cfg = config or dtr_config(H, R, D, E, K, block_c=_block_c(z))
+    op_dtype, dot_dtype, precision = _dot_dtype(z, w1, w2_down, b2_down)
+    cfg = config or default_config("fwd", H, R, D, E, K, fp32=op_dtype == tl.float32)
     z = z.contiguous()
     w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b = _params(w1, b1, w2_down, b2_down, w2_up, b2_up,
                                                                    phi_w, phi_b)
@@ -736,7 +752,6 @@ def dtr_forward_triton(z, mod, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, ph
     num_blocks = triton.cdiv(T, cfg.BLOCK_T) + M - 1
     psum = _empty(num_blocks, E, **f32)
     cnt = _empty(num_blocks, E, device=dev, dtype=torch.int32)
-    op_dtype, dot_dtype, precision = _dot_dtype(z, w1, w2_down, b2_down)
     _dtr_fwd_kernel[(num_blocks,)](
         z, perm, offsets, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b,
         logits, probs, topk_idx, gates, psum, cnt, hpre, u, e, C,
@@ -773,12 +788,13 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
     f32 = dict(device=dev, dtype=torch.float32)
     op_dtype, dot_dtype, precision = _dot_dtype(z, w1, w2_down, b2_down)
     dtypes = dict(OP_DTYPE=op_dtype, DOT_DTYPE=dot_dtype, PRECISION=precision)
+    fp32 = op_dtype == tl.float32
     gu = _empty(T, 2 * R, **f32)
     ghpre = _empty(T, H, **f32)
     if T > 0:
         check_modality_ids(mod, M)
         perm, offsets = modality_schedule(mod, M)
-        c = config or dtr_config(H, R, D, E, block_c=_block_c(z))
+        c = config or default_config("token", H, R, D, E, fp32=fp32)
         _dtr_bwd_token_kernel[(triton.cdiv(T, c.BLOCK_T) + M - 1,)](
             z, perm, offsets, w2_down, w2_up, b2_up, ge, hpre, u, gu, ghpre, C,
             M=M, H=H, R=R, D=D, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, HJX=c.HJX, HJY=c.HJY, DC=c.DC, RP=c.RP, RA=c.RA,
@@ -788,7 +804,7 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
     if need_dz:
         dz = _empty(z.shape, device=dev, dtype=z.dtype)
         if T > 0:
-            c = config or dtr_config(H, R, D, E, block_c=64)
+            c = config or default_config("dz", H, R, D, E, fp32=fp32)
             _dtr_bwd_dz_kernel[(triton.cdiv(T, c.BLOCK_T) + M - 1, triton.cdiv(C, c.BLOCK_C))](
                 dz, perm, offsets, w1, w2_down, b2_down, hpre, gu, ghpre, C,
                 M=M, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, ACT=act,
@@ -797,8 +813,8 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
         return (dz,) + (None,) * 8
 
     # MODE 0: HJ*RP accumulator rows (64) over 4 warps; MODE 1: HP + 2 RA rows, narrower C tiles
-    cw0 = config or dtr_config(H, R, D, E, block_c=64, block_t=64)
-    cw1 = config or dtr_config(H, R, D, E, block_c=32)
+    cw0 = config or default_config("dw_w2down", H, R, D, E, fp32=fp32)
+    cw1 = config or default_config("dw_w1", H, R, D, E, fp32=fp32)
     tiles0 = M * cw0.NUM_J * triton.cdiv(C, cw0.BLOCK_C)
     splits = num_splits or _default_splits(dev, tiles0, triton.cdiv(T, cw0.BLOCK_T))
     alloc = _empty if T > 0 else torch.zeros   # every element is written when the kernels run
@@ -830,46 +846,64 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
 
 # ============================================================================= AOT report
 
-# (H, R, D, E, K): the paper's router at the benchmark sizes, and a large one
+# (H, R, D, E, K): the paper's router at the benchmark sizes, and a large one (bf16); the paper's in fp32
 AOT_SHAPES = ((32, 8, 16, 4, 1), (64, 16, 64, 64, 2))
+AOT_SHAPES_FP32 = ((32, 8, 16, 4, 1),)
+
+
+def _aot_configs(shapes, fp32):
+    dt = tl.float32 if fp32 else tl.bfloat16
+    common = dict(M=NUM_MODALITIES, ACT=0, OP_DTYPE=dt, DOT_DTYPE=dt, PRECISION="tf32x3" if fp32 else "tf32",
+                  num_stages=2)
+    out = {k: [] for k in KERNELS}
+    for H, R, D, E, K in shapes:
+        cfg = {k: default_config(k, H, R, D, E, K, fp32) for k in KERNELS}
+
+        def tiles(c):
+            return dict(common, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, BLOCK_T=c.BLOCK_T,
+                        BLOCK_C=c.BLOCK_C, num_warps=c.num_warps)
+
+        c = cfg["fwd"]
+        out["fwd"].append(dict(tiles(c), D=D, E=E, K=K, DP=c.DP, EP=c.EP, KP=c.KP, RENORM=True))
+        c = cfg["token"]
+        out["token"].append(dict(tiles(c), D=D, HJX=c.HJX, HJY=c.HJY, DC=c.DC, DP=c.DP))
+        out["dz"].append(tiles(cfg["dz"]))
+        out["dw_w2down"].append(dict(tiles(cfg["dw_w2down"]), MODE=0))
+        out["dw_w1"].append(dict(tiles(cfg["dw_w1"]), MODE=1))
+    return out
 
 
 def _register_aot():
     from megatron_evomoe.kernels.aot import register_aot
 
-    common = dict(M=NUM_MODALITIES, ACT=0, OP_DTYPE=tl.bfloat16, DOT_DTYPE=tl.bfloat16, PRECISION="tf32",
-                  num_stages=2)
-    fwd, tok, dz, dw = [], [], [], []
-    for H, R, D, E, K in AOT_SHAPES:
-        c = dtr_config(H, R, D, E, K)
-        tiles = dict(HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, BLOCK_T=c.BLOCK_T, BLOCK_C=c.BLOCK_C,
-                     num_warps=c.num_warps)
-        fwd.append(dict(common, **tiles, H=H, R=R, D=D, E=E, K=K, DP=c.DP, EP=c.EP, KP=c.KP, RENORM=True))
-        tok.append(dict(common, **tiles, H=H, R=R, D=D, HJX=c.HJX, HJY=c.HJY, DC=c.DC, DP=c.DP))
-        dz.append(dict(common, **tiles, H=H, R=R))
-        for mode, cw in ((0, c), (1, dtr_config(H, R, D, E, block_c=32))):
-            dw.append(dict(common, H=H, R=R, HP=cw.HP, HJ=cw.HJ, NUM_J=cw.NUM_J, RP=cw.RP, RA=cw.RA, MODE=mode,
-                           BLOCK_T=cw.BLOCK_T, BLOCK_C=cw.BLOCK_C, num_warps=cw.num_warps))
-    ptrs = lambda t, *names: {n: t for n in names}  # noqa: E731
     index = {"perm_ptr": "*i32", "off_ptr": "*i32", "C": "i32"}
-    register_aot(_dtr_fwd_kernel,
-                 {**index, **ptrs("*bf16", "z_ptr", "w1_ptr", "b1_ptr", "w2d_ptr", "b2d_ptr", "w2u_ptr", "b2u_ptr",
-                                  "phiw_ptr", "phib_ptr"),
-                  **ptrs("*fp32", "logits_ptr", "probs_ptr", "gates_ptr", "psum_ptr", "hpre_ptr", "u_ptr", "e_ptr"),
-                  "idx_ptr": "*i64", "cnt_ptr": "*i32"},
-                 fwd, name="dtr_fwd", divisible_by_16=("C",))
-    register_aot(_dtr_bwd_token_kernel,
-                 {**index, **ptrs("*bf16", "z_ptr", "w2d_ptr", "w2u_ptr", "b2u_ptr"),
-                  **ptrs("*fp32", "ge_ptr", "hpre_ptr", "u_ptr", "gu_ptr", "ghpre_ptr")},
-                 tok, name="dtr_bwd_token", divisible_by_16=("C",))
-    register_aot(_dtr_bwd_dz_kernel,
-                 {**index, **ptrs("*bf16", "dz_ptr", "w1_ptr", "w2d_ptr", "b2d_ptr"),
-                  **ptrs("*fp32", "hpre_ptr", "gu_ptr", "ghpre_ptr")},
-                 dz, name="dtr_bwd_dz", divisible_by_16=("C",))
-    register_aot(_dtr_bwd_dw_kernel,
-                 {**index, "z_ptr": "*bf16", "NUM_SPLITS": "i32",
-                  **ptrs("*fp32", "hpre_ptr", "gu_ptr", "ghpre_ptr", "dw2d_ptr", "dw1_ptr", "db2d_ptr")},
-                 dw, name="dtr_bwd_dw", divisible_by_16=("C",))
+    for suffix, fp32, shapes in (("", False, AOT_SHAPES), ("_fp32", True, AOT_SHAPES_FP32)):
+        x = "*fp32" if fp32 else "*bf16"   # z and the router parameters
+        f = "*fp32"
+
+        def ptrs(t, *names):
+            return {n: t for n in names}
+
+        cfgs = _aot_configs(shapes, fp32)
+        sig = {
+            "fwd": {**index, **ptrs(x, "z_ptr", "w1_ptr", "b1_ptr", "w2d_ptr", "b2d_ptr", "w2u_ptr", "b2u_ptr",
+                                    "phiw_ptr", "phib_ptr"),
+                    **ptrs(f, "logits_ptr", "probs_ptr", "gates_ptr", "psum_ptr", "hpre_ptr", "u_ptr", "e_ptr"),
+                    "idx_ptr": "*i64", "cnt_ptr": "*i32"},
+            "token": {**index, **ptrs(x, "z_ptr", "w2d_ptr", "w2u_ptr", "b2u_ptr"),
+                      **ptrs(f, "ge_ptr", "hpre_ptr", "u_ptr", "gu_ptr", "ghpre_ptr")},
+            "dz": {**index, **ptrs(x, "dz_ptr", "w1_ptr", "w2d_ptr", "b2d_ptr"), **ptrs(f, "hpre_ptr", "gu_ptr",
+                                                                                         "ghpre_ptr")},
+            "dw": {**index, "z_ptr": x, "NUM_SPLITS": "i32",
+                   **ptrs(f, "hpre_ptr", "gu_ptr", "ghpre_ptr", "dw2d_ptr", "dw1_ptr", "db2d_ptr")},
+        }
+        # C is 16-divisible in every real model (and Triton specialises on it at run time)
+        for name, fn, key, sig_key in (("dtr_fwd", _dtr_fwd_kernel, "fwd", "fwd"),
+                                       ("dtr_bwd_token", _dtr_bwd_token_kernel, "token", "token"),
+                                       ("dtr_bwd_dz", _dtr_bwd_dz_kernel, "dz", "dz"),
+                                       ("dtr_bwd_dw_w2down", _dtr_bwd_dw_kernel, "dw_w2down", "dw"),
+                                       ("dtr_bwd_dw_w1", _dtr_bwd_dw_kernel, "dw_w1", "dw")):
+            register_aot(fn, sig[sig_key], cfgs[key], name=name + suffix, divisible_by_16=("C",))
 
 
 _register_aot()

@@ -137,6 +137,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     resume: bool = True
+    # Start stage 0 from these weights (a run folder or checkpoint, e.g. from
+    # `python -m megatron_evomoe.convert hf-to-evomoe`); ignored when resuming.
+    init_from: str = ""
     nonfinite: str = "skip"  # skip | stop | reduce_lr
     deterministic: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 = leave as is

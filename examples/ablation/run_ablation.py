@@ -72,7 +72,7 @@ def make_cfg(args, steps: dict, save_dir: Path, stages: str, *extra: str):
     return load_config(ROOT / "examples/configs/tiny_cpu.yaml", [
         f"--stages=[{stages}]", f"--train.save_dir={save_dir}", "--train.progress_bar=false",
         f"--train.save_interval=0", f"--data.num_eval_samples={steps['eval']}", f"--train.seed={args.seed}",
-        "--train.tensorboard=false", *extra])
+        "--train.tensorboard=false", *([f"--train.num_threads={args.threads}"] if args.threads else []), *extra])
 
 
 def run_variant(args, steps: dict, name: str, shared_dir: Path) -> dict:
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--stage3", choices=("moe", "router"), default="moe")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's train.num_threads)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     steps = QUICK if args.quick else FULL

@@ -111,7 +111,10 @@ class HFCheckpoint:
     def _bin(self, path: Path) -> dict:
         if path not in self._bin_cache:
             try:
-                self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+                    self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise ConversionError(f"{path}: cannot be read as a PyTorch state dict ({e})") from None
         return self._bin_cache[path]

@@ -5,14 +5,18 @@
     reducer = apply_dp(model, params, state)      # bucketed gradient all-reduce (DP / expert-DP)
 
 Modules: state (layout, groups, shard specs), tensor_parallel, expert_parallel, data_parallel,
-pipeline (split + 1F1B), apply (the apply_* functions, stage changes, full state dicts),
-launch (torchrun / SLURM initialisation).
+pipeline (split + 1F1B), apply (the apply_* functions, stage changes, full state dicts, the
+trainer's hooks), launch (torchrun / SLURM initialisation, layout dry run), reshard (per-rank
+checkpoints -> one consolidated checkpoint that any layout resumes from).
 """
 from .apply import (apply_dp, apply_ep, apply_moe_stats, apply_stage_structure, apply_tp, full_state_dict,
                     load_full_state_dict, local_parameter_count, parallelize)
+from .apply import ParallelTraining
 from .data_parallel import GradientReducer, all_reduce_floats, clip_grad_norm_, global_grad_norm
 from .expert_parallel import AllToAllTokenDispatcher, ParallelGroupedExperts
+from .launch import init_distributed
 from .pipeline import forward_backward_1f1b, split_pipeline
+from .reshard import consolidate
 from .state import ParallelState, RankLayout, ShardSpec, layout_table, validate_parallel
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -23,4 +27,5 @@ __all__ = [
     "GradientReducer", "clip_grad_norm_", "global_grad_norm", "all_reduce_floats",
     "AllToAllTokenDispatcher", "ParallelGroupedExperts", "forward_backward_1f1b",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "ParallelTraining", "init_distributed", "consolidate",
 ]

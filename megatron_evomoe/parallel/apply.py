@@ -29,15 +29,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import moe_layer_indices
-from ..model.llm import FFN, Attention, RMSNorm
+from ..model.llm import FFN, Attention
 from ..model.mllm import ModelOutput, MultimodalLM, causal_lm_loss_sum
 from ..moe.evolution import EvolvingFFN
 from ..moe.moe_layer import MoELayer
 from .data_parallel import GradientReducer
 from .expert_parallel import AllToAllTokenDispatcher, ParallelGroupedExperts, use_global_batch_aux_loss
-from .state import REPLICATED, ParallelState, ShardSpec, named_shard_specs
+from .state import REPLICATED, ParallelState, ShardSpec, comm_device, named_shard_specs
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TensorParallelContext,
-                              VocabParallelEmbedding, enter_tp_region, gather_from_sequence_region,
+                              VocabParallelEmbedding, copy_to_tp_region, enter_tp_region,
+                              gather_from_sequence_region,
                               scatter_to_sequence_region, take_shard, vocab_parallel_causal_lm_loss_sum)
 
 
@@ -115,7 +116,6 @@ class _SPNorm:
     def forward(self, x):
         if not self.tp.sp:
             return super().forward(x)
-        from .tensor_parallel import copy_to_tp_region
         w = self._parameters["weight"]
         self._parameters["weight"] = copy_to_tp_region(w, self.tp.group)  # same trick as functional_call
         try:
@@ -152,6 +152,12 @@ def tp_forward(model, seq_len: int, local_logits: bool):
         yield False
         return
     sp = tp.sequence_parallel and seq_len % tp.size == 0
+    if tp.sequence_parallel and not sp and not getattr(tp, "_warned_sp", False):
+        import logging
+        logging.getLogger("megatron_evomoe").warning(
+            "sequence parallelism: a sequence of %d tokens does not split over %d TP ranks; such forwards run "
+            "with plain TP (same numbers, more memory)", seq_len, tp.size)
+        tp._warned_sp = True
     prev = getattr(head, "gather_output", None)
     if isinstance(head, ColumnParallelLinear):
         head.gather_output = not local_logits
@@ -389,7 +395,7 @@ def full_state_dict(model: nn.Module, state: ParallelState) -> dict[str, torch.T
     Gathers TP shards (trimming vocabulary padding) and EP shards, then merges the pipeline
     stages. Keys and shapes are those of the plain model.
     """
-    out = {k: v.clone() for k, v in gather_module_state(model, state).items()}
+    out = {k: v.cpu().clone() for k, v in gather_module_state(model, state).items()}  # (CPU: pickled below)
     if state.pp_group is not None:
         parts = [None] * state.pp_size
         dist.all_gather_object(parts, out, group=state.pp_group)
@@ -407,9 +413,10 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], state:
     specs = named_shard_specs(model)
     local = model.state_dict()
     missing = [k for k in local if k not in full]
+    from ..training.checkpoint import CheckpointError
     if strict and missing:
-        raise KeyError(f"load_full_state_dict: {len(missing)} tensors missing from the checkpoint, "
-                       f"e.g. {missing[0]!r}")
+        raise CheckpointError(f"load_full_state_dict: {len(missing)} tensors missing from the checkpoint, "
+                              f"e.g. {missing[0]!r}")
     for k, dst in local.items():
         if k not in full:
             continue
@@ -420,8 +427,8 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], state:
         if spec.tp_dim is not None:
             src = take_shard(src, spec.tp_dim, state.tp_size, state.tp_rank)
         if src.shape != dst.shape:
-            raise ValueError(f"load_full_state_dict: {k}: checkpoint shard {tuple(src.shape)} does not fit "
-                             f"the model's {tuple(dst.shape)}")
+            raise CheckpointError(f"load_full_state_dict: {k}: checkpoint shard {tuple(src.shape)} does not fit "
+                                  f"the model's {tuple(dst.shape)}")
         dst.copy_(src)
 
 
@@ -457,6 +464,7 @@ class ParallelTraining:
         self.model, self.state, self.cfg = model, state, cfg
         self.bucket_size_mb = bucket_size_mb
         self.reducer: GradientReducer | None = None
+        self.param_names: list[str] = []
         parallelize(model, state, cfg)
 
     @property
@@ -470,9 +478,27 @@ class ParallelTraining:
         return self.state.rank == 0
 
     def checkpoint_dir(self, save_dir):
-        """Each rank saves its own shard: <save_dir>/ranks/<rank>/checkpoints/..."""
-        from pathlib import Path
-        return Path(save_dir) / "ranks" / f"{self.state.rank:05d}"
+        """Each rank saves its own shard: <save_dir>/ranks/<layout>/<rank>/checkpoints/... (reshard.py)."""
+        from .reshard import rank_checkpoint_dir
+        return rank_checkpoint_dir(save_dir, self.state)
+
+    def checkpoint_meta(self) -> dict:
+        """Saved with each rank's shard: specs, coordinates, optimizer parameter names (reshard.py)."""
+        from .reshard import checkpoint_meta
+        return checkpoint_meta(self.model, self.state, self.param_names)
+
+    def load_state(self, ckpt_state: dict, opt, load_optimizer: bool) -> None:
+        """Restore model (and optimizer) from this layout's own shard, or reshard a consolidated
+        (single-process) checkpoint to this layout."""
+        from .reshard import layout_name, shard_state_for
+        own = ckpt_state.get("parallel", {}).get("layout") == layout_name(self.state)
+        if own:
+            model_sd, opt_sd = ckpt_state["model"], ckpt_state["optimizer"]
+        else:
+            model_sd, opt_sd = shard_state_for(self.model, self.state, ckpt_state, self.param_names)
+        self.model.load_state_dict(model_sd)
+        if load_optimizer and self.param_names:  # (a stage holding no trainable tensor has nothing to load)
+            opt.load_state_dict(opt_sd)
 
     def apply_stage_structure(self, stage, generator) -> None:
         apply_stage_structure(self.model, self.cfg, stage, generator, self.state)
@@ -485,7 +511,7 @@ class ParallelTraining:
         from ..config import ConfigError
         from ..training.stages import expand_patterns
         patterns = expand_patterns(stage.trainable, self.cfg)
-        used = torch.zeros(len(patterns), dtype=torch.int32)
+        used = torch.zeros(len(patterns), dtype=torch.int32)  # on the CPU while filled, then moved
         names = []
         for name, p in self.model.named_parameters():
             hits = [i for i, pat in enumerate(patterns) if fnmatch.fnmatchcase(name, pat)]
@@ -494,7 +520,9 @@ class ParallelTraining:
             if hits:
                 names.append(name)
         if self.state.pp_group is not None:
+            used = used.to(comm_device(self.state.pp_group))
             dist.all_reduce(used, op=dist.ReduceOp.MAX, group=self.state.pp_group)
+            used = used.cpu()
         unused = [patterns[i] for i in range(len(patterns)) if not used[i]]
         if unused:
             raise ConfigError(f"stages[{stage_idx}].trainable: pattern {unused[0]!r} matches no parameter "
@@ -502,6 +530,7 @@ class ParallelTraining:
         return names
 
     def start_stage(self, params) -> None:
+        self.param_names = [n for n, _ in params]
         self.reducer = apply_dp(self.model, params, self.state, self.bucket_size_mb)
 
     def global_tokens(self, num_tokens: int) -> int:
@@ -530,8 +559,9 @@ class ParallelTraining:
         """Resuming: every rank must have found the checkpoint of the same step."""
         if self.state.world_size == 1:
             return
-        t = torch.tensor([global_step, -global_step], dtype=torch.int64)
+        t = torch.tensor([global_step, -global_step], dtype=torch.int64, device=comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = t.cpu()
         if int(t[0]) != -int(t[1]):
             from ..training.checkpoint import CheckpointError
             raise CheckpointError(f"ranks found checkpoints of different steps (from {-int(t[1])} to {int(t[0])}); "

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .state import REPLICATED, ParallelState, named_shard_specs, replicas
+from .state import REPLICATED, ParallelState, comm_device, named_shard_specs, replicas
 
 
 class GradientReducer:
@@ -72,7 +72,7 @@ class GradientReducer:
     def _reduce_bucket(self, bucket, group, n: int) -> None:
         params = [p for _, p in bucket]
         # which params have a gradient anywhere in the group (one tiny all-reduce per bucket)
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
         live = [p for p, has in zip(params, present.tolist()) if has]
         if not live:
@@ -100,14 +100,15 @@ def global_grad_norm(model: nn.Module, params: list[tuple[str, nn.Parameter]], s
     identical copy of it (`state.replicas`), and one all-reduce over the world adds them up.
     """
     specs = named_shard_specs(model)
-    total = torch.zeros((), dtype=torch.float64)
+    device = comm_device() if state.world_size > 1 else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for name, p in params:
         if p.grad is not None:
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().double().pow(2).sum().to(device)
             total += sq / replicas(specs.get(name, REPLICATED), state)
     if state.world_size > 1:
         dist.all_reduce(total)
-    return total.sqrt()
+    return total.sqrt().cpu()
 
 
 @torch.no_grad()
@@ -127,6 +128,146 @@ def all_reduce_floats(values: list[float], group) -> list[float]:
     """Sum a few Python floats over a group (for logging / token counts)."""
     if group is None:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device(group))
     dist.all_reduce(t, group=group)
-    return t.tolist()
+    return t.cpu().tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeRO-1: optimizer state sharded over the data-parallel replicas
+# --------------------------------------------------------------------------------------------------
+class ZeroAdamW:
+    """AdamW whose state (moments, and the master copy it updates) is sharded over DP (ZeRO stage 1).
+
+    Dense parameters are partitioned over the DP group and expert parameters over the expert-DP
+    group: the concatenation of a group's parameters is cut into equal contiguous ranges, one
+    per replica. A step is: reduce-scatter the gradients (each replica receives the summed
+    gradient of its range only: the same bytes as an all-reduce's first half), `clip_grad_norm_`
+    over the ranges, AdamW on the range, all-gather the updated values into every replica's
+    parameters. Each replica keeps 1/dp of the optimizer state. Weight decay applies to the
+    ranges cut from matrices only, as in `training/optim.py`. Same numbers as the unsharded
+    `GradientReducer` + `torch.optim.AdamW` (tests/parallel/test_zero.py).
+
+    Use instead of (reducer, optimizer): `opt.zero_grad(); backward...; opt.reduce_gradients();
+    norm = opt.clip_grad_norm_(max_norm); opt.step()`. `param_groups` exposes the inner
+    optimizer's groups (set the LR there).
+    """
+
+    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], state: ParallelState,
+                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        specs = named_shard_specs(model)
+        self.state = state
+        self.parts = []  # per group kind: dict(group, params, offsets, total, shard, segments)
+        decay, no_decay = [], []
+        for kind, group in (("dp", state.dp_group), ("expert_dp", state.expert_dp_group)):
+            items = [(n, p) for n, p in params if specs.get(n, REPLICATED).expert == (kind == "expert_dp")]
+            if not items:
+                continue
+            n = 1 if group is None else dist.get_world_size(group)
+            r = 0 if group is None else dist.get_rank(group)
+            total = sum(p.numel() for _, p in items)
+            shard = -(-total // n)
+            lo_mine, hi_mine = r * shard, (r + 1) * shard
+            segments, offset = [], 0
+            for name, p in items:
+                lo, hi = max(offset, lo_mine), min(offset + p.numel(), hi_mine)
+                if lo < hi:  # this replica owns p.view(-1)[lo - offset: hi - offset]
+                    master = nn.Parameter(p.detach().reshape(-1)[lo - offset:hi - offset].clone())
+                    scale = replicas(specs.get(name, REPLICATED), state) / n  # copies outside this group
+                    segments.append((p, lo - offset, hi - offset, master, scale))
+                    (decay if p.dim() >= 2 else no_decay).append(master)
+                offset += p.numel()
+            self.parts.append(dict(group=group, n=n, params=[p for _, p in items], total=total, shard=shard,
+                                   lo=lo_mine, segments=segments))
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]] or [{"params": [nn.Parameter(torch.zeros(0))]}]
+        self.inner = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        self.bytes_reduced = 0
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            for p in part["params"]:
+                p.grad = None
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Reduce-scatter: each replica gets the summed gradient of the range it owns."""
+        self.bytes_reduced = 0
+        for part in self.parts:
+            params, n, shard = part["params"], part["n"], part["shard"]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            flat = torch.cat([flat, flat.new_zeros(n * shard - flat.numel())])  # pad to n equal ranges
+            mine = flat.new_empty(shard)
+            if part["group"] is None:
+                mine.copy_(flat)
+            else:
+                dist.reduce_scatter_single(mine, flat, group=part["group"])
+                self.bytes_reduced += flat.numel() * flat.element_size()
+            for p, lo, hi, master, _ in part["segments"]:
+                master.grad = mine[_range_in_shard(part, params, p, lo, hi)].clone()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        device = comm_device() if self.state.world_size > 1 else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for part in self.parts:
+            for _, _, _, master, scale in part["segments"]:
+                if master.grad is not None:
+                    total += master.grad.double().pow(2).sum().to(device) / scale
+        if self.state.world_size > 1:
+            dist.all_reduce(total)
+        norm = float(total.sqrt())
+        if max_norm and math.isfinite(norm) and norm > max_norm:
+            coef = max_norm / (norm + 1e-6)
+            for part in self.parts:
+                for *_, master, _ in part["segments"]:
+                    if master.grad is not None:
+                        master.grad.mul_(coef)
+        return norm
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()
+        for part in self.parts:  # all-gather the updated ranges into every replica's parameters
+            params, n, shard = part["params"], part["n"], part["shard"]
+            mine = params[0].new_zeros(shard)
+            for p, lo, hi, master, _ in part["segments"]:
+                mine[_range_in_shard(part, params, p, lo, hi)] = master
+            full = mine.new_empty(n * shard)
+            if part["group"] is None:
+                full.copy_(mine)
+            else:
+                dist.all_gather_single(full, mine, group=part["group"])
+            offset = 0
+            for p in params:
+                p.copy_(full[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.inner.load_state_dict(sd)
+
+    def state_numel(self) -> int:
+        """Elements of optimizer state this replica holds (moments + master ranges)."""
+        return sum(t.numel() for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+
+
+def _offset_of(params, p) -> int:
+    offset = 0
+    for q in params:
+        if q is p:
+            return offset
+        offset += q.numel()
+    raise KeyError("parameter not in this partition")
+
+
+def _range_in_shard(part, params, p, lo, hi) -> slice:
+    """The slice of this replica's range that holds p.view(-1)[lo:hi]."""
+    start = _offset_of(params, p) + lo - part["lo"]
+    return slice(start, start + hi - lo)

@@ -33,7 +33,7 @@ from ..model.llm import FFN
 from ..model.modality import IMAGE, TEXT
 from ..moe.evolution import EvolvingFFN
 from ..moe.moe_layer import MoELayer
-from .state import ParallelState
+from .state import ParallelState, comm_device
 
 TAG_ACTIVATION, TAG_GRADIENT = 1, 2
 
@@ -175,7 +175,7 @@ def activation_shape(model, state: ParallelState, batch: dict) -> tuple[int, ...
 # P2P
 # --------------------------------------------------------------------------------------------------
 def _p2p(state: ParallelState, send_next=None, send_prev=None, recv_prev_shape=None, recv_next_shape=None,
-         dtype=torch.float32):
+         dtype=torch.float32, device="cpu"):
     """Post the sends and receives together, then wait: no ordering deadlock between neighbours."""
     ops, recv_prev, recv_next = [], None, None
     if send_next is not None:
@@ -183,10 +183,10 @@ def _p2p(state: ParallelState, send_next=None, send_prev=None, recv_prev_shape=N
     if send_prev is not None:
         ops.append(dist.isend(send_prev.contiguous(), state.stage_rank(state.pp_rank - 1), tag=TAG_GRADIENT))
     if recv_prev_shape is not None:
-        recv_prev = torch.empty(recv_prev_shape, dtype=dtype)
+        recv_prev = torch.empty(recv_prev_shape, dtype=dtype, device=device)
         ops.append(dist.irecv(recv_prev, state.stage_rank(state.pp_rank - 1), tag=TAG_ACTIVATION))
     if recv_next_shape is not None:
-        recv_next = torch.empty(recv_next_shape, dtype=dtype)
+        recv_next = torch.empty(recv_next_shape, dtype=dtype, device=device)
         ops.append(dist.irecv(recv_next, state.stage_rank(state.pp_rank + 1), tag=TAG_GRADIENT))
     for op in ops:
         op.wait()
@@ -205,11 +205,12 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
     """
     M, P, s = len(micro_batches), state.pp_size, state.pp_rank
     first, last = state.is_first_stage, state.is_last_stage
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.parameters()).dtype  # activations travel in the parameters' dtype and device
+    pdev = next(model.parameters()).device
     warmup = min(P - s - 1, M)
     steady = M - warmup
     in_flight = deque()
-    totals = torch.zeros(2, dtype=torch.float64)  # lm, aux
+    totals = torch.zeros(2, dtype=torch.float64, device=comm_device(state.pp_group))  # lm, aux
     shape = lambda i: activation_shape(model, state, micro_batches[i])  # noqa: E731
 
     def fwd(i, h_in):
@@ -245,30 +246,31 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
         return h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
 
     for i in range(warmup):
-        h_in = None if first else _p2p(state, recv_prev_shape=shape(i), dtype=dtype)[0]
+        h_in = None if first else _p2p(state, recv_prev_shape=shape(i), dtype=dtype, device=pdev)[0]
         out = fwd(i, h_in)
         _p2p(state, send_next=out)
     h_in = None
     if steady and not first:
-        h_in = _p2p(state, recv_prev_shape=shape(warmup), dtype=dtype)[0]
+        h_in = _p2p(state, recv_prev_shape=shape(warmup), dtype=dtype, device=pdev)[0]
     for j in range(steady):
         i = warmup + j
         out = fwd(i, h_in)
         # send this activation and receive the gradient of the oldest in-flight micro-batch
-        grad = None if last else _p2p(state, send_next=out, recv_next_shape=shape(i - warmup), dtype=dtype)[1]
+        grad = None if last else _p2p(state, send_next=out, recv_next_shape=shape(i - warmup), dtype=dtype, device=pdev)[1]
         g_in = bwd(grad)
         if j == steady - 1:
             if not first:
                 _p2p(state, send_prev=g_in)
         else:
             h_in = _p2p(state, send_prev=None if first else g_in,
-                        recv_prev_shape=None if first else shape(i + 1), dtype=dtype)[0]
+                        recv_prev_shape=None if first else shape(i + 1), dtype=dtype, device=pdev)[0]
     for k in range(warmup):
         i = steady + k
-        grad = None if last else _p2p(state, recv_next_shape=shape(i), dtype=dtype)[1]
+        grad = None if last else _p2p(state, recv_next_shape=shape(i), dtype=dtype, device=pdev)[1]
         g_in = bwd(grad)
         if not first:
             _p2p(state, send_prev=g_in)
     if state.pp_group is not None:
         dist.all_reduce(totals, group=state.pp_group)
+    totals = totals.cpu()
     return {"lm_loss": float(totals[0]), "aux_loss": float(totals[1])}

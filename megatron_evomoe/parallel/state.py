@@ -132,8 +132,11 @@ def validate_parallel(cfg, world_size: int) -> RankLayout:
     if p.pp > 1 and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings: tied embeddings are not supported with parallel.pp > 1 "
                           "(the embedding and the LM head live on different stages)")
-    if p.pp > 1 and p.num_microbatches < 1:
-        raise ConfigError("parallel.num_microbatches: must be >= 1")
+    if p.pp > 1 and p.num_microbatches not in (1, cfg.train.grad_accum_steps):
+        # the 1F1B schedule runs the step's micro-batches: there is one count, not two
+        raise ConfigError(f"parallel.num_microbatches: {p.num_microbatches} differs from train.grad_accum_steps="
+                          f"{cfg.train.grad_accum_steps}; under pipeline parallelism the step's "
+                          "train.grad_accum_steps micro-batches are the pipeline's micro-batches (set both)")
     return layout
 
 
@@ -278,6 +281,14 @@ def replicas(spec: ShardSpec, state: "ParallelState") -> int:
     if spec.expert:
         return tp_copies * (state.expert_dp_size if spec.ep_dim is not None else state.dp_size)
     return tp_copies * state.dp_size
+
+
+def comm_device(group=None) -> torch.device:
+    """Where a small bookkeeping tensor must live to be reduced over `group`: the current CUDA
+    device for NCCL, the CPU for gloo (group None here means the default group)."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def group_size(group) -> int:

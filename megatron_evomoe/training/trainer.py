@@ -97,6 +97,8 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
         state = self._load_latest()
+        if state is None and self.cfg.train.init_from:
+            self._init_weights(self.cfg.train.init_from)
         start_stage = state["stage_idx"] if state else 0
         for idx, stage in enumerate(self.cfg.stages):
             if idx < start_stage:  # replay structure only; weights come from the checkpoint
@@ -117,6 +119,8 @@ class Trainer:
         if not self.cfg.train.resume:
             return None
         path = ckpt.find_latest(self.ckpt_dir)
+        if path is None and self.par is not None:  # a consolidated checkpoint (parallel/reshard.py): reshard it
+            path = ckpt.find_latest(self.save_dir)
         if self.par is not None:  # all ranks must resume from the same step
             self.par.agree_on_step(-1 if path is None else ckpt_meta_step(path))
         if path is None:
@@ -124,6 +128,31 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         log.info("resuming from %s (stage %s, step %d)", path, self.cfg.stages[state["stage_idx"]].name, state["step"])
         return state
+
+    def _init_weights(self, path: str) -> None:
+        """Load pretrained weights (e.g. an imported HF checkpoint) into the stage-0 model."""
+        src = Path(path)
+        found = src if (src / "state.pt").exists() else ckpt.find_latest(src)
+        if found is None:
+            raise ckpt.CheckpointError(f"train.init_from: no checkpoint in {src}")
+        weights = ckpt.load_checkpoint(found)["model"]
+        if self.par is not None:  # full (single-process) weights: every rank keeps its own shard
+            from ..parallel.apply import load_full_state_dict
+            load_full_state_dict(self.model, weights, self.par.state)
+            log.info("initialised the model from %s (sharded to this rank's layout)", found)
+            return
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(weights))
+        unexpected = sorted(set(weights) - set(own))
+        wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                      else f"shape of {wrong[0]}: checkpoint {tuple(weights[wrong[0]].shape)} vs model "
+                           f"{tuple(own[wrong[0]].shape)}")
+            raise ckpt.CheckpointError(f"train.init_from: {found} does not fit the configured model ({detail}); "
+                                       "the model/vision sections must describe the same architecture")
+        self.model.load_state_dict(weights)
+        log.info("initialised the model from %s", found)
 
     # ---------------------------------------------------------------- stage
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
@@ -266,6 +295,8 @@ class Trainer:
             "evolution": evo.state_dict() if evo is not None else None,
             "config": self.cfg.to_dict(),
         }
+        if self.par is not None:  # shard specs and coordinates, for consolidation and resharding
+            state["parallel"] = self.par.checkpoint_meta()
         stage = self.cfg.stages[idx]
         name = f"{idx:02d}-{stage.name}-step{step:06d}"
         meta = {"stage": stage.name, "stage_idx": idx, "step": step, "global_step": self.global_step,
@@ -274,9 +305,13 @@ class Trainer:
         log.info("saved checkpoint %s", path)
 
     def _restore(self, state: dict, opt, data, evo) -> int:
-        self.model.load_state_dict(state["model"])
-        if state["step"] < self.cfg.stages[state["stage_idx"]].steps:
-            opt.load_state_dict(state["optimizer"])
+        load_opt = state["step"] < self.cfg.stages[state["stage_idx"]].steps
+        if self.par is not None:  # this layout's own shard, or a consolidated checkpoint resharded
+            self.par.load_state(state, opt, load_opt)
+        else:
+            self.model.load_state_dict(state["model"])
+            if load_opt:
+                opt.load_state_dict(state["optimizer"])
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.structure_gen.set_state(state["structure_gen"])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from megatron_evomoe.convert import ConversionError, evomoe_to_hf, hf_to_evomoe
 from megatron_evomoe.convert.__main__ import main as convert_main
 
-from .conftest import make_run
+from .helpers import make_run
 
 quiet = dict(echo=lambda s: None)
 

@@ -10,7 +10,7 @@ from megatron_evomoe.convert.__main__ import main as convert_main
 from megatron_evomoe.training import checkpoint as ckpt
 from megatron_evomoe.training.restore import load_trained_model
 
-from .conftest import EVO_STAGES, IMAGE_ID, SMALL_LLM, SMALL_VISION, make_run, randomize, text_ids
+from .helpers import EVO_STAGES, IMAGE_ID, SMALL_LLM, SMALL_VISION, make_run, randomize, text_ids
 
 TOL = 1e-4
 quiet = dict(echo=lambda s: None)

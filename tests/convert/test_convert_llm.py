@@ -9,7 +9,7 @@ from megatron_evomoe.moe.moe_layer import MoELayer
 from megatron_evomoe.moe.router import TopKRouter
 from megatron_evomoe.training.restore import load_trained_model
 
-from .conftest import SMALL_LLM, randomize, text_ids
+from .helpers import SMALL_LLM, randomize, text_ids
 
 TOL = 1e-4
 
@@ -94,7 +94,7 @@ def test_tokenizer_copied_and_generate_loadable(hf, save_hf, tmp_path):
 
 def test_vocab_grows_for_image_token(hf, save_hf, tmp_path):
     """A tokenizer that fills the vocabulary: <image> needs a new row; old logits are unchanged."""
-    from .conftest import write_tokenizer
+    from .helpers import write_tokenizer
     m = randomize(hf.LlamaForCausalLM(hf.LlamaConfig(**SMALL_LLM)))
     src = save_hf(m, "llama", tokenizer=False)
     write_tokenizer(src, num_words=64)

@@ -5,7 +5,7 @@ import torch
 from megatron_evomoe.convert import hf_to_evomoe
 from megatron_evomoe.training.restore import load_trained_model
 
-from .conftest import IMAGE_ID, SMALL_LLM, SMALL_VISION, randomize, text_ids
+from .helpers import IMAGE_ID, SMALL_LLM, SMALL_VISION, randomize, text_ids
 
 TOL = 1e-4
 
@@ -64,11 +64,12 @@ def test_tower_options_default_to_the_projects_own_vit():
     """The options added for pretrained towers leave the default modules (and checkpoints) unchanged."""
     from megatron_evomoe.config import ConfigError, load_config
     from megatron_evomoe.model.mllm import MultimodalLM
-    cfg = load_config(None, ["--model.vocab_size=16"])
+    one = "--stages=[{name: s}]"
+    cfg = load_config(None, ["--model.vocab_size=16", one])
     keys = set(MultimodalLM(cfg, 4).state_dict())
     assert "vision.norm.weight" in keys and "vision.pos_embed" in keys
     assert not any(k.startswith(("vision.cls_embed", "vision.pre_norm")) or k.endswith("attn.wq.bias") for k in keys)
-    clip = load_config(None, ["--model.vocab_size=16", "--model.qkv_bias=true", "--vision.cls_token=true",
+    clip = load_config(None, ["--model.vocab_size=16", one, "--model.qkv_bias=true", "--vision.cls_token=true",
                               "--vision.pre_norm=true", "--vision.final_norm=false", "--vision.activation=quick_gelu"])
     model = MultimodalLM(clip, 4)
     sd = model.state_dict()
@@ -77,4 +78,4 @@ def test_tower_options_default_to_the_projects_own_vit():
     x = torch.randn(2, 3, clip.vision.image_size, clip.vision.image_size)
     assert model.vision(x).shape == (2, clip.vision.num_image_tokens, clip.vision.hidden_size)  # class token dropped
     with pytest.raises(ConfigError, match="vision.activation"):
-        load_config(None, ["--vision.activation=relu"])
+        load_config(None, [one, "--vision.activation=relu"])

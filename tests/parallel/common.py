@@ -25,7 +25,8 @@ def tiny_cfg(tp=1, pp=1, ep=1, sp=False, microbatches=1, router="dtr", top_k=2, 
          "--moe.layers=alternate", "--moe.init=noise", "--moe.noise_std=0.5", "--moe.aux_loss_coeff=0.1",
          "--moe.z_loss_coeff=0.01", "--moe.expert_backend=torch", f"--router.type={router}",
          "--router.backend=torch", f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.ep={ep}",
-         f"--parallel.sequence_parallel={str(sp).lower()}", f"--parallel.num_microbatches={microbatches}"]
+         f"--parallel.sequence_parallel={str(sp).lower()}", f"--parallel.num_microbatches={microbatches}",
+         f"--train.grad_accum_steps={microbatches}"]
     return load_config(None, o + list(extra))
 
 
@@ -61,11 +62,22 @@ def split_step(batch: dict, num_micro: int, dp_rank: int, dp_size: int) -> list[
 
 
 def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: float = 1e-2,
-          bucket_size_mb: float = 0.002) -> dict:
+          bucket_size_mb: float = 0.002, zero: bool = False) -> dict:
     """AdamW steps as the trainer does them: loss / global token count, aux / micro-batches,
-    DP reduction, global-norm clipping. Returns per-step losses and grad norms (DP-summed)."""
+    DP reduction, global-norm clipping. Returns per-step losses and grad norms (DP-summed).
+    zero: ZeRO-1 (`ZeroAdamW`: sharded optimizer state, reduce-scatter + all-gather); weight decay
+    then applies to matrices only, as in training/optim.py, and `zero="reference"` gives the
+    unsharded run with those same groups."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in params], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if zero is True:
+        from megatron_evomoe.parallel.data_parallel import ZeroAdamW
+        opt = ZeroAdamW(model, params, state, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    elif zero == "reference":
+        opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                 {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=lr, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.AdamW([p for _, p in params], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     reducer = apply_dp(model, params, state, bucket_size_mb=bucket_size_mb)
     losses, norms = [], []
     for batch in steps:
@@ -82,24 +94,32 @@ def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: fl
                 lm_c, aux_c = out.lm_loss_sum / num_tokens, out.aux_loss / len(micro)
                 (lm_c + aux_c).backward()
                 lm, aux = lm + float(lm_c.detach()), aux + float(aux_c.detach())
-        reducer.reduce()
-        norms.append(clip_grad_norm_(model, params, 1.0, state))
+        if zero is True:
+            opt.reduce_gradients()
+            norms.append(opt.clip_grad_norm_(1.0))
+        else:
+            reducer.reduce()
+            norms.append(clip_grad_norm_(model, params, 1.0, state))
         opt.step()
         lm, aux = all_reduce_floats([lm, aux], state.dp_group)
         losses.append(lm + aux)
-    return {"losses": losses, "grad_norms": norms, "reducer_bytes": reducer.bytes_reduced,
-            "buckets": reducer.num_buckets()}
+    out = {"losses": losses, "grad_norms": norms, "reducer_bytes": reducer.bytes_reduced,
+           "buckets": reducer.num_buckets()}
+    if zero is True:
+        out["optimizer_state_numel"] = opt.state_numel()
+        out["zero_bytes"] = opt.bytes_reduced
+    return out
 
 
-def reference(cfg, steps, num_micro, seed=0) -> dict:
+def reference(cfg, steps, num_micro, seed=0, zero=False) -> dict:
     model = build_model(cfg, seed)
     state = ParallelState.single(cfg)
-    out = train(model, state, steps, num_micro)
+    out = train(model, state, steps, num_micro, zero="reference" if zero else False)
     out["state_dict"] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 
 
-def parallel_run(cfg, steps, num_micro, rank, world_size, seed=0):
+def parallel_run(cfg, steps, num_micro, rank, world_size, seed=0, zero=False):
     state = ParallelState.build(cfg, rank, world_size)
     model = parallelize(build_model(cfg, seed), state, cfg)
-    return state, model, train(model, state, steps, num_micro)
+    return state, model, train(model, state, steps, num_micro, zero=zero)

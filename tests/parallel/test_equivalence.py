@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from megatron_evomoe.moe.moe_layer import MoELayer
-from megatron_evomoe.parallel import full_state_dict, local_parameter_count
+from megatron_evomoe.parallel import forward_backward_1f1b, full_state_dict, local_parameter_count
 from megatron_evomoe.parallel.pipeline import is_placeholder
 from megatron_evomoe.parallel.state import REPLICATED, named_shard_specs
 
@@ -41,9 +41,10 @@ LAYOUTS = {
     "dp4_ep2": (dict(ep=2), 2),  # dp 4, ep 2: experts reduced over expert-DP groups of 2
     "pp2_dp2": (dict(pp=2, microbatches=4), 4),
     "tp2_pp2_sp": (dict(tp=2, pp=2, sp=True, microbatches=4), 4),
+    "pp2_ep2": (dict(pp=2, ep=2, microbatches=4), 4),
 }
 WORLD2 = ["tp2", "tp2_sp", "ep2", "dp2", "pp2"]
-WORLD4 = ["tp2_ep2", "dp4_ep2", "pp2_dp2", "tp2_pp2_sp"]
+WORLD4 = ["tp2_ep2", "dp4_ep2", "pp2_dp2", "tp2_pp2_sp", "pp2_ep2"]
 
 
 def _dispatch_check(model, state, batch) -> list[dict]:
@@ -53,9 +54,12 @@ def _dispatch_check(model, state, batch) -> list[dict]:
               and isinstance(l.mlp, MoELayer)]
     for i, mlp in layers:
         mlp.routing_hook = lambda layer, routing, modality, i=i: seen.__setitem__(i, routing.topk_idx.clone())
-    with torch.no_grad():
-        mb = C.split_step(batch, 1, state.dp_rank, state.dp_size)[0]
-        model(mb["input_ids"], mb["images"], mb["labels"])
+    mb = C.split_step(batch, 1, state.dp_rank, state.dp_size)[0]
+    if state.pp_size > 1:  # one micro-batch through the pipeline (its gradients are not used)
+        forward_backward_1f1b(model, state, [mb], num_tokens=1)
+    else:
+        with torch.no_grad():
+            model(mb["input_ids"], mb["images"], mb["labels"])
     out = []
     for i, mlp in layers:
         mlp.routing_hook = None
@@ -86,7 +90,7 @@ def _worker(rank, world_size, names):
         res["shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
         res["replicated"] = {n: p.detach().clone() for n, p in model.named_parameters()
                              if n not in specs and not n.startswith("vision")}
-        if state.ep_size > 1 and state.pp_size == 1:
+        if state.ep_size > 1:
             res["dispatch"] = _dispatch_check(model, state, steps[0])
         results[name] = res
     return results
@@ -152,9 +156,13 @@ def _check_layout(name: str, per_rank: list[dict], world_size: int) -> None:
         assert res["reducer_bytes"] == 4 * res["reduced_numel_expected"], where
         for d in res.get("dispatch", []):
             assert d["dispatch_bytes"] == d["expected_dispatch_bytes"], f"{where}: {d}"
-    if "dispatch" in per_rank[0]:  # combine sends back what dispatch received
-        for layer_pos in range(len(per_rank[0]["dispatch"])):
-            ds = [r["dispatch"][layer_pos] for r in per_rank]
+    if "dispatch" in per_rank[0]:  # combine sends back what dispatch received (per MoE layer)
+        by_layer = {}
+        for r in per_rank:
+            for d in r["dispatch"]:
+                by_layer.setdefault(d["layer"], []).append(d)
+        assert by_layer, name
+        for ds in by_layer.values():
             assert sum(d["bytes_sent"] for d in ds) == 2 * sum(d["dispatch_bytes"] for d in ds) > 0
     # 5) replicated parameters are bitwise identical on every rank holding them
     seen: dict[str, torch.Tensor] = {}

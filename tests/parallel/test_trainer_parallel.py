@@ -39,7 +39,9 @@ def _single(rank, world, data_root, save_dir, extra):
 
 def _parallel(rank, world, data_root, tmp, runs):
     out = {}
-    for name, extra, crash_at in runs:
+    for run in runs:
+        name, extra, crash_at = run[:3]
+        resume = run[3] if len(run) > 3 else True
         cfg = _cfg(data_root, f"{tmp}/{name}", *extra)
         state = ParallelState.build(cfg, rank, world)
         t0 = time.perf_counter()
@@ -58,6 +60,8 @@ def _parallel(rank, world, data_root, tmp, runs):
                 pass
             finally:
                 Trainer._train_step = real
+        if not resume:
+            continue
         trainer = Trainer(_cfg(data_root, f"{tmp}/{name}", *extra), state)
         history = trainer.run()
         out[name] = {"summary": _summary(history), "resumed_from": trainer.history[0]["global_step"]
@@ -97,7 +101,9 @@ def data_root(tmp_path_factory):
 
 def test_trainer_world2_tp_sp_resume_and_pp(references, data_root, tmp_path):
     runs = [("tp2_sp", ["--parallel.tp=2", "--parallel.sequence_parallel=true"], 7),  # crash in evolution
-            ("pp2", ["--parallel.pp=2", "--train.grad_accum_steps=2"], 0)]
+            ("pp2", ["--parallel.pp=2", "--train.grad_accum_steps=2"], 0),
+            # crash after the mid-stage checkpoint of evolution step 2 (global step 7), not resumed here
+            ("tp2_crash", ["--parallel.tp=2"], 8, False)]
     per_rank = run_distributed(_parallel, 2, str(data_root), str(tmp_path), runs, timeout=400)
     ref_losses, ref_evals, ref_sd = references["plain"]
     for rank, res in enumerate(per_rank):
@@ -112,7 +118,30 @@ def test_trainer_world2_tp_sp_resume_and_pp(references, data_root, tmp_path):
                 torch.testing.assert_close(r["full"][k], want, rtol=0, atol=1e-4, msg=lambda m: f"{k}: {m}")
         p = res["pp2"]
         _compare(f"pp2 rank {rank}", p["summary"], (references["accum2"][0], []))
-    assert (tmp_path / "tp2_sp" / "ranks" / "00001" / "checkpoints").is_dir()
+    assert (tmp_path / "tp2_sp" / "ranks" / "tp2-pp1-ep1-dp1" / "00001" / "checkpoints").is_dir()
+    _check_reshard(references, data_root, tmp_path)
+
+
+def _check_reshard(references, data_root, tmp_path):
+    """TP2 per-rank checkpoint (mid-stage: model shards, sharded AdamW moments, evolved-expert
+    buffers) -> consolidated offline -> resumed by one process and by DP2: both continue the
+    one-process trajectory."""
+    import shutil
+
+    from megatron_evomoe.parallel.reshard import consolidate
+    path = consolidate(tmp_path / "tp2_crash")
+    assert path.name == "02-evolution-step000002", path
+    for name in ("as_single", "as_dp2"):
+        shutil.copytree(tmp_path / "tp2_crash" / "checkpoints", tmp_path / name / "checkpoints")
+    ref_losses, ref_evals, _ = references["plain"]
+    single = run_distributed(_single, 1, str(data_root), str(tmp_path / "as_single"), [])[0]
+    _compare("consolidated -> 1 process", single[:2], (ref_losses, ref_evals), skip_before=7)
+    assert single[1] == ref_evals
+    dp2 = run_distributed(_parallel, 2, str(data_root), str(tmp_path),
+                          [("as_dp2", ["--train.micro_batch_size=2"], 0)])
+    for rank, res in enumerate(dp2):
+        assert res["as_dp2"]["resumed_from"] == 8
+        _compare(f"consolidated -> dp2 rank {rank}", res["as_dp2"]["summary"], (ref_losses, ref_evals), skip_before=7)
 
 
 def test_trainer_world4_tp2_ep2_dp2(references, data_root, tmp_path):

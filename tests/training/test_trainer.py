@@ -174,3 +174,33 @@ def test_nonfinite_reduce_lr_halves_the_lr_after_a_bad_step(make_cfg):
     history = [h for h in trainer.run() if "loss" in h]
     assert [bool(h.get("skipped")) for h in history] == [False, True, False]
     assert [h["lr"] for h in history] == [0.01, 0.01, 0.005]
+
+
+def test_gradient_accumulation_equals_one_big_batch(make_cfg, tmp_path):
+    one_stage = ("--stages=[{name: w, trainable: ['llm.*', 'projector.*'], steps: 2, eval: false, "
+                 "schedule: constant}]")
+    big = Trainer(make_cfg(one_stage, "--train.micro_batch_size=8", save_dir=tmp_path / "a")).run()
+    acc = Trainer(make_cfg(one_stage, "--train.micro_batch_size=4", "--train.grad_accum_steps=2",
+                           save_dir=tmp_path / "b")).run()
+    for a, b in zip(big, acc):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"]) and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+
+
+def test_bf16_autocast_trains(make_cfg):
+    history = Trainer(make_cfg("--train.bf16=true", "--stages=[{name: w, trainable: ['llm.*'], steps: 2, "
+                               "eval: false}]")).run()
+    assert len(history) == 2 and all(0 < h["loss"] < 20 for h in history)
+
+
+def test_init_from_loads_pretrained_weights_and_checks_shapes(make_cfg, tmp_path):
+    one = "--stages=[{name: w, trainable: ['llm.*'], steps: 1, eval: false}]"
+    Trainer(make_cfg(one, save_dir=tmp_path / "pre")).run()
+    pre = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "pre"))["model"]
+    t = Trainer(make_cfg(one, f"--train.init_from={tmp_path / 'pre'}", "--stages.w.lr=0.0",
+                         save_dir=tmp_path / "b"))
+    t.run()
+    assert torch.equal(t.model.llm.embed.weight, pre["llm.embed.weight"])  # lr 0: weights as loaded
+    bad = Trainer(make_cfg(one, f"--train.init_from={tmp_path / 'pre'}", "--model.ffn_hidden_size=64",
+                           save_dir=tmp_path / "c"))
+    with pytest.raises(ckpt.CheckpointError, match=r"train.init_from: .*\(shape of llm.layers.0.mlp.w_gate.weight"):
+        bad.run()
