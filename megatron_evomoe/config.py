@@ -105,6 +105,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     num_microbatches: int = 1
     backend: str = "auto"  # auto | nccl | gloo
+    # ZeRO-1: shard the AdamW state over the DP (dense) and expert-DP (experts) replicas
+    # (parallel/data_parallel.py::ZeroAdamW). A no-op where there is nothing to shard over
+    # (one process, or dp == 1). Its per-rank checkpoints resume only in the
+    # same layout with zero1 on; consolidating them (parallel/reshard.py) is not supported.
+    zero1: bool = False
+    bucket_mb: float = 25.0  # gradient all-reduce bucket size (MiB) without zero1
 
 
 @dataclass
@@ -378,6 +384,7 @@ def validate(cfg: Config) -> None:
     _validate_beta_ranges(cfg)
     for name in ("tp", "pp", "ep", "num_microbatches"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
+    _require(p.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
     _require(moe.num_experts % p.ep == 0, "parallel.ep",
              f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}")
     _require(d.seq_len > 0, "data.seq_len", "must be positive")

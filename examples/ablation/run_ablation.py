@@ -48,15 +48,15 @@ VARIANTS = {
     "drop+linear": ("dense", "drop", "linear"),
 }
 
-FULL = {"projector": 150, "warmup": 500, "stage2": 150, "stage3": 150, "eval": 200}
+FULL = {"projector": 150, "warmup": 1200, "stage2": 150, "stage3": 150, "eval": 200}
 QUICK = {"projector": 10, "warmup": 30, "stage2": 10, "stage3": 10, "eval": 32}
 
 
 def shared_stages(steps: dict) -> str:
-    return (f"{{name: projector, trainable: ['projector.*'], data: captions.json, steps: {steps['projector']}, "
+    return (f"{{name: projector, trainable: ['projector.*', 'vision.*'], data: captions.json, steps: {steps['projector']}, "
             f"lr: 1.0e-3, warmup_steps: 10, eval: false}},"
             f"{{name: warmup, trainable: ['projector.*', 'llm.*', 'vision.*'], steps: {steps['warmup']}, "
-            f"lr: 2.0e-3, warmup_steps: 25, eval: false}}")
+            f"lr: 1.0e-3, warmup_steps: 25, eval: false}}")
 
 
 def variant_stages(name: str, steps: dict, stage3: str) -> str:
@@ -72,7 +72,8 @@ def make_cfg(args, steps: dict, save_dir: Path, stages: str, *extra: str):
     return load_config(ROOT / "examples/configs/tiny_cpu.yaml", [
         f"--stages=[{stages}]", f"--train.save_dir={save_dir}", "--train.progress_bar=false",
         f"--train.save_interval=0", f"--data.num_eval_samples={steps['eval']}", f"--train.seed={args.seed}",
-        "--train.tensorboard=false", *([f"--train.num_threads={args.threads}"] if args.threads else []), *extra])
+        "--train.tensorboard=false", *([f"--train.num_threads={args.threads}"] if args.threads else []),
+        *([f"--data.root={args.data_root}", "--data.build_if_missing=false"] if args.data_root else []), *extra])
 
 
 def run_variant(args, steps: dict, name: str, shared_dir: Path) -> dict:
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--stage3", choices=("moe", "router"), default="moe")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--data-root", help="dataset folder (default: the config's data.root, built if missing)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's train.num_threads)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

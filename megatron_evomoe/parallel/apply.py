@@ -33,7 +33,7 @@ from ..model.llm import FFN, Attention
 from ..model.mllm import ModelOutput, MultimodalLM, causal_lm_loss_sum
 from ..moe.evolution import EvolvingFFN
 from ..moe.moe_layer import MoELayer
-from .data_parallel import GradientReducer
+from .data_parallel import GradientReducer, ZeroAdamW
 from .expert_parallel import AllToAllTokenDispatcher, ParallelGroupedExperts, use_global_batch_aux_loss
 from .state import REPLICATED, ParallelState, ShardSpec, comm_device, named_shard_specs
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TensorParallelContext,
@@ -453,23 +453,32 @@ class ParallelTraining:
         par = ParallelTraining(model, state, cfg)        # parallelizes the model
         par.apply_stage_structure(stage, gen)            # instead of training.stages.apply_stage_structure
         par.set_trainable(stage, idx)                    # pattern check over all pipeline stages
-        par.start_stage(params)                          # the stage's gradient reducer
+        zero = par.start_stage(params, lr, wd, betas)    # the stage's gradient reducer, or (parallel.zero1)
+                                                         # its ZeRO-1 optimizer, used instead of AdamW
         n = par.global_tokens(n_local)                   # supervised tokens of the global step
         lm, aux = par.forward_backward(micro, n, ...)    # pipeline only (pp > 1): 1F1B
-        norm = par.reduce_and_clip(params, max_norm)     # DP/expert-DP all-reduce, global norm, clip
+        norm = par.reduce_and_clip(params, max_norm)     # DP/expert-DP all-reduce (ZeRO-1: reduce-scatter),
+                                                         # global norm, clip
         lm, aux = par.sum_losses(lm, aux)                # the global step's losses, for the record
     """
 
-    def __init__(self, model, state: ParallelState, cfg, bucket_size_mb: float = 25.0):
+    def __init__(self, model, state: ParallelState, cfg, bucket_size_mb: float | None = None):
         self.model, self.state, self.cfg = model, state, cfg
-        self.bucket_size_mb = bucket_size_mb
+        self.bucket_size_mb = cfg.parallel.bucket_mb if bucket_size_mb is None else bucket_size_mb
         self.reducer: GradientReducer | None = None
+        self.zero_optimizer: ZeroAdamW | None = None
         self.param_names: list[str] = []
         parallelize(model, state, cfg)
 
     @property
     def pipeline(self) -> bool:
         return self.state.pp_size > 1
+
+    @property
+    def zero1(self) -> bool:
+        """ZeRO-1 in use: `parallel.zero1` and a replica group to shard the optimizer state over
+        (with dp == 1 the option is a no-op: the plain optimizer runs; expert-DP <= DP)."""
+        return bool(self.cfg.parallel.zero1) and self.state.dp_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -485,13 +494,23 @@ class ParallelTraining:
     def checkpoint_meta(self) -> dict:
         """Saved with each rank's shard: specs, coordinates, optimizer parameter names (reshard.py)."""
         from .reshard import checkpoint_meta
-        return checkpoint_meta(self.model, self.state, self.param_names)
+        return dict(checkpoint_meta(self.model, self.state, self.param_names), zero1=self.zero1)
 
     def load_state(self, ckpt_state: dict, opt, load_optimizer: bool) -> None:
         """Restore model (and optimizer) from this layout's own shard, or reshard a consolidated
         (single-process) checkpoint to this layout."""
+        from ..training.checkpoint import CheckpointError
         from .reshard import layout_name, shard_state_for
         own = ckpt_state.get("parallel", {}).get("layout") == layout_name(self.state)
+        saved_zero1 = bool(ckpt_state.get("parallel", {}).get("zero1", False))
+        # ZeRO-1 moments are per-replica ranges of the flattened parameters, not per-tensor: they
+        # load only into the same layout with the same setting (a stage-end checkpoint, whose
+        # optimizer is not loaded, works either way)
+        if load_optimizer and (saved_zero1 != self.zero1 if own else self.zero1):
+            raise CheckpointError(
+                f"parallel.zero1: cannot resume mid-stage from a checkpoint saved with zero1={saved_zero1} "
+                f"{'in this layout' if own else '(consolidated or another layout)'} with zero1={self.zero1}; "
+                "resume with the setting and layout it was saved with, or from a stage-end checkpoint")
         if own:
             model_sd, opt_sd = ckpt_state["model"], ckpt_state["optimizer"]
         else:
@@ -529,9 +548,17 @@ class ParallelTraining:
                               f"of the model in stage {stage.name!r}")
         return names
 
-    def start_stage(self, params) -> None:
+    def start_stage(self, params, lr: float, weight_decay: float, betas: tuple[float, float]) -> ZeroAdamW | None:
+        """The stage's gradient reducer; with ZeRO-1 the stage's sharded optimizer instead, returned
+        for the trainer to use in place of AdamW (None: the trainer builds its usual optimizer)."""
         self.param_names = [n for n, _ in params]
-        self.reducer = apply_dp(self.model, params, self.state, self.bucket_size_mb)
+        self.reducer = self.zero_optimizer = None
+        if self.zero1:
+            self.zero_optimizer = ZeroAdamW(self.model, params, self.state, lr=lr, betas=betas,
+                                            weight_decay=weight_decay)
+        else:
+            self.reducer = apply_dp(self.model, params, self.state, self.bucket_size_mb)
+        return self.zero_optimizer
 
     def global_tokens(self, num_tokens: int) -> int:
         from .data_parallel import all_reduce_floats
@@ -545,6 +572,9 @@ class ParallelTraining:
 
     def reduce_and_clip(self, params, max_norm: float) -> float:
         from .data_parallel import clip_grad_norm_
+        if self.zero_optimizer is not None:  # each replica gets the summed gradient of its range only
+            self.zero_optimizer.reduce_gradients()
+            return self.zero_optimizer.clip_grad_norm_(max_norm)
         self.reducer.reduce()
         return clip_grad_norm_(self.model, params, max_norm, self.state)
 

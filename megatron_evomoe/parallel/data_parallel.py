@@ -251,7 +251,13 @@ class ZeroAdamW:
         return self.inner.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
+        """Load the moments; the master ranges are re-read from the parameters (same dtype, so
+        exactly what they held when saved): load the model's weights first."""
         self.inner.load_state_dict(sd)
+        with torch.no_grad():
+            for part in self.parts:
+                for p, lo, hi, master, _ in part["segments"]:
+                    master.copy_(p.detach().reshape(-1)[lo:hi])
 
     def state_numel(self) -> int:
         """Elements of optimizer state this replica holds (moments + master ranges)."""

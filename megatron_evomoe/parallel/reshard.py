@@ -94,6 +94,12 @@ def consolidate_states(states: list[dict]) -> dict:
     world = states[0]["parallel"]["world_size"]
     if len(states) != world or [s["parallel"]["rank"] for s in states] != list(range(world)):
         raise ckpt.CheckpointError(f"consolidate: found {len(states)} of {world} ranks' checkpoints")
+    # Not supported: ZeRO-1 optimizer state is a per-replica range of the flattened parameters, not
+    # per-tensor moments sharded like the weights (such checkpoints resume in their own layout only).
+    if any(s["parallel"].get("zero1") for s in states):
+        raise ckpt.CheckpointError(f"consolidate: {states[0]['parallel']['layout']} was trained with "
+                                   "parallel.zero1=true; consolidating a ZeRO-1 checkpoint is not supported "
+                                   "(resume it in the same layout with parallel.zero1=true)")
     # ---- model
     holders: dict[str, list] = {}
     for s in states:

@@ -10,8 +10,23 @@ from ..generation import greedy_generate
 
 
 @torch.no_grad()
-def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: int = 64) -> dict:
-    """Greedy answers to the held-out yes/no questions -> accuracy, precision, recall, F1, yes-ratio."""
+def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: int = 64,
+                  blind_baseline: bool = True) -> dict:
+    """Greedy answers to the held-out yes/no questions -> accuracy, precision, recall, F1, yes-ratio.
+
+    With `blind_baseline`, the same questions are also asked with blank images
+    (`blind_accuracy`, `blind_f1`): POPE's popular/adversarial negatives make
+    category frequencies guessable from the text alone, so only the margin over
+    the blind score shows that the model looks at the image.
+    """
+    scores = _pope_scores(model, bundle, cfg, device, batch_size, blind=False)
+    if blind_baseline:
+        blind = _pope_scores(model, bundle, cfg, device, batch_size, blind=True)
+        scores.update(blind_accuracy=blind["accuracy"], blind_f1=blind["f1"])
+    return scores
+
+
+def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: int, blind: bool) -> dict:
     data = PopeDataset(bundle.root / cfg.data.eval_split, bundle.root / "images", bundle.tokenizer,
                        cfg.vision.num_image_tokens, cfg.vision.image_size)
     n = min(len(data), cfg.data.num_eval_samples)
@@ -21,7 +36,10 @@ def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: 
     samples = [data[i] for i in range(n)]
     for start in range(0, n, batch_size):
         chunk = samples[start:start + batch_size]
-        outs = greedy_generate(model, [s.prompt_ids for s in chunk], torch.stack([s.image for s in chunk]),
+        images = torch.stack([s.image for s in chunk])
+        if blind:  # the normalised mean colour: no content at all
+            images = torch.zeros_like(images)
+        outs = greedy_generate(model, [s.prompt_ids for s in chunk], images,
                                max_new_tokens=3, eos_id=bundle.tokenizer.eos_id,
                                pad_id=bundle.tokenizer.pad_id, device=device)
         for s, ids in zip(chunk, outs):

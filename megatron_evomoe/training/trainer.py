@@ -161,12 +161,16 @@ class Trainer:
         trainable = (set_trainable(self.model, cfg, stage, idx) if self.par is None
                      else self.par.set_trainable(stage, idx))
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if self.par is not None:
-            self.par.start_stage(params)  # the stage's bucketed DP / expert-DP gradient reducer
-        # a pipeline stage may hold none of this stage's trainable tensors (e.g. the projector stage
-        # on the last pipeline stage): its optimizer gets one empty placeholder tensor
-        opt_params = params or [("pipeline_idle", torch.nn.Parameter(torch.zeros(0, device=self.device)))]
-        opt = build_optimizer(opt_params, stage.lr, cfg.train.weight_decay, tuple(cfg.train.adam_betas), self.device)
+        betas = tuple(cfg.train.adam_betas)
+        opt = None
+        if self.par is not None:  # the stage's bucketed DP / expert-DP gradient reducer, or its
+            # ZeRO-1 optimizer (parallel.zero1: AdamW state sharded over the replicas)
+            opt = self.par.start_stage(params, stage.lr, cfg.train.weight_decay, betas)
+        if opt is None:
+            # a pipeline stage may hold none of this stage's trainable tensors (e.g. the projector stage
+            # on the last pipeline stage): its optimizer gets one empty placeholder tensor
+            opt_params = params or [("pipeline_idle", torch.nn.Parameter(torch.zeros(0, device=self.device)))]
+            opt = build_optimizer(opt_params, stage.lr, cfg.train.weight_decay, betas, self.device)
         evo = evolution_scheduler(self.model, cfg) if stage.moe_mode == "evolve" else None
         dp = (self.par.state.dp_rank, self.par.state.dp_size) if self.par is not None else (0, 1)
         data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx, rank=dp[0], world_size=dp[1])
@@ -213,8 +217,10 @@ class Trainer:
         elif stage.eval and cfg.data.num_eval_samples > 0:  # under TP/EP/DP every rank evaluates in step
             scores = evaluate_pope(self.model, self.data, cfg, self.device)
             log.info("stage '%s' POPE (held-out, %d questions): acc %.3f  precision %.3f  recall %.3f  "
-                     "F1 %.3f  yes-ratio %.3f", stage.name, scores["num_questions"], scores["accuracy"],
-                     scores["precision"], scores["recall"], scores["f1"], scores["yes_ratio"])
+                     "F1 %.3f  yes-ratio %.3f | blank images (text prior only): acc %.3f  F1 %.3f",
+                     stage.name, scores["num_questions"], scores["accuracy"], scores["precision"],
+                     scores["recall"], scores["f1"], scores["yes_ratio"], scores["blind_accuracy"],
+                     scores["blind_f1"])
             self.metrics.log(self.global_step, {f"eval/{stage.name}/{k}": v for k, v in scores.items()})
             self.history.append({"stage": stage.name, "eval": scores})
         self._save(idx, stage.steps, opt, data, evo, stage_end=True)
