@@ -27,20 +27,11 @@ import torch
 from .data.conversation import IMAGE_TAG, render_prompt
 from .data.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
 from .generation import KVCache
+from .training.checkpoint import CheckpointError, resolve_checkpoint
 
 
 # =============================================================================== loading
 
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, or a run folder's latest complete checkpoint."""
-    from .training import checkpoint as ckpt
-    path = Path(path)
-    if (path / "state.pt").is_file():
-        return path
-    latest = ckpt.find_latest(path)
-    if latest is None:
-        raise ValueError(f"{path}: neither a checkpoint folder nor a run folder with complete checkpoints")
-    return latest
 
 
 def load_for_inference(path, device: str = "cpu", data_root: Optional[str] = None, dtype: str = "float32"):
@@ -215,7 +206,6 @@ def run(args) -> List[str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .training.checkpoint import CheckpointError
     try:
         run(args)
     except (ValueError, CheckpointError) as e:  # ConfigError and DataError are ValueErrors

@@ -243,16 +243,12 @@ def _export_native(state, cfg, stage_idx, image_processor, kinds, notes) -> Tupl
 # =============================================================================== entry point
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, or a run folder's latest complete checkpoint."""
+    """A checkpoint folder, or a run folder's latest complete checkpoint (ConversionError if neither)."""
     from ..training import checkpoint as ckpt
-    path = Path(path)
-    if (path / "state.pt").is_file():
-        return path
-    latest = ckpt.find_latest(path)
-    if latest is None:
-        raise ConversionError(f"{path}: neither a checkpoint folder (state.pt + meta.json) nor a run folder "
-                              "with complete checkpoints")
-    return latest
+    try:
+        return ckpt.resolve_checkpoint(path)
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 def evomoe_to_hf(ckpt_path, dst, fmt: str = "auto", *, llm_only: bool = False, dtype: str = "auto",

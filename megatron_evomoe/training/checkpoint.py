@@ -97,6 +97,18 @@ def find_latest(save_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as is, or a run folder's (save_dir's) latest complete checkpoint."""
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint folder (state.pt + meta.json) nor a run folder "
+                              "with complete checkpoints")
+    return latest
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not _complete(path):

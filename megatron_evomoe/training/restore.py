@@ -21,13 +21,7 @@ def config_from_state(state: dict) -> Config:
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
                        data_root: str | None = None) -> tuple[MultimodalLM, Config, DataBundle, dict]:
     """Checkpoint folder (or a run's save_dir: its latest checkpoint) -> (model in eval mode, cfg, data, state)."""
-    path = Path(path)
-    if not (path / "state.pt").exists():
-        latest = ckpt.find_latest(path)
-        if latest is None:
-            raise ValueError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
-        path = latest
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(path))
     cfg = config_from_state(state)
     if data_root is not None:
         cfg.data.root = data_root

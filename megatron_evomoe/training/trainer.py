@@ -131,10 +131,10 @@ class Trainer:
 
     def _init_weights(self, path: str) -> None:
         """Load pretrained weights (e.g. an imported HF checkpoint) into the stage-0 model."""
-        src = Path(path)
-        found = src if (src / "state.pt").exists() else ckpt.find_latest(src)
-        if found is None:
-            raise ckpt.CheckpointError(f"train.init_from: no checkpoint in {src}")
+        try:
+            found = ckpt.resolve_checkpoint(path)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"train.init_from: {e}") from None
         weights = ckpt.load_checkpoint(found)["model"]
         if self.par is not None:  # full (single-process) weights: every rank keeps its own shard
             from ..parallel.apply import load_full_state_dict
