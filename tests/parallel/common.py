@@ -123,3 +123,26 @@ def parallel_run(cfg, steps, num_micro, rank, world_size, seed=0, zero=False):
     state = ParallelState.build(cfg, rank, world_size)
     model = parallelize(build_model(cfg, seed), state, cfg)
     return state, model, train(model, state, steps, num_micro, zero=zero)
+
+
+class Crash(Exception):
+    """Raised inside a training step to simulate a run dying mid-stage."""
+
+
+def run_until_crash(cfg, state, crash_at: int) -> None:
+    """Run the trainer and stop it with `Crash` just before global step `crash_at`."""
+    from megatron_evomoe.training.trainer import Trainer
+    real = Trainer._train_step
+
+    def crashing(self, *a, **k):
+        if self.global_step + 1 == crash_at:
+            raise Crash()
+        return real(self, *a, **k)
+
+    Trainer._train_step = crashing
+    try:
+        Trainer(cfg, state).run()
+    except Crash:
+        pass
+    finally:
+        Trainer._train_step = real

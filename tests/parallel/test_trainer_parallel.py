@@ -11,13 +11,10 @@ import torch
 from megatron_evomoe.config import load_config
 from megatron_evomoe.parallel import ParallelState, full_state_dict
 from megatron_evomoe.training.trainer import Trainer
+from tests.parallel.common import run_until_crash
 from tests.training.tiny_config import STAGES, TINY
 
 from .dist_utils import run_distributed
-
-
-class Crash(Exception):
-    pass
 
 
 def _cfg(data_root, save_dir, *extra):
@@ -46,20 +43,7 @@ def _parallel(rank, world, data_root, tmp, runs):
         state = ParallelState.build(cfg, rank, world)
         t0 = time.perf_counter()
         if crash_at:
-            real = Trainer._train_step
-
-            def crashing(self, *a, **k):
-                if self.global_step + 1 == crash_at:
-                    raise Crash()
-                return real(self, *a, **k)
-
-            Trainer._train_step = crashing
-            try:
-                Trainer(cfg, state).run()
-            except Crash:
-                pass
-            finally:
-                Trainer._train_step = real
+            run_until_crash(cfg, state, crash_at)
         if not resume:
             continue
         trainer = Trainer(_cfg(data_root, f"{tmp}/{name}", *extra), state)

@@ -12,15 +12,12 @@ from megatron_evomoe.parallel import ParallelState, full_state_dict
 from megatron_evomoe.parallel.reshard import consolidate
 from megatron_evomoe.training.checkpoint import CheckpointError
 from megatron_evomoe.training.trainer import Trainer
+from tests.parallel.common import run_until_crash
 from tests.training.tiny_config import STAGES, TINY
 
 from .dist_utils import run_distributed
 
 CRASH_AT = 8  # before global step 8: the latest checkpoint is evolution step 2 (global step 7), mid-stage
-
-
-class Crash(Exception):
-    pass
 
 
 def _cfg(data_root, save_dir, zero1: bool, *extra):
@@ -53,20 +50,7 @@ def _worker(rank, world, data_root, tmp, extra=(), crash=True):
     # crash before global step 8, then resume from the per-rank checkpoint of evolution step 2
     cfg = _cfg(data_root, f"{tmp}/crash", True)
     state = ParallelState.build(cfg, rank, world)
-    real = Trainer._train_step
-
-    def crashing(self, *a, **k):
-        if self.global_step + 1 == CRASH_AT:
-            raise Crash()
-        return real(self, *a, **k)
-
-    Trainer._train_step = crashing
-    try:
-        Trainer(cfg, state).run()
-    except Crash:
-        pass
-    finally:
-        Trainer._train_step = real
+    run_until_crash(cfg, state, CRASH_AT)
     trainer = Trainer(_cfg(data_root, f"{tmp}/crash", True), state)
     history = trainer.run()
     out["resumed"] = {"losses": _losses(history), "from": history[0]["global_step"],
