@@ -28,3 +28,12 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """The tiny bundled dataset (16x16 images) that the training, parallel and reliability tests share."""
+    from megatron_evomoe.data.build_bundled import build_bundled_dataset
+    root = tmp_path_factory.mktemp("bundled")
+    build_bundled_dataset(str(root), num_images=48, num_test_images=8, image_size=16, seed=42)
+    return root

@@ -75,14 +75,6 @@ def references(data_root, tmp_path_factory):
     return refs
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from megatron_evomoe.data.build_bundled import build_bundled_dataset
-    root = tmp_path_factory.mktemp("bundled")
-    build_bundled_dataset(str(root), num_images=48, num_test_images=8, image_size=16, seed=42)
-    return root
-
-
 def test_trainer_world2_tp_sp_resume_and_pp(references, data_root, tmp_path):
     runs = [("tp2_sp", ["--parallel.tp=2", "--parallel.sequence_parallel=true"], 7),  # crash in evolution
             ("pp2", ["--parallel.pp=2", "--train.grad_accum_steps=2"], 0),

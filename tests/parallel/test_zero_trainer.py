@@ -58,14 +58,6 @@ def _worker(rank, world, data_root, tmp, extra=(), crash=True):
     return out
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from megatron_evomoe.data.build_bundled import build_bundled_dataset
-    root = tmp_path_factory.mktemp("bundled")
-    build_bundled_dataset(str(root), num_images=48, num_test_images=8, image_size=16, seed=42)
-    return root
-
-
 def _same_steps(where, got, ref):
     assert [g[:2] for g in got] == [r[:2] for r in ref], where
     for (s, i, loss, gn), (_, _, rloss, rgn) in zip(got, ref):

@@ -1,1 +1,0 @@
-from tests.training.conftest import data_root  # noqa: F401  (the tiny bundled dataset, built once)
