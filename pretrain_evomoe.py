@@ -14,6 +14,7 @@ import sys
 
 from megatron_evomoe.config import ConfigError, load_config
 from megatron_evomoe.data.errors import DataError
+from megatron_evomoe.parallel.watchdog import DistributedFaultError
 from megatron_evomoe.training.checkpoint import CheckpointError
 
 USER_ERRORS = (DataError, CheckpointError)
@@ -76,18 +77,25 @@ def main(argv=None) -> int:
         state = init_distributed(cfg)  # None unless launched by torchrun / SLURM with several processes
         if state is not None and state.rank != 0:
             logging.getLogger().setLevel(logging.WARNING)  # one rank reports; all ranks warn
+        error = None
         try:
             Trainer(cfg, state).run()
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            if state is not None:
-                import torch.distributed as dist
-                dist.destroy_process_group()
+            if state is not None:  # (a last heartbeat tells the other ranks why this one stopped)
+                from megatron_evomoe.parallel.launch import shutdown_distributed
+                shutdown_distributed(error)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except USER_ERRORS as e:  # bad data or checkpoints: the message names the file and record
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DistributedFaultError as e:  # another rank died or hung: the message names it and the collective
+        print(f"distributed error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

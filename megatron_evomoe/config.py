@@ -6,6 +6,8 @@ work starts; errors are `ConfigError` (a ValueError) naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,14 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen/Qwen2); off = LLaMA
+    # Options for other decoder families (Phi, StableLM; model/llm.py); the defaults are LLaMA.
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (LayerNorm with bias)
+    rotary_pct: float = 1.0  # share of each head's channels that RoPE rotates (HF partial_rotary_factor)
+    parallel_residual: bool = False  # x + attn(ln(x)) + mlp(ln(x)), one norm per layer (Phi)
+    ffn_activation: str = "swiglu"  # swiglu | gelu_tanh (Phi: fc1 -> gelu_new -> fc2)
+    attn_out_bias: bool = False  # bias on the attention output projection (Phi's dense)
+    mlp_bias: bool = False  # biases on every FFN linear (Phi's fc1/fc2)
+    lm_head_bias: bool = False  # bias on the LM head (Phi)
 
 
 @dataclass
@@ -68,13 +78,16 @@ class MoEConfig:
     aux_loss_coeff: float = 0.001
     z_loss_coeff: float = 0.0
     renormalize: bool = True  # renormalise the top-k gates to sum to 1 (k > 1)
-    expert_backend: str = "auto"  # auto | torch | loop | triton | cuda_ext
+    expert_backend: str = "auto"  # auto | torch | loop | triton | cuda_ext | cpu_ext
     # How the experts of a MoE layer are made from the dense FFN when the
     # layer turns sparse: evolution (EvoMoE) | copy (MoE-LLaVA upcycling) |
     # noise (copies + Gaussian noise) | drop (drop-upcycling) | scratch
     init: str = "evolution"
     noise_std: float = 0.01
     drop_ratio: float = 0.5
+    # Width of a dense SwiGLU shared expert every token goes through, scaled by a per-token
+    # sigmoid gate and added to the routed output (Qwen2-MoE); 0 = none.
+    shared_expert_size: int = 0
 
 
 @dataclass
@@ -111,6 +124,9 @@ class ParallelConfig:
     # same layout with zero1 on; consolidating them (parallel/reshard.py) is not supported.
     zero1: bool = False
     bucket_mb: float = 25.0  # gradient all-reduce bucket size (MiB) without zero1
+    # seconds a collective may wait for the other ranks before the run stops with an error naming
+    # the rank that died or hung and the collective (parallel/watchdog.py); also the process groups' timeout
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -149,6 +165,9 @@ class TrainConfig:
     nonfinite: str = "skip"  # skip | stop | reduce_lr
     deterministic: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 = leave as is
+    # On the CPU, keep freed memory for reuse ("caching", training/cpu_allocator.py) or leave
+    # malloc as it is ("system", e.g. when jemalloc/tcmalloc is preloaded).
+    cpu_allocator: str = "caching"
 
 
 @dataclass
@@ -183,9 +202,11 @@ class Config:
 
 
 _CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.ffn_activation": ("swiglu", "gelu_tanh"),
     "vision.projector": ("mlp2x_gelu", "linear"),
     "vision.activation": ("gelu", "quick_gelu", "gelu_tanh"),
-    "moe.expert_backend": ("auto", "torch", "loop", "triton", "cuda_ext"),
+    "moe.expert_backend": ("auto", "torch", "loop", "triton", "cuda_ext", "cpu_ext"),
     "moe.init": ("evolution", "copy", "noise", "drop", "scratch"),
     "router.type": ("dtr", "linear", "linear_per_modality"),
     "router.activation": ("none", "gelu", "silu"),
@@ -194,6 +215,7 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.nonfinite": ("skip", "stop", "reduce_lr"),
+    "train.cpu_allocator": ("caching", "system"),
     "stages.schedule": ("cosine", "constant", "linear"),
     "stages.moe_mode": ("dense", "evolve", "sparse"),
 }
@@ -234,8 +256,9 @@ def _from_dict(cls, data: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(names))})"
-                          if where else f"{unknown[0]}: unknown section (valid: {', '.join(sorted(names))})")
+        hint = _did_you_mean(unknown[0], names)
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key{hint} (valid keys: {', '.join(sorted(names))})"
+                          if where else f"{unknown[0]}: unknown section{hint} (valid: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -249,6 +272,12 @@ def _from_dict(cls, data: dict, where: str):
         else:
             kwargs[name] = _coerce(value, tp, path)
     return cls(**kwargs)
+
+
+def _did_you_mean(key: Any, valid: set) -> str:
+    """' (did you mean 'hidden_size'?)' for a typo such as 'hiden_size', else ''."""
+    close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -303,7 +332,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            # PyYAML's message spans lines (context, mark, caret): one line, "file:line:column: problem"
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {' '.join(problem.split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         _check_sections(loaded, str(path))
@@ -323,7 +355,8 @@ def _check_sections(loaded: dict, source: str) -> None:
     valid = {f.name for f in dataclasses.fields(Config)}
     for key in loaded:
         if key not in valid:
-            raise ConfigError(f"{key}: unknown section in {source} (valid: {', '.join(sorted(valid))})")
+            raise ConfigError(f"{key}: unknown section in {source}{_did_you_mean(key, valid)} "
+                              f"(valid: {', '.join(sorted(valid))})")
 
 
 # ---------------------------------------------------------------------------
@@ -359,9 +392,15 @@ def validate(cfg: Config) -> None:
                                  cfg.parallel, cfg.data, cfg.train)
     for section in (m, v, moe, r, ev, p, d, t):
         for f in dataclasses.fields(section):
-            _check_choice(_section_name(section) + "." + f.name, getattr(section, f.name))
+            key, value = _section_name(section) + "." + f.name, getattr(section, f.name)
+            _check_choice(key, value)
+            # YAML reads .inf and .nan as floats; either would only surface as a NaN loss much later
+            _require(not isinstance(value, float) or math.isfinite(value), key, f"must be finite, got {value}")
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "max_seq_len"):
         _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    _require(m.init_std >= 0, "model.init_std", "must be >= 0")
     _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from tokenizer)")
     _require(m.hidden_size % m.num_heads == 0, "model.hidden_size",
              f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
@@ -369,6 +408,9 @@ def validate(cfg: Config) -> None:
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
              f"model.num_heads={m.num_heads} is not divisible by num_kv_heads={m.num_kv_heads}")
     if v.enabled:
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
+            _require(getattr(v, name) > 0, f"vision.{name}", "must be positive")
+        _require(v.norm_eps > 0, "vision.norm_eps", "must be > 0")
         _require(v.image_size % v.patch_size == 0, "vision.image_size",
                  f"{v.image_size} is not divisible by vision.patch_size={v.patch_size}")
         _require(v.hidden_size % v.num_heads == 0, "vision.hidden_size",
@@ -376,15 +418,19 @@ def validate(cfg: Config) -> None:
     _require(moe.num_experts >= 1, "moe.num_experts", "must be >= 1")
     _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
              f"{moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
-    _require(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0, "moe.aux_loss_coeff", "must be >= 0")
+    _require(moe.aux_loss_coeff >= 0, "moe.aux_loss_coeff", "must be >= 0")
+    _require(moe.z_loss_coeff >= 0, "moe.z_loss_coeff", "must be >= 0")
     _require(0.0 <= moe.drop_ratio <= 1.0, "moe.drop_ratio", "must be in [0, 1]")
+    _require(moe.noise_std >= 0, "moe.noise_std", "must be >= 0")
     moe_layer_indices(cfg)
+    _validate_model_options(cfg)
     for name in ("hyper_hidden_size", "rank", "embed_dim"):
         _require(getattr(r, name) > 0, f"router.{name}", "must be positive")
     _validate_beta_ranges(cfg)
     for name in ("tp", "pp", "ep", "num_microbatches"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
     _require(p.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+    _require(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     _require(moe.num_experts % p.ep == 0, "parallel.ep",
              f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}")
     _require(d.seq_len > 0, "data.seq_len", "must be positive")
@@ -392,11 +438,7 @@ def validate(cfg: Config) -> None:
     if v.enabled:
         _require(v.num_image_tokens < d.seq_len, "data.seq_len",
                  f"{d.seq_len} leaves no room for text after {v.num_image_tokens} image tokens")
-    _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-    _require(t.save_interval >= 0, "train.save_interval", "must be >= 0")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    _require(isinstance(t.adam_betas, list) and len(t.adam_betas) == 2, "train.adam_betas", "must be [beta1, beta2]")
+    _validate_data_and_train(cfg)
     _require(len(cfg.stages) >= 1, "stages", "at least one stage is required")
     names = set()
     for i, s in enumerate(cfg.stages):
@@ -404,9 +446,11 @@ def validate(cfg: Config) -> None:
         _check_choice("stages.schedule", s.schedule, where + ".schedule")
         _check_choice("stages.moe_mode", s.moe_mode, where + ".moe_mode")
         _require(s.name not in names, f"{where}.name", f"duplicate stage name {s.name!r}")
+        _require(bool(s.name.strip()), f"{where}.name", "must not be empty (it names the stage's checkpoints)")
         names.add(s.name)
         _require(s.steps >= 0, f"{where}.steps", "must be >= 0")
-        _require(s.lr >= 0 and s.min_lr >= 0, f"{where}.lr", "must be >= 0")
+        _require(s.lr >= 0 and math.isfinite(s.lr), f"{where}.lr", f"must be a finite number >= 0, got {s.lr}")
+        _require(0 <= s.min_lr <= s.lr, f"{where}.min_lr", f"must be in [0, lr={s.lr}], got {s.min_lr}")
         _require(0 <= s.warmup_steps <= max(s.steps, 0), f"{where}.warmup_steps", "must be in [0, steps]")
         _require(all(isinstance(x, str) for x in s.trainable) and s.trainable, f"{where}.trainable",
                  "must be a non-empty list of parameter-name patterns")
@@ -422,6 +466,52 @@ def validate(cfg: Config) -> None:
     if "evolve" in modes:
         _require("dense" not in modes[modes.index("evolve"):], "stages",
                  "a dense stage cannot follow an evolve stage")
+
+
+def _validate_data_and_train(cfg: Config) -> None:
+    """Ranges that torch/numpy would otherwise reject only when first used, possibly after
+    stages of training (AdamW betas at a stage start, `step % log_interval`), or accept
+    silently with a wrong result (a negative clip_grad flips the gradients)."""
+    d, t = cfg.data, cfg.train
+    if d.build_if_missing:
+        _require(d.num_images >= 1, "data.num_images", "must be >= 1")
+        _require(d.num_test_images >= 1, "data.num_test_images", "must be >= 1")
+    _require(d.num_eval_samples >= 0, "data.num_eval_samples", "must be >= 0 (0 = no evaluation)")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _require(t.save_interval >= 0, "train.save_interval", "must be >= 0")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _require(t.log_interval >= 1, "train.log_interval", "must be >= 1")
+    _require(t.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = leave as is)")
+    _require(0 <= t.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32) (numpy's seed range), got {t.seed}")
+    _require(t.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = no clipping)")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    betas = t.adam_betas
+    _require(len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                     for b in betas), "train.adam_betas",
+             f"must be [beta1, beta2] with 0 <= beta < 1, got {betas!r}")
+
+
+def _validate_model_options(cfg: Config) -> None:
+    """The options for other decoder families (Phi, StableLM) and what MoE layers can be made of."""
+    m, moe = cfg.model, cfg.moe
+    _require(0.0 < m.rotary_pct <= 1.0, "model.rotary_pct", f"{m.rotary_pct} must be in (0, 1]")
+    rot = int(m.hidden_size // m.num_heads * m.rotary_pct)
+    _require(rot >= 2 and rot % 2 == 0, "model.rotary_pct",
+             f"rotates int(head_dim * rotary_pct) = {rot} channels per head; that must be even and >= 2")
+    _require(moe.shared_expert_size >= 0, "moe.shared_expert_size", "must be >= 0 (0 = no shared expert)")
+    _require(moe.shared_expert_size % cfg.parallel.tp == 0, "moe.shared_expert_size",
+             f"{moe.shared_expert_size} is not divisible by parallel.tp={cfg.parallel.tp} (its FFN columns are "
+             "split over TP ranks)")
+    if not moe_layer_indices(cfg):
+        return
+    # MoE layers are made from the dense FFN, into SwiGLU GroupedExperts without biases
+    if m.ffn_activation != "swiglu":
+        raise ConfigError(f"moe.layers with model.ffn_activation={m.ffn_activation}: upcycling a GELU FFN into "
+                          "the SwiGLU experts of a MoE layer is not supported; set moe.layers=none")
+    if m.mlp_bias:
+        raise ConfigError("moe.layers with model.mlp_bias=true: the experts of a MoE layer have no biases, so "
+                          "upcycling would drop the FFN's; not supported, set moe.layers=none")
 
 
 def _validate_beta_ranges(cfg: Config) -> None:

@@ -37,3 +37,19 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundled")
     build_bundled_dataset(str(root), num_images=48, num_test_images=8, image_size=16, seed=42)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A run of all four stages (DTR router, MoE layer 1) on the bundled data, built into tmp and loaded
+    for inference: the checkpoint of the generation CLI and benchmark runners' end-to-end tests."""
+    from megatron_evomoe.config import load_config
+    from megatron_evomoe.generate import load_for_inference
+    from megatron_evomoe.training.trainer import Trainer
+    from tests.training.tiny_config import STAGES, TINY
+    root = tmp_path_factory.mktemp("generate")
+    cfg = load_config(None, TINY + [STAGES, f"--data.root={root / 'data'}", f"--train.save_dir={root / 'run'}",
+                                    "--train.save_interval=0", "--data.num_eval_samples=0"])
+    Trainer(cfg).run()
+    model, cfg, bundle, state = load_for_inference(root / "run")
+    return dict(root=root, run=root / "run", data=root / "data", model=model, cfg=cfg, bundle=bundle, state=state)

@@ -5,34 +5,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from megatron_evomoe.config import load_config
 from megatron_evomoe.data.conversation import render_prompt
 from megatron_evomoe.eval.model_answers import main as answers_main
 from megatron_evomoe.eval.model_answers import make_answer_fn
-from megatron_evomoe.generate import generate_texts, image_processor_for, load_for_inference
+from megatron_evomoe.generate import generate_texts, image_processor_for
 from megatron_evomoe.generate import main as generate_main
 from megatron_evomoe.generation import greedy_generate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from tests.training.tiny_config import STAGES, TINY  # noqa: E402
-
 QUESTION = "Is there a red circle in the image?"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run of all four stages (DTR router, MoE layer 1) on the bundled data, built into tmp."""
-    from megatron_evomoe.training.trainer import Trainer
-    root = tmp_path_factory.mktemp("generate")
-    cfg = load_config(None, TINY + [STAGES, f"--data.root={root / 'data'}", f"--train.save_dir={root / 'run'}",
-                                    "--train.save_interval=0", "--data.num_eval_samples=0"])
-    Trainer(cfg).run()
-    model, cfg, bundle, state = load_for_inference(root / "run")
-    return dict(root=root, run=root / "run", data=root / "data", model=model, cfg=cfg, bundle=bundle, state=state)
+# `trained` (a tiny run of all four stages, loaded for inference) is a session fixture in tests/conftest.py,
+# shared with the benchmark runners' end-to-end tests (tests/eval/test_eval_end_to_end.py).
 
 
 def image(trained, i=0):

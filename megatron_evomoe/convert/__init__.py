@@ -3,11 +3,11 @@
     python -m megatron_evomoe.convert hf-to-evomoe --src HF_DIR --dst RUN_DIR [--vision-src CLIP_DIR]
     python -m megatron_evomoe.convert evomoe-to-hf --src RUN_OR_CKPT --dst HF_DIR [--format auto|...]
 
-- `hf_to_evomoe` (llava.py): LLaMA / Mistral / Qwen2 / Mixtral / Qwen2-MoE decoders, CLIP and
+- `hf_to_evomoe` (llava.py): LLaMA / Mistral / Qwen2 / Mixtral / Qwen2-MoE / Phi / StableLM decoders, CLIP and
   SigLIP towers, LLaVA models and the project's own export format -> a run folder that
   `training.restore.load_trained_model`, `python -m megatron_evomoe.generate` and the eval
   CLI load.
-- `evomoe_to_hf` (export.py): dense -> LLaMA/Qwen2, linear-router MoE -> Mixtral/Qwen2-MoE,
+- `evomoe_to_hf` (export.py): dense -> LLaMA/Qwen2/Phi/StableLM, linear-router MoE -> Mixtral/Qwen2-MoE,
   CLIP-shaped multimodal -> LLaVA; the DTR and anything else without a Hugging Face class
   -> the project's own safetensors format (docs/checkpoint_format.md).
 Every problem is a `ConversionError` (a ValueError) naming the file, tensor or field.

@@ -5,7 +5,7 @@
         [--max-seq-len N] [--dtype auto|float32|bfloat16|float16] [--projector mlp2x_gelu|linear]
         [--seed S] [--force]
     python -m megatron_evomoe.convert evomoe-to-hf --src RUN_OR_CKPT --dst HF_DIR
-        [--format auto|llama|qwen2|mixtral|qwen2_moe|llava|evomoe] [--llm-only]
+        [--format auto|llama|qwen2|mixtral|qwen2_moe|phi|stablelm|llava|evomoe] [--llm-only]
         [--dtype ...] [--max-shard-size BYTES] [--force]
 
 Exit status 2 with a one-line message for a conversion error (unsupported architecture,
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--src", required=True, help="run folder (latest checkpoint) or checkpoint folder")
     exp.add_argument("--dst", required=True, help="folder to write")
     exp.add_argument("--format", default="auto",
-                     choices=("auto", "llama", "qwen2", "mixtral", "qwen2_moe", "llava", "evomoe"))
+                     choices=("auto", "llama", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm", "llava",
+                              "evomoe"))
     exp.add_argument("--llm-only", action="store_true", help="export the decoder of a multimodal model alone")
     exp.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     exp.add_argument("--max-shard-size", type=_size, default=5 * 10 ** 9, help="bytes per safetensors shard (e.g. 5GB)")

@@ -6,7 +6,9 @@ Formats (``fmt``; ``auto`` picks the first that represents the model exactly):
 - ``mixtral``: every layer MoE with a linear router, k > 1, renormalised gates
   (MixtralForCausalLM renormalises the top-k, also for k = 1, so top-1 cannot go there);
 - ``qwen2_moe``: MoE on any subset of layers with a linear router, gates renormalised
-  or not (``norm_topk_prob``), no shared expert (Qwen2MoeForCausalLM);
+  or not (``norm_topk_prob``), with or without a shared expert (Qwen2MoeForCausalLM);
+- ``phi`` / ``stablelm``: dense decoders with those families' options (LayerNorm, partial
+  rotary, ...; `hf_llm.FAMILY_OPTIONS`): PhiForCausalLM / StableLmForCausalLM;
 - ``llava``: the above inside LlavaForConditionalGeneration when the vision tower is
   CLIP-shaped (class token, pre-LN, no final LN, i.e. imported from CLIP) and the projector
   is ``mlp2x_gelu``;
@@ -21,6 +23,7 @@ Weights are written as safetensors, sharded with an index above ``max_shard_size
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -29,10 +32,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .errors import ConversionError
-from .hf_llm import LLMSpec, export_extras, hf_llm_config, llm_weight_map, write_mapped
+from .hf_llm import (FAMILY_OPTIONS, LLMSpec, export_extras, family_mismatch, hf_llm_config, llm_weight_map,
+                     write_mapped)
 from .hf_vision import clip_compatible, hf_clip_vision_config, vision_weight_map, VisionSpec
 
-FORMATS = ("auto", "llama", "qwen2", "mixtral", "qwen2_moe", "llava", "evomoe")
+FORMATS = ("auto", "llama", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm", "llava", "evomoe")
+DENSE_FAMILIES = ("llama", "qwen2", "phi", "stablelm")
 NATIVE_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,22 +66,36 @@ def layer_kinds(state: Dict[str, torch.Tensor], num_layers: int) -> List[str]:
 def _llm_family(cfg, kinds: List[str]) -> Tuple[Optional[str], str]:
     """(family, reason) for the decoder: the simplest exact HF class, or None and why not."""
     moe = [k for k in kinds if k.startswith("moe")]
-    if any(k in ("moe_dtr", "moe_per_modality") for k in moe):
+    if _custom_routers(kinds):
         return None, "the routers are DTR / per-modality routers, which Hugging Face has no class for"
+    model = dataclasses.asdict(cfg.model)
     if not moe:
-        return ("qwen2" if cfg.model.qkv_bias else "llama"), ""
+        for family in ("llama", "qwen2", "stablelm", "phi"):
+            if family_mismatch(model, family) is None:
+                return family, ""
+        return None, (f"no Hugging Face decoder class has this combination of model options (as llama: "
+                      f"{family_mismatch(model, 'llama')})")
+    why = family_mismatch(model, "qwen2_moe")
+    if why:
+        return None, f"MoE layers in a decoder that the Hugging Face MoE classes cannot hold: {why}"
     renorm = cfg.moe.renormalize and cfg.moe.top_k > 1
-    if len(moe) == len(kinds) and renorm and not cfg.model.qkv_bias:
+    if len(moe) == len(kinds) and renorm and not cfg.model.qkv_bias and not cfg.moe.shared_expert_size:
         return "mixtral", ""
     return "qwen2_moe", ""
+
+
+def _custom_routers(kinds: List[str]) -> bool:
+    return any(k in ("moe_dtr", "moe_per_modality") for k in kinds)
 
 
 def _check_family(cfg, kinds: List[str], family: str) -> None:
     moe = [k for k in kinds if k.startswith("moe")]
     auto, why = _llm_family(cfg, kinds)
     if auto is None:
+        if family in FAMILY_OPTIONS and not _custom_routers(kinds):  # say what the asked-for family lacks
+            why = family_mismatch(dataclasses.asdict(cfg.model), family) or why
         raise ConversionError(f"--format {family}: {why}; use --format evomoe")
-    if family in ("llama", "qwen2") and moe:
+    if family in DENSE_FAMILIES and moe:
         layers = [i for i, k in enumerate(kinds) if k in moe]
         raise ConversionError(f"--format {family}: the model has MoE layers {layers}; use mixtral, qwen2_moe or evomoe")
     if family == "llama" and cfg.model.qkv_bias:
@@ -90,16 +109,21 @@ def _check_family(cfg, kinds: List[str], family: str) -> None:
                                   f"model has top_k={cfg.moe.top_k}, renormalize={cfg.moe.renormalize}; use qwen2_moe")
         if cfg.model.qkv_bias:
             raise ConversionError("--format mixtral: Mixtral has no q/k/v biases; use qwen2_moe")
+        if cfg.moe.shared_expert_size:
+            raise ConversionError("--format mixtral: Mixtral has no shared expert (moe.shared_expert_size); "
+                                  "use qwen2_moe")
     if family == "qwen2_moe" and not moe:
         raise ConversionError("--format qwen2_moe: the model has no MoE layers; use llama or qwen2")
+    mismatch = family_mismatch(dataclasses.asdict(cfg.model), family)
+    if mismatch:
+        raise ConversionError(f"--format {family}: {mismatch}; use --format {auto} or evomoe")
 
 
 def _llm_spec(cfg, kinds: List[str], family: str) -> LLMSpec:
-    model = {f: getattr(cfg.model, f) for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                                                "ffn_hidden_size", "max_seq_len", "rope_theta", "norm_eps",
-                                                "tie_embeddings", "qkv_bias")}
+    model = dataclasses.asdict(cfg.model)
     moe_layers = [i for i, k in enumerate(kinds) if k.startswith("moe")]
-    return LLMSpec(family, model, moe_layers, cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.renormalize)
+    return LLMSpec(family, model, moe_layers, cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.renormalize,
+                   shared_expert_size=cfg.moe.shared_expert_size if moe_layers else 0)
 
 
 # =============================================================================== writing
@@ -187,7 +211,7 @@ def _export_llm(state, cfg, kinds, family, extra_cfg: dict) -> Tuple[dict, dict]
     tensors = write_mapped(state, llm_weight_map(spec))
     tensors.update(export_extras(spec, "model.", state["llm.embed.weight"].dtype))
     hf_cfg = hf_llm_config(cfg.model, family, spec.moe_layers, spec.num_experts, spec.top_k, spec.renormalize,
-                           _dtype_name(tensors))
+                           _dtype_name(tensors), spec.shared_expert_size)
     hf_cfg.update({k: v for k, v in extra_cfg.items() if k != "image_token_index"})
     return tensors, hf_cfg
 
@@ -214,7 +238,7 @@ def _export_llava(state, cfg, kinds, family, extra_cfg: dict):
         for k in ("weight", "bias"):
             tensors[f"multi_modal_projector.{theirs}.{k}"] = state[f"projector.{ours}.{k}"].detach().contiguous()
     text_cfg = hf_llm_config(cfg.model, family, spec.moe_layers, spec.num_experts, spec.top_k, spec.renormalize,
-                             _dtype_name(tensors))
+                             _dtype_name(tensors), spec.shared_expert_size)
     for k in ("architectures", "torch_dtype", "dtype"):
         text_cfg.pop(k, None)
     hf_cfg = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",

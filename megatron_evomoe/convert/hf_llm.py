@@ -3,13 +3,15 @@
 Supported (`model_type`): ``llama`` and ``mistral`` (RMSNorm, rotate-half RoPE, GQA,
 SwiGLU, no biases), ``qwen2`` (the same with q/k/v biases -> ``model.qkv_bias``),
 ``mixtral`` (every layer MoE, softmax -> top-k -> renormalised gates: our TopKRouter with
-``moe.renormalize=true``, k > 1) and ``qwen2_moe`` (MoE on the layers that
+``moe.renormalize=true``, k > 1), ``qwen2_moe`` (MoE on the layers that
 ``decoder_sparse_step`` / ``mlp_only_layers`` select, gates renormalised iff
-``norm_topk_prob``; only without a shared expert).
-Not representable, each with a clear `ConversionError`: Phi / Phi-2 and StableLM
-(LayerNorm with biases, partial rotary embeddings, a parallel block or GELU MLP), rope
-scaling, a head_dim other than hidden/heads, biases on the output or MLP projections,
-sliding-window attention shorter than the sequence, Qwen2-MoE's shared expert.
+``norm_topk_prob``; a shared expert -> ``moe.shared_expert_size``), ``phi`` (Phi-1/1.5/2:
+LayerNorm, partial rotary, parallel block, fc1 -> gelu_new -> fc2, biases everywhere) and
+``stablelm`` (StableLM / StableLM-2: LayerNorm, partial rotary, SwiGLU, optional q/k/v biases
+and parallel residual); `FAMILY_OPTIONS` lists the `model.*` options each family sets.
+Not representable, each with a clear `ConversionError`: rope scaling, a head_dim other than
+hidden/heads, LLaMA's biases on the output or MLP projections, per-head q/k LayerNorm
+(``qk_layernorm``), sliding-window attention shorter than the sequence.
 
 One weight map serves both directions: `llm_weight_map` names, for each of our tensors,
 the Hugging Face tensor(s) it comes from and how (copied, or per-expert [out, in]
@@ -29,6 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..config import ModelConfig
 from .errors import ConversionError, check_shape, unsupported
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -36,17 +39,12 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 # model_type -> why our decoder cannot represent it (checked before anything else).
 UNSUPPORTED_LLMS = {
-    "phi": "Phi / Phi-2 use LayerNorm with biases, partial rotary embeddings (partial_rotary_factor), "
-           "a parallel attention+MLP block and a GELU MLP with biases; our decoder has RMSNorm, full "
-           "rotary embeddings, sequential blocks and a bias-free SwiGLU FFN",
-    "stablelm": "StableLM uses LayerNorm with biases and partial rotary embeddings "
-                "(partial_rotary_factor=0.25); our decoder has RMSNorm and full rotary embeddings",
     "qwen": "Qwen-1 checkpoints are remote code (fused c_attn, logn attention); convert them to the "
             "Qwen2 layout first (model_type qwen2)",
     "gemma": "Gemma scales embeddings by sqrt(hidden) and uses (1 + weight) RMSNorm and GeGLU",
     "phi3": "Phi-3 fuses qkv_proj and gate_up_proj and may use long-rope scaling",
 }
-LLM_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+LLM_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm")
 
 
 # =============================================================================== reading
@@ -178,12 +176,13 @@ def read_config(directory) -> dict:
 @dataclass
 class LLMSpec:
     """What an HF LLM config means for our config (model / moe / router sections)."""
-    family: str  # llama | qwen2 | mixtral | qwen2_moe (mistral maps to llama)
+    family: str  # llama | qwen2 | mixtral | qwen2_moe | phi | stablelm (mistral maps to llama)
     model: dict  # ModelConfig fields
     moe_layers: List[int] = field(default_factory=list)
     num_experts: int = 1
     top_k: int = 1
     renormalize: bool = True
+    shared_expert_size: int = 0  # Qwen2-MoE's shared_expert_intermediate_size
     notes: List[str] = field(default_factory=list)
     ignorable: Tuple[str, ...] = ()  # fnmatch patterns of HF tensors that may stay unread
 
@@ -225,16 +224,93 @@ def llm_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optiona
     if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
         raise fail(f"head_dim={cfg.get('head_dim')} differs from hidden_size/num_attention_heads="
                    f"{hidden}/{heads} (our attention derives the head size from them)")
+    options = {"phi": _phi_options, "stablelm": _stablelm_options}.get(mt, _llama_options)(mt, cfg, fail)
+    max_pos, notes = _max_positions(mt, cfg, int(need("max_position_embeddings")), max_seq_len)
+    notes += _dropout_notes(cfg)
+    ffn = int(need("intermediate_size"))
+    spec = LLMSpec(family={"mistral": "llama"}.get(mt, mt), model=dict(
+        vocab_size=int(need("vocab_size")), hidden_size=int(hidden), num_layers=int(layers),
+        num_heads=int(heads), num_kv_heads=int(kv), ffn_hidden_size=ffn, max_seq_len=max_pos,
+        rope_theta=_rope(cfg, fail), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=float(cfg.get("initializer_range", 0.02)), **options), notes=notes)
+    if mt == "mixtral":
+        _mixtral_moe(spec, cfg, need, fail)
+    elif mt == "qwen2_moe":
+        _qwen2_moe(spec, cfg, need, fail)
+    return spec
+
+
+# ModelConfig options each family fixes: an export to the family needs exactly these values
+# (options a family reads from its config, e.g. StableLM's use_qkv_bias, are not listed).
+_LLAMA_LIKE = dict(norm="rmsnorm", rotary_pct=1.0, parallel_residual=False, ffn_activation="swiglu",
+                   attn_out_bias=False, mlp_bias=False, lm_head_bias=False)
+FAMILY_OPTIONS = {
+    "llama": dict(_LLAMA_LIKE, qkv_bias=False),
+    "qwen2": dict(_LLAMA_LIKE, qkv_bias=True),
+    "mixtral": dict(_LLAMA_LIKE, qkv_bias=False),
+    "qwen2_moe": dict(_LLAMA_LIKE),
+    # Phi: LayerNorm, one norm per (parallel) block, fc1 -> gelu_new -> fc2, a bias on every linear
+    "phi": dict(norm="layernorm", parallel_residual=True, ffn_activation="gelu_tanh", qkv_bias=True,
+                attn_out_bias=True, mlp_bias=True, lm_head_bias=True),
+    # StableLM: LayerNorm, SwiGLU without biases, no bias on o_proj or the head
+    "stablelm": dict(norm="layernorm", ffn_activation="swiglu", attn_out_bias=False, mlp_bias=False,
+                     lm_head_bias=False),
+}
+
+
+def family_mismatch(model: dict, family: str) -> Optional[str]:
+    """Why our decoder options (ModelConfig fields) do not fit HF `family`, or None if they do."""
+    for key, want in FAMILY_OPTIONS[family].items():
+        if model.get(key, ModelConfig.__dataclass_fields__[key].default) != want:
+            return f"model.{key}={model.get(key)!r} (the {family} layout has {want!r})"
+    return None
+
+
+def _llama_options(mt: str, cfg: dict, fail) -> dict:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise fail(f"hidden_act={act!r} (our FFN is SwiGLU with SiLU)")
+        raise fail(f"hidden_act={act!r} (our FFN for this family is SwiGLU with SiLU)")
     if cfg.get("attention_bias"):
         raise fail("attention_bias=true (biases on q/k/v and the output projection; "
                    "only q/k/v biases are supported, as in Qwen2)")
     if cfg.get("mlp_bias"):
         raise fail("mlp_bias=true (our FFN has no biases)")
     qkv_bias = {"qwen2": True, "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(mt, False)
-    max_pos = int(need("max_position_embeddings"))
+    return dict(_LLAMA_LIKE, qkv_bias=qkv_bias, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
+
+
+def _partial_rotary(cfg: dict, default: float) -> float:
+    """HF's partial_rotary_factor: top level (transformers 4) or inside rope_parameters (5)."""
+    pct = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor"))
+    return float(default if pct is None else pct)
+
+
+def _no_qk_layernorm(cfg: dict, fail) -> None:
+    if cfg.get("qk_layernorm"):
+        raise fail("qk_layernorm=true (LayerNorm on the queries and keys of each head; not implemented)")
+
+
+def _phi_options(mt: str, cfg: dict, fail) -> dict:
+    act = cfg.get("hidden_act", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise fail(f"hidden_act={act!r} (the Phi MLP is supported with the tanh GELU: gelu_new)")
+    _no_qk_layernorm(cfg, fail)
+    return dict(FAMILY_OPTIONS["phi"], rotary_pct=_partial_rotary(cfg, 0.5),
+                norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
+
+
+def _stablelm_options(mt: str, cfg: dict, fail) -> dict:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise fail(f"hidden_act={act!r} (StableLM's MLP is supported as SwiGLU with SiLU)")
+    _no_qk_layernorm(cfg, fail)
+    return dict(FAMILY_OPTIONS["stablelm"], rotary_pct=_partial_rotary(cfg, 0.25),
+                qkv_bias=bool(cfg.get("use_qkv_bias", False)),
+                parallel_residual=bool(cfg.get("use_parallel_residual", False)),
+                norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
+
+
+def _max_positions(mt: str, cfg: dict, max_pos: int, max_seq_len: Optional[int]) -> Tuple[int, List[str]]:
     notes = []
     window = cfg.get("sliding_window")
     uses_window = ((mt in ("mistral", "mixtral") and window)
@@ -248,43 +324,47 @@ def llm_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optiona
         max_pos = int(window)
     if max_seq_len:
         max_pos = min(max_pos, int(max_seq_len))
-    ffn = int(need("intermediate_size"))
-    spec = LLMSpec(family={"mistral": "llama"}.get(mt, mt), model=dict(
-        vocab_size=int(need("vocab_size")), hidden_size=int(hidden), num_layers=int(layers),
-        num_heads=int(heads), num_kv_heads=int(kv), ffn_hidden_size=ffn, max_seq_len=max_pos,
-        rope_theta=_rope(cfg, fail), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-        init_std=float(cfg.get("initializer_range", 0.02))), notes=notes)
+    return max_pos, notes
 
-    if mt == "mixtral":
-        spec.num_experts, spec.top_k = int(need("num_local_experts")), int(need("num_experts_per_tok"))
-        if spec.top_k == 1:
-            raise fail("num_experts_per_tok=1: Mixtral renormalises a single gate to 1.0, our router keeps "
-                       "the softmax probability for top-1")
-        spec.renormalize = True
-        spec.moe_layers = list(range(layers))
-    elif mt == "qwen2_moe":
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
-        if shared > 0:
-            raise fail(f"a shared expert with a sigmoid gate (shared_expert_intermediate_size={shared}); "
-                       "our MoE layer has routed experts only")
+
+def _dropout_notes(cfg: dict) -> List[str]:
+    keys = ("resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout")
+    used = [f"{k}={cfg[k]}" for k in keys if cfg.get(k)]
+    if not used:
+        return []
+    return [f"dropout ({', '.join(used)}) is not applied by our decoder: the same function at inference, "
+            "fine-tuning runs without it"]
+
+
+def _mixtral_moe(spec: LLMSpec, cfg: dict, need, fail) -> None:
+    spec.num_experts, spec.top_k = int(need("num_local_experts")), int(need("num_experts_per_tok"))
+    if spec.top_k == 1:
+        raise fail("num_experts_per_tok=1: Mixtral renormalises a single gate to 1.0, our router keeps "
+                   "the softmax probability for top-1")
+    spec.renormalize = True
+    spec.moe_layers = list(range(spec.model["num_layers"]))
+
+
+def _qwen2_moe(spec: LLMSpec, cfg: dict, need, fail) -> None:
+    layers, ffn = spec.model["num_layers"], spec.model["ffn_hidden_size"]
+    spec.shared_expert_size = int(cfg.get("shared_expert_intermediate_size") or 0)
+    if spec.shared_expert_size == 0:
         spec.ignorable = ("*mlp.shared_expert.*", "*mlp.shared_expert_gate.*")  # width 0: adds exactly 0
-        spec.num_experts, spec.top_k = int(need("num_experts")), int(need("num_experts_per_tok"))
-        spec.renormalize = bool(cfg.get("norm_topk_prob", False))
-        if spec.renormalize and spec.top_k == 1:
-            raise fail("norm_topk_prob=true with num_experts_per_tok=1 (gate always 1.0); our router keeps "
-                       "the softmax probability for top-1")
-        step = int(cfg.get("decoder_sparse_step", 1) or 1)
-        only_mlp = set(cfg.get("mlp_only_layers") or [])
-        spec.moe_layers = [i for i in range(layers)
-                           if spec.num_experts > 0 and i not in only_mlp and (i + 1) % step == 0]
-        moe_ffn = int(cfg.get("moe_intermediate_size") or ffn)
-        if spec.moe_layers and len(spec.moe_layers) == layers:
-            spec.model["ffn_hidden_size"] = moe_ffn
-        elif spec.moe_layers and moe_ffn != ffn:
-            raise fail(f"dense layers (intermediate_size={ffn}) and MoE experts (moe_intermediate_size="
-                       f"{moe_ffn}) of different widths; our experts are made from the dense FFN shape")
-    return spec
+    spec.num_experts, spec.top_k = int(need("num_experts")), int(need("num_experts_per_tok"))
+    spec.renormalize = bool(cfg.get("norm_topk_prob", False))
+    if spec.renormalize and spec.top_k == 1:
+        raise fail("norm_topk_prob=true with num_experts_per_tok=1 (gate always 1.0); our router keeps "
+                   "the softmax probability for top-1")
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    only_mlp = set(cfg.get("mlp_only_layers") or [])
+    spec.moe_layers = [i for i in range(layers)
+                       if spec.num_experts > 0 and i not in only_mlp and (i + 1) % step == 0]
+    moe_ffn = int(cfg.get("moe_intermediate_size") or ffn)
+    if spec.moe_layers and len(spec.moe_layers) == layers:
+        spec.model["ffn_hidden_size"] = moe_ffn
+    elif spec.moe_layers and moe_ffn != ffn:
+        raise fail(f"dense layers (intermediate_size={ffn}) and MoE experts (moe_intermediate_size="
+                   f"{moe_ffn}) of different widths; our experts are made from the dense FFN shape")
 
 
 def moe_layers_string(layers: List[int], num_layers: int) -> str:
@@ -313,31 +393,56 @@ class Src:
 def llm_weight_map(spec: LLMSpec, prefix: str = "model.", head: str = "lm_head.", ours: str = "llm.") -> Dict[str, Src]:
     """Our state-dict name -> Src, for the decoder of `spec` (prefixes select a nested LLM)."""
     m = spec.model
-    out: Dict[str, Src] = {f"{ours}embed.weight": Src((f"{prefix}embed_tokens.weight",)),
-                           f"{ours}norm.weight": Src((f"{prefix}norm.weight",))}
+    opt = {k: m.get(k, f.default) for k, f in ModelConfig.__dataclass_fields__.items()}
+    phi = spec.family == "phi"
+    norms = ("weight", "bias") if opt["norm"] == "layernorm" else ("weight",)
+    out: Dict[str, Src] = {f"{ours}embed.weight": Src((f"{prefix}embed_tokens.weight",))}
+    final = f"{prefix}final_layernorm." if phi else f"{prefix}norm."
+    out.update({f"{ours}norm.{k}": Src((final + k,)) for k in norms})
     out[f"{ours}lm_head.weight"] = Src((f"{prefix}embed_tokens.weight",) if m["tie_embeddings"]
                                        else (f"{head}weight",))
-    E = spec.num_experts
+    if opt["lm_head_bias"]:
+        out[f"{ours}lm_head.bias"] = Src((f"{head}bias",))
     for i in range(m["num_layers"]):
         hf, us = f"{prefix}layers.{i}.", f"{ours}layers.{i}."
-        out[us + "attn_norm.weight"] = Src((hf + "input_layernorm.weight",))
-        out[us + "mlp_norm.weight"] = Src((hf + "post_attention_layernorm.weight",))
-        for our, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            out[f"{us}attn.{our}.weight"] = Src((f"{hf}self_attn.{theirs}.weight",))
-            if m["qkv_bias"] and our != "wo":
-                out[f"{us}attn.{our}.bias"] = Src((f"{hf}self_attn.{theirs}.bias",))
-        if i not in spec.moe_layers:
-            for our, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-                out[f"{us}mlp.{our}.weight"] = Src((f"{hf}mlp.{theirs}.weight",))
+        out.update({f"{us}attn_norm.{k}": Src((f"{hf}input_layernorm.{k}",)) for k in norms})
+        if not opt["parallel_residual"]:
+            out.update({f"{us}mlp_norm.{k}": Src((f"{hf}post_attention_layernorm.{k}",)) for k in norms})
+        out.update(_attention_map(hf, us, opt, "dense" if phi else "o_proj"))
+        if i in spec.moe_layers:
+            out.update(_moe_map(spec, hf, us))
             continue
-        if spec.family == "mixtral":
-            block, names = hf + "block_sparse_moe.", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
-        else:
-            block, names = hf + "mlp.", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
-        out[us + "mlp.router.weight"] = Src((block + "gate.weight",))
+        names = {"w_up": "fc1", "w_down": "fc2"} if opt["ffn_activation"] == "gelu_tanh" else \
+            {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
         for our, theirs in names.items():
-            out[f"{us}mlp.experts.{our}"] = Src(tuple(f"{block}experts.{e}.{theirs}.weight" for e in range(E)),
-                                                "stack_t")
+            for k in ("weight", "bias") if opt["mlp_bias"] else ("weight",):
+                out[f"{us}mlp.{our}.{k}"] = Src((f"{hf}mlp.{theirs}.{k}",))
+    return out
+
+
+def _attention_map(hf: str, us: str, opt: dict, out_name: str) -> Dict[str, Src]:
+    out = {}
+    for our, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", out_name)):
+        out[f"{us}attn.{our}.weight"] = Src((f"{hf}self_attn.{theirs}.weight",))
+        if opt["attn_out_bias"] if our == "wo" else opt["qkv_bias"]:
+            out[f"{us}attn.{our}.bias"] = Src((f"{hf}self_attn.{theirs}.bias",))
+    return out
+
+
+def _moe_map(spec: LLMSpec, hf: str, us: str) -> Dict[str, Src]:
+    """Router, stacked experts and (Qwen2-MoE) the shared expert of one MoE layer."""
+    if spec.family == "mixtral":
+        block, names = hf + "block_sparse_moe.", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
+    else:
+        block, names = hf + "mlp.", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+    out = {us + "mlp.router.weight": Src((block + "gate.weight",))}
+    for our, theirs in names.items():
+        out[f"{us}mlp.experts.{our}"] = Src(tuple(f"{block}experts.{e}.{theirs}.weight"
+                                                  for e in range(spec.num_experts)), "stack_t")
+    if spec.shared_expert_size > 0:
+        for our, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            out[f"{us}mlp.shared_expert.{our}.weight"] = Src((f"{block}shared_expert.{theirs}.weight",))
+        out[f"{us}mlp.shared_expert.gate.weight"] = Src((f"{block}shared_expert_gate.weight",))
     return out
 
 
@@ -413,7 +518,7 @@ def write_mapped(state: Dict[str, torch.Tensor], wmap: Dict[str, Src]) -> Dict[s
 def export_extras(spec: LLMSpec, prefix: str = "model.", dtype=torch.float32) -> Dict[str, torch.Tensor]:
     """Tensors the HF class has but our model does not need: Qwen2-MoE's width-0 shared expert."""
     out: Dict[str, torch.Tensor] = {}
-    if spec.family != "qwen2_moe":
+    if spec.family != "qwen2_moe" or spec.shared_expert_size > 0:
         return out
     C = spec.model["hidden_size"]
     for i in spec.moe_layers:
@@ -428,21 +533,30 @@ def export_extras(spec: LLMSpec, prefix: str = "model.", dtype=torch.float32) ->
 # =============================================================================== export config
 
 def hf_llm_config(model_cfg, family: str, moe_layers: List[int], num_experts: int, top_k: int,
-                  renormalize: bool, torch_dtype: str) -> dict:
-    """An HF config.json dict for our decoder as `family` (llama | qwen2 | mixtral | qwen2_moe)."""
+                  renormalize: bool, torch_dtype: str, shared_expert_size: int = 0) -> dict:
+    """An HF config.json dict for our decoder as `family` (llama | qwen2 | mixtral | qwen2_moe | phi | stablelm)."""
     m = model_cfg
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-            "qwen2_moe": "Qwen2MoeForCausalLM"}[family]
+            "qwen2_moe": "Qwen2MoeForCausalLM", "phi": "PhiForCausalLM", "stablelm": "StableLmForCausalLM"}[family]
+    rope = {"rope_theta": m.rope_theta, "rope_type": "default"}
     cfg = {
         "architectures": [arch], "model_type": family, "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.num_kv_heads, "max_position_embeddings": m.max_seq_len,
-        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_parameters": rope,
         "hidden_act": "silu", "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
         "attention_dropout": 0.0, "use_cache": True, "torch_dtype": torch_dtype, "dtype": torch_dtype,
     }
+    if family in ("phi", "stablelm"):
+        del cfg["rms_norm_eps"]
+        # the factor is read at the top level (transformers 4) or from rope_parameters (5)
+        rope["partial_rotary_factor"] = m.rotary_pct
+        cfg.update(layer_norm_eps=m.norm_eps, partial_rotary_factor=m.rotary_pct, qk_layernorm=False)
+    if family == "phi":
+        cfg.update(hidden_act="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0)
+    if family == "stablelm":
+        cfg.update(use_qkv_bias=bool(m.qkv_bias), use_parallel_residual=bool(m.parallel_residual), hidden_dropout=0.0)
     if family == "llama":
         cfg.update(attention_bias=False, mlp_bias=False, head_dim=m.hidden_size // m.num_heads)
     if family in ("qwen2", "qwen2_moe"):
@@ -454,6 +568,6 @@ def hf_llm_config(model_cfg, family: str, moe_layers: List[int], num_experts: in
         dense = [i for i in range(m.num_layers) if i not in moe_layers]
         cfg.update(num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=bool(renormalize and top_k > 1),
                    decoder_sparse_step=1, mlp_only_layers=dense, moe_intermediate_size=m.ffn_hidden_size,
-                   shared_expert_intermediate_size=0, qkv_bias=bool(m.qkv_bias),
+                   shared_expert_intermediate_size=int(shared_expert_size), qkv_bias=bool(m.qkv_bias),
                    output_router_logits=False)
     return cfg

@@ -1,7 +1,7 @@
 """Import: a Hugging Face folder -> a checkpoint of this project (`hf_to_evomoe`).
 
 Sources, by ``model_type`` of ``config.json``:
-- a decoder LLM (hf_llm.py: llama, mistral, qwen2, mixtral, qwen2_moe), optionally with a
+- a decoder LLM (hf_llm.py: llama, mistral, qwen2, mixtral, qwen2_moe, phi, stablelm), optionally with a
   CLIP/SigLIP tower from a second folder (``vision_src``) and a freshly initialised
   projector: the starting point of an EvoMoE run;
 - ``llava`` (LlavaForConditionalGeneration): LLM + vision tower + projector, all loaded;
@@ -85,7 +85,8 @@ def _import_tree(dst: Path, spec: LLMSpec, vision: Optional[VisionSpec], project
     L = spec.model["num_layers"]
     if spec.is_moe:
         tree["moe"].update(num_experts=spec.num_experts, top_k=spec.top_k, renormalize=spec.renormalize,
-                           layers=moe_layers_string(spec.moe_layers, L), init="copy", aux_loss_coeff=0.01)
+                           layers=moe_layers_string(spec.moe_layers, L), init="copy", aux_loss_coeff=0.01,
+                           shared_expert_size=spec.shared_expert_size)
         tree["router"]["type"] = "linear"
     else:
         tree["moe"].update(layers="none", init="copy")

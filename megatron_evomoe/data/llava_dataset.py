@@ -54,28 +54,51 @@ def read_records(path: PathLike) -> Iterator[Tuple[int, Any, Optional[DataError]
     if not os.path.isfile(path):
         raise DataError("data file not found", file=path, reason="missing_file")
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            index = 0
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield index, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield index, None, DataError(f"line {lineno} is not valid JSON: {e}", file=path, index=index,
-                                                 reason="bad_json")
-                index += 1
+        yield from _read_jsonl(path)
         return
+    try:  # utf-8-sig: tolerate a byte-order mark, which editors on Windows add
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    if not text.strip():
+        raise DataError("the file is empty (expected a JSON list of records)", file=path, reason="empty")
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except json.JSONDecodeError as e:
+        records = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"not valid JSON: {e}", file=path, reason="bad_json") from e
     if not isinstance(records, list):
         raise DataError(f"expected a JSON list of records, got {type(records).__name__} "
                         "(use a .jsonl extension for one record per line)", file=path, reason="bad_json")
     for index, record in enumerate(records):
         yield index, record, None
+
+
+def _read_jsonl(path: str) -> Iterator[Tuple[int, Any, Optional[DataError]]]:
+    index = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield index, json.loads(line), None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    yield index, None, DataError(f"line {lineno} is not valid JSON: {e}", file=path, index=index,
+                                                 reason="bad_json")
+                index += 1
+    except UnicodeDecodeError as e:  # the line structure past this point cannot be trusted
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: str, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"is not UTF-8 text ({e.reason}); is it really a JSON file?", file=path, reason="bad_json")
+
+
+def _image_error(e: DataError) -> DataError:
+    """An image's DataError (which names the image file) re-homed to the record's `image` field, so
+    that adding the context names the data file and the record too."""
+    return DataError(str(e), field="image", reason=e.reason)
 
 
 def _record_id(record: Any) -> Optional[Union[str, int]]:
@@ -177,6 +200,8 @@ class LlavaDataset(Dataset):
         self._tokens = np.concatenate(tokens) if tokens else np.zeros(0, dtype=np.int64)
         self._labels = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
         _summarise_skips(self.json_path, num_records, self.skipped, first_error)
+        if not num_records:
+            raise DataError("has no records", file=self.json_path, reason="empty")
         if not self.record_indices:
             raise DataError(f"no usable records ({num_records} read, skipped: {self.skipped})",
                             file=self.json_path, reason="empty")
@@ -206,7 +231,7 @@ class LlavaDataset(Dataset):
                 try:
                     load_image(image_path)
                 except DataError as e:
-                    raise DataError(f"{e}", field="image", reason=e.reason) from None
+                    raise _image_error(e) from None
 
         ids, labels = render_conversation(record["conversations"], self.tokenizer, self.num_image_tokens,
                                           has_image=image_path is not None, template=self.template)
@@ -236,8 +261,9 @@ class LlavaDataset(Dataset):
         if self.image_paths[i] is not None:
             try:
                 image = self.processor(self.image_paths[i])  # [3, H, W]
-            except DataError as e:
-                raise e.with_context(index=self.record_indices[i], record_id=self.record_ids[i]) from None
+            except DataError as e:  # found only now: images are decoded lazily
+                raise _image_error(e).with_context(file=self.json_path, index=self.record_indices[i],
+                                                   record_id=self.record_ids[i]) from None
         return {"input_ids": input_ids, "labels": labels, "image": image}
 
     def collate(self, batch: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
@@ -337,7 +363,8 @@ class PopeDataset(Dataset):
         q = self.questions[i]
         try:
             image = self.processor(q["image"])
-        except DataError as e:
-            raise e.with_context(record_id=q["question_id"]) from None
+        except DataError as e:  # every record is kept, so i is the record's index in the file
+            raise _image_error(e).with_context(file=self.path, index=i % len(self),
+                                               record_id=q["question_id"]) from None
         return PopeSample(image, torch.tensor(self.prompts[i], dtype=torch.long), q["label"], q["question_id"],
                           q["text"])

@@ -3,6 +3,17 @@
 Plain modules: no communication code. Parallel layouts are applied from outside
 (megatron_evomoe/parallel). Every feed-forward block takes `(x, modality)` and
 returns `(y, aux_loss)` so dense, evolving and MoE blocks are interchangeable.
+
+Options of `ModelConfig` that let other decoder families load exactly (defaults: LLaMA):
+- ``norm``: ``rmsnorm`` | ``layernorm`` (with bias: Phi, StableLM);
+- ``rotary_pct``: only the first ``int(head_dim * rotary_pct)`` channels of each head are
+  rotated, with frequencies over that width (HF's ``partial_rotary_factor``);
+- ``parallel_residual``: x + attn(ln(x)) + mlp(ln(x)) with one norm per layer (Phi);
+- ``ffn_activation``: ``swiglu`` (w_gate, w_up, w_down) | ``gelu_tanh`` (w_up -> GELU(tanh) ->
+  w_down, Phi's fc1/fc2);
+- biases: ``qkv_bias`` (q/k/v), ``attn_out_bias`` (wo), ``mlp_bias`` (every FFN linear),
+  ``lm_head_bias``.
+Parameter names never change with the options; a layer just has or lacks a tensor.
 """
 from __future__ import annotations
 
@@ -26,8 +37,37 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (Phi, StableLM); like RMSNorm, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        return y.type_as(x)
+
+
+def build_norm(cfg) -> nn.Module:
+    if getattr(cfg, "norm", "rmsnorm") == "layernorm":
+        return LayerNorm(cfg.hidden_size, cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+def rotary_dim(cfg) -> int:
+    """Channels of each head that RoPE rotates: int(head_dim * rotary_pct), as HF truncates."""
+    return int(cfg.hidden_size // cfg.num_heads * getattr(cfg, "rotary_pct", 1.0))
+
+
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables; applied with the rotate-half convention (LLaMA/HF)."""
+    """Precomputed cos/sin tables; applied with the rotate-half convention (LLaMA/HF).
+
+    head_dim: the rotated width. A head wider than that (partial rotary, Phi/StableLM) has its
+    first `head_dim` channels rotated and the rest passed through unchanged.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
@@ -43,13 +83,21 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         if cos.dim() == 3:  # per-sample positions -> broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
+        rd = cos.shape[-1]
+        if rd < x.shape[-1]:  # partial rotary: rotate [..., :rd], pass the rest through
+            return torch.cat([self._rotate(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
+        return self._rotate(x, cos, sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False,
+                 out_bias: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden // num_heads
@@ -57,9 +105,10 @@ class Attention(nn.Module):
         self.wq = nn.Linear(hidden, num_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=False)
-        if qkv_bias:
-            for lin in (self.wq, self.wk, self.wv):
+        # out_bias: Phi's `dense` has one (StableLM's o_proj does not)
+        self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=out_bias)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
@@ -82,15 +131,25 @@ class Attention(nn.Module):
 
 
 class FFN(nn.Module):
-    """SwiGLU feed-forward: w_down(silu(w_gate x) * w_up x)."""
+    """Feed-forward block. swiglu: w_down(silu(w_gate x) * w_up x);
+    gelu_tanh (Phi's fc1 -> gelu_new -> fc2): w_down(gelu_tanh(w_up x)), no w_gate."""
 
-    def __init__(self, hidden: int, ffn_hidden: int):
+    def __init__(self, hidden: int, ffn_hidden: int, activation: str = "swiglu", bias: bool = False):
         super().__init__()
-        self.w_gate = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.w_up = nn.Linear(hidden, ffn_hidden, bias=False)
-        self.w_down = nn.Linear(ffn_hidden, hidden, bias=False)
+        if activation not in ("swiglu", "gelu_tanh"):
+            raise ValueError(f"model.ffn_activation: {activation!r} is not one of swiglu, gelu_tanh")
+        self.activation = activation
+        if activation == "swiglu":
+            self.w_gate = nn.Linear(hidden, ffn_hidden, bias=bias)
+        self.w_up = nn.Linear(hidden, ffn_hidden, bias=bias)
+        self.w_down = nn.Linear(ffn_hidden, hidden, bias=bias)
+        for lin in self.children():
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):
+        if self.activation == "gelu_tanh":
+            return self.w_down(F.gelu(self.w_up(x), approximate="tanh")), None
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)), None
 
 
@@ -98,13 +157,20 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                              qkv_bias=getattr(cfg, "qkv_bias", False))
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp: nn.Module = FFN(cfg.hidden_size, cfg.ffn_hidden_size)
+                              qkv_bias=getattr(cfg, "qkv_bias", False),
+                              out_bias=getattr(cfg, "attn_out_bias", False))
+        # parallel residual (Phi): attn_norm feeds both branches, so the layer has no mlp_norm
+        self.mlp_norm = None if getattr(cfg, "parallel_residual", False) else build_norm(cfg)
+        self.mlp: nn.Module = FFN(cfg.hidden_size, cfg.ffn_hidden_size, getattr(cfg, "ffn_activation", "swiglu"),
+                                  bias=getattr(cfg, "mlp_bias", False))
 
     def forward(self, x, modality, rope, positions, kv_cache=None):
+        if self.mlp_norm is None:  # x + attn(ln(x)) + mlp(ln(x))
+            h = self.attn_norm(x)
+            y, aux = self.mlp(h, modality)
+            return x + self.attn(h, rope, positions, kv_cache) + y, aux
         x = x + self.attn(self.attn_norm(x), rope, positions, kv_cache)
         y, aux = self.mlp(self.mlp_norm(x), modality)
         return x + y, aux
@@ -119,11 +185,11 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.norm = build_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=getattr(cfg, "lm_head_bias", False))
+        if cfg.tie_embeddings:  # (the weight only: a head bias stays its own tensor)
             self.lm_head.weight = self.embed.weight
-        self.rope = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(rotary_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -132,6 +198,8 @@ class DecoderLM(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, p in self.named_parameters():
             if p.dim() < 2:
+                if name.endswith(".bias"):  # linear and LayerNorm biases start at zero
+                    nn.init.zeros_(p)
                 continue
             last = name.split(".")[-2] if name.endswith("weight") else name.split(".")[-1]
             nn.init.normal_(p, 0.0, out_std if last in ("wo", "w_down") else std)

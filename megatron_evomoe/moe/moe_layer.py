@@ -19,7 +19,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, router: Router, experts: GroupedExperts, dispatcher=None,
-                 aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0):
+                 aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0, shared_expert=None):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -28,6 +28,7 @@ class MoELayer(nn.Module):
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.routing_hook = None
         self.last_tokens_per_expert: torch.Tensor | None = None
+        self.shared_expert = shared_expert  # optional dense expert added to the routed output (shared_expert.py)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor):
         shape = x.shape
@@ -41,4 +42,6 @@ class MoELayer(nn.Module):
         if self.routing_hook is not None:
             self.routing_hook(self, routing, modality)
         aux = self.aux_loss_coeff * routing.aux_loss + self.z_loss_coeff * routing.z_loss
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)  # [T, C]
         return y.view(shape), aux

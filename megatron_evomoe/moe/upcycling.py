@@ -8,6 +8,9 @@
   of the entries they replace
 - ``scratch``: fresh random experts
 Weights here are nn.Linear layout ([out, in]), one dict per expert.
+With ``moe.shared_expert_size > 0`` the layer also gets a shared expert (shared_expert.py),
+fresh, with its output projection at zero so the new layer starts as the routed experts alone.
+Only a bias-free SwiGLU FFN can be upcycled (ConfigError otherwise).
 """
 from __future__ import annotations
 
@@ -87,10 +90,30 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
     from .moe_layer import MoELayer
     from .router import build_router
 
+    _check_upcyclable(ffn)
     w = ffn.w_gate.weight
     hidden, ffn_hidden = w.shape[1], w.shape[0]
     experts = GroupedExperts(cfg.moe.num_experts, hidden, ffn_hidden, backend=cfg.moe.expert_backend)
     experts.load_from_ffns(make_experts(ffn, cfg.moe, cfg.model.init_std, generator))
     router = build_router(cfg.router, cfg.moe, hidden)
-    layer = MoELayer(router, experts, aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff)
+    shared = None
+    if cfg.moe.shared_expert_size > 0:  # drawn after the experts: configs without one draw as before
+        from .shared_expert import SharedExpert
+        with torch.device("meta"):  # built without touching the global RNG; values from `generator`
+            shared = SharedExpert(hidden, cfg.moe.shared_expert_size)
+        shared = shared.to_empty(device=w.device).init_for_upcycling(cfg.model.init_std, generator)
+    layer = MoELayer(router, experts, aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff,
+                     shared_expert=shared)
     return layer.to(device=w.device, dtype=w.dtype)
+
+
+def _check_upcyclable(ffn) -> None:
+    """Our experts are bias-free SwiGLU (GroupedExperts): a GELU FFN or one with biases has no exact image."""
+    from ..config import ConfigError
+    act = getattr(ffn, "activation", "swiglu")
+    if act != "swiglu":
+        raise ConfigError(f"moe.layers with model.ffn_activation={act}: upcycling a GELU FFN into the SwiGLU "
+                          "experts of a MoE layer is not supported; set moe.layers=none")
+    if any(getattr(ffn, n).bias is not None for n in FFN_WEIGHTS):
+        raise ConfigError("moe.layers with model.mlp_bias=true: the experts of a MoE layer have no biases, so "
+                          "upcycling would drop the FFN's; not supported, set moe.layers=none")

@@ -1,17 +1,21 @@
 """Loader for the optional compiled extensions, and the contract of the CUDA ops.
 
-Two extensions may be built by ``pip install --no-build-isolation -e .``
+Three extensions may be built by ``pip install --no-build-isolation -e .``
 (see csrc/build.py):
 
 * ``megatron_evomoe._C_data`` (C++/pybind11, no torch): the packing-index
   builder used by ``megatron_evomoe.data.packing``. ``load_data_helpers()``.
 * ``megatron_evomoe._C_cuda`` (CUDA, torch extension): token permutation for
   MoE dispatch. ``load()``. Built only with nvcc and a CUDA build of torch.
+* ``megatron_evomoe._C_cpu`` (C++, torch extension): the CPU kernels of the
+  MoE ops (grouped GEMM fwd/dgrad/wgrad, permute/unpermute fwd/bwd), backend
+  ``cpu_ext``. ``load_cpu()``. Built wherever a C++ compiler is found.
 
 Neither loader raises: each returns None and records why, and ``describe()``
 gives one line for logs, e.g. ``cuda_ext: not built (torch 2.13.0+cpu is a CPU
 build: torch.version.cuda is None); data_ext: built``. Setting
-``EVOMOE_DISABLE_CUDA_EXT=1`` makes ``load()`` return None (to exercise the
+``EVOMOE_DISABLE_CUDA_EXT=1`` makes ``load()`` return None, and
+``EVOMOE_DISABLE_CPU_EXT=1`` does the same for ``load_cpu()`` (to exercise the
 other backends); loaders cache their answer (``reset()`` clears it).
 
 Permutation contract (shared with the Triton and PyTorch backends of
@@ -54,12 +58,18 @@ from types import ModuleType
 from typing import Any
 
 CUDA_MODULE = "megatron_evomoe._C_cuda"
+CPU_MODULE = "megatron_evomoe._C_cpu"
 _REBUILD_HINT = "reinstall with `pip install --no-build-isolation -e .`"
 
 
 def load() -> ModuleType | None:
     """The CUDA permute extension, or None (not built, not importable, no CUDA device)."""
     return _load_cuda()[0]
+
+
+def load_cpu() -> ModuleType | None:
+    """The CPU kernels extension, or None (not built or not importable)."""
+    return _load_cpu()[0]
 
 
 def load_data_helpers() -> ModuleType | None:
@@ -72,7 +82,7 @@ def load_data_helpers() -> ModuleType | None:
 
 def describe() -> str:
     """One line for logs: what was built and usable, and why not."""
-    return f"cuda_ext: {_load_cuda()[1]}; {describe_data_helpers()}"
+    return f"cuda_ext: {_load_cuda()[1]}; cpu_ext: {_load_cpu()[1]}; {describe_data_helpers()}"
 
 
 def describe_data_helpers() -> str:
@@ -82,6 +92,7 @@ def describe_data_helpers() -> str:
 def reset() -> None:
     """Forget cached load results (after an install, or to re-read EVOMOE_DISABLE_CUDA_EXT)."""
     _load_cuda.cache_clear()
+    _load_cpu.cache_clear()
     try:
         from megatron_evomoe.data.packing import load_cpp_helpers
 
@@ -122,6 +133,20 @@ def _load_cuda() -> tuple[ModuleType | None, str]:
     except Exception as exc:  # noqa: BLE001
         device = f"device name unavailable: {exc}"
     return module, f"built (CUDA {torch.version.cuda}, {device})"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu() -> tuple[ModuleType | None, str]:
+    if os.environ.get("EVOMOE_DISABLE_CPU_EXT", "") not in ("", "0"):
+        return None, "disabled (EVOMOE_DISABLE_CPU_EXT is set)"
+    try:
+        import torch  # noqa: F401 -- the extension links against libtorch: load it first
+        return importlib.import_module(CPU_MODULE), "built"
+    except Exception as exc:  # noqa: BLE001 -- ImportError, or OSError from a bad .so
+        if _spec_missing(CPU_MODULE):
+            return None, (f"not built (no {CPU_MODULE}: no C++ compiler at install time, or "
+                          f"EVOMOE_SKIP_CPP_BUILD was set; {_REBUILD_HINT})")
+        return None, f"built but not importable ({type(exc).__name__}: {exc}; {_REBUILD_HINT})"
 
 
 def _load_data() -> tuple[ModuleType | None, str]:

@@ -1,19 +1,21 @@
-"""Run-time choice of the implementation behind each op: CUDA extension, Triton, or PyTorch.
+"""Run-time choice of the implementation behind each op: compiled extension, Triton, or PyTorch.
 
 ``resolve_backend(requested, op, device)`` maps a user's request to a concrete backend:
 
-* ``"auto"``: the CUDA extension if it is built, loads, implements ``op`` and the inputs are on a
-  CUDA device; else compiled Triton if the inputs are on a CUDA device and triton imports (and
-  TRITON_INTERPRET is off: the interpreter is for tests, not for speed); else PyTorch. The choice is
-  logged once per (op, choice, device type) on the ``megatron_evomoe.ops`` logger.
-* ``"cuda_ext"``, ``"triton"``, ``"torch"``: exactly that backend, or a ``BackendUnavailableError``
+* ``"auto"``: on CUDA inputs, the CUDA extension if it is built, loads and implements ``op``; else
+  compiled Triton if triton imports (and TRITON_INTERPRET is off: the interpreter is for tests, not
+  for speed); else PyTorch. On CPU inputs, the CPU extension if it is built and implements ``op``;
+  else PyTorch. The choice is logged once per (op, choice, device type) on the
+  ``megatron_evomoe.ops`` logger.
+* ``"cuda_ext"``, ``"cpu_ext"``, ``"triton"``, ``"torch"``: exactly that backend, or a
+  ``BackendUnavailableError``
   (a ``RuntimeError``) saying why. Never a silent fallback. ``"triton"`` on CPU tensors works only
   under ``TRITON_INTERPRET=1`` (that is how CI runs the kernels).
 * anything else: ``ValueError``.
 
-The CUDA extension is ``megatron_evomoe.ops._ext.load()`` (imported lazily; an ImportError or a
-``None`` from ``load()`` means unavailable). It implements an op when it has every function the op
-needs (``CUDA_EXT_FUNCTIONS``); its semantics are the contract in ``_ext.py``.
+The extensions are ``megatron_evomoe.ops._ext.load()`` (CUDA) and ``load_cpu()`` (CPU), imported
+lazily; an ImportError or a ``None`` means unavailable. An extension implements an op when it has
+every function the op needs (``EXT_FUNCTIONS``); their semantics are the contract in ``_ext.py``.
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "cuda_ext", "triton", "torch")
+BACKENDS = ("auto", "cuda_ext", "cpu_ext", "triton", "torch")
+EXT_DEVICE = {"cuda_ext": "cuda", "cpu_ext": "cpu"}  # the device type each extension runs on
 
-# Functions the CUDA extension must provide for it to serve an op (forward and backward).
-CUDA_EXT_FUNCTIONS = {
+# Functions an extension must provide for it to serve an op (forward and backward).
+EXT_FUNCTIONS = {
     "permute": ("permute", "permute_backward"),
     "unpermute": ("unpermute", "unpermute_backward"),
     "grouped_mm": ("grouped_mm", "grouped_mm_dgrad", "grouped_mm_wgrad"),
@@ -51,29 +54,37 @@ def triton_importable() -> tuple[bool, str]:
     return True, "triton imports"
 
 
-def cuda_ext_module():
-    """(module or None, reason)."""
+def ext_module(backend: str):
+    """(module or None, reason) for backend "cuda_ext" or "cpu_ext"."""
     try:
         from megatron_evomoe.ops import _ext
     except ImportError as exc:
         return None, f"megatron_evomoe.ops._ext does not import ({exc})"
-    module = _ext.load()
+    module = _ext.load() if backend == "cuda_ext" else _ext.load_cpu()
     if module is None:
-        describe = getattr(_ext, "describe", None)
-        return None, describe() if callable(describe) else "the CUDA extension is not built"
+        return None, _ext.describe()
     return module, "loaded"
 
 
-def _cuda_ext_status(op: str, device: torch.device | None) -> tuple[bool, str]:
-    if device is not None and device.type != "cuda":
-        return False, f"the CUDA extension runs on CUDA tensors, the inputs are on {device}"
-    module, why = cuda_ext_module()
+def _ext_status(backend: str, op: str, device: torch.device | None) -> tuple[bool, str]:
+    kind = EXT_DEVICE[backend]
+    if device is not None and device.type != kind:
+        return False, f"the {backend} extension runs on {kind} tensors, the inputs are on {device}"
+    why_not = _ext_missing(backend, op)
+    return (False, why_not) if why_not else (True, f"{backend} extension loaded")
+
+
+@torch.compiler.assume_constant_result
+def _ext_missing(backend: str, op: str) -> str:
+    """Why ``backend`` cannot serve ``op`` ("" when it can). A constant to torch.compile: it
+    imports modules, which Dynamo does not trace, and its answer never changes within a run."""
+    module, why = ext_module(backend)
     if module is None:
-        return False, why
-    missing = [f for f in CUDA_EXT_FUNCTIONS.get(op, (op,)) if not hasattr(module, f)]
+        return why
+    missing = [f for f in EXT_FUNCTIONS.get(op, (op,)) if not hasattr(module, f)]
     if missing:
-        return False, f"the CUDA extension has no {', '.join(missing)} (it does not implement {op})"
-    return True, "CUDA extension loaded"
+        return f"the {backend} extension has no {', '.join(missing)} (it does not implement {op})"
+    return ""
 
 
 def _triton_status(device: torch.device | None) -> tuple[bool, str]:
@@ -91,7 +102,7 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
 
 
 def resolve_backend(requested: str, op: str, device: torch.device | str | None = None) -> str:
-    """The backend ("cuda_ext" | "triton" | "torch") to run ``op`` with for inputs on ``device``.
+    """The backend ("cuda_ext" | "cpu_ext" | "triton" | "torch") to run ``op`` with for inputs on ``device``.
 
     ``device`` None means "the inputs are on the default CUDA device if there is one, else CPU"."""
     if requested not in BACKENDS:
@@ -104,7 +115,7 @@ def resolve_backend(requested: str, op: str, device: torch.device | str | None =
     elif requested == "torch":
         choice, why = "torch", "requested"
     else:
-        ok, why = _cuda_ext_status(op, device) if requested == "cuda_ext" else _triton_status(device)
+        ok, why = _ext_status(requested, op, device) if requested in EXT_DEVICE else _triton_status(device)
         if not ok:
             raise BackendUnavailableError(f"backend {requested!r} was requested for {op} but is unavailable: {why}")
         choice = requested
@@ -125,9 +136,12 @@ def log_choice(op: str, choice: str, device_type: str, detail: str) -> None:
 
 
 def _auto(op: str, device: torch.device) -> tuple[str, str]:
+    if device.type == "cpu":
+        ok, why_ext = _ext_status("cpu_ext", op, device)
+        return ("cpu_ext", why_ext) if ok else ("torch", f"cpu_ext unavailable ({why_ext})")
     if device.type != "cuda":
-        return "torch", f"inputs on {device.type}; the CUDA extension and compiled Triton need CUDA"
-    ok, why_ext = _cuda_ext_status(op, device)
+        return "torch", f"inputs on {device.type}; the extensions and compiled Triton need CPU or CUDA"
+    ok, why_ext = _ext_status("cuda_ext", op, device)
     if ok:
         return "cuda_ext", why_ext
     ok, why_triton = triton_importable()

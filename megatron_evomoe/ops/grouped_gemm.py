@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import cuda_ext_module, log_choice, resolve_backend
+from .backend import EXT_DEVICE, ext_module, log_choice, resolve_backend
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,8 +111,8 @@ def _fwd_impl(x, w, offsets, backend):
     if backend == "triton":
         from megatron_evomoe.kernels import grouped_gemm as k
         return k.grouped_mm_fwd(x, w, offsets)
-    if backend == "cuda_ext":
-        return cuda_ext_module()[0].grouped_mm(x, w, offsets)
+    if backend in EXT_DEVICE:
+        return ext_module(backend)[0].grouped_mm(x, w, offsets)
     return _torch_ab(x, w, offsets)
 
 
@@ -120,8 +120,8 @@ def _dgrad_impl(dy, w, offsets, backend):
     if backend == "triton":
         from megatron_evomoe.kernels import grouped_gemm as k
         return k.grouped_mm_dgrad(dy, w, offsets)
-    if backend == "cuda_ext":
-        return cuda_ext_module()[0].grouped_mm_dgrad(dy, w, offsets)
+    if backend in EXT_DEVICE:
+        return ext_module(backend)[0].grouped_mm_dgrad(dy, w, offsets)
     return _torch_ab(dy.contiguous(), w.transpose(1, 2), offsets)
 
 
@@ -129,8 +129,8 @@ def _wgrad_impl(x, dy, offsets, backend):
     if backend == "triton":
         from megatron_evomoe.kernels import grouped_gemm as k
         return k.grouped_mm_wgrad(x, dy, offsets)
-    if backend == "cuda_ext":
-        return cuda_ext_module()[0].grouped_mm_wgrad(x, dy, offsets)
+    if backend in EXT_DEVICE:
+        return ext_module(backend)[0].grouped_mm_wgrad(x, dy, offsets)
     return _torch_wgrad(x, dy, offsets)
 
 
@@ -207,7 +207,7 @@ class GroupedMMFunction(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y[rows_e] = x[rows_e] @ w[e]. x: [T, K], w: [E, K, N], offsets: [E] (cumulative end rows) -> [T, N].
 
-    Differentiable in x and w. ``backend``: "auto" | "cuda_ext" | "triton" | "torch" (backend.py).
+    Differentiable in x and w. ``backend``: "auto" | "cuda_ext" | "cpu_ext" | "triton" | "torch" (backend.py).
     Under autocast both operands are cast to the autocast dtype first, as torch.matmul would be
     (custom ops are not autocast-aware by themselves)."""
     device_type = x.device.type

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import cuda_ext_module, log_choice, resolve_backend
+from .backend import EXT_DEVICE, ext_module, log_choice, resolve_backend
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -105,39 +105,39 @@ def _kernels():
     return k
 
 
-def _ext():
-    return cuda_ext_module()[0]
+def _ext(backend):
+    return ext_module(backend)[0]
 
 
 def _permute_impl(x, topk_idx, num_experts, backend):
     if backend == "triton":
         return _kernels().permute_fwd(x, topk_idx, num_experts)
-    if backend == "cuda_ext":
-        return tuple(_ext().permute(x, topk_idx.long(), num_experts))
+    if backend in EXT_DEVICE:
+        return tuple(_ext(backend).permute(x, topk_idx.long(), num_experts))
     return _torch_permute(x, topk_idx, num_experts)
 
 
 def _permute_backward_impl(grad_x_perm, row_map, backend):
     if backend == "triton":
         return _kernels().permute_bwd(grad_x_perm, row_map)
-    if backend == "cuda_ext":
-        return _ext().permute_backward(grad_x_perm, row_map)
+    if backend in EXT_DEVICE:
+        return _ext(backend).permute_backward(grad_x_perm, row_map)
     return _torch_unpermute(grad_x_perm, row_map, None)
 
 
 def _unpermute_impl(y_perm, row_map, gates, backend):
     if backend == "triton":
         return _kernels().unpermute_fwd(y_perm, row_map, gates)
-    if backend == "cuda_ext":
-        return _ext().unpermute(y_perm, row_map, gates)
+    if backend in EXT_DEVICE:
+        return _ext(backend).unpermute(y_perm, row_map, gates)
     return _torch_unpermute(y_perm, row_map, gates)
 
 
 def _unpermute_backward_impl(grad_y, y_perm, row_map, gates, backend):
     if backend == "triton":
         return _kernels().unpermute_bwd(grad_y, y_perm, row_map, gates)
-    if backend == "cuda_ext":
-        return tuple(_ext().unpermute_backward(grad_y, y_perm, row_map, gates))
+    if backend in EXT_DEVICE:
+        return tuple(_ext(backend).unpermute_backward(grad_y, y_perm, row_map, gates))
     return _torch_unpermute_backward(grad_y, y_perm, row_map, gates)
 
 

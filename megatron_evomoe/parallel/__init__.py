@@ -6,8 +6,10 @@
 
 Modules: state (layout, groups, shard specs), tensor_parallel, expert_parallel, data_parallel,
 pipeline (split + 1F1B), apply (the apply_* functions, stage changes, full state dicts, the
-trainer's hooks), launch (torchrun / SLURM initialisation, layout dry run), reshard (per-rank
-checkpoints -> one consolidated checkpoint that any layout resumes from).
+trainer's hooks), specialise (the in-place class swap that adds communication to a model module),
+launch (torchrun / SLURM initialisation, layout dry run), watchdog (heartbeats and named errors when
+a rank dies or hangs in a collective), reshard (per-rank checkpoints -> one consolidated checkpoint
+that any layout resumes from).
 """
 from .apply import (apply_dp, apply_ep, apply_moe_stats, apply_stage_structure, apply_tp, full_state_dict,
                     load_full_state_dict, local_parameter_count, parallelize)

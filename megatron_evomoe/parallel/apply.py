@@ -35,10 +35,11 @@ from ..moe.evolution import EvolvingFFN
 from ..moe.moe_layer import MoELayer
 from .data_parallel import GradientReducer, ZeroAdamW
 from .expert_parallel import AllToAllTokenDispatcher, ParallelGroupedExperts, use_global_batch_aux_loss
+from .specialise import plain_class, specialise
 from .state import REPLICATED, ParallelState, ShardSpec, comm_device, named_shard_specs
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TensorParallelContext,
                               VocabParallelEmbedding, copy_to_tp_region, enter_tp_region,
-                              gather_from_sequence_region,
+                              gather_from_sequence_region, shard_shared_expert,
                               scatter_to_sequence_region, take_shard, vocab_parallel_causal_lm_loss_sum)
 
 
@@ -54,26 +55,8 @@ def tp_context(state: ParallelState) -> TensorParallelContext:
 # --------------------------------------------------------------------------------------------------
 # Class specialisation: same module, same parameters, a subclass that adds the communication
 # --------------------------------------------------------------------------------------------------
-_SPECIALISED: dict[tuple[type, type], type] = {}
-
-
 def _specialise(module: nn.Module, mixin: type, **attrs) -> nn.Module:
-    if not isinstance(module, mixin):
-        base = type(module)
-        cls = _SPECIALISED.get((mixin, base))
-        if cls is None:
-            cls = type(f"TensorParallel{base.__name__}", (mixin, base), {"__module__": __name__})
-            _SPECIALISED[(mixin, base)] = cls
-        module.__class__ = cls
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    return module
-
-
-def plain_class(module: nn.Module) -> type:
-    """The model class a specialised module was made from."""
-    cls = type(module)
-    return cls.__mro__[2] if cls in _SPECIALISED.values() else cls
+    return specialise(module, mixin, "TensorParallel", **attrs)
 
 
 class _TPAttention:
@@ -109,19 +92,20 @@ class _TPMoELayer:
 
 
 class _SPNorm:
-    """Norm on a sequence shard: its weight gradient is partial on each TP rank, so the weight
-    enters the forward through copy-to-region (identity; all-reduce of its gradient)."""
+    """Norm on a sequence shard: its weight (and LayerNorm bias) gradient is partial on each TP
+    rank, so they enter the forward through copy-to-region (identity; all-reduce of the gradient)."""
     tp: TensorParallelContext
 
     def forward(self, x):
         if not self.tp.sp:
             return super().forward(x)
-        w = self._parameters["weight"]
-        self._parameters["weight"] = copy_to_tp_region(w, self.tp.group)  # same trick as functional_call
+        params = {k: v for k, v in self._parameters.items() if k in ("weight", "bias") and v is not None}
+        for k, v in params.items():
+            self._parameters[k] = copy_to_tp_region(v, self.tp.group)  # same trick as functional_call
         try:
             return super().forward(x)
         finally:
-            self._parameters["weight"] = w
+            self._parameters.update(params)
 
 
 class _TPMultimodalLM:
@@ -195,7 +179,8 @@ def apply_tp(model: MultimodalLM, state: ParallelState, cfg=None) -> MultimodalL
         _tp_attention(layer.attn, tp)
         if tp.sequence_parallel:
             _specialise(layer.attn_norm, _SPNorm, tp=tp)
-            _specialise(layer.mlp_norm, _SPNorm, tp=tp)
+            if layer.mlp_norm is not None:  # (none with model.parallel_residual)
+                _specialise(layer.mlp_norm, _SPNorm, tp=tp)
         _tp_mlp(layer, tp)
     llm = model.llm
     if tp.sequence_parallel and not is_placeholder(llm.norm):
@@ -233,10 +218,13 @@ def _tp_mlp(layer, tp: TensorParallelContext) -> None:
                 ex._shard_specs[name] = ShardSpec(tp_dim=dim, full_size=getattr(ex, name).shape[dim] * tp.size,
                                                   ep_dim=ex._shard_specs[name].ep_dim, expert=True)
             ex.tp = tp
+        if getattr(mlp, "shared_expert", None) is not None:  # a dense FFN: column/row parallel
+            shard_shared_expert(mlp.shared_expert, tp)
         _specialise(mlp, _TPMoELayer, tp=tp)
         return
     if isinstance(mlp, FFN):  # FFN and EvolvingFFN
-        mlp.w_gate = ColumnParallelLinear.from_linear(mlp.w_gate, tp, input_mode="none")
+        if getattr(mlp, "w_gate", None) is not None:  # (a GELU FFN has w_up and w_down only)
+            mlp.w_gate = ColumnParallelLinear.from_linear(mlp.w_gate, tp, input_mode="none")
         mlp.w_up = ColumnParallelLinear.from_linear(mlp.w_up, tp, input_mode="none")
         mlp.w_down = RowParallelLinear.from_linear(mlp.w_down, tp)
         if isinstance(mlp, EvolvingFFN):  # the evolved copies follow FFN1's sharding: [N, *w.shape]

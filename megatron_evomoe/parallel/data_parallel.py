@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .state import REPLICATED, ParallelState, comm_device, named_shard_specs, replicas
+from .watchdog import collective
 
 
 class GradientReducer:
@@ -66,8 +67,10 @@ class GradientReducer:
             if group is None:
                 continue
             n = dist.get_world_size(group)
-            for bucket in buckets:
-                self._reduce_bucket(bucket, group, n)
+            label = "data-parallel" if kind == "dp" else "expert-data-parallel"
+            with collective(f"all_reduce(gradients) on the {label} group", group):
+                for bucket in buckets:
+                    self._reduce_bucket(bucket, group, n)
 
     def _reduce_bucket(self, bucket, group, n: int) -> None:
         params = [p for _, p in bucket]
@@ -107,7 +110,8 @@ def global_grad_norm(model: nn.Module, params: list[tuple[str, nn.Parameter]], s
             sq = p.grad.detach().double().pow(2).sum().to(device)
             total += sq / replicas(specs.get(name, REPLICATED), state)
     if state.world_size > 1:
-        dist.all_reduce(total)
+        with collective("all_reduce(gradient norm) over all ranks"):
+            dist.all_reduce(total)
     return total.sqrt().cpu()
 
 

@@ -25,8 +25,10 @@ import torch.distributed as dist
 from ..moe.experts import GroupedExperts
 from ..moe.router import RoutingOutput
 from ..ops.permute import permute, unpermute
+from .specialise import specialise
 from .state import ShardSpec
 from .tensor_parallel import TensorParallelContext, copy_to_tp_region, reduce_from_tp_region
+from .watchdog import collective
 
 
 class _AllToAll(torch.autograd.Function):
@@ -37,13 +39,15 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, output_splits, input_splits, group):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        with collective("all_to_all(tokens to their experts) on the expert-parallel group", group):
+            dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, g):
         out = g.new_empty((sum(ctx.input_splits), *g.shape[1:]))
-        dist.all_to_all_single(out, g.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
+        with collective("all_to_all(token gradients, backward) on the expert-parallel group", ctx.group):
+            dist.all_to_all_single(out, g.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
         return out, None, None, None
 
 
@@ -86,7 +90,8 @@ class AllToAllTokenDispatcher:
         # 1) counts: send[j, e] = my tokens for expert e of rank j; recv[s, e] = rank s's for my expert e
         send_counts = counts.view(ep, El).contiguous()
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        with collective("all_to_all(token counts per expert) on the expert-parallel group", self.group):
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         input_splits = send_counts.sum(1).tolist()
         output_splits = recv_counts.sum(1).tolist()
         # 2) tokens
@@ -181,18 +186,6 @@ class GlobalBatchRouterMixin:
         return RoutingOutput(logits, probs, topk_idx, gates, counts, aux, z)
 
 
-_GLOBAL_ROUTER_CLASSES: dict[type, type] = {}
-
-
 def use_global_batch_aux_loss(router, dp_group) -> None:
     """Make `router` compute its losses over the DP group's global batch (in place; same parameters)."""
-    if isinstance(router, GlobalBatchRouterMixin):
-        router.stats_group = dp_group
-        return
-    base = type(router)
-    cls = _GLOBAL_ROUTER_CLASSES.get(base)
-    if cls is None:
-        cls = type(f"GlobalBatch{base.__name__}", (GlobalBatchRouterMixin, base), {"__module__": __name__})
-        _GLOBAL_ROUTER_CLASSES[base] = cls
-    router.__class__ = cls
-    router.stats_group = dp_group
+    specialise(router, GlobalBatchRouterMixin, "GlobalBatch", stats_group=dp_group)

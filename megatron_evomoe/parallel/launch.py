@@ -17,12 +17,14 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
 from .state import ParallelState, validate_parallel
+from .watchdog import collective, short_cause, start_watchdog, stop_watchdog
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -105,10 +107,31 @@ def init_distributed(cfg, environ=None) -> ParallelState | None:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+        # a dead or stuck peer makes collectives fail after parallel.timeout_s instead of waiting forever
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                store=restart_safe_store(timeout))
+        # heartbeats on the rendezvous store, so that such a failure names the rank at fault
+        start_watchdog(info.rank, info.world_size, cfg.parallel.timeout_s, os.environ["MASTER_ADDR"],
+                       int(os.environ["MASTER_PORT"]))
     state = ParallelState.build(cfg, info.rank, info.world_size)
     log.info("distributed: %s backend, launched by %s; %s", backend, info.source, state.describe())
     return state
+
+
+def restart_safe_store(timeout: timedelta, environ=None):
+    """The store for init_process_group: None (its env:// default) unless torchrun's agent hosts it.
+
+    torchrun (c10d rendezvous) keeps one TCPStore for the whole job, across the restarts of
+    --max-restarts, and the process group's keys carry no attempt number: after a restart, gloo
+    read the previous attempt's peer addresses and failed to connect ("connectFullMesh ...
+    Connection refused"; pytorch/pytorch#135712). Each attempt gets its own key prefix. (All the
+    workers of a torchrun job restart together, so they agree on TORCHELASTIC_RESTART_COUNT.)"""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"evomoe/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @contextlib.contextmanager
@@ -116,12 +139,22 @@ def rank0_first(state: ParallelState | None):
     """Rank 0 runs the body first (e.g. builds the dataset), the others after it finished."""
     multi = state is not None and state.world_size > 1
     if multi and state.rank != 0:
-        dist.barrier()
+        with collective("barrier (rank 0 prepares the data first)"):
+            dist.barrier()
     try:
         yield
     finally:
         if multi and state.rank == 0:
-            dist.barrier()
+            with collective("barrier (rank 0 prepares the data first)"):
+                dist.barrier()
+
+
+def shutdown_distributed(error: BaseException | None = None) -> None:
+    """Leave a last heartbeat saying why this rank stops (peers blocked in a collective then report
+    it), then destroy the process group."""
+    stop_watchdog("finished" if error is None else f"{type(error).__name__}: {short_cause(error)}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def plan(cfg, world_size: int) -> str:

@@ -34,6 +34,7 @@ from ..model.modality import IMAGE, TEXT
 from ..moe.evolution import EvolvingFFN
 from ..moe.moe_layer import MoELayer
 from .state import ParallelState, comm_device
+from .watchdog import collective
 
 TAG_ACTIVATION, TAG_GRADIENT = 1, 2
 
@@ -188,9 +189,22 @@ def _p2p(state: ParallelState, send_next=None, send_prev=None, recv_prev_shape=N
     if recv_next_shape is not None:
         recv_next = torch.empty(recv_next_shape, dtype=dtype, device=device)
         ops.append(dist.irecv(recv_next, state.stage_rank(state.pp_rank + 1), tag=TAG_GRADIENT))
-    for op in ops:
-        op.wait()
+    peers = [state.stage_rank(state.pp_rank + d) for d in (-1, 1) if 0 <= state.pp_rank + d < state.pp_size]
+    with collective(_p2p_label(state, send_next, send_prev, recv_prev_shape, recv_next_shape), ranks=peers):
+        for op in ops:
+            op.wait()
     return recv_prev, recv_next
+
+
+def _p2p_label(state: ParallelState, send_next, send_prev, recv_prev_shape, recv_next_shape) -> str:
+    """'send/recv(activations to stage 1, ...) on the pipeline group' for watchdog messages."""
+    s, parts = state.pp_rank, []
+    for item, what, peer in ((send_next, "send activations to", s + 1), (send_prev, "send gradients to", s - 1),
+                             (recv_prev_shape, "recv activations from", s - 1),
+                             (recv_next_shape, "recv gradients from", s + 1)):
+        if item is not None:
+            parts.append(f"{what} stage {peer} (rank {state.stage_rank(peer)})")
+    return f"send/recv({', '.join(parts)}) on the pipeline group, at stage {s}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +285,7 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
         if not first:
             _p2p(state, send_prev=g_in)
     if state.pp_group is not None:
-        dist.all_reduce(totals, group=state.pp_group)
+        with collective("all_reduce(losses) on the pipeline group", state.pp_group):
+            dist.all_reduce(totals, group=state.pp_group)
     totals = totals.cpu()
     return {"lm_loss": float(totals[0]), "aux_loss": float(totals[1])}

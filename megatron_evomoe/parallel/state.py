@@ -35,6 +35,7 @@ are sharded over EP and replicated over expert-DP (gradients all-reduced there).
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
@@ -178,12 +179,14 @@ class ParallelState:
         if world_size > 1 and not dist.is_initialized():
             raise RuntimeError("ParallelState.build: torch.distributed is not initialised "
                                "(use megatron_evomoe.parallel.launch.init_distributed)")
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
         for kind in GROUP_KINDS:
             st.groups[kind], st.group_ranks[kind] = None, [rank]
             for ranks in layout.groups(kind):
                 # new_group must be entered by every rank for every group, members or not
                 # (size-1 groups are skipped identically everywhere: nothing to talk to).
-                pg = dist.new_group(ranks) if len(ranks) > 1 else None
+                # (new_group does not inherit init_process_group's timeout: pass parallel.timeout_s)
+                pg = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
                 if rank in ranks:
                     st.groups[kind], st.group_ranks[kind] = pg, ranks
         return st

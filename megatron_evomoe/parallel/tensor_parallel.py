@@ -14,6 +14,12 @@ Layers: `ColumnParallelLinear` (output features split), `RowParallelLinear` (inp
 split, partial outputs summed), `VocabParallelEmbedding` (vocabulary rows split) and the
 vocab-parallel cross-entropy (the logits never exist whole on one rank).
 
+Biases: a column-parallel bias is split with the output features; a row-parallel bias is
+replicated and added once, after the partial outputs are summed. Under SP that sum is
+reduce-scattered, so each rank sees only its sequence shard and holds a partial bias
+gradient: the bias enters through copy-to-region (all-reduce of its gradient), as the
+norms' weights and biases do (parallel/apply.py `_SPNorm`).
+
 Sequence parallelism (Megatron SP): between blocks the residual stream is split along the
 sequence over the TP ranks ([B, S/tp, C]); norms run on the shard; entering attention/FFN
 all-gathers the sequence, leaving them reduce-scatters it. SP is configured once
@@ -33,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .specialise import specialise
 from .state import ShardSpec
 
 
@@ -296,21 +303,27 @@ class ColumnParallelLinear(nn.Linear):
 
 class RowParallelLinear(nn.Linear):
     """y = x A^T with A's columns (input features) split; the input arrives split the same way
-    (the output of a column-parallel layer); partial outputs are summed (reduce-scattered under SP)."""
+    (the output of a column-parallel layer); partial outputs are summed (reduce-scattered under SP).
+
+    output_mode: "exit" (sum, or reduce-scatter along the sequence under SP) or "reduce" (always a
+    plain all-reduce: for tokens that are not sequence-split, e.g. the flattened [T, C] tokens
+    inside a MoE layer, which gathers the sequence itself).
+    """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallelContext, bias: bool = False,
-                 device=None, dtype=None):
+                 output_mode: str = "exit", device=None, dtype=None):
         if in_features % tp.size:
             raise ValueError(f"RowParallelLinear: in_features={in_features} is not divisible by tp={tp.size}")
         super().__init__(in_features // tp.size, out_features, bias=bias, device=device, dtype=dtype)
-        self.tp, self.full_in_features = tp, in_features
+        self.tp, self.full_in_features, self.output_mode = tp, in_features, output_mode
         self._shard_specs = {"weight": ShardSpec(tp_dim=1, full_size=in_features)}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp: TensorParallelContext) -> "RowParallelLinear":
+    def from_linear(cls, linear: nn.Linear, tp: TensorParallelContext, output_mode: str = "exit"
+                    ) -> "RowParallelLinear":
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, tp, bias=linear.bias is not None,
-                  device="meta", dtype=w.dtype)
+                  output_mode=output_mode, device="meta", dtype=w.dtype)
         new = _materialise(new, w.device)
         with torch.no_grad():
             new.weight.copy_(take_shard(w, 1, tp.size, tp.rank))
@@ -321,8 +334,13 @@ class RowParallelLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = exit_tp_region(F.linear(x, self.weight), self.tp)
-        return y if self.bias is None else y + self.bias
+        y = F.linear(x, self.weight)
+        sequence_split = self.output_mode == "exit" and self.tp.sp
+        y = exit_tp_region(y, self.tp) if self.output_mode == "exit" else reduce_from_tp_region(y, self.tp.group)
+        if self.bias is None:
+            return y
+        # added once, after the sum; on a sequence shard its gradient is partial: all-reduce it
+        return y + (copy_to_tp_region(self.bias, self.tp.group) if sequence_split else self.bias)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -351,6 +369,33 @@ class VocabParallelEmbedding(nn.Embedding):
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         h = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp_region(h, self.tp.group)
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared expert of a MoE layer (moe/shared_expert.py)
+# --------------------------------------------------------------------------------------------------
+class _TPSharedExpertMixin:
+    """SharedExpert whose FFN is column/row parallel and whose sigmoid gate stays replicated.
+
+    It runs inside the MoE layer on the flattened tokens [T, C], which are whole on every TP rank
+    (under SP the MoE layer has gathered the sequence already): so the FFN enters with a plain
+    copy-to-region and its w_down all-reduces ("reduce"), never the sequence collectives. The gate
+    reads x outside that region: its input gradient is already complete on every rank.
+    """
+    tp: TensorParallelContext
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return super().ffn(copy_to_tp_region(x, self.tp.group))
+
+
+def shard_shared_expert(shared: nn.Module, tp: TensorParallelContext) -> nn.Module:
+    """Shard a SharedExpert over TP in place (same parameter names; idempotent)."""
+    if isinstance(shared, _TPSharedExpertMixin):
+        return shared
+    shared.w_gate = ColumnParallelLinear.from_linear(shared.w_gate, tp, input_mode="none")
+    shared.w_up = ColumnParallelLinear.from_linear(shared.w_up, tp, input_mode="none")
+    shared.w_down = RowParallelLinear.from_linear(shared.w_down, tp, output_mode="reduce")
+    return specialise(shared, _TPSharedExpertMixin, "TensorParallel", tp=tp)
 
 
 # --------------------------------------------------------------------------------------------------

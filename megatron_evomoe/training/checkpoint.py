@@ -119,6 +119,39 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path / 'state.pt'}: cannot be read ({type(e).__name__}: {e})") from e
 
 
+def check_model_fits(own: dict, state: dict, source: str, config: dict | None = None, hint: str = "") -> None:
+    """Raise CheckpointError naming the first tensor of `state["model"]` that is missing, unexpected or
+    of another shape than in the model's state dict `own` (load_state_dict would print a multi-line
+    size-mismatch trace instead). With `config` (this run's `cfg.to_dict()`) the message also lists the
+    architecture fields in which the checkpoint's saved config differs."""
+    saved = state["model"]
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    wrong = [k for k in own if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    if wrong:  # another model size: the most telling of the three
+        detail = (f"shape of {wrong[0]}: checkpoint {tuple(saved[wrong[0]].shape)} vs model "
+                  f"{tuple(own[wrong[0]].shape)}")
+    else:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+    differs = _architecture_diff(state.get("config"), config)
+    if differs:
+        detail += "; config differs: " + ", ".join(differs[:4])
+    raise CheckpointError(f"{source} does not fit the configured model ({detail})" + (f"; {hint}" if hint else ""))
+
+
+def _architecture_diff(saved: dict | None, now: dict | None) -> list[str]:
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    out = []
+    for section in ("model", "vision", "moe", "router"):
+        old, new = saved.get(section) or {}, now.get(section) or {}
+        out += [f"{section}.{k}={old[k]!r} in the checkpoint, {new[k]!r} now"
+                for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    return out
+
+
 def _prune(root: Path, keep: int) -> None:
     done = list_checkpoints(root.parent)
     latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None

@@ -13,6 +13,8 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], lr: float, wei
                     betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
     """AdamW; NVIDIA apex FusedAdam when it is installed and we are on CUDA.
 
+    Otherwise torch's fused AdamW (one pass over each parameter, CPU and CUDA: about 2x faster
+    than the foreach kernels on CPU and the same update), foreach where fused is not supported.
     Weight decay applies to matrices only (not norms, biases, 1-D gains).
     """
     decay = [p for n, p in params if p.dim() >= 2]
@@ -26,7 +28,8 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], lr: float, wei
             return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
         except ImportError:
             pass
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for _, p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int, schedule: str) -> float:

@@ -21,7 +21,11 @@ def config_from_state(state: dict) -> Config:
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
                        data_root: str | None = None) -> tuple[MultimodalLM, Config, DataBundle, dict]:
     """Checkpoint folder (or a run's save_dir: its latest checkpoint) -> (model in eval mode, cfg, data, state)."""
-    state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(path))
+    found = ckpt.resolve_checkpoint(path)
+    state = ckpt.load_checkpoint(found)
+    if not isinstance(state.get("config"), dict) or "stage_idx" not in state:
+        raise ckpt.CheckpointError(f"{found}: not a training checkpoint (no saved config or stage); weights-only "
+                                   "checkpoints (e.g. from the HF importer) are loaded with train.init_from")
     cfg = config_from_state(state)
     if data_root is not None:
         cfg.data.root = data_root
@@ -31,5 +35,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
     gen = torch.Generator()
     for stage in cfg.stages[: state["stage_idx"] + 1]:
         apply_stage_structure(model, cfg, stage, gen)
+    # the saved config rebuilds the same model unless data_root brings another tokenizer (vocabulary)
+    ckpt.check_model_fits(model.state_dict(), state, str(found), cfg.to_dict())
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, bundle, state

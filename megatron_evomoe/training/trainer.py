@@ -8,6 +8,7 @@ step, sampler position, RNG states and the evolution generator.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..data.errors import DataError
 from ..model.mllm import IGNORE_INDEX, MultimodalLM
 from . import checkpoint as ckpt
-from .data_setup import StageData, prepare_data
+from .cpu_allocator import use_caching_allocator
+from .data_setup import StageData, check_stage_data, prepare_data
 from .evaluation import evaluate_pope
 from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
@@ -70,6 +73,8 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = resolve_device(t.device)
+        if self.device.type == "cpu" and t.cpu_allocator == "caching":
+            use_caching_allocator()
         seed_everything(t.seed)
         self.save_dir = Path(t.save_dir)
         if parallel_state is not None:  # rank 0 builds the bundled dataset, the others wait for it
@@ -97,9 +102,10 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
         state = self._load_latest()
+        start_stage = state["stage_idx"] if state else 0
+        check_stage_data(self.data, self.cfg, self.cfg.stages[start_stage:])  # bad data: stop before any work
         if state is None and self.cfg.train.init_from:
             self._init_weights(self.cfg.train.init_from)
-        start_stage = state["stage_idx"] if state else 0
         for idx, stage in enumerate(self.cfg.stages):
             if idx < start_stage:  # replay structure only; weights come from the checkpoint
                 self._apply_structure(stage)
@@ -111,23 +117,48 @@ class Trainer:
 
     def _apply_structure(self, stage) -> None:
         if self.par is not None:  # unshard the FFNs that change, convert as one process would, reshard
-            self.par.apply_stage_structure(stage, self.structure_gen)
+            with self._comm(f"stage '{stage.name}' structure change (TP/EP gathers, router broadcast)"):
+                self.par.apply_stage_structure(stage, self.structure_gen)
         else:
             apply_stage_structure(self.model, self.cfg, stage, self.structure_gen)
 
     def _load_latest(self) -> dict | None:
         if not self.cfg.train.resume:
             return None
-        path = ckpt.find_latest(self.ckpt_dir)
+        path = ckpt.find_latest(self.ckpt_dir) if self.par is None else self._newest_common_checkpoint()
         if path is None and self.par is not None:  # a consolidated checkpoint (parallel/reshard.py): reshard it
             path = ckpt.find_latest(self.save_dir)
         if self.par is not None:  # all ranks must resume from the same step
-            self.par.agree_on_step(-1 if path is None else ckpt_meta_step(path))
+            with self._comm("resume: all_reduce(checkpoint step) over all ranks"):
+                self.par.agree_on_step(-1 if path is None else ckpt_meta_step(path))
         if path is None:
             return None
         state = ckpt.load_checkpoint(path)
+        if not 0 <= state["stage_idx"] < len(self.cfg.stages):
+            raise ckpt.CheckpointError(f"resume: {path} is from stage {state['stage_idx'] + 1}, but the config has "
+                                       f"{len(self.cfg.stages)} stages; use a new train.save_dir or train.resume=false")
         log.info("resuming from %s (stage %s, step %d)", path, self.cfg.stages[state["stage_idx"]].name, state["step"])
         return state
+
+    def _newest_common_checkpoint(self):
+        """This rank's newest checkpoint that every rank also completed. A rank killed while saving
+        leaves the others one checkpoint ahead; they still hold the previous one (with
+        train.keep_checkpoints >= 2), which the killed rank finished before."""
+        mine = {ckpt_meta_step(p): p for p in ckpt.list_checkpoints(self.ckpt_dir)}
+        newest = max(mine, default=-1)
+        with self._comm("resume: all_reduce(MIN of the newest checkpoint step) over all ranks"):
+            common = _min_over_ranks(newest, self.par.state)
+        if common < newest:
+            log.warning("rank %d: the checkpoint of global step %d is not complete on every rank (a rank stopped "
+                        "before finishing it); resuming from global step %d", self.par.state.rank, newest, common)
+        return mine.get(common)  # None: no common step (agree_on_step names a rank that lacks it)
+
+    def _comm(self, what: str, group=None):
+        """Names a communication step in the error that a dead or hung rank causes (parallel/watchdog.py)."""
+        if self.par is None:
+            return contextlib.nullcontext()
+        from ..parallel.watchdog import collective
+        return collective(what, group)
 
     def _init_weights(self, path: str) -> None:
         """Load pretrained weights (e.g. an imported HF checkpoint) into the stage-0 model."""
@@ -135,22 +166,15 @@ class Trainer:
             found = ckpt.resolve_checkpoint(path)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"train.init_from: {e}") from None
-        weights = ckpt.load_checkpoint(found)["model"]
+        loaded = ckpt.load_checkpoint(found)
+        weights = loaded["model"]
         if self.par is not None:  # full (single-process) weights: every rank keeps its own shard
             from ..parallel.apply import load_full_state_dict
             load_full_state_dict(self.model, weights, self.par.state)
             log.info("initialised the model from %s (sharded to this rank's layout)", found)
             return
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(weights))
-        unexpected = sorted(set(weights) - set(own))
-        wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                      else f"shape of {wrong[0]}: checkpoint {tuple(weights[wrong[0]].shape)} vs model "
-                           f"{tuple(own[wrong[0]].shape)}")
-            raise ckpt.CheckpointError(f"train.init_from: {found} does not fit the configured model ({detail}); "
-                                       "the model/vision sections must describe the same architecture")
+        ckpt.check_model_fits(self.model.state_dict(), loaded, f"train.init_from: {found}", self.cfg.to_dict(),
+                              "the model/vision sections must describe the same architecture")
         self.model.load_state_dict(weights)
         log.info("initialised the model from %s", found)
 
@@ -158,8 +182,9 @@ class Trainer:
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
         cfg = self.cfg
         self._apply_structure(stage)
-        trainable = (set_trainable(self.model, cfg, stage, idx) if self.par is None
-                     else self.par.set_trainable(stage, idx))
+        with self._comm(f"stage '{stage.name}' set-up (all_reduce of the trainable patterns on the pipeline group)"):
+            trainable = (set_trainable(self.model, cfg, stage, idx) if self.par is None
+                         else self.par.set_trainable(stage, idx))
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         betas = tuple(cfg.train.adam_betas)
         opt = None
@@ -191,7 +216,13 @@ class Trainer:
             lr = lr_at(step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * lr_scale
             for g in opt.param_groups:
                 g["lr"] = lr
-            record, num_tokens = self._train_step(opt, params, data, evo, step, stage)
+            try:
+                record, num_tokens = self._train_step(opt, params, data, evo, step, stage)
+            except DataError:  # a sample that could not be loaded (images are decoded lazily)
+                self._save_before_data_error(idx, step, opt, data, evo)
+                raise
+            if cfg.data.skip_bad_samples:
+                record["bad_samples_skipped"] = data.num_skipped
             if record.get("skipped") and cfg.train.nonfinite == "reduce_lr":
                 lr_scale *= 0.5
             step += 1
@@ -215,7 +246,14 @@ class Trainer:
         if stage.eval and cfg.data.num_eval_samples > 0 and self.par is not None and self.par.pipeline:
             log.warning("stage '%s': evaluation skipped (generation is not pipelined)", stage.name)
         elif stage.eval and cfg.data.num_eval_samples > 0:  # under TP/EP/DP every rank evaluates in step
-            scores = evaluate_pope(self.model, self.data, cfg, self.device)
+            try:
+                with self._comm(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
+                    scores = evaluate_pope(self.model, self.data, cfg, self.device)
+            except DataError:  # e.g. an unreadable evaluation image: keep the stage's training
+                self._save(idx, stage.steps, opt, data, evo, stage_end=True)
+                log.error("stage '%s' evaluation failed; its checkpoint is saved and a rerun continues with "
+                          "the next stage without repeating this evaluation", stage.name)
+                raise
             log.info("stage '%s' POPE (held-out, %d questions): acc %.3f  precision %.3f  recall %.3f  "
                      "F1 %.3f  yes-ratio %.3f | blank images (text prior only): acc %.3f  F1 %.3f",
                      stage.name, scores["num_questions"], scores["accuracy"], scores["precision"],
@@ -227,27 +265,33 @@ class Trainer:
 
     def _train_step(self, opt, params, data, evo, step, stage):
         cfg = self.cfg
-        micro = [data.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+        micro = data.next_batches(cfg.train.grad_accum_steps)  # before any forward: a DataError leaves no trace
         num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         if self.par is not None:  # the loss is normalised by the supervised tokens of the global step
-            num_tokens = self.par.global_tokens(num_tokens)
+            from ..parallel.watchdog import set_step
+            set_step(self.global_step + 1)  # (named in the errors of a dead or hung rank)
+            with self._comm("all_reduce(token count) on the data-parallel group", self.par.state.dp_group):
+                num_tokens = self.par.global_tokens(num_tokens)
         opt.zero_grad(set_to_none=True)
         lm_total, aux_total = 0.0, 0.0
-        if self.par is not None and self.par.pipeline:
-            lm_total, aux_total = self.par.forward_backward(micro, num_tokens, self.device, cfg.train.bf16)
-            micro = []  # the 1F1B schedule ran forward and backward
-        for batch in micro:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                out = self.model(batch["input_ids"], batch["images"], batch["labels"])
-            lm = out.lm_loss_sum / max(num_tokens, 1)
-            aux = out.aux_loss / len(micro)
-            (lm + aux).backward()
-            lm_total += float(lm.detach())
-            aux_total += float(aux.detach())
+        with self._comm("forward/backward (tensor-parallel all-reduces, router statistics, expert all-to-all)"):
+            if self.par is not None and self.par.pipeline:
+                lm_total, aux_total = self.par.forward_backward(micro, num_tokens, self.device, cfg.train.bf16)
+                micro = []  # the 1F1B schedule ran forward and backward
+            for batch in micro:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+                    out = self.model(batch["input_ids"], batch["images"], batch["labels"])
+                lm = out.lm_loss_sum / max(num_tokens, 1)
+                aux = out.aux_loss / len(micro)
+                (lm + aux).backward()
+                lm_total += float(lm.detach())
+                aux_total += float(aux.detach())
         if self.par is not None:  # all-reduce gradients (DP / expert-DP), norm over all shards, clip
-            grad_norm = self.par.reduce_and_clip(params, cfg.train.clip_grad)
-            lm_total, aux_total = self.par.sum_losses(lm_total, aux_total)
+            with self._comm("gradient reduction and clipping (data-parallel groups, norm over all ranks)"):
+                grad_norm = self.par.reduce_and_clip(params, cfg.train.clip_grad)
+            with self._comm("all_reduce(losses) on the data-parallel group", self.par.state.dp_group):
+                lm_total, aux_total = self.par.sum_losses(lm_total, aux_total)
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params],
                                                              cfg.train.clip_grad or float("inf")))
@@ -310,14 +354,34 @@ class Trainer:
         path = ckpt.save_checkpoint(self.ckpt_dir, name, state, meta, self.cfg.train.keep_checkpoints)
         log.info("saved checkpoint %s", path)
 
+    def _save_before_data_error(self, idx, step, opt, data, evo) -> None:
+        """Keep the steps done since the last checkpoint when a sample fails to load mid-run: `data` was
+        rewound to the start of this step and nothing else has moved, so this is an ordinary checkpoint and
+        a rerun (after fixing the file, or with data.skip_bad_samples=true) continues the same trajectory."""
+        if self.par is not None or step == 0:  # other ranks are elsewhere / nothing new since the last save
+            return
+        self._save(idx, step, opt, data, evo, stage_end=False)
+        log.error("a sample failed to load at stage '%s' step %d; the steps before it are checkpointed: fix or "
+                  "remove the file (or set data.skip_bad_samples=true) and rerun to resume", self.cfg.stages[idx].name,
+                  step + 1)
+
     def _restore(self, state: dict, opt, data, evo) -> int:
-        load_opt = state["step"] < self.cfg.stages[state["stage_idx"]].steps
+        stage = self.cfg.stages[state["stage_idx"]]
+        load_opt = state["step"] < stage.steps
         if self.par is not None:  # this layout's own shard, or a consolidated checkpoint resharded
             self.par.load_state(state, opt, load_opt)
         else:
+            where = f"resume: the checkpoint of stage '{stage.name}' step {state['step']} in {self.ckpt_dir}"
+            ckpt.check_model_fits(self.model.state_dict(), state, where, self.cfg.to_dict(),
+                                  "use a new train.save_dir (or train.resume=false) for another architecture")
             self.model.load_state_dict(state["model"])
             if load_opt:
-                opt.load_state_dict(state["optimizer"])
+                try:
+                    opt.load_state_dict(state["optimizer"])
+                except ValueError as e:  # same shapes, other trainable set
+                    raise ckpt.CheckpointError(f"{where}: its optimizer state does not fit this stage's "
+                                               f"trainable parameters ({e}); was stages.{stage.name}.trainable "
+                                               "changed?") from None
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.structure_gen.set_state(state["structure_gen"])
@@ -325,6 +389,17 @@ class Trainer:
             evo.load_state_dict(state["evolution"])
         self.global_step = state["global_step"]
         return state["step"]
+
+
+def _min_over_ranks(value: int, state) -> int:
+    if state.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    from ..parallel.state import comm_device
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.cpu()[0])
 
 
 def ckpt_meta_step(path) -> int:

@@ -49,9 +49,8 @@ def test_valid_folder_converts(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("model_type, arch, words", [
-    ("phi", "PhiForCausalLM", ["partial rotary", "LayerNorm"]),
-    ("stablelm", "StableLmForCausalLM", ["partial_rotary_factor=0.25"]),
-    ("gpt2", "GPT2LMHeadModel", ["not a supported decoder", "llama, mistral, qwen2, mixtral, qwen2_moe"]),
+    ("gemma", "GemmaForCausalLM", ["sqrt(hidden)", "GeGLU"]),
+    ("gpt2", "GPT2LMHeadModel", ["not a supported decoder", "llama, mistral, qwen2, mixtral, qwen2_moe, phi, stablelm"]),
 ])
 def test_unsupported_architecture_names_model_type(llama_dir, tmp_path, model_type, arch, words):
     edit_config(llama_dir, model_type=model_type, architectures=[arch])
@@ -68,8 +67,8 @@ def test_unsupported_architecture_names_model_type(llama_dir, tmp_path, model_ty
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(attention_bias=True), "attention_bias=true"),
     (dict(head_dim=16), "head_dim=16"),
-    (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=4, num_experts_per_tok=2,
-          shared_expert_intermediate_size=64), "shared expert"),
+    (dict(model_type="stablelm", architectures=["StableLmForCausalLM"], qk_layernorm=True), "qk_layernorm=true"),
+    (dict(model_type="phi", architectures=["PhiForCausalLM"], hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=1),
      "num_experts_per_tok=1"),
 ])

@@ -31,12 +31,18 @@ def ids_without_image(seed=1):
     return torch.randint(5, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mixtral", "phi", "stablelm", "qwen2_moe"])
 def test_import_export_roundtrip(hf, save_hf, tmp_path, kind):
     cls, cfg_cls, extra = {"llama": ("LlamaForCausalLM", "LlamaConfig", {}),
                            "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
                            "mixtral": ("MixtralForCausalLM", "MixtralConfig",
-                                       dict(num_local_experts=4, num_experts_per_tok=2))}[kind]
+                                       dict(num_local_experts=4, num_experts_per_tok=2)),
+                           "phi": ("PhiForCausalLM", "PhiConfig", {}),
+                           "stablelm": ("StableLmForCausalLM", "StableLmConfig",
+                                        dict(use_qkv_bias=True, use_parallel_residual=True)),
+                           "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",  # with a shared expert
+                                         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                              shared_expert_intermediate_size=40, mlp_only_layers=[0]))}[kind]
     m = randomize(getattr(hf, cls)(getattr(hf, cfg_cls)(**SMALL_LLM, **extra)))
     hf_to_evomoe(save_hf(m, kind), tmp_path / "run", **quiet)
     assert convert_main(["evomoe-to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "out"),
@@ -142,3 +148,17 @@ def test_export_refuses_what_a_format_cannot_hold(tmp_path):
         evomoe_to_hf(run, tmp_path / "full", **quiet)
     with pytest.raises(ConversionError, match="neither a checkpoint folder"):
         evomoe_to_hf(tmp_path / "nothing", tmp_path / "b", **quiet)
+
+
+def test_export_checks_the_family_options(tmp_path):
+    """A decoder whose options match no HF class goes to the project's format; a forced family says why."""
+    run, model, cfg = make_run(tmp_path, "--vision.enabled=false", "--moe.layers=none", "--model.norm=layernorm",
+                               "--model.mlp_bias=true", "--stages=[{name: s, steps: 1}]")
+    with pytest.raises(ConversionError, match="model.norm='layernorm'"):
+        evomoe_to_hf(run, tmp_path / "a", "llama", **quiet)
+    with pytest.raises(ConversionError, match="model.mlp_bias=True"):
+        evomoe_to_hf(run, tmp_path / "b", "stablelm", **quiet)
+    lines = []
+    evomoe_to_hf(run, tmp_path / "out", echo=lines.append)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "evomoe"
+    assert any("no Hugging Face decoder class" in s for s in lines)

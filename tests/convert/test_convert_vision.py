@@ -79,3 +79,18 @@ def test_tower_options_default_to_the_projects_own_vit():
     assert model.vision(x).shape == (2, clip.vision.num_image_tokens, clip.vision.hidden_size)  # class token dropped
     with pytest.raises(ConfigError, match="vision.activation"):
         load_config(None, [one, "--vision.activation=relu"])
+
+
+def test_llava_with_stablelm_text_model(hf, save_hf, tmp_path):
+    """convert/llava.py reads the text model through the same LLM spec: a StableLM LLaVA loads exactly."""
+    cfg = hf.LlavaConfig(vision_config=hf.CLIPVisionConfig(**SMALL_VISION),
+                         text_config=hf.StableLmConfig(**SMALL_LLM, use_qkv_bias=True), image_token_index=IMAGE_ID)
+    m = randomize(hf.LlavaForConditionalGeneration(cfg))
+    hf_to_evomoe(save_hf(m, "llava"), tmp_path / "run", echo=lambda s: None)
+    model, ours, _, _ = load_trained_model(tmp_path / "run")
+    ids = text_ids()
+    ids[:, 1:5] = IMAGE_ID
+    x = _pixels()
+    with torch.no_grad():
+        diff = float((model(ids, x).logits - m(input_ids=ids, pixel_values=x).logits).abs().max())
+    assert diff < TOL and ours.model.norm == "layernorm" and ours.model.rotary_pct == 0.25

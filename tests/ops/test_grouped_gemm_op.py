@@ -39,10 +39,24 @@ def check_autograd(backend, dtype, device, counts, tail, K=24, N=20, seed=0):
         torch.testing.assert_close(got.float(), ref.float(), **TOL[dtype], msg=lambda m: f"{backend} {name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu_ext"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grouped_mm_autograd(backend, dtype):
     check_autograd(backend, dtype, "cpu", counts=[9, 0, 14, 1, 0], tail=3)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_cpu_ext_expert_parallel_path(num_threads):
+    """Enough experts for the CPU extension to spread them over threads (>= 2 per thread),
+    unbalanced, with empty experts and a tail of unrouted rows: same results as the loop."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        counts = [17, 0, 3, 40, 1, 0, 9, 9, 25, 2, 0, 6]
+        check_autograd("cpu_ext", torch.float32, "cpu", counts=counts, tail=5, K=33, N=18, seed=num_threads)
+        check_autograd("cpu_ext", torch.bfloat16, "cpu", counts=counts, tail=0, K=16, N=24, seed=7)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_grouped_mm_torch_backend_single_expert_and_sum_backward():
@@ -72,7 +86,11 @@ def test_grouped_mm_loop_fallback_matches(monkeypatch):
 
 
 def test_resolve_backend_choices(monkeypatch):
-    assert resolve_backend("auto", "grouped_mm", torch.device("cpu")) == "torch"
+    # The CPU extension is built by the install CI runs: auto must find it.
+    assert resolve_backend("auto", "grouped_mm", torch.device("cpu")) == "cpu_ext"
+    assert resolve_backend("cpu_ext", "grouped_mm", "cpu") == "cpu_ext"
+    with pytest.raises(BackendUnavailableError, match="runs on cpu tensors, the inputs are on cuda"):
+        resolve_backend("cpu_ext", "grouped_mm", "cuda")
     assert resolve_backend("torch", "grouped_mm", "cpu") == "torch"
     assert resolve_backend("triton", "grouped_mm", "cpu") == "triton"  # TRITON_INTERPRET=1 here
     with pytest.raises(ValueError, match="must be one of"):
@@ -82,6 +100,11 @@ def test_resolve_backend_choices(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", "grouped_mm", "cpu")
+    from megatron_evomoe.ops import _ext
+    monkeypatch.setattr(_ext, "load_cpu", lambda: None)
+    assert resolve_backend("auto", "grouped_mm", "cpu") == "torch"
+    with pytest.raises(BackendUnavailableError, match="'cpu_ext' was requested for grouped_mm"):
+        resolve_backend("cpu_ext", "grouped_mm", "cpu")
 
 
 def test_explicit_unavailable_backend_raises_from_the_op():
@@ -116,10 +139,10 @@ def test_choice_is_logged_once(caplog):
         for _ in range(3):
             grouped_mm(x, w, off)
     msgs = [r.getMessage() for r in caplog.records if r.name == "megatron_evomoe.ops"]
-    assert len(msgs) == 1 and "grouped_mm: using the torch backend on cpu" in msgs[0], msgs
+    assert len(msgs) == 1 and "grouped_mm: using the cpu_ext backend on cpu" in msgs[0], msgs
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu_ext"])
 def test_opcheck(backend):
     x = torch.randn(10, 8, requires_grad=True)
     w = torch.randn(3, 8, 6, requires_grad=True)

@@ -62,7 +62,7 @@ def test_permute_unpermute_autograd(backend, K):
     check_ops(backend, torch.float32, "cpu", T=19, C=37, E=6, K=K, drop=0.15, seed=K)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu_ext"])
 def test_permute_unpermute_autograd_bf16(backend):
     check_ops(backend, torch.bfloat16, "cpu", T=15, C=40, E=4, K=2, drop=0.0, seed=9)
 
@@ -71,16 +71,17 @@ def test_backends_agree_exactly():
     idx = routing(23, 3, 5, seed=1, drop=0.2)
     x = torch.randn(23, 17)
     a = permute(x, idx, 5, backend="torch")
-    b = permute(x, idx.int(), 5, backend="triton")
-    for u, v in zip(a, b):
-        assert torch.equal(u, v)
+    for other in ("triton", "cpu_ext"):
+        b = permute(x, idx.int(), 5, backend=other)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v), other
 
 
 def test_unpermute_without_gates_and_unowned_rows():
     """gates=None sums the slots; y_perm may have rows no slot owns: their gradient is zero."""
     idx = routing(9, 2, 4, seed=2, drop=0.3)
     x = torch.randn(9, 6)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cpu_ext"):
         x_perm, row_map, counts = permute(x, idx, 4, backend=backend)
         y_perm = torch.cat([x_perm, torch.randn(3, 6)]).requires_grad_()
         y = unpermute(y_perm, row_map, None, backend=backend)
@@ -93,7 +94,7 @@ def test_unpermute_without_gates_and_unowned_rows():
 
 def test_backend_resolution_and_errors():
     x, idx = torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64)
-    assert resolve_backend("auto", "permute", "cpu") == "torch"
+    assert resolve_backend("auto", "permute", "cpu") == "cpu_ext"  # built by the install CI runs
     with pytest.raises(BackendUnavailableError, match="'cuda_ext' was requested for permute"):
         permute(x, idx, 2, backend="cuda_ext")
     with pytest.raises(BackendUnavailableError, match="unpermute"):
@@ -104,7 +105,7 @@ def test_backend_resolution_and_errors():
         permute(x, idx, 0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu_ext"])
 def test_opcheck(backend):
     x = torch.randn(10, 8, requires_grad=True)
     idx = routing(10, 2, 3, seed=3, drop=0.2)

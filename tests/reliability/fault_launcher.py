@@ -1,25 +1,47 @@
-"""Runs pretrain_evomoe.main with one injected SIGKILL (test-only; the product has no fault hooks).
+"""Runs pretrain_evomoe.main with one injected fault (test-only; the product has no fault hooks).
 
     python fault_launcher.py MODE N -- <pretrain_evomoe args>
+    torchrun --nproc-per-node 2 fault_launcher.py MODE N -- <args>      # every rank runs it
 
-MODE: step     -> killed inside the N-th optimizer step (after backward, before optimizer.step)
-      save     -> killed half-way through writing the N-th checkpoint file
-      evolve   -> killed inside the N-th evolution update, after some evolved tensors changed
-      stage    -> killed right after the N-th stage-end checkpoint is complete
+MODE (when): step     -> inside the N-th optimizer step (after backward, before optimizer.step)
+             save     -> half-way through writing the N-th checkpoint file
+             evolve   -> inside the N-th evolution update, after some evolved tensors changed
+             stage    -> right after the N-th stage-end checkpoint is complete
+
+Environment (what, and where):
+  EVOMOE_FAULT_ACTION  kill (default: SIGKILL itself) | exit (os._exit(1), no clean-up) |
+                       hang (sleep forever, heartbeat thread still alive)
+  EVOMOE_FAULT_RANK    only this rank (torchrun's RANK) has the fault; default: every rank
+  EVOMOE_FAULT_ONCE    a marker file: the fault fires only if it does not exist yet, and creates it
+                       (so that the run torchrun restarts after the fault runs clean); it holds
+                       the wall time of the fault (the tests measure how fast the others react)
 """
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def die():
+def fire() -> None:
+    action = os.environ.get("EVOMOE_FAULT_ACTION", "kill")
+    once = os.environ.get("EVOMOE_FAULT_ONCE")
+    if once:
+        Path(once).write_text(f"{time.time():.3f} {action} in pid {os.getpid()}, rank {os.environ.get('RANK', '0')}\n")
+    print(f"fault_launcher: {action} on rank {os.environ.get('RANK', '0')}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "exit":
+        os._exit(1)
+    elif action == "hang":
+        while True:
+            time.sleep(3600)
+    raise SystemExit(f"unknown EVOMOE_FAULT_ACTION {action}")
 
 
 def counter(n):
@@ -29,6 +51,14 @@ def counter(n):
         state["calls"] += 1
         return state["calls"] == n
     return hit
+
+
+def armed() -> bool:
+    rank = os.environ.get("EVOMOE_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return False
+    once = os.environ.get("EVOMOE_FAULT_ONCE")
+    return not (once and Path(once).exists())
 
 
 def install(mode: str, n: int) -> None:
@@ -43,7 +73,7 @@ def install(mode: str, n: int) -> None:
 
         def step(self, *a, **k):
             if hit():
-                die()
+                fire()
             return real(self, *a, **k)
         torch.optim.AdamW.step = step
     elif mode == "save":
@@ -53,7 +83,7 @@ def install(mode: str, n: int) -> None:
             if hit():
                 f.write(b"\x80\x02partial checkpoint bytes")
                 f.flush()
-                die()
+                fire()
             return real_save(obj, f, *a, **k)
         torch.save = save
     elif mode == "evolve":
@@ -64,7 +94,7 @@ def install(mode: str, n: int) -> None:
             real_evolve(*a, **k)
             calls["n"] += 1
             if calls["n"] == 3 * n - 1:  # 3 weights per module: die between two of them
-                die()
+                fire()
         evolution.evolve_ = evolve_
     elif mode == "stage":
         real_save_ckpt = trainer_mod.Trainer._save
@@ -72,7 +102,7 @@ def install(mode: str, n: int) -> None:
         def _save(self, idx, step, opt, data, evo, stage_end):
             real_save_ckpt(self, idx, step, opt, data, evo, stage_end)
             if stage_end and hit():
-                die()
+                fire()
         trainer_mod.Trainer._save = _save
     else:
         raise SystemExit(f"unknown mode {mode}")
@@ -81,6 +111,7 @@ def install(mode: str, n: int) -> None:
 if __name__ == "__main__":
     mode, n, sep, *args = sys.argv[1:]
     assert sep == "--"
-    install(mode, int(n))
+    if armed():
+        install(mode, int(n))
     import pretrain_evomoe
     sys.exit(pretrain_evomoe.main(args))
