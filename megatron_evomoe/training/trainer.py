@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.errors import DataError
 from ..model.mllm import IGNORE_INDEX, MultimodalLM
 from . import checkpoint as ckpt
@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
 
 

@@ -73,3 +73,10 @@ def test_too_long_sample_is_a_counted_skip_when_allowed(data_root, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "11 records" in r.stderr or "skipped" in r.stderr, r.stderr
     assert "too_long" in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error; CUDA is present")
+def test_cuda_device_without_cuda_is_a_config_error(tmp_path, data_root):
+    r = run(*TINY, STAGES, f"--data.root={data_root}", f"--train.save_dir={tmp_path / 'run'}", "--train.device=cuda")
+    assert r.returncode == 2
+    assert "train.device: 'cuda' requested but no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
