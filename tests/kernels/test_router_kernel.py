@@ -11,6 +11,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_evomoe.kernels import router as kr  # noqa: E402
+from tests.kernels.poison import poisoned_empty
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 M = 2
@@ -46,12 +47,9 @@ def make_inputs(T, C, layout, dtype=torch.float32, device="cpu", seed=1):
 @pytest.fixture
 def poison(monkeypatch):
     """Every kernel output starts as NaN (floats) or -7 (ints): a missed element shows up."""
-    def empty(*shape, **kwargs):
-        t = torch.empty(*shape, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-    monkeypatch.setattr(kr, "_empty", empty)
+    monkeypatch.setattr(kr, "_empty", poisoned_empty)
     from megatron_evomoe.kernels import topk_softmax as kts
-    monkeypatch.setattr(kts, "_empty", empty)
+    monkeypatch.setattr(kts, "_empty", poisoned_empty)
 
 
 def assert_rel(actual, expected, limit, name):

@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_evomoe.kernels import topk_softmax as kts  # noqa: E402
+from tests.kernels.poison import poisoned_empty  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -16,10 +17,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 @pytest.fixture
 def poison(monkeypatch):
     """Outputs start as NaN / -7: an element the kernel does not write shows up."""
-    def empty(*shape, **kwargs):
-        t = torch.empty(*shape, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-    monkeypatch.setattr(kts, "_empty", empty)
+    monkeypatch.setattr(kts, "_empty", poisoned_empty)
 
 
 CASES = [
