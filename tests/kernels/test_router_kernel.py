@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_evomoe.kernels import router as kr  # noqa: E402
-from tests.kernels.poison import poisoned_empty
+from tests.kernels.poison import poisoned_empty  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 M = 2
