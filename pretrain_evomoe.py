@@ -15,7 +15,7 @@ import sys
 from megatron_evomoe.config import ConfigError, load_config
 from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.parallel.watchdog import DistributedFaultError
-from megatron_evomoe.training.checkpoint import CheckpointError
+from megatron_evomoe.checkpointing import CheckpointError
 
 USER_ERRORS = (DataError, CheckpointError)
 
@@ -48,7 +48,7 @@ def resolve_vocab_for_plan(cfg) -> str:
 
 def print_plan(cfg) -> None:
     from megatron_evomoe.config import moe_layer_indices
-    from megatron_evomoe.model.size import count_parameters
+    from megatron_evomoe.stages.size import count_parameters
 
     vocab = resolve_vocab_for_plan(cfg)
 
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
             return 0
         from megatron_evomoe.parallel.launch import init_distributed
         from megatron_evomoe.training.trainer import Trainer
-        state = init_distributed(cfg)  # None unless launched by torchrun / SLURM with several processes
-        if state is not None and state.rank != 0:
+        state = init_distributed(cfg)  # a ParallelState of size 1 unless launched by torchrun / SLURM
+        if state.rank != 0:
             logging.getLogger().setLevel(logging.WARNING)  # one rank reports; all ranks warn
         error = None
         try:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             error = e
             raise
         finally:
-            if state is not None:  # (a last heartbeat tells the other ranks why this one stopped)
+            if state.world_size > 1:  # (a last heartbeat tells the other ranks why this one stopped)
                 from megatron_evomoe.parallel.launch import shutdown_distributed
                 shutdown_distributed(error)
     except ConfigError as e:

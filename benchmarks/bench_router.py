@@ -6,7 +6,7 @@ and the fused softmax + top-k vs torch.softmax + torch.topk.
     python benchmarks/bench_router.py --tiny     # CPU smoke test (torch paths only)
 
 DTR methods (same inputs: z [T, C] with 70% text / 30% image tokens, router parameters in --dtype):
-  fused         megatron_evomoe.ops.router.dtr_route(backend="triton"): one kernel per token block for
+  fused         megatron_evomoe.ops.dtr.dtr_route(backend="triton"): one kernel per token block for
                 the forward, four for the backward (GPU only)
   eager         dtr_route(backend="torch"): the bilinear form with einsums, tokens grouped by modality
   materialised  builds Theta_down [T, 2R, C] and Theta_up [T, D, R] per token, as the paper writes it
@@ -55,8 +55,8 @@ def make_inputs(T, C, H, R, D, E, device, dtype, seed=0):
 
 
 def dtr_methods(device, tiny):
-    from megatron_evomoe.kernels.router import dtr_reference_materialized
-    from megatron_evomoe.ops.router import dtr_route
+    from megatron_evomoe.kernels.dtr_reference import dtr_reference_materialized
+    from megatron_evomoe.ops.dtr import dtr_route
 
     methods = {
         "eager": lambda *a, **k: dtr_route(*a, **k, backend="torch"),
@@ -106,7 +106,7 @@ def bench_dtr(args, rows):
 
 
 def bench_topk(args, rows):
-    from megatron_evomoe.ops.router import topk_softmax
+    from megatron_evomoe.ops.topk_softmax import topk_softmax
 
     device = args.device
     backends = ["torch"] + (["triton"] if device.type == "cuda" and not args.tiny else [])

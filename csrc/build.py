@@ -3,9 +3,6 @@
 setup.py calls ``extension_modules_and_cmdclass()`` at install time
 (``pip install --no-build-isolation -e .``). Two optional extensions:
 
-* ``megatron_evomoe._C_data`` (csrc/packing_index.cpp): C++17 + pybind11,
-  no torch headers, so it compiles in seconds. Built when a C++ compiler and
-  pybind11 are found.
 * ``megatron_evomoe._C_cpu`` (csrc/grouped_gemm_cpu.cpp, permute_cpu.cpp,
   cpu_bindings.cpp): a torch ``CppExtension`` with the CPU kernels of the
   MoE ops (backend ``cpu_ext``). Built when a C++ compiler is found and torch
@@ -18,7 +15,7 @@ setup.py calls ``extension_modules_and_cmdclass()`` at install time
   GPU, or a list of common archs when there is none.
 
 Switches (environment): ``EVOMOE_SKIP_CPP_BUILD=1`` builds no compiled
-extension at all (C++ helper, CPU and CUDA extensions); ``EVOMOE_SKIP_CUDA_BUILD=1`` skips
+extension at all (CPU and CUDA extensions); ``EVOMOE_SKIP_CUDA_BUILD=1`` skips
 only the CUDA one. Whatever is not built leaves the pure-Python path, with
 one line on stderr saying so; a missing compiler never fails the install.
 ``EVOMOE_STRICT_BUILD=1`` makes compile errors fatal (CI), otherwise an
@@ -33,7 +30,6 @@ import shutil
 import sys
 import sysconfig
 
-DATA_EXT = "megatron_evomoe._C_data"
 CPU_EXT = "megatron_evomoe._C_cpu"
 CUDA_EXT = "megatron_evomoe._C_cuda"
 _PREFIX = "megatron_evomoe:"
@@ -42,27 +38,26 @@ _PREFIX = "megatron_evomoe:"
 def extension_modules_and_cmdclass():
     """(ext_modules, cmdclass) for setup(); never raises."""
     if _env_flag("EVOMOE_SKIP_CPP_BUILD"):
-        _say("C++ helpers not built (EVOMOE_SKIP_CPP_BUILD=1); using the pure-Python path")
+        _say("C++ extensions not built (EVOMOE_SKIP_CPP_BUILD=1); the ops use Triton/PyTorch")
         return [], {}
     compiler = find_cxx_compiler()
     if compiler is None:
-        _say("C++ helpers not built (no compiler); using the pure-Python path")
+        _say("C++ extensions not built (no compiler); the ops use Triton/PyTorch")
         return [], {}
 
-    # (builder, what is missing without it); the torch extensions need BuildExtension (ninja).
-    plan = [(_data_extension, "C++ helpers not built ({}); using the pure-Python path", False),
-            (_cpu_extension, "CPU extension not built ({}); the ops use PyTorch on CPU", True),
-            (_cuda_extension, "CUDA extension not built ({}); the ops use Triton/PyTorch", True)]
-    ext_modules, needs_torch_build = [], False
-    for build, missing, torch_ext in plan:
+    # (builder, what is missing without it)
+    plan = [(_cpu_extension, "CPU extension not built ({}); the ops use PyTorch on CPU"),
+            (_cuda_extension, "CUDA extension not built ({}); the ops use Triton/PyTorch")]
+    ext_modules = []
+    for build, missing in plan:
         ext, why_not = build()
         if ext is None:
             _say(missing.format(why_not))
             continue
         ext_modules.append(ext)
-        needs_torch_build |= torch_ext
-    if not needs_torch_build:
-        return ext_modules, {}
+    if not ext_modules:
+        return [], {}
+    # Both are torch extensions: they need torch's BuildExtension (ninja).
     from torch.utils.cpp_extension import BuildExtension
 
     return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -83,27 +78,6 @@ def find_cxx_compiler() -> str | None:
         if path:
             return path
     return None
-
-
-def _data_extension():
-    try:
-        import pybind11
-    except ImportError:
-        return None, "pybind11 is not installed"
-    from setuptools import Extension
-
-    return (
-        Extension(
-            DATA_EXT,
-            sources=["csrc/packing_index.cpp"],
-            include_dirs=[pybind11.get_include()],
-            # -g0 overrides the -g in Python's CFLAGS (a 4 MB .so and a slower build otherwise).
-            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-g0"],
-            language="c++",
-            optional=not _env_flag("EVOMOE_STRICT_BUILD"),
-        ),
-        "",
-    )
 
 
 def _cpu_extension():

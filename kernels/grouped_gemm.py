@@ -325,7 +325,8 @@ def grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch reference: a dumb per-expert loop (syncs with the host; for tests and as a last resort)
+# PyTorch reference: a dumb per-expert loop (syncs with the host; for tests, and the ops' torch backend
+# where torch._grouped_mm refuses the inputs)
 # --------------------------------------------------------------------------------------------------
 def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
     ends = [int(v) for v in offsets.tolist()]

@@ -204,16 +204,28 @@ def expert_histogram(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts
 
 
-def sort_slots(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slot_row: [T*K] int64, routed: [T*K] bool). slot_row is the position of each slot in the
-    stable expert order with dropped slots last: a bijection of slots onto rows. A stable device
-    sort of the ids gives the slots in row order; scattering aranges inverts it (no host sync)."""
+def _expert_keys(topk_idx: torch.Tensor, num_experts: int):
+    """(key [T*K], routed [T*K] bool): each slot's expert id, E for a dropped slot (id outside [0, E))."""
     flat = topk_idx.reshape(-1)
     routed = (flat >= 0) & (flat < num_experts)
-    key = torch.where(routed, flat, torch.full_like(flat, num_experts))
-    order = torch.sort(key, stable=True).indices
-    slot_row = torch.empty_like(order)
-    slot_row[order] = torch.arange(flat.numel(), device=flat.device, dtype=order.dtype)
+    return torch.where(routed, flat, torch.full_like(flat, num_experts)), routed
+
+
+def _expert_order(topk_idx: torch.Tensor, num_experts: int):
+    """The slots in stable expert order, dropped slots last, without a host sync: (slot_of_row [T*K],
+    row_of_slot [T*K] int64, routed, key). A stable device sort of the keys gives the slots in row
+    order; scattering aranges inverts it."""
+    key, routed = _expert_keys(topk_idx, num_experts)
+    slot_of_row = torch.sort(key, stable=True).indices
+    row_of_slot = torch.empty_like(slot_of_row)
+    row_of_slot[slot_of_row] = torch.arange(key.numel(), device=key.device, dtype=slot_of_row.dtype)
+    return slot_of_row, row_of_slot, routed, key
+
+
+def sort_slots(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_row: [T*K] int64, routed: [T*K] bool). slot_row is the position of each slot in the
+    stable expert order with dropped slots last: a bijection of slots onto rows."""
+    _, slot_row, routed, _ = _expert_order(topk_idx, num_experts)
     return slot_row, routed
 
 
@@ -298,51 +310,64 @@ def unpermute_bwd(grad_y: torch.Tensor, y_perm: torch.Tensor, row_map: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch reference: dumb loops over experts, tokens and slots (for tests)
+# PyTorch reference: the contract in vectorised torch ops (any device, no host sync, differentiable in
+# x, y_perm and gates), [T, K, C] temporaries. It is the ops' "torch" backend too; the tests check it
+# against dumb loops over experts, tokens and slots.
 # --------------------------------------------------------------------------------------------------
+def _histogram(key: torch.Tensor, num_experts: int) -> torch.Tensor:
+    key = key.long()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device)  # bin E: dropped slots
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return counts[:num_experts].clone()
+
+
+def expert_histogram_reference(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """counts: [E] int64, slots routed to each expert (ids outside [0, E) not counted)."""
+    return _histogram(_expert_keys(topk_idx, num_experts)[0], num_experts)
+
+
 def permute_reference(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int):
-    """Loop over experts, then tokens, then k: the stable expert order by construction."""
+    """x: [T, C], topk_idx: [T, K] -> (x_perm [T*K, C], row_map [T, K] int64, counts [E] int64)."""
     T, K = topk_idx.shape
-    ids = topk_idx.tolist()
-    x_perm = torch.zeros((T * K, x.shape[1]), dtype=x.dtype, device=x.device)
-    row_map = torch.full((T, K), -1, dtype=torch.int64)
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    row = 0
-    for e in range(num_experts):
-        for t in range(T):
-            for k in range(K):
-                if ids[t][k] == e:
-                    row_map[t, k] = row
-                    x_perm[row] = x[t]
-                    counts[e] += 1
-                    row += 1
-    return x_perm, row_map.to(x.device), counts.to(x.device)
+    slot_of_row, row_of_slot, routed, key = _expert_order(topk_idx, num_experts)
+    rows = x[torch.div(slot_of_row, max(K, 1), rounding_mode="floor")]  # [T*K, C]
+    x_perm = torch.where(routed[slot_of_row][:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+    row_map = torch.where(routed, row_of_slot, -1).view(T, K)
+    return x_perm, row_map, _histogram(key, num_experts)
 
 
-def unpermute_reference(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-    """y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]] in fp32 over rows in [0, N), cast to y_perm.dtype."""
-    T, K = row_map.shape
-    y = torch.zeros((T, y_perm.shape[1]), device=y_perm.device, dtype=torch.float32)
-    for t in range(T):
-        for k in range(K):
-            r = int(row_map[t, k])
-            if 0 <= r < y_perm.shape[0]:
-                y[t] += (float(gates[t, k]) if gates is not None else 1.0) * y_perm[r].float()
-    return y.to(y_perm.dtype)
+def _gathered(y_perm: torch.Tensor, row_map: torch.Tensor):
+    """(rows: [T, K, C] in fp32 (fp64 stays fp64) with zeros for invalid entries, valid: [T, K])."""
+    N = y_perm.shape[0]
+    valid = (row_map >= 0) & (row_map < N)
+    acc = torch.promote_types(y_perm.dtype, torch.float32)
+    # Without rows, read an appended zero row: the graph to y_perm (its empty gradient) still exists.
+    src = torch.cat([y_perm, y_perm.new_zeros(1, y_perm.shape[1])]) if N == 0 else y_perm
+    rows = src[torch.where(valid, row_map, 0).long()].to(acc)
+    return torch.where(valid[..., None], rows, 0.0), valid
+
+
+def unpermute_reference(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None = None):
+    """y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]] (gates None: 1) over rows in [0, N): [T, C]
+    summed in fp32 (fp64 stays fp64), returned in y_perm.dtype."""
+    rows, _ = _gathered(y_perm, row_map)
+    if gates is not None:
+        rows = rows * gates.to(rows.dtype)[..., None]
+    return rows.sum(1).to(y_perm.dtype)
 
 
 def unpermute_bwd_reference(grad_y, y_perm, row_map, gates):
-    """(grad_y_perm, grad_gates) of unpermute, slot by slot."""
+    """(grad_y_perm [N, C] y_perm.dtype, grad_gates [T, K] gates.dtype) of unpermute; rows no slot owns
+    get a zero gradient, dropped slots a zero gate gradient."""
     T, K = row_map.shape
-    grad_y_perm = torch.zeros(y_perm.shape, device=y_perm.device, dtype=torch.float32)
-    grad_gates = torch.zeros((T, K), device=y_perm.device, dtype=torch.float32)
-    for t in range(T):
-        for k in range(K):
-            r = int(row_map[t, k])
-            if 0 <= r < y_perm.shape[0]:
-                grad_y_perm[r] = float(gates[t, k]) * grad_y[t].float()
-                grad_gates[t, k] = (grad_y[t].float() * y_perm[r].float()).sum()
-    return grad_y_perm.to(y_perm.dtype), grad_gates.to(gates.dtype)
+    N, C = y_perm.shape
+    rows, valid = _gathered(y_perm, row_map)
+    grad_y = grad_y.to(rows.dtype)
+    grad_gates = (rows * grad_y[:, None, :]).sum(-1).to(gates.dtype)  # 0 where invalid
+    vals = (gates.to(rows.dtype)[..., None] * grad_y[:, None, :]).to(y_perm.dtype).reshape(T * K, C)
+    grad_y_perm = y_perm.new_zeros((N + 1, C))  # row N takes the dropped slots
+    grad_y_perm.index_copy_(0, torch.where(valid, row_map, N).reshape(-1).long(), vals)
+    return grad_y_perm[:N], grad_gates
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ argmax with masking (K is small, E <= a few hundred), ties going to the lower ex
 same order ``torch.topk`` gives on non-tied inputs (descending values). Gates are the top-k
 probabilities, renormalised to sum to 1 when ``renormalize`` and K > 1.
 
-The tile helper ``softmax_topk_tile`` is shared with the fused DTR kernel (kernels/router.py), so
+The tile helper ``softmax_topk_tile`` is shared with the fused DTR kernel (kernels/dtr_forward.py), so
 both routers select experts with exactly the same code.
 """
 from __future__ import annotations
@@ -79,20 +79,26 @@ def softmax_topk_tile(logits, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr
     return probs, gates, idx, chosen
 
 
+@triton.jit
+def _row_block(T, E: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's BLOCK_T token rows: (row mask [BT], rows as int64 [BT], expert columns [EP], top-k
+    columns [KP], masks of the valid [BT, EP] and [BT, KP] entries)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    ecol = tl.arange(0, EP)
+    kcol = tl.arange(0, KP)
+    emask = rmask[:, None] & (ecol[None, :] < E)
+    kmask = rmask[:, None] & (kcol[None, :] < K)
+    return rmask, rows.to(tl.int64), ecol, kcol, emask, kmask
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _topk_softmax_fwd_kernel(logits_ptr, probs_ptr, idx_ptr, gates_ptr, T, stride_lt,
                              E: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                              RENORM: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    rows64 = rows.to(tl.int64)
-    ecol = tl.arange(0, EP)
-    kcol = tl.arange(0, KP)
-    emask = rmask[:, None] & (ecol[None, :] < E)
-    kmask = rmask[:, None] & (kcol[None, :] < K)
+    rmask, rows64, ecol, kcol, emask, kmask = _row_block(T, E, K, EP, KP, BLOCK_T)
     x = tl.load(logits_ptr + rows64[:, None] * stride_lt + ecol[None, :], mask=emask, other=0.0).to(tl.float32)
     probs, gates, idx, chosen = softmax_topk_tile(x, E, EP, K, KP, RENORM)
     tl.store(probs_ptr + rows64[:, None] * E + ecol[None, :], probs, mask=emask)
@@ -104,14 +110,7 @@ def _topk_softmax_fwd_kernel(logits_ptr, probs_ptr, idx_ptr, gates_ptr, T, strid
 def _topk_softmax_bwd_kernel(grad_probs_ptr, grad_gates_ptr, probs_ptr, idx_ptr, gates_ptr, grad_logits_ptr, T,
                              E: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                              RENORM: tl.constexpr, HAS_GRAD_PROBS: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    rows64 = rows.to(tl.int64)
-    ecol = tl.arange(0, EP)
-    kcol = tl.arange(0, KP)
-    emask = rmask[:, None] & (ecol[None, :] < E)
-    kmask = rmask[:, None] & (kcol[None, :] < K)
+    rmask, rows64, ecol, kcol, emask, kmask = _row_block(T, E, K, EP, KP, BLOCK_T)
     p = tl.load(probs_ptr + rows64[:, None] * E + ecol[None, :], mask=emask, other=0.0)
     gg = tl.load(grad_gates_ptr + rows64[:, None] * K + kcol[None, :], mask=kmask, other=0.0).to(tl.float32)
     idx = tl.load(idx_ptr + rows64[:, None] * K + kcol[None, :], mask=kmask, other=EP).to(tl.int32)

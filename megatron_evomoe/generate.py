@@ -27,7 +27,7 @@ import torch
 from .data.conversation import IMAGE_TAG, render_prompt
 from .data.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
 from .generation import KVCache
-from .training.checkpoint import CheckpointError, resolve_checkpoint
+from .checkpointing import CheckpointError, resolve_checkpoint
 
 
 # =============================================================================== loading

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from ..training.checkpoint import CheckpointError
+from ..checkpointing import CheckpointError
 from .errors import ConversionError
 
 

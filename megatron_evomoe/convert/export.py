@@ -32,9 +32,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .errors import ConversionError
-from .hf_llm import (FAMILY_OPTIONS, LLMSpec, export_extras, family_mismatch, hf_llm_config, llm_weight_map,
-                     write_mapped)
+from .hf_llm import FAMILY_OPTIONS, LLMSpec, export_extras, family_mismatch, hf_llm_config, llm_weight_map
 from .hf_vision import clip_compatible, hf_clip_vision_config, vision_weight_map, VisionSpec
+from .weight_map import write_mapped
 
 FORMATS = ("auto", "llama", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm", "llava", "evomoe")
 DENSE_FAMILIES = ("llama", "qwen2", "phi", "stablelm")
@@ -268,7 +268,7 @@ def _export_native(state, cfg, stage_idx, image_processor, kinds, notes) -> Tupl
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint folder, or a run folder's latest complete checkpoint (ConversionError if neither)."""
-    from ..training import checkpoint as ckpt
+    from .. import checkpointing as ckpt
     try:
         return ckpt.resolve_checkpoint(path)
     except ckpt.CheckpointError as e:
@@ -279,7 +279,7 @@ def evomoe_to_hf(ckpt_path, dst, fmt: str = "auto", *, llm_only: bool = False, d
                  max_shard_size: int = 5 * 1024 ** 3, force: bool = False,
                  echo: Callable[[str], None] = print) -> Path:
     """Export the checkpoint at `ckpt_path` (or a run's latest) into the folder `dst`; returns `dst`."""
-    from ..training import checkpoint as ckpt
+    from .. import checkpointing as ckpt
     from ..training.restore import config_from_state
     if fmt not in FORMATS:
         raise ConversionError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -16,26 +16,19 @@ hidden/heads, LLaMA's biases on the output or MLP projections, per-head q/k Laye
 One weight map serves both directions: `llm_weight_map` names, for each of our tensors,
 the Hugging Face tensor(s) it comes from and how (copied, or per-expert [out, in]
 matrices stacked and transposed into our [E, in, out] layout); import reads through it and
-export (export.py) writes through it, so an export re-imports exactly.
-
-`HFCheckpoint` reads a Hugging Face folder: ``config.json`` plus ``model.safetensors``,
-a sharded ``model.safetensors.index.json`` (or any ``*.safetensors``), or
-``pytorch_model.bin`` (+ index) as a fallback.
+export (export.py) writes through it, so an export re-imports exactly (weight_map.py has
+`Src`, `read_mapped` and `write_mapped`; hf_checkpoint.py reads the Hugging Face folder).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import ModelConfig
-from .errors import ConversionError, check_shape, unsupported
-
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
+from .errors import ConversionError, unsupported
+from .weight_map import Src
 
 # model_type -> why our decoder cannot represent it (checked before anything else).
 UNSUPPORTED_LLMS = {
@@ -45,130 +38,6 @@ UNSUPPORTED_LLMS = {
     "phi3": "Phi-3 fuses qkv_proj and gate_up_proj and may use long-rope scaling",
 }
 LLM_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm")
-
-
-# =============================================================================== reading
-
-class HFCheckpoint:
-    """A Hugging Face model folder: its config.json and lazily read weight tensors."""
-
-    def __init__(self, directory, config: Optional[dict] = None):
-        self.dir = Path(directory)
-        if not self.dir.is_dir():
-            raise ConversionError(f"{self.dir}: not a directory")
-        self.config = config if config is not None else read_config(self.dir)
-        self._where: Dict[str, Path] = {}  # tensor name -> file
-        self._handles: dict = {}
-        self._bin_cache: Dict[Path, dict] = {}
-        self.used: set = set()
-        self._index_weights()
-
-    # ----------------------------------------------------------------- listing
-    def _index_weights(self) -> None:
-        d = self.dir
-        if (d / SAFE_INDEX).is_file() or (d / BIN_INDEX).is_file():
-            index = d / SAFE_INDEX if (d / SAFE_INDEX).is_file() else d / BIN_INDEX
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ConversionError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
-            for name, fname in weight_map.items():
-                self._where[name] = d / fname
-            missing = sorted({str(p.name) for p in self._where.values() if not p.is_file()})
-            if missing:
-                raise ConversionError(f"{index}: lists shard file(s) that are missing: {', '.join(missing)}")
-            return
-        files = sorted(d.glob("*.safetensors"))
-        if not files and (d / "pytorch_model.bin").is_file():
-            files = [d / "pytorch_model.bin"]
-        if not files:
-            raise ConversionError(f"{d}: no weights found (expected model.safetensors, {SAFE_INDEX}, "
-                                  f"*.safetensors or pytorch_model.bin)")
-        for f in files:
-            for name in self._file_keys(f):
-                self._where[name] = f
-
-    def _file_keys(self, path: Path) -> List[str]:
-        if path.suffix == ".safetensors":
-            return list(self._safe(path).keys())
-        return list(self._bin(path).keys())
-
-    def _safe(self, path: Path):
-        if path not in self._handles:
-            try:
-                from safetensors import safe_open
-            except ImportError as e:  # pragma: no cover - install_requires has it
-                raise ConversionError("reading .safetensors needs the `safetensors` package: "
-                                      "pip install safetensors") from e
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as e:  # the Rust side raises its own error types
-                raise ConversionError(f"{path}: cannot be read as safetensors ({e})") from None
-        return self._handles[path]
-
-    def _bin(self, path: Path) -> dict:
-        if path not in self._bin_cache:
-            try:
-                try:
-                    self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-                    self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ConversionError(f"{path}: cannot be read as a PyTorch state dict ({e})") from None
-        return self._bin_cache[path]
-
-    @property
-    def files(self) -> List[str]:
-        return sorted({p.name for p in self._where.values()})
-
-    def keys(self) -> List[str]:
-        return list(self._where)
-
-    def has(self, name: str) -> bool:
-        return name in self._where
-
-    # ----------------------------------------------------------------- reading
-    def _missing(self, name: str) -> ConversionError:
-        return ConversionError(f"{self.dir}: tensor {name!r} not found in {', '.join(self.files)}")
-
-    def shape(self, name: str) -> Tuple[int, ...]:
-        if name not in self._where:
-            raise self._missing(name)
-        path = self._where[name]
-        if path.suffix == ".safetensors":
-            return tuple(self._safe(path).get_slice(name).get_shape())
-        return tuple(self._bin(path)[name].shape)
-
-    def get(self, name: str, shape: Optional[Iterable[int]] = None, why: str = "") -> torch.Tensor:
-        """Tensor `name`; with `shape`, a ConversionError naming tensor and file if it differs."""
-        if name not in self._where:
-            raise self._missing(name)
-        path = self._where[name]
-        if shape is not None:
-            check_shape(name, self.shape(name), shape, f"{self.dir / path.name}", why)
-        if path.suffix == ".safetensors":
-            t = self._safe(path).get_tensor(name)
-        else:
-            t = self._bin(path)[name]
-        self.used.add(name)
-        return t
-
-    def unused(self, prefixes: Iterable[str] = ("",)) -> List[str]:
-        prefixes = tuple(prefixes)
-        return sorted(k for k in self._where if k not in self.used and k.startswith(prefixes))
-
-
-def read_config(directory) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{directory}: no config.json (not a Hugging Face model folder?)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return cfg
 
 
 # =============================================================================== config
@@ -267,9 +136,7 @@ def family_mismatch(model: dict, family: str) -> Optional[str]:
 
 
 def _llama_options(mt: str, cfg: dict, fail) -> dict:
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise fail(f"hidden_act={act!r} (our FFN for this family is SwiGLU with SiLU)")
+    _check_hidden_act(cfg, fail, ("silu",), "our FFN for this family is SwiGLU with SiLU")
     if cfg.get("attention_bias"):
         raise fail("attention_bias=true (biases on q/k/v and the output projection; "
                    "only q/k/v biases are supported, as in Qwen2)")
@@ -277,6 +144,13 @@ def _llama_options(mt: str, cfg: dict, fail) -> dict:
         raise fail("mlp_bias=true (our FFN has no biases)")
     qkv_bias = {"qwen2": True, "qwen2_moe": bool(cfg.get("qkv_bias", True))}.get(mt, False)
     return dict(_LLAMA_LIKE, qkv_bias=qkv_bias, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
+
+
+def _check_hidden_act(cfg: dict, fail, supported: Tuple[str, ...], why: str) -> None:
+    """The family's FFN activation; a missing hidden_act is the family's default, supported[0]."""
+    act = cfg.get("hidden_act", supported[0])
+    if act not in supported:
+        raise fail(f"hidden_act={act!r} ({why})")
 
 
 def _partial_rotary(cfg: dict, default: float) -> float:
@@ -291,18 +165,15 @@ def _no_qk_layernorm(cfg: dict, fail) -> None:
 
 
 def _phi_options(mt: str, cfg: dict, fail) -> dict:
-    act = cfg.get("hidden_act", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise fail(f"hidden_act={act!r} (the Phi MLP is supported with the tanh GELU: gelu_new)")
+    _check_hidden_act(cfg, fail, ("gelu_new", "gelu_pytorch_tanh"),
+                      "the Phi MLP is supported with the tanh GELU: gelu_new")
     _no_qk_layernorm(cfg, fail)
     return dict(FAMILY_OPTIONS["phi"], rotary_pct=_partial_rotary(cfg, 0.5),
                 norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
 
 
 def _stablelm_options(mt: str, cfg: dict, fail) -> dict:
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise fail(f"hidden_act={act!r} (StableLM's MLP is supported as SwiGLU with SiLU)")
+    _check_hidden_act(cfg, fail, ("silu",), "StableLM's MLP is supported as SwiGLU with SiLU")
     _no_qk_layernorm(cfg, fail)
     return dict(FAMILY_OPTIONS["stablelm"], rotary_pct=_partial_rotary(cfg, 0.25),
                 qkv_bias=bool(cfg.get("use_qkv_bias", False)),
@@ -377,19 +248,6 @@ def moe_layers_string(layers: List[int], num_layers: int) -> str:
 
 # =============================================================================== weight map
 
-@dataclass(frozen=True)
-class Src:
-    """Where one of our tensors comes from: HF tensor names and how they combine.
-
-    op: ``copy`` (one tensor, same layout) | ``stack_t`` (one [out, in] matrix per
-    expert, transposed and stacked into [E, in, out]) | ``cat0`` (equal parts concatenated
-    along dim 0, e.g. q, k, v into a fused qkv) | ``zeros`` (no source: the HF model has no
-    such tensor, ours must be zero, e.g. CLIP's bias-free patch embedding).
-    """
-    names: Tuple[str, ...]
-    op: str = "copy"
-
-
 def llm_weight_map(spec: LLMSpec, prefix: str = "model.", head: str = "lm_head.", ours: str = "llm.") -> Dict[str, Src]:
     """Our state-dict name -> Src, for the decoder of `spec` (prefixes select a nested LLM)."""
     m = spec.model
@@ -443,75 +301,6 @@ def _moe_map(spec: LLMSpec, hf: str, us: str) -> Dict[str, Src]:
         for our, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
             out[f"{us}mlp.shared_expert.{our}.weight"] = Src((f"{block}shared_expert.{theirs}.weight",))
         out[f"{us}mlp.shared_expert.gate.weight"] = Src((f"{block}shared_expert_gate.weight",))
-    return out
-
-
-def _fused_experts(ck: HFCheckpoint, src: Src, our_name: str, expected) -> Optional[torch.Tensor]:
-    """Transformers >= 5 in-memory layout (experts.gate_up_proj [E, 2F, C], experts.down_proj [E, C, F])."""
-    block = src.names[0].split("experts.")[0]
-    if block.endswith("block_sparse_moe."):  # v5 renames Mixtral's block to mlp
-        block = block[: -len("block_sparse_moe.")] + "mlp."
-    E, a, b = expected
-    if our_name.endswith("w_down"):
-        name = block + "experts.down_proj"
-        if not ck.has(name):
-            return None
-        return ck.get(name, (E, b, a)).transpose(1, 2)
-    name = block + "experts.gate_up_proj"
-    if not ck.has(name):
-        return None
-    fused = ck.get(name, (E, 2 * b, a))
-    half = fused[:, :b] if our_name.endswith("w_gate") else fused[:, b:]
-    return half.transpose(1, 2)
-
-
-def read_mapped(ck: HFCheckpoint, wmap: Dict[str, Src], expected: Dict[str, Tuple[int, ...]],
-                why: str = "") -> Dict[str, torch.Tensor]:
-    """Read every mapped tensor, checking each HF tensor's shape against what `expected` implies."""
-    out = {}
-    for our_name, src in wmap.items():
-        shape = tuple(expected[our_name])
-        if src.op == "copy":
-            out[our_name] = ck.get(src.names[0], shape, why)
-        elif src.op == "stack_t":
-            if not ck.has(src.names[0]):
-                fused = _fused_experts(ck, src, our_name, shape)
-                if fused is not None:
-                    out[our_name] = fused.contiguous()
-                    continue
-            per = (shape[2], shape[1])  # [out, in] of one expert
-            out[our_name] = torch.stack([ck.get(n, per, why).t() for n in src.names]).contiguous()
-        elif src.op == "cat0":
-            part = (shape[0] // len(src.names),) + shape[1:]
-            out[our_name] = torch.cat([ck.get(n, part, why) for n in src.names])
-        elif src.op == "zeros":
-            out[our_name] = torch.zeros(shape)
-        else:  # pragma: no cover
-            raise AssertionError(src.op)
-    return out
-
-
-def write_mapped(state: Dict[str, torch.Tensor], wmap: Dict[str, Src]) -> Dict[str, torch.Tensor]:
-    """Inverse of `read_mapped`: our tensors -> HF-named tensors (tied ones written once)."""
-    out: Dict[str, torch.Tensor] = {}
-    for our_name, src in wmap.items():
-        t = state[our_name]
-        if src.op == "copy":
-            if src.names[0] in out:  # tied lm_head -> embed_tokens: already written
-                continue
-            out[src.names[0]] = t.detach().contiguous()
-        elif src.op == "stack_t":
-            for e, n in enumerate(src.names):
-                out[n] = t[e].detach().t().contiguous()
-        elif src.op == "cat0":
-            for n, part in zip(src.names, t.detach().chunk(len(src.names))):
-                out[n] = part.contiguous()
-        elif src.op == "zeros":
-            if bool(t.detach().ne(0).any()):
-                raise ConversionError(f"{our_name} is non-zero, but the target format has no such tensor "
-                                      "(export would change the model)")
-        else:  # pragma: no cover
-            raise AssertionError(src.op)
     return out
 
 

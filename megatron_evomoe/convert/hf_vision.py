@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .errors import ConversionError, unsupported
-from .hf_llm import HFCheckpoint, Src
+from .hf_checkpoint import HFCheckpoint
+from .weight_map import Src
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -7,7 +7,7 @@ Sources, by ``model_type`` of ``config.json``:
 - ``llava`` (LlavaForConditionalGeneration): LLM + vision tower + projector, all loaded;
 - ``evomoe``: the project's own export format (export.py), e.g. a DTR model.
 
-The destination is a run folder in the trainer's layout (training/checkpoint.py):
+The destination is a run folder in the trainer's layout (checkpointing.py):
 ``DST/checkpoints/00-imported/{state.pt, meta.json}``, ``DST/checkpoints/latest`` and the
 tokenizer in ``DST/tokenizer``; so `training.restore.load_trained_model(DST)`, the
 generation CLI and the eval CLI load it. The stored config has one stage, 'imported'
@@ -29,10 +29,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..config import Config, ConfigError, _from_dict, validate
+from ..stages.structure import build_model
 from .errors import ConversionError, unsupported
-from .hf_llm import (HFCheckpoint, LLMSpec, Src, llm_spec_from_hf, llm_weight_map, moe_layers_string, read_config,
-                     read_mapped)
+from .hf_checkpoint import HFCheckpoint, read_config
+from .hf_llm import LLMSpec, llm_spec_from_hf, llm_weight_map, moe_layers_string
 from .hf_vision import VISION_TYPES, VisionSpec, vision_prefix, vision_spec_from_hf, vision_weight_map
+from .weight_map import Src, read_mapped
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -49,13 +51,8 @@ IGNORABLE = ("*rotary_emb.inv_freq", "*position_ids", "*post_layernorm.*", "*vis
 
 def expected_state(cfg: Config, stage_idx: int = 0) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the state dict `load_trained_model` builds for `cfg` (meta device)."""
-    from ..model.mllm import MultimodalLM
-    from ..training.stages import apply_stage_structure
     with torch.device("meta"):
-        model = MultimodalLM(cfg, 0)
-        gen = torch.Generator()
-        for stage in cfg.stages[: stage_idx + 1]:
-            apply_stage_structure(model, cfg, stage, gen)
+        model = build_model(cfg, 0, up_to_stage=stage_idx)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
@@ -303,7 +300,7 @@ def hf_to_evomoe(src, dst, *, vision_src=None, tokenizer=None, feature_layer: Op
     (default: the LLaVA config's, else -2). max_seq_len: cap model.max_seq_len (RoPE tables).
     dtype: auto (as stored) | float32 | bfloat16 | float16.
     """
-    from ..training import checkpoint as ckpt
+    from .. import checkpointing as ckpt
     src, dst = Path(src), Path(dst)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")

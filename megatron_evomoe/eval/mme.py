@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .question_images import limited_with_images
 NAME = "mme"
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "scene", "landmark", "artwork", "OCR")
@@ -166,13 +167,7 @@ def load_questions(
                 image_path=image_path, question=question, prompt=question + prompt_suffix,
                 answer=answer, source=f"{path}:{lineno}",
             ))
-    if limit is not None:
-        questions = questions[:limit]
-    for q in questions:
-        if not os.path.isfile(q.image_path):
-            raise ValueError(f"MME {q.source}: question {q.question_id!r}: image not found: "
-                             f"{q.image_path}")
-    return questions
+    return limited_with_images(questions, limit, lambda q: f"MME {q.source}")
 
 
 # ---------------------------------------------------------------- scoring

@@ -64,7 +64,7 @@ def main(argv=None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.no_circular and args.benchmark != "mmbench":
         build_parser().error("--no-circular applies to --benchmark mmbench only")
-    from ..training.checkpoint import CheckpointError
+    from ..checkpointing import CheckpointError
     from ..training.trainer import resolve_device
     try:
         device = resolve_device(args.device)

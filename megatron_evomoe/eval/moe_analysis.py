@@ -15,7 +15,7 @@ from ..model.modality import IMAGE, TEXT
 from ..moe import metrics as M
 from ..moe.router_shuffle import shuffled_routers
 from ..training.evaluation import evaluate_pope
-from ..training.stages import moe_layers
+from ..stages.structure import moe_layers
 
 
 def expert_outputs(experts, x: torch.Tensor) -> torch.Tensor:

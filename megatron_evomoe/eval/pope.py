@@ -4,24 +4,20 @@ Question file: JSON lines ``{"question_id", "image", "text", "label": "yes"|"no"
 (optionally ``"category"``: random / popular / adversarial), images at
 ``<image_root>/<image>``.
 
-Scoring follows the official POPE evaluation script:
-- an answer is cut at its first "." (first sentence), commas are deleted, it is
-  split on single spaces, and it counts as "no" when one of the words is exactly
-  "No", "not" or "no"; anything else counts as "yes" ("NO" and "Nope" are "yes");
-- "yes" is the positive class: precision = TP/(TP+FP), recall = TP/(TP+FN),
-  F1 = 2PR/(P+R), accuracy = (TP+TN)/N, yes-ratio = share of "yes" predictions.
-Where the official script would divide by zero (no positive predictions, say)
-the metric is 0.0 here.
+Scoring follows the official POPE evaluation script: the answer rule and the metrics are in
+`megatron_evomoe/pope_metrics.py` (shared with the trainer's stage-end evaluation).
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..pope_metrics import parse_yes_no, pope_metrics
+from .question_images import limited_with_images
 
 NAME = "pope"
-_NO_WORDS = ("No", "not", "no")
 _METRIC_ORDER = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
@@ -34,63 +30,6 @@ class PopeQuestion:
     prompt: str
     label: str          # "yes" | "no"
     category: Optional[str]
-
-
-def parse_yes_no(answer: str) -> str:
-    """Map a free-form answer to "yes"/"no" with the official POPE rule."""
-    # Generation scripts strip outputs before writing answer files; do the same.
-    first_sentence = answer.strip().split(".")[0]
-    words = first_sentence.replace(",", "").split(" ")
-    return "no" if any(w in words for w in _NO_WORDS) else "yes"
-
-
-def _as_yes(value: Union[str, bool, int], what: str, i: int) -> bool:
-    """True for a "yes" label/prediction; strings of predictions go through `parse_yes_no`."""
-    if isinstance(value, str):
-        if what == "label":
-            if value.lower() not in ("yes", "no"):
-                raise ValueError(f"pope_metrics: label {i} is {value!r}, expected 'yes' or 'no'")
-            return value.lower() == "yes"
-        return parse_yes_no(value) == "yes"
-    if isinstance(value, (bool, int)) and value in (0, 1):
-        return bool(value)
-    raise ValueError(f"pope_metrics: {what} {i} is {value!r}, expected a string or 0/1/bool")
-
-
-def _ratio(num: int, den: int) -> float:
-    return num / den if den else 0.0
-
-
-def pope_metrics(
-    preds: Sequence[Union[str, bool, int]], labels: Sequence[Union[str, bool, int]]
-) -> Dict[str, float]:
-    """Accuracy, precision, recall, F1 and yes-ratio of yes/no predictions.
-
-    `preds`: raw answers (parsed with `parse_yes_no`) or booleans/0-1 (1 = yes).
-    `labels`: "yes"/"no" or booleans/0-1 (1 = yes).
-    Returns those five metrics plus the counts ``tp, fp, tn, fn, num_questions``.
-    """
-    if len(preds) != len(labels):
-        raise ValueError(f"pope_metrics: {len(preds)} predictions but {len(labels)} labels")
-    if not preds:
-        raise ValueError("pope_metrics: no predictions to score")
-    tp = fp = tn = fn = 0
-    for i, (p, l) in enumerate(zip(preds, labels)):
-        pred_yes, label_yes = _as_yes(p, "prediction", i), _as_yes(l, "label", i)
-        tp += pred_yes and label_yes
-        fp += pred_yes and not label_yes
-        tn += (not pred_yes) and (not label_yes)
-        fn += (not pred_yes) and label_yes
-    n = tp + fp + tn + fn
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return {
-        "accuracy": (tp + tn) / n,
-        "precision": precision,
-        "recall": recall,
-        "f1": _ratio(2 * precision * recall, precision + recall),
-        "yes_ratio": (tp + fp) / n,
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "num_questions": n,
-    }
 
 
 def _parse_line(path: str, lineno: int, line: str) -> Dict[str, Any]:
@@ -133,13 +72,7 @@ def load_questions(
                 text=rec["text"], prompt=rec["text"] + prompt_suffix,
                 label=rec["label"].lower(), category=rec.get("category"),
             ))
-    if limit is not None:
-        questions = questions[:limit]
-    for q in questions:
-        if not os.path.isfile(q.image_path):
-            raise ValueError(
-                f"POPE {question_file}: question {q.question_id!r}: image not found: {q.image_path}")
-    return questions
+    return limited_with_images(questions, limit, lambda q: f"POPE {question_file}")
 
 
 def score(questions: Sequence[PopeQuestion], responses: Mapping[str, str]) -> Dict[str, Any]:

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .question_images import limited_with_images
 from .vqa_normalize import normalize_answer
 
 NAME = "textvqa"
@@ -91,13 +92,7 @@ def load_questions(
             question=entry["question"], prompt=entry["question"] + prompt_suffix,
             answers=None if answers is None else tuple(answers),
         ))
-    if limit is not None:
-        questions = questions[:limit]
-    for q in questions:
-        if not os.path.isfile(q.image_path):
-            raise ValueError(
-                f"TextVQA {json_path}: question {q.question_id!r}: image not found: {q.image_path}")
-    return questions
+    return limited_with_images(questions, limit, lambda q: f"TextVQA {json_path}")
 
 
 def score(questions: Sequence[TextVQAQuestion], responses: Mapping[str, str]) -> Dict[str, Any]:

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig, check_choice
+from .absent import is_absent
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -31,10 +34,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16 autocast.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., C] -> [..., C], normalised in fp32 for stability under bf16 autocast."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).type_as(x)
 
 
 class LayerNorm(nn.Module):
@@ -47,8 +54,13 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
-        return y.type_as(x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., C] -> [..., C], in fp32 like `rms_norm`."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    return y.type_as(x)
 
 
 def build_norm(cfg) -> nn.Module:
@@ -136,8 +148,7 @@ class FFN(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int, activation: str = "swiglu", bias: bool = False):
         super().__init__()
-        if activation not in ("swiglu", "gelu_tanh"):
-            raise ValueError(f"model.ffn_activation: {activation!r} is not one of swiglu, gelu_tanh")
+        check_choice(ModelConfig, "ffn_activation", activation, "model.ffn_activation")
         self.activation = activation
         if activation == "swiglu":
             self.w_gate = nn.Linear(hidden, ffn_hidden, bias=bias)
@@ -206,12 +217,18 @@ class DecoderLM(nn.Module):
 
     def forward(self, h: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches=None):
-        """h: [B, S, C] input embeddings; modality: [B, S] -> (logits [B, S, V], aux loss scalar)."""
+        """h: [B, S, C] input embeddings (or a previous pipeline stage's output); modality: [B, S]
+        -> (logits [B, S, V], aux loss scalar). Layers held by other pipeline stages are skipped; a
+        stage without the LM head returns its last hidden states [B, S, C] instead of logits."""
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
         aux_total = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
+            if is_absent(layer):
+                continue
             h, aux = layer(h, modality, self.rope, positions, None if kv_caches is None else kv_caches[i])
             if aux is not None:
                 aux_total = aux_total + aux
+        if is_absent(self.lm_head):
+            return h, aux_total
         return self.lm_head(self.norm(h)), aux_total

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .absent import is_absent
 from .llm import DecoderLM
 from .modality import IMAGE, TEXT
 from .vision import VisionEncoder, build_projector
@@ -22,14 +23,24 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V] (under TP with labels: this rank's vocabulary shard)
     lm_loss_sum: torch.Tensor | None  # sum of token cross-entropies (fp32)
     num_tokens: torch.Tensor | None  # number of supervised tokens
     aux_loss: torch.Tensor  # weighted sum of MoE aux losses over layers (already coefficient-scaled)
     modality: torch.Tensor  # [B, S]
+    hidden: torch.Tensor | None = None  # [B, S(/tp), C]: output of a pipeline stage without the LM head
 
 
 class MultimodalLM(nn.Module):
+    """The one forward of the model, for one process and for every parallel layout.
+
+    A pipeline stage is this model with the modules it does not own absent (model/absent.py):
+    without the embedding it takes the previous stage's `hidden` instead of embedding the ids,
+    without the LM head it returns its hidden states. Tensor and sequence parallelism are applied
+    from outside (sharded layers and module hooks, parallel/tensor_parallel_plan.py); `loss_fn`
+    is replaced there by the vocabulary-parallel loss.
+    """
+
     def __init__(self, cfg, image_token_id: int):
         super().__init__()
         self.image_token_id = image_token_id
@@ -37,18 +48,26 @@ class MultimodalLM(nn.Module):
         self.projector = (build_projector(cfg.vision.projector, cfg.vision.hidden_size, cfg.model.hidden_size)
                           if cfg.vision.enabled else None)
         self.llm = DecoderLM(cfg.model)
+        # (logits, labels) -> (sum of token losses, supervised token count)
+        self.loss_fn = causal_lm_loss_sum
+
+    def modality(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] ids -> [B, S] modality ids: the image-token positions are image tokens."""
+        return torch.where(input_ids == self.image_token_id, IMAGE, TEXT)
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None):
         """-> (embeddings [B, S, C], modality [B, S])."""
+        modality = self.modality(input_ids)
+        return self._embed(input_ids, images, modality == IMAGE), modality
+
+    def _embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, is_image: torch.Tensor):
         h = self.llm.embed(input_ids)
-        is_image = input_ids == self.image_token_id
-        modality = torch.where(is_image, IMAGE, TEXT)
         num_slots = int(is_image.sum())
         num_images = 0 if images is None else images.shape[0]
         if self.vision is None:
             if num_slots or num_images:
                 raise ValueError("the batch has images but vision.enabled is false")
-            return h, modality
+            return h
         feats = self.image_features(images) if num_images else None  # [N, P, C]
         expected = 0 if feats is None else feats.shape[0] * feats.shape[1]
         if num_slots != expected:
@@ -56,19 +75,29 @@ class MultimodalLM(nn.Module):
                              f"give {expected} image embeddings")
         if feats is not None:
             h = h.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(h.dtype))
-        return h, modality
+        return h
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.projector(self.vision(images))  # [N, P, C]
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
-        h, modality = self.embed(input_ids, images)
-        logits, aux = self.llm(h, modality)
+                labels: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids, labels: [B, S]; images: [N, 3, H, W]; hidden: [B, S(/tp), C], the input of a
+        pipeline stage that does not hold the embedding (the previous stage's `ModelOutput.hidden`)."""
+        modality = self.modality(input_ids)  # every stage has the ids: the mask never travels
+        if is_absent(self.llm.embed):
+            assert hidden is not None, "a pipeline stage without the embedding needs the previous stage's output"
+            h = hidden
+        else:
+            h = self._embed(input_ids, images, modality == IMAGE)
+        positions = torch.arange(input_ids.shape[1], device=h.device)  # (h may be a sequence shard)
+        out, aux = self.llm(h, modality, positions)
+        if is_absent(self.llm.lm_head):
+            return ModelOutput(None, None, None, aux, modality, hidden=out)
         loss_sum = num = None
         if labels is not None:
-            loss_sum, num = causal_lm_loss_sum(logits, labels)
-        return ModelOutput(logits, loss_sum, num, aux, modality)
+            loss_sum, num = self.loss_fn(out, labels)
+        return ModelOutput(out, loss_sum, num, aux, modality)
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor):

@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import EvolutionConfig, check_choice
 from ..model.llm import FFN
 
 FFN_WEIGHTS = ("w_gate", "w_up", "w_down")
-RULES = ("scaled_update", "ema", "literal")
 
 
 def evolve_(evolved: torch.Tensor, theta_new: torch.Tensor, theta_old: torch.Tensor,
@@ -45,8 +45,8 @@ def evolve_(evolved: torch.Tensor, theta_new: torch.Tensor, theta_old: torch.Ten
         evolved.mul_(b).add_((1 - b) * theta_new)
     elif rule == "literal":
         evolved.copy_(b * theta_new + (1 - b) * (theta_new - theta_old))
-    else:
-        raise ValueError(f"evolution.rule: unknown rule {rule!r} (choose from {', '.join(RULES)})")
+    else:  # the choices are EvolutionConfig.rule's, checked by the config and EvolutionScheduler
+        raise AssertionError(f"evolution.rule {rule!r} has no update rule")
 
 
 class EvolvingFFN(FFN):
@@ -96,8 +96,7 @@ class EvolutionScheduler:
     """
 
     def __init__(self, modules: list[EvolvingFFN], beta_ranges: list, rule: str, seed: int):
-        if rule not in RULES:
-            raise ValueError(f"evolution.rule: unknown rule {rule!r} (choose from {', '.join(RULES)})")
+        check_choice(EvolutionConfig, "rule", rule, "evolution.rule")
         for m in modules:
             assert m.num_evolved == len(beta_ranges), "one beta range per evolved expert"
         self.modules, self.rule = modules, rule

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
+from .dtr import DynamicTokenRouter
 from .evolution import FFN_WEIGHTS, EvolvingFFN
+from .experts import GroupedExperts
+from .moe_layer import MoELayer
+from .router import PerModalityLinearRouter, Router, TopKRouter
+from .shared_expert import SharedExpert
 
 
 def dense_weights(ffn) -> dict[str, torch.Tensor]:
@@ -77,7 +83,7 @@ def make_experts(ffn, moe_cfg, init_std: float, generator: torch.Generator) -> l
         return drop_experts(ffn, E, moe_cfg.drop_ratio, generator)
     if init == "scratch":
         return scratch_experts(ffn, E, init_std, generator)
-    raise ValueError(f"moe.init: unknown expert initialisation {init!r}")
+    raise AssertionError(f"moe.init {init!r} has no expert initialisation (MoEConfig.init lists the choices)")
 
 
 def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
@@ -86,10 +92,6 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
     This is the 'split' of the evolution scheduler at the stage II -> III
     boundary when moe.init=evolution, and the baselines' upcycling otherwise.
     """
-    from .experts import GroupedExperts
-    from .moe_layer import MoELayer
-    from .router import build_router
-
     _check_upcyclable(ffn)
     w = ffn.w_gate.weight
     hidden, ffn_hidden = w.shape[1], w.shape[0]
@@ -98,7 +100,6 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
     router = build_router(cfg.router, cfg.moe, hidden)
     shared = None
     if cfg.moe.shared_expert_size > 0:  # drawn after the experts: configs without one draw as before
-        from .shared_expert import SharedExpert
         with torch.device("meta"):  # built without touching the global RNG; values from `generator`
             shared = SharedExpert(hidden, cfg.moe.shared_expert_size)
         shared = shared.to_empty(device=w.device).init_for_upcycling(cfg.model.init_std, generator)
@@ -109,7 +110,6 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
 
 def _check_upcyclable(ffn) -> None:
     """Our experts are bias-free SwiGLU (GroupedExperts): a GELU FFN or one with biases has no exact image."""
-    from ..config import ConfigError
     act = getattr(ffn, "activation", "swiglu")
     if act != "swiglu":
         raise ConfigError(f"moe.layers with model.ffn_activation={act}: upcycling a GELU FFN into the SwiGLU "
@@ -117,3 +117,16 @@ def _check_upcyclable(ffn) -> None:
     if any(getattr(ffn, n).bias is not None for n in FFN_WEIGHTS):
         raise ConfigError("moe.layers with model.mlp_bias=true: the experts of a MoE layer have no biases, so "
                           "upcycling would drop the FFN's; not supported, set moe.layers=none")
+
+
+def build_router(router_cfg, moe_cfg, hidden: int) -> Router:
+    """The fresh router of a new MoE layer, by `router.type`."""
+    common = dict(num_experts=moe_cfg.num_experts, top_k=moe_cfg.top_k, renormalize=moe_cfg.renormalize,
+                  backend=router_cfg.backend)
+    if router_cfg.type == "linear":
+        return TopKRouter(hidden, **common)
+    if router_cfg.type == "linear_per_modality":
+        return PerModalityLinearRouter(hidden, **common)
+    assert router_cfg.type == "dtr", f"router.type {router_cfg.type!r} (RouterConfig.type lists the choices)"
+    return DynamicTokenRouter(hidden, hyper_hidden=router_cfg.hyper_hidden_size, rank=router_cfg.rank,
+                              embed_dim=router_cfg.embed_dim, activation=router_cfg.activation, **common)

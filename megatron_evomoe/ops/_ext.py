@@ -1,10 +1,8 @@
 """Loader for the optional compiled extensions, and the contract of the CUDA ops.
 
-Three extensions may be built by ``pip install --no-build-isolation -e .``
+Two extensions may be built by ``pip install --no-build-isolation -e .``
 (see csrc/build.py):
 
-* ``megatron_evomoe._C_data`` (C++/pybind11, no torch): the packing-index
-  builder used by ``megatron_evomoe.data.packing``. ``load_data_helpers()``.
 * ``megatron_evomoe._C_cuda`` (CUDA, torch extension): token permutation for
   MoE dispatch. ``load()``. Built only with nvcc and a CUDA build of torch.
 * ``megatron_evomoe._C_cpu`` (C++, torch extension): the CPU kernels of the
@@ -13,15 +11,17 @@ Three extensions may be built by ``pip install --no-build-isolation -e .``
 
 Neither loader raises: each returns None and records why, and ``describe()``
 gives one line for logs, e.g. ``cuda_ext: not built (torch 2.13.0+cpu is a CPU
-build: torch.version.cuda is None); data_ext: built``. Setting
+build: torch.version.cuda is None); cpu_ext: built``. Setting
 ``EVOMOE_DISABLE_CUDA_EXT=1`` makes ``load()`` return None, and
 ``EVOMOE_DISABLE_CPU_EXT=1`` does the same for ``load_cpu()`` (to exercise the
 other backends); loaders cache their answer (``reset()`` clears it).
 
 Permutation contract (shared with the Triton and PyTorch backends of
-``megatron_evomoe.ops.permute``; the ``reference_*`` functions below are its
-executable form). With T tokens, K slots per token (top-k), E experts and C
-channels, slot ``(t, k)`` is the flat index ``s = t * K + k``:
+``megatron_evomoe.ops.permute``; its executable form is the PyTorch reference in
+``kernels/permute.py``: ``expert_histogram_reference``, ``permute_reference``,
+``unpermute_reference``, ``unpermute_bwd_reference``). With T tokens, K slots per
+token (top-k), E experts and C channels, slot ``(t, k)`` is the flat index
+``s = t * K + k``:
 
 * ``expert_histogram(topk_idx [T, K] int64, E) -> counts [E] int64``:
   ``counts[e]`` = number of slots routed to expert e.
@@ -55,7 +55,6 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Any
 
 CUDA_MODULE = "megatron_evomoe._C_cuda"
 CPU_MODULE = "megatron_evomoe._C_cpu"
@@ -72,33 +71,15 @@ def load_cpu() -> ModuleType | None:
     return _load_cpu()[0]
 
 
-def load_data_helpers() -> ModuleType | None:
-    """The C++ data helpers (``_C_data``), or None when not built or stale.
-
-    Same answer as ``megatron_evomoe.data.packing.load_cpp_helpers()``, which the
-    data path calls directly (it must not import torch and this package)."""
-    return _load_data()[0]
-
-
 def describe() -> str:
     """One line for logs: what was built and usable, and why not."""
-    return f"cuda_ext: {_load_cuda()[1]}; cpu_ext: {_load_cpu()[1]}; {describe_data_helpers()}"
-
-
-def describe_data_helpers() -> str:
-    return f"data_ext: {_load_data()[1]}"
+    return f"cuda_ext: {_load_cuda()[1]}; cpu_ext: {_load_cpu()[1]}"
 
 
 def reset() -> None:
     """Forget cached load results (after an install, or to re-read EVOMOE_DISABLE_CUDA_EXT)."""
     _load_cuda.cache_clear()
     _load_cpu.cache_clear()
-    try:
-        from megatron_evomoe.data.packing import load_cpp_helpers
-
-        load_cpp_helpers.cache_clear()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,64 +130,8 @@ def _load_cpu() -> tuple[ModuleType | None, str]:
         return None, f"built but not importable ({type(exc).__name__}: {exc}; {_REBUILD_HINT})"
 
 
-def _load_data() -> tuple[ModuleType | None, str]:
-    # The loader lives in data/packing.py so that the data path never imports this package.
-    try:
-        from megatron_evomoe.data.packing import load_cpp_helpers
-    except Exception as exc:  # noqa: BLE001
-        return None, f"not loadable (megatron_evomoe.data.packing: {type(exc).__name__}: {exc})"
-    return load_cpp_helpers()
-
-
 def _spec_missing(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is None
     except Exception:  # noqa: BLE001
         return True
-
-
-# ---------------------------------------------------------------------------
-# PyTorch reference of the contract above (any device, differentiable in x,
-# y_perm and gates). The CUDA tests compare the extension with these.
-# ---------------------------------------------------------------------------
-
-
-def reference_expert_histogram(topk_idx: Any, num_experts: int):
-    """topk_idx: [T, K] int64 -> counts [E] int64 (ids outside [0, E) not counted)."""
-    import torch
-
-    flat = topk_idx.reshape(-1)
-    valid = (flat >= 0) & (flat < num_experts)
-    return torch.bincount(flat[valid], minlength=num_experts).to(torch.int64)
-
-
-def reference_permute(x: Any, topk_idx: Any, num_experts: int):
-    """x: [T, C], topk_idx: [T, K] -> (x_perm [T*K, C], row_map [T, K] int64, counts [E] int64)."""
-    import torch
-
-    num_tokens, k = topk_idx.shape
-    flat = topk_idx.reshape(-1)
-    valid = (flat >= 0) & (flat < num_experts)
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots last
-    slot_of_row = torch.sort(key, stable=True).indices  # [T*K]: ties keep slot order
-    row_of_slot = torch.empty_like(slot_of_row)
-    row_of_slot[slot_of_row] = torch.arange(len(flat), device=flat.device)
-    row_map = torch.where(valid, row_of_slot, torch.full_like(row_of_slot, -1))
-    rows = x[torch.div(slot_of_row, max(k, 1), rounding_mode="floor")]  # [T*K, C]
-    x_perm = torch.where(valid[slot_of_row][:, None], rows, torch.zeros_like(rows))
-    counts = reference_expert_histogram(topk_idx, num_experts)
-    return x_perm, row_map.view(num_tokens, k), counts
-
-
-def reference_unpermute(y_perm: Any, row_map: Any, gates: Any = None):
-    """y_perm: [N, C], row_map: [T, K], gates: [T, K] or None -> y [T, C] (fp32 sum, y_perm dtype)."""
-    import torch
-
-    num_rows, channels = y_perm.shape
-    valid = (row_map >= 0) & (row_map < num_rows)
-    acc = torch.promote_types(y_perm.dtype, torch.float32)  # fp32 sums (fp64 stays fp64)
-    # Invalid slots read an extra zero row, so the graph (and gates.grad) always exists.
-    padded = torch.cat([y_perm, y_perm.new_zeros(1, channels)]).to(acc)
-    rows = padded[torch.where(valid, row_map.long(), num_rows)]  # [T, K, C]
-    weight = valid.to(acc) if gates is None else torch.where(valid, gates.to(acc), 0.0)
-    return (rows * weight[..., None]).sum(1).to(y_perm.dtype)

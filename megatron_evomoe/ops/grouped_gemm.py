@@ -1,20 +1,21 @@
 """grouped_mm: y[rows_e] = x[rows_e] @ w[e] over expert-sorted rows, differentiable in x and w.
 
-Layers: three ``torch.library`` custom ops (forward, dgrad, wgrad; each with a fake impl so that
-torch.compile traces them as opaque nodes) -> ``GroupedMMFunction`` (autograd.Function; the same
-backward is registered on the forward op, so ``torch.ops.megatron_evomoe.grouped_mm`` is
-differentiable too) -> ``grouped_mm()``, which picks the backend (see ``backend.py``).
+Layers: Triton kernels (kernels/grouped_gemm.py) -> three ``torch.library`` custom ops (forward,
+dgrad, wgrad; each with a fake impl so that torch.compile traces them as opaque nodes; dgrad and
+wgrad are the forward op's backward, registered with ``register_autograd``) -> ``grouped_mm()``,
+which picks the backend (see ``backend.py``).
 
 Semantics (all backends): x: [T, K], w: [E, K, N], offsets: [E] int32/int64 cumulative end rows.
 Rows at or past offsets[-1] belong to no expert and get zero output / zero dgrad; experts without
 rows get dw[e] = 0; outputs are in x.dtype with fp32 accumulation.
 
 The PyTorch backend uses ``torch._grouped_mm`` wherever it accepts the inputs (CUDA, and this CPU
-build too) and a loop over non-empty experts otherwise. ``torch._grouped_mm``'s own autograd is
-not used: on the CPU build its backward raises (and it rejects expanded gradients), so the
-backward here is written as two more ``torch._grouped_mm`` calls (dgrad: dy @ w^T per group;
-wgrad: x^T @ dy with the groups along the reduction dim), which work on CPU and CUDA alike. It
-leaves rows past offsets[-1] unwritten, so those are zeroed with a mask (no host sync).
+build too) and otherwise the reference of kernels/grouped_gemm.py (a loop over non-empty experts).
+``torch._grouped_mm``'s own autograd is not used: on the CPU build its backward raises (and it
+rejects expanded gradients), so the backward here is written as two more ``torch._grouped_mm``
+calls (dgrad: dy @ w^T per group; wgrad: x^T @ dy with the groups along the reduction dim), which
+work on CPU and CUDA alike. It leaves rows past offsets[-1] unwritten, so those are zeroed with a
+mask (no host sync).
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def _check(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 # PyTorch backend
 # --------------------------------------------------------------------------------------------------
+def _kernels():
+    from megatron_evomoe.kernels import grouped_gemm as k
+    return k
+
+
 _grouped_mm_rejects: set[tuple] = set()  # (device type, dtype, aligned) where torch._grouped_mm raised
 
 
@@ -64,11 +70,6 @@ def _try_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs32: torch.Tensor
         return None
 
 
-def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
-    ends = [int(v) for v in offsets.tolist()]  # host sync: the loop fallback only
-    return list(zip([0] + ends[:-1], ends))
-
-
 def _zero_tail_rows(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     tail = torch.arange(out.shape[0], device=out.device) >= offsets[-1]
     return out.masked_fill_(tail[:, None], 0)
@@ -81,11 +82,7 @@ def _torch_ab(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.
     out = _try_torch_grouped_mm(a.contiguous(), b, offsets.to(torch.int32))
     if out is not None:
         return _zero_tail_rows(out, offsets)
-    out = a.new_zeros((a.shape[0], b.shape[2]))
-    for e, (lo, hi) in enumerate(_bounds(offsets)):
-        if hi > lo:
-            out[lo:hi] = (a[lo:hi].float() @ b[e].float()).to(a.dtype)
-    return out
+    return _kernels().grouped_mm_reference(a, b, offsets)  # the per-expert loop (host sync)
 
 
 def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -97,11 +94,7 @@ def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> to
     dw = _try_torch_grouped_mm(x.t(), dy.contiguous(), offsets.to(torch.int32))
     if dw is not None:
         return dw
-    dw = x.new_zeros((E, x.shape[1], dy.shape[1]))
-    for e, (lo, hi) in enumerate(_bounds(offsets)):
-        if hi > lo:
-            dw[e] = (x[lo:hi].float().t() @ dy[lo:hi].float()).to(x.dtype)
-    return dw
+    return _kernels().grouped_mm_wgrad_reference(x, dy, offsets)  # the per-expert loop (host sync)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,8 +102,7 @@ def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> to
 # --------------------------------------------------------------------------------------------------
 def _fwd_impl(x, w, offsets, backend):
     if backend == "triton":
-        from megatron_evomoe.kernels import grouped_gemm as k
-        return k.grouped_mm_fwd(x, w, offsets)
+        return _kernels().grouped_mm_fwd(x, w, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm(x, w, offsets)
     return _torch_ab(x, w, offsets)
@@ -118,8 +110,7 @@ def _fwd_impl(x, w, offsets, backend):
 
 def _dgrad_impl(dy, w, offsets, backend):
     if backend == "triton":
-        from megatron_evomoe.kernels import grouped_gemm as k
-        return k.grouped_mm_dgrad(dy, w, offsets)
+        return _kernels().grouped_mm_dgrad(dy, w, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm_dgrad(dy, w, offsets)
     return _torch_ab(dy.contiguous(), w.transpose(1, 2), offsets)
@@ -127,8 +118,7 @@ def _dgrad_impl(dy, w, offsets, backend):
 
 def _wgrad_impl(x, dy, offsets, backend):
     if backend == "triton":
-        from megatron_evomoe.kernels import grouped_gemm as k
-        return k.grouped_mm_wgrad(x, dy, offsets)
+        return _kernels().grouped_mm_wgrad(x, dy, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm_wgrad(x, dy, offsets)
     return _torch_wgrad(x, dy, offsets)
@@ -193,17 +183,6 @@ def _backward(ctx, dy):
 grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class GroupedMMFunction(torch.autograd.Function):
-    """y = grouped_mm(x, w, offsets); backward: dx by dgrad, dw by wgrad (same backend)."""
-
-    @staticmethod
-    def forward(x, w, offsets, backend):
-        return grouped_mm_op(x, w, offsets, backend)
-
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-
-
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """y[rows_e] = x[rows_e] @ w[e]. x: [T, K], w: [E, K, N], offsets: [E] (cumulative end rows) -> [T, N].
 
@@ -216,4 +195,4 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
         x, w = x.to(dtype), w.to(dtype)
     _check(x, w, offsets)
     chosen = resolve_backend(backend, "grouped_mm", x.device)
-    return GroupedMMFunction.apply(x, w, offsets, chosen)
+    return grouped_mm_op(x, w, offsets, chosen)

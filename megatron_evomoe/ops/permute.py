@@ -5,13 +5,14 @@
         y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]]
 
 The exact semantics (stable order, dropped slots with ids outside [0, E), dtypes) are the contract
-in ``_ext.py``, shared by the three backends. permute is differentiable in x; unpermute in y_perm
-and gates. Layers: ``torch.library`` custom ops with fakes (forward and backward of each) ->
-``PermuteFunction`` / ``UnpermuteFunction`` (the same backward is registered on the forward ops)
--> ``permute()`` / ``unpermute()``, which pick the backend (``backend.py``).
+in ``_ext.py``, shared by the backends. permute is differentiable in x; unpermute in y_perm and
+gates. Layers: Triton kernels (kernels/permute.py) -> ``torch.library`` custom ops with fakes
+(forward and backward of each; the backward ops are registered on the forward ones with
+``register_autograd``) -> ``permute()`` / ``unpermute()``, which pick the backend (``backend.py``).
 
-The PyTorch backend is vectorised torch ops on the device (a stable sort, index gathers, an
-index_copy into a scratch row for dropped slots): no host sync, [T, K, C] temporaries.
+The PyTorch backend is the reference of kernels/permute.py: vectorised torch ops on the device (a
+stable sort, index gathers, an index_copy into a scratch row for dropped slots), no host sync,
+[T, K, C] temporaries.
 """
 from __future__ import annotations
 
@@ -51,53 +52,6 @@ def _check_unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.T
 
 
 # --------------------------------------------------------------------------------------------------
-# PyTorch backend
-# --------------------------------------------------------------------------------------------------
-def _torch_permute(x, topk_idx, num_experts):
-    T, K = topk_idx.shape
-    flat = topk_idx.reshape(-1).long()
-    routed = (flat >= 0) & (flat < num_experts)
-    key = torch.where(routed, flat, num_experts)  # dropped slots sort last
-    slot_of_row = torch.sort(key, stable=True).indices  # [T*K]
-    row_of_slot = torch.empty_like(slot_of_row)
-    row_of_slot[slot_of_row] = torch.arange(flat.numel(), device=flat.device)
-    rows = x[torch.div(slot_of_row, max(K, 1), rounding_mode="floor")]  # [T*K, C]
-    x_perm = torch.where(routed[slot_of_row][:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
-    row_map = torch.where(routed, row_of_slot, -1).view(T, K)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    return x_perm, row_map, counts[:num_experts].clone()
-
-
-def _gathered(y_perm, row_map):
-    """(rows: [T, K, C] fp32 with zeros for invalid entries, valid: [T, K])."""
-    N = y_perm.shape[0]
-    valid = (row_map >= 0) & (row_map < N)
-    if N == 0:
-        return y_perm.new_zeros((*row_map.shape, y_perm.shape[1]), dtype=torch.float32), valid
-    rows = y_perm[torch.where(valid, row_map, 0).long()].float()
-    return torch.where(valid[..., None], rows, 0.0), valid
-
-
-def _torch_unpermute(y_perm, row_map, gates):
-    rows, valid = _gathered(y_perm, row_map)
-    if gates is not None:
-        rows = rows * gates.float()[..., None]
-    return rows.sum(1).to(y_perm.dtype)
-
-
-def _torch_unpermute_backward(grad_y, y_perm, row_map, gates):
-    T, K = row_map.shape
-    N, C = y_perm.shape
-    rows, valid = _gathered(y_perm, row_map)
-    grad_gates = (rows * grad_y.float()[:, None, :]).sum(-1).to(gates.dtype)  # 0 where invalid
-    vals = (gates.float()[..., None] * grad_y.float()[:, None, :]).to(y_perm.dtype).reshape(T * K, C)
-    grad_y_perm = y_perm.new_zeros((N + 1, C))  # row N takes the dropped slots
-    grad_y_perm.index_copy_(0, torch.where(valid, row_map, N).reshape(-1).long(), vals)
-    return grad_y_perm[:N], grad_gates
-
-
-# --------------------------------------------------------------------------------------------------
 # Backend dispatch
 # --------------------------------------------------------------------------------------------------
 def _kernels():
@@ -114,7 +68,7 @@ def _permute_impl(x, topk_idx, num_experts, backend):
         return _kernels().permute_fwd(x, topk_idx, num_experts)
     if backend in EXT_DEVICE:
         return tuple(_ext(backend).permute(x, topk_idx.long(), num_experts))
-    return _torch_permute(x, topk_idx, num_experts)
+    return _kernels().permute_reference(x, topk_idx, num_experts)
 
 
 def _permute_backward_impl(grad_x_perm, row_map, backend):
@@ -122,7 +76,7 @@ def _permute_backward_impl(grad_x_perm, row_map, backend):
         return _kernels().permute_bwd(grad_x_perm, row_map)
     if backend in EXT_DEVICE:
         return _ext(backend).permute_backward(grad_x_perm, row_map)
-    return _torch_unpermute(grad_x_perm, row_map, None)
+    return _kernels().unpermute_reference(grad_x_perm, row_map, None)
 
 
 def _unpermute_impl(y_perm, row_map, gates, backend):
@@ -130,7 +84,7 @@ def _unpermute_impl(y_perm, row_map, gates, backend):
         return _kernels().unpermute_fwd(y_perm, row_map, gates)
     if backend in EXT_DEVICE:
         return _ext(backend).unpermute(y_perm, row_map, gates)
-    return _torch_unpermute(y_perm, row_map, gates)
+    return _kernels().unpermute_reference(y_perm, row_map, gates)
 
 
 def _unpermute_backward_impl(grad_y, y_perm, row_map, gates, backend):
@@ -138,7 +92,7 @@ def _unpermute_backward_impl(grad_y, y_perm, row_map, gates, backend):
         return _kernels().unpermute_bwd(grad_y, y_perm, row_map, gates)
     if backend in EXT_DEVICE:
         return tuple(_ext(backend).unpermute_backward(grad_y, y_perm, row_map, gates))
-    return _torch_unpermute_backward(grad_y, y_perm, row_map, gates)
+    return _kernels().unpermute_bwd_reference(grad_y, y_perm, row_map, gates)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,28 +190,6 @@ permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 
-class PermuteFunction(torch.autograd.Function):
-    """(x_perm, row_map, counts) = permute(x, topk_idx, E); grad flows to x only."""
-
-    @staticmethod
-    def forward(x, topk_idx, num_experts, backend):
-        return permute_op(x, topk_idx, num_experts, backend)
-
-    setup_context = staticmethod(_permute_setup)
-    backward = staticmethod(_permute_backward)
-
-
-class UnpermuteFunction(torch.autograd.Function):
-    """y = unpermute(y_perm, row_map, gates); grads flow to y_perm and gates."""
-
-    @staticmethod
-    def forward(y_perm, row_map, gates, backend):
-        return unpermute_op(y_perm, row_map, gates, backend)
-
-    setup_context = staticmethod(_unpermute_setup)
-    backward = staticmethod(_unpermute_backward)
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +200,7 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
     Differentiable in x. Slots with ids outside [0, E) are dropped (row_map -1, zero rows at the end)."""
     _check_permute(x, topk_idx, num_experts)
     chosen = resolve_backend(backend, "permute", x.device)
-    return PermuteFunction.apply(x, topk_idx, num_experts, chosen)
+    return permute_op(x, topk_idx, num_experts, chosen)
 
 
 def unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None,
@@ -278,4 +210,4 @@ def unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor |
     Differentiable in y_perm and gates; row_map entries outside [0, N) are skipped."""
     _check_unpermute(y_perm, row_map, gates)
     chosen = resolve_backend(backend, "unpermute", y_perm.device)
-    return UnpermuteFunction.apply(y_perm, row_map, gates, chosen)
+    return unpermute_op(y_perm, row_map, gates, chosen)

@@ -1,6 +1,6 @@
 """Process-group initialisation from torchrun or SLURM environments.
 
-    state = init_distributed(cfg)     # None for a plain one-process run
+    state = init_distributed(cfg)     # ParallelState.single(cfg) for a plain one-process run
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Under SLURM without
 torchrun (one task per GPU, `srun python pretrain_evomoe.py ...`) the same values come from
@@ -91,16 +91,16 @@ def resolve_backend(requested: str, cuda_available: bool | None = None) -> str:
     return requested
 
 
-def init_distributed(cfg, environ=None) -> ParallelState | None:
+def init_distributed(cfg, environ=None) -> ParallelState:
     """Initialise torch.distributed from the environment and build the ParallelState.
 
-    Returns None for a one-process run without parallelism (the trainer's plain path).
+    A one-process run gets `ParallelState.single` (trivial groups; torch.distributed untouched).
     Validates the layout against the world size first (ConfigError naming the field).
     """
     info = launch_info(environ)
     validate_parallel(cfg, info.world_size)
     if info.world_size == 1:
-        return None
+        return ParallelState.single(cfg)
     backend = resolve_backend(cfg.parallel.backend)
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
@@ -135,9 +135,9 @@ def restart_safe_store(timeout: timedelta, environ=None):
 
 
 @contextlib.contextmanager
-def rank0_first(state: ParallelState | None):
+def rank0_first(state: ParallelState):
     """Rank 0 runs the body first (e.g. builds the dataset), the others after it finished."""
-    multi = state is not None and state.world_size > 1
+    multi = state.world_size > 1
     if multi and state.rank != 0:
         with collective("barrier (rank 0 prepares the data first)"):
             dist.barrier()

@@ -6,9 +6,9 @@ computes the loss). The other modules become `PipelinePlaceholder`s without para
 parameter names keep their global layer index (`llm.layers.3.mlp...` on whichever stage
 owns layer 3) and stage patterns keep working.
 
-Every stage reads the same micro-batches (token ids and labels are cheap): later stages
-rebuild the per-token modality mask from the ids; only the hidden states [B, S(/tp), C]
-travel between stages.
+Every stage reads the same micro-batches (token ids and labels are cheap) and runs the model's
+one forward (`MultimodalLM.forward`, which skips the modules this stage lacks and computes the
+per-token modality mask from the ids); only the hidden states [B, S(/tp), C] travel between stages.
 
 Schedule (non-interleaved 1F1B, M micro-batches, stage s of P): s' = min(P-s-1, M) warm-up
 forwards, then alternate one forward / one backward, then s' cool-down backwards, so at most
@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import moe_layer_indices
 from ..model.llm import FFN
-from ..model.modality import IMAGE, TEXT
+from ..model.absent import AbsentModule
 from ..moe.evolution import EvolvingFFN
 from ..moe.moe_layer import MoELayer
 from .state import ParallelState, comm_device
@@ -39,8 +39,8 @@ from .watchdog import collective
 TAG_ACTIVATION, TAG_GRADIENT = 1, 2
 
 
-class PipelinePlaceholder(nn.Module):
-    """Stands for a module that lives on another pipeline stage (holds no parameters).
+class PipelinePlaceholder(AbsentModule):
+    """Stands for a decoder layer (or the embedding, final norm, LM head) of another stage.
 
     For a decoder layer it remembers what kind of FFN block the layer has ("dense", "evolve",
     "sparse"), so that stage structure changes can be replayed on a throwaway shadow (see
@@ -48,21 +48,11 @@ class PipelinePlaceholder(nn.Module):
     """
 
     def __init__(self, what: str, mlp_kind: str | None = None):
-        super().__init__()
-        self.what, self.mlp_kind = what, mlp_kind
+        super().__init__(what)
+        self.mlp_kind = mlp_kind
         # `layer.mlp` reads None here (code that scans layers for MoE blocks skips it); a shadow
         # module is put in this slot only during a stage structure change
         self.register_module("mlp", None)
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.what} lives on another pipeline stage")
-
-    def extra_repr(self) -> str:
-        return f"{self.what} (on another stage)"
-
-
-def is_placeholder(m) -> bool:
-    return isinstance(m, PipelinePlaceholder)
 
 
 def _kind(mlp) -> str:
@@ -103,7 +93,7 @@ def pipeline_shadows(model, cfg):
     shadows = []
     for i in moe_layer_indices(cfg):
         layer = model.llm.layers[i]
-        if is_placeholder(layer):
+        if isinstance(layer, PipelinePlaceholder):
             layer.mlp = _shadow(layer.mlp_kind, cfg)
             shadows.append(layer)
     try:
@@ -127,41 +117,6 @@ def _shadow(kind: str, cfg) -> nn.Module:
         for t in list(m.parameters()) + list(m.buffers()):
             t.zero_()
     return m
-
-
-# --------------------------------------------------------------------------------------------------
-# Stage forward
-# --------------------------------------------------------------------------------------------------
-def stage_forward(model, state: ParallelState, batch: dict, h_in: torch.Tensor | None):
-    """One micro-batch through this stage's modules.
-
-    Returns (out, aux, lm_sum, num_tokens): out is the activation to send ([B, S(/tp), C]) on a
-    non-last stage and None on the last, where lm_sum/num_tokens are the LM loss sum and count.
-    """
-    from .apply import lm_loss_sum, tp_forward
-    from .tensor_parallel import scatter_to_sequence_region
-    _, start, stop = model.pipeline_stage
-    ids = batch["input_ids"]
-    llm = model.llm
-    if state.is_first_stage:
-        h, modality = model.embed(ids, batch.get("images"))
-    else:
-        h, modality = h_in, torch.where(ids == model.image_token_id, IMAGE, TEXT)
-    S = ids.shape[1]
-    with tp_forward(model, S, local_logits=True) as sp:
-        if sp and state.is_first_stage:
-            h = scatter_to_sequence_region(h, model.tp.group, dim=1)
-        positions = torch.arange(S, device=h.device)
-        aux = h.new_zeros((), dtype=torch.float32)
-        for i in range(start, stop):
-            h, a = llm.layers[i](h, modality, llm.rope, positions)
-            if a is not None:
-                aux = aux + a
-        if not state.is_last_stage:
-            return h, aux, None, None
-        logits = llm.lm_head(llm.norm(h))
-    lm_sum, num = lm_loss_sum(model, logits, batch["labels"])
-    return None, aux, lm_sum, num
 
 
 def activation_shape(model, state: ParallelState, batch: dict) -> tuple[int, ...]:
@@ -233,8 +188,8 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
             h_in = h_in.to(device).requires_grad_()
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            out, aux, lm_sum, _ = stage_forward(model, state, batch, h_in)
-        aux = aux / M
+            res = model(batch["input_ids"], batch.get("images"), batch["labels"], hidden=h_in)
+        out, aux, lm_sum = res.hidden, res.aux_loss / M, res.lm_loss_sum
         totals[1] += float(aux.detach())
         if last:
             loss = lm_sum / max(num_tokens, 1) + aux

@@ -1,6 +1,6 @@
 """Per-shard checkpoints that load into a different layout, and the consolidation tool.
 
-Under parallelism every rank saves its own shard (training/checkpoint.py's atomic format) under
+Under parallelism every rank saves its own shard (checkpointing.py's atomic format) under
 
     <save_dir>/ranks/<layout>/<rank>/checkpoints/<name>/state.pt      layout = tp2-pp1-ep2-dp2
 
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ..training import checkpoint as ckpt
-from .state import ShardSpec
+from .. import checkpointing as ckpt
+from .sharded_state import load_full_state_dict
+from .state import REPLICATED, ShardSpec, named_shard_specs
+from .tensor_parallel import take_shard
 
 
 def layout_name(state) -> str:
@@ -44,7 +46,6 @@ def rank_checkpoint_dir(save_dir, state) -> Path:
 
 def checkpoint_meta(model, state, param_names: list[str]) -> dict:
     """What a per-rank checkpoint needs for offline consolidation."""
-    from .state import named_shard_specs
     specs = {k: [s.tp_dim, s.full_size, s.ep_dim, s.expert] for k, s in named_shard_specs(model).items()}
     return {"layout": layout_name(state), "world_size": state.world_size, "rank": state.rank,
             "coords": state.layout.coords(state.rank), "specs": specs, "param_names": list(param_names)}
@@ -144,11 +145,8 @@ def consolidate_states(states: list[dict]) -> dict:
 def shard_state_for(model, state, full: dict, param_names: list[str]) -> tuple[dict, dict]:
     """A consolidated state -> (this rank's model state dict, its optimizer state dict), by slicing
     every tensor (and AdamW moment) as this rank's module holds it."""
-    from .apply import load_full_state_dict
     load_full_state_dict(model, full["model"], state)
     local_model = model.state_dict()
-    from .state import REPLICATED, named_shard_specs
-    from .tensor_parallel import take_shard
     specs = named_shard_specs(model)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     local_order = _optimizer_order(param_names, shapes)

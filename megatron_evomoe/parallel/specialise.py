@@ -22,9 +22,3 @@ def specialise(module, mixin: type, prefix: str, **attrs):
     for k, v in attrs.items():
         setattr(module, k, v)
     return module
-
-
-def plain_class(module) -> type:
-    """The model class a specialised module was made from (its own class if it was not)."""
-    cls = type(module)
-    return cls.__mro__[2] if cls in _SPECIALISED.values() else cls

@@ -1,6 +1,6 @@
 """Tensor (and sequence) parallelism: autograd-aware collectives and sharded layers.
 
-Collectives (each an autograd.Function; the backward is the conjugate collective):
+Collectives (one autograd.Function, `_Conjugate`: the backward is the conjugate collective):
 
     copy_to_tp_region          fwd identity          bwd all-reduce      (enter a TP region, replicated input)
     reduce_from_tp_region      fwd all-reduce        bwd identity        (leave it: sum partial outputs)
@@ -18,7 +18,7 @@ Biases: a column-parallel bias is split with the output features; a row-parallel
 replicated and added once, after the partial outputs are summed. Under SP that sum is
 reduce-scattered, so each rank sees only its sequence shard and holds a partial bias
 gradient: the bias enters through copy-to-region (all-reduce of its gradient), as the
-norms' weights and biases do (parallel/apply.py `_SPNorm`).
+norms' weights and biases do (parallel/tensor_parallel_plan.py `SequenceParallelRMSNorm`).
 
 Sequence parallelism (Megatron SP): between blocks the residual stream is split along the
 sequence over the TP ranks ([B, S/tp, C]); norms run on the shard; entering attention/FFN
@@ -83,133 +83,95 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def _on_dim0(x: torch.Tensor, group, dim: int, out_rows: int, collective) -> torch.Tensor:
+    """Run a dim-0 `collective(out, x, group=...)` along `dim`: move it to the front, then back."""
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((out_rows, *front.shape[1:]))
+    collective(out, front, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
-    front = x.movedim(dim, 0).contiguous()  # gather along dim 0, then move the dim back
-    out = front.new_empty((n * front.shape[0], *front.shape[1:]))
-    dist.all_gather_single(out, front, group=group)
-    return out.movedim(0, dim).contiguous()
+    return _on_dim0(x, group, dim, n * x.shape[dim], dist.all_gather_single)
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
+    _check_divisible(x, dim, n, "reduce-scatter")
+    return _on_dim0(x, group, dim, x.shape[dim] // n, dist.reduce_scatter_single)
+
+
+def _check_divisible(x: torch.Tensor, dim: int, n: int, what: str) -> None:
     if x.shape[dim] % n:
-        raise ValueError(f"reduce-scatter: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
-    front = x.movedim(dim, 0).contiguous()
-    out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
-    dist.reduce_scatter_single(out, front, group=group)
-    return out.movedim(0, dim).contiguous()
+        raise ValueError(f"{what}: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
-    if x.shape[dim] % n:
-        raise ValueError(f"split: size {x.shape[dim]} of dim {dim} is not divisible by {n} ranks")
+    _check_divisible(x, dim, n, "split")
     return x.chunk(n, dim=dim)[_rank(group)].contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
 # Autograd-aware collectives
 # --------------------------------------------------------------------------------------------------
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
+def _identity(x, group, dim):
+    return x.view_as(x)
+
+
+def _all_reduce_dim(x, group, dim):
+    return _all_reduce(x, group)
+
+
+class _Conjugate(torch.autograd.Function):
+    """A collective `fwd(x, group, dim)` whose backward is the conjugate collective `bwd(g, group, dim)`
+    (all-reduce <-> identity, all-gather <-> split or reduce-scatter)."""
 
     @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+    def forward(ctx, x, group, dim, fwd, bwd):
+        ctx.group, ctx.dim, ctx.bwd = group, dim, bwd
+        return fwd(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _split(g, ctx.group, ctx.dim), None, None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group, ctx.dim), None, None
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim, reduce_grad):
-        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = _reduce_scatter(g, ctx.group, ctx.dim) if ctx.reduce_grad else _split(g, ctx.group, ctx.dim)
-        return g, None, None, None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group, ctx.dim), None, None
+        return ctx.bwd(g, ctx.group, ctx.dim), None, None, None, None
 
 
 def copy_to_tp_region(x, group):
     """Identity forward; all-reduce of the gradient (the input is replicated, its users are sharded)."""
-    return x if group is None else _CopyToRegion.apply(x, group)
+    return x if group is None else _Conjugate.apply(x, group, 0, _identity, _all_reduce_dim)
 
 
 def reduce_from_tp_region(x, group):
     """All-reduce forward (sum the partial results of the shards); identity backward."""
-    return x if group is None else _ReduceFromRegion.apply(x, group)
+    return x if group is None else _Conjugate.apply(x, group, 0, _all_reduce_dim, _identity)
 
 
 def gather_from_tp_region(x, group, dim: int = -1):
-    return x if group is None else _GatherFromRegion.apply(x, group, dim % x.dim())
+    return x if group is None else _Conjugate.apply(x, group, dim % x.dim(), _all_gather, _split)
 
 
 def scatter_to_tp_region(x, group, dim: int = -1):
-    return x if group is None else _ScatterToRegion.apply(x, group, dim % x.dim())
+    return x if group is None else _Conjugate.apply(x, group, dim % x.dim(), _split, _all_gather)
 
 
 def gather_from_sequence_region(x, group, dim: int = 1, reduce_grad: bool = True):
     """All-gather the sequence shards. Backward: reduce-scatter when the gathered tensor feeds
     sharded weights (each rank holds a partial gradient), a plain split when it feeds
     replicated computations (every rank holds the full gradient)."""
-    return x if group is None else _GatherSequence.apply(x, group, dim, reduce_grad)
+    backward = _reduce_scatter if reduce_grad else _split
+    return x if group is None else _Conjugate.apply(x, group, dim, _all_gather, backward)
 
 
 def reduce_scatter_to_sequence_region(x, group, dim: int = 1):
-    return x if group is None else _ReduceScatterSequence.apply(x, group, dim)
+    return x if group is None else _Conjugate.apply(x, group, dim, _reduce_scatter, _all_gather)
 
 
 def scatter_to_sequence_region(x, group, dim: int = 1):

@@ -5,7 +5,7 @@ import torch
 
 from ..config import Config
 from ..data.llava_dataset import PopeDataset
-from ..eval.pope import parse_yes_no, pope_metrics
+from ..pope_metrics import parse_yes_no, pope_metrics
 from ..generation import greedy_generate
 
 

@@ -7,9 +7,9 @@ import torch
 
 from ..config import Config, _from_dict, validate
 from ..model.mllm import MultimodalLM
-from . import checkpoint as ckpt
+from .. import checkpointing as ckpt
+from ..stages.structure import build_model
 from .data_setup import DataBundle, prepare_data
-from .stages import apply_stage_structure
 
 
 def config_from_state(state: dict) -> Config:
@@ -31,10 +31,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
         cfg.data.root = data_root
     cfg.data.build_if_missing = False
     bundle = prepare_data(cfg)
-    model = MultimodalLM(cfg, bundle.tokenizer.image_token_id)
-    gen = torch.Generator()
-    for stage in cfg.stages[: state["stage_idx"] + 1]:
-        apply_stage_structure(model, cfg, stage, gen)
+    model = build_model(cfg, bundle.tokenizer.image_token_id, up_to_stage=state["stage_idx"])
     # the saved config rebuilds the same model unless data_root brings another tokenizer (vocabulary)
     ckpt.check_model_fits(model.state_dict(), state, str(found), cfg.to_dict())
     model.load_state_dict(state["model"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..model.modality import IMAGE, TEXT
 from ..moe.metrics import RoutingCounter, js_divergence, load_cv, load_fractions
-from .stages import moe_layers
+from ..stages.structure import moe_layers
 
 
 class RoutingLog:

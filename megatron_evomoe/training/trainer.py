@@ -8,7 +8,6 @@ step, sampler position, RNG states and the evolution generator.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -17,10 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import checkpointing as ckpt
 from ..config import Config, ConfigError
 from ..data.errors import DataError
-from ..model.mllm import IGNORE_INDEX, MultimodalLM
-from . import checkpoint as ckpt
+from ..model.mllm import IGNORE_INDEX
+from ..parallel.launch import rank0_first
+from ..parallel.state import ParallelState
+from ..parallel.training_hooks import ParallelTraining, checkpoint_step
+from ..parallel.watchdog import collective, set_step
+from ..stages.structure import build_model, evolution_scheduler
 from .cpu_allocator import use_caching_allocator
 from .data_setup import StageData, check_stage_data, prepare_data
 from .evaluation import evaluate_pope
@@ -28,7 +32,6 @@ from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
 from .routing_log import RoutingLog
-from .stages import apply_stage_structure, evolution_scheduler, set_trainable
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -63,9 +66,9 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, parallel_state=None):
-        """parallel_state: a `megatron_evomoe.parallel.ParallelState` for multi-process runs
-        (TP/PP/EP/DP; see parallel/apply.py::ParallelTraining), None for one process."""
+    def __init__(self, cfg: Config, parallel_state: ParallelState | None = None):
+        """parallel_state: this process's place in the layout (parallel/launch.py::init_distributed);
+        None means one process (`ParallelState.single`)."""
         self.cfg = cfg
         t = cfg.train
         if t.num_threads:
@@ -77,25 +80,19 @@ class Trainer:
             use_caching_allocator()
         seed_everything(t.seed)
         self.save_dir = Path(t.save_dir)
-        if parallel_state is not None:  # rank 0 builds the bundled dataset, the others wait for it
-            from ..parallel.launch import rank0_first
-            with rank0_first(parallel_state):
-                self.data = prepare_data(cfg)
-        else:
+        state = parallel_state if parallel_state is not None else ParallelState.single(cfg)
+        with rank0_first(state):  # rank 0 builds the bundled dataset, the others wait for it
             self.data = prepare_data(cfg)
         self.tokenizer = self.data.tokenizer
-        self.model = MultimodalLM(cfg, self.tokenizer.image_token_id).to(self.device)
-        # Parallel runs: every rank builds the same full model (same seed), then keeps its shard.
-        self.par = None
-        if parallel_state is not None:
-            from ..parallel.apply import ParallelTraining
-            self.par = ParallelTraining(self.model, parallel_state, cfg)
+        self.model = build_model(cfg, self.tokenizer.image_token_id).to(self.device)
+        # every rank builds the same full model (same seed), then keeps its shard
+        self.par = ParallelTraining(self.model, state, cfg)
         # Upcycling/router creation draws from its own generator, so the stage
         # transition is reproducible whether or not the run was resumed.
         self.structure_gen = torch.Generator().manual_seed(t.seed + 7919)
-        self.metrics = MetricsLogger(self.save_dir, t.tensorboard, enabled=self.par is None or self.par.is_main)
+        self.metrics = MetricsLogger(self.save_dir, t.tensorboard, enabled=self.par.is_main)
         # checkpoints: one folder per rank under parallelism (each rank saves its own shard)
-        self.ckpt_dir = self.save_dir if self.par is None else self.par.checkpoint_dir(self.save_dir)
+        self.ckpt_dir = self.par.checkpoint_dir(self.save_dir)
         self.global_step = 0
         self.history: list[dict] = []  # per-step records, for tests and reports
 
@@ -116,21 +113,19 @@ class Trainer:
         return self.history
 
     def _apply_structure(self, stage) -> None:
-        if self.par is not None:  # unshard the FFNs that change, convert as one process would, reshard
-            with self._comm(f"stage '{stage.name}' structure change (TP/EP gathers, router broadcast)"):
-                self.par.apply_stage_structure(stage, self.structure_gen)
-        else:
-            apply_stage_structure(self.model, self.cfg, stage, self.structure_gen)
+        # under TP/EP: unshard the FFNs that change, convert as one process would, reshard
+        with collective(f"stage '{stage.name}' structure change (TP/EP gathers, router broadcast)"):
+            self.par.apply_stage_structure(stage, self.structure_gen)
 
     def _load_latest(self) -> dict | None:
         if not self.cfg.train.resume:
             return None
-        path = ckpt.find_latest(self.ckpt_dir) if self.par is None else self._newest_common_checkpoint()
-        if path is None and self.par is not None:  # a consolidated checkpoint (parallel/reshard.py): reshard it
+        with collective("resume: all_reduce(MIN of the newest checkpoint step) over all ranks"):
+            path = self.par.newest_common_checkpoint(self.ckpt_dir)
+        if path is None and self.ckpt_dir != self.save_dir:  # a consolidated checkpoint (parallel/reshard.py)
             path = ckpt.find_latest(self.save_dir)
-        if self.par is not None:  # all ranks must resume from the same step
-            with self._comm("resume: all_reduce(checkpoint step) over all ranks"):
-                self.par.agree_on_step(-1 if path is None else ckpt_meta_step(path))
+        with collective("resume: all_reduce(checkpoint step) over all ranks"):  # all ranks resume the same step
+            self.par.agree_on_step(-1 if path is None else checkpoint_step(path))
         if path is None:
             return None
         state = ckpt.load_checkpoint(path)
@@ -140,65 +135,34 @@ class Trainer:
         log.info("resuming from %s (stage %s, step %d)", path, self.cfg.stages[state["stage_idx"]].name, state["step"])
         return state
 
-    def _newest_common_checkpoint(self):
-        """This rank's newest checkpoint that every rank also completed. A rank killed while saving
-        leaves the others one checkpoint ahead; they still hold the previous one (with
-        train.keep_checkpoints >= 2), which the killed rank finished before."""
-        mine = {ckpt_meta_step(p): p for p in ckpt.list_checkpoints(self.ckpt_dir)}
-        newest = max(mine, default=-1)
-        with self._comm("resume: all_reduce(MIN of the newest checkpoint step) over all ranks"):
-            common = _min_over_ranks(newest, self.par.state)
-        if common < newest:
-            log.warning("rank %d: the checkpoint of global step %d is not complete on every rank (a rank stopped "
-                        "before finishing it); resuming from global step %d", self.par.state.rank, newest, common)
-        return mine.get(common)  # None: no common step (agree_on_step names a rank that lacks it)
-
-    def _comm(self, what: str, group=None):
-        """Names a communication step in the error that a dead or hung rank causes (parallel/watchdog.py)."""
-        if self.par is None:
-            return contextlib.nullcontext()
-        from ..parallel.watchdog import collective
-        return collective(what, group)
-
     def _init_weights(self, path: str) -> None:
         """Load pretrained weights (e.g. an imported HF checkpoint) into the stage-0 model."""
         try:
             found = ckpt.resolve_checkpoint(path)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"train.init_from: {e}") from None
-        loaded = ckpt.load_checkpoint(found)
-        weights = loaded["model"]
-        if self.par is not None:  # full (single-process) weights: every rank keeps its own shard
-            from ..parallel.apply import load_full_state_dict
-            load_full_state_dict(self.model, weights, self.par.state)
-            log.info("initialised the model from %s (sharded to this rank's layout)", found)
-            return
-        ckpt.check_model_fits(self.model.state_dict(), loaded, f"train.init_from: {found}", self.cfg.to_dict(),
-                              "the model/vision sections must describe the same architecture")
-        self.model.load_state_dict(weights)
+        self.par.load_full_weights(ckpt.load_checkpoint(found), f"train.init_from: {found}")
         log.info("initialised the model from %s", found)
 
     # ---------------------------------------------------------------- stage
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
         cfg = self.cfg
         self._apply_structure(stage)
-        with self._comm(f"stage '{stage.name}' set-up (all_reduce of the trainable patterns on the pipeline group)"):
-            trainable = (set_trainable(self.model, cfg, stage, idx) if self.par is None
-                         else self.par.set_trainable(stage, idx))
+        with collective(f"stage '{stage.name}' set-up (all_reduce of the trainable patterns on the pipeline group)"):
+            trainable = self.par.set_trainable(stage, idx)
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         betas = tuple(cfg.train.adam_betas)
-        opt = None
-        if self.par is not None:  # the stage's bucketed DP / expert-DP gradient reducer, or its
-            # ZeRO-1 optimizer (parallel.zero1: AdamW state sharded over the replicas)
-            opt = self.par.start_stage(params, stage.lr, cfg.train.weight_decay, betas)
+        # the stage's bucketed DP / expert-DP gradient reducer, or its ZeRO-1 optimizer
+        # (parallel.zero1: AdamW state sharded over the replicas)
+        opt = self.par.start_stage(params, stage.lr, cfg.train.weight_decay, betas)
         if opt is None:
             # a pipeline stage may hold none of this stage's trainable tensors (e.g. the projector stage
             # on the last pipeline stage): its optimizer gets one empty placeholder tensor
             opt_params = params or [("pipeline_idle", torch.nn.Parameter(torch.zeros(0, device=self.device)))]
             opt = build_optimizer(opt_params, stage.lr, cfg.train.weight_decay, betas, self.device)
         evo = evolution_scheduler(self.model, cfg) if stage.moe_mode == "evolve" else None
-        dp = (self.par.state.dp_rank, self.par.state.dp_size) if self.par is not None else (0, 1)
-        data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx, rank=dp[0], world_size=dp[1])
+        data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx, rank=self.par.state.dp_rank,
+                         world_size=self.par.state.dp_size)
         routing = RoutingLog(self.model)
         step = 0
         if resume is not None:
@@ -210,7 +174,7 @@ class Trainer:
                      idx + 1, len(cfg.stages), stage.name, stage.steps, stage.moe_mode, len(trainable),
                      f"{sum(p.numel() for _, p in params):,}")
         lr_scale = 1.0
-        pbar = _progress(cfg.train.progress_bar and (self.par is None or self.par.is_main), stage, step)
+        pbar = _progress(cfg.train.progress_bar and self.par.is_main, stage, step)
         t_last, tokens_since = time.perf_counter(), 0
         while step < stage.steps:
             lr = lr_at(step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * lr_scale
@@ -243,11 +207,11 @@ class Trainer:
         if pbar is not None:
             pbar.close()
         routing.close()
-        if stage.eval and cfg.data.num_eval_samples > 0 and self.par is not None and self.par.pipeline:
+        if stage.eval and cfg.data.num_eval_samples > 0 and self.par.pipeline:
             log.warning("stage '%s': evaluation skipped (generation is not pipelined)", stage.name)
         elif stage.eval and cfg.data.num_eval_samples > 0:  # under TP/EP/DP every rank evaluates in step
             try:
-                with self._comm(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
+                with collective(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
                     scores = evaluate_pope(self.model, self.data, cfg, self.device)
             except DataError:  # e.g. an unreadable evaluation image: keep the stage's training
                 self._save(idx, stage.steps, opt, data, evo, stage_end=True)
@@ -267,15 +231,14 @@ class Trainer:
         cfg = self.cfg
         micro = data.next_batches(cfg.train.grad_accum_steps)  # before any forward: a DataError leaves no trace
         num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        if self.par is not None:  # the loss is normalised by the supervised tokens of the global step
-            from ..parallel.watchdog import set_step
-            set_step(self.global_step + 1)  # (named in the errors of a dead or hung rank)
-            with self._comm("all_reduce(token count) on the data-parallel group", self.par.state.dp_group):
-                num_tokens = self.par.global_tokens(num_tokens)
+        set_step(self.global_step + 1)  # (named in the errors of a dead or hung rank)
+        # the loss is normalised by the supervised tokens of the global step
+        with collective("all_reduce(token count) on the data-parallel group", self.par.state.dp_group):
+            num_tokens = self.par.global_tokens(num_tokens)
         opt.zero_grad(set_to_none=True)
         lm_total, aux_total = 0.0, 0.0
-        with self._comm("forward/backward (tensor-parallel all-reduces, router statistics, expert all-to-all)"):
-            if self.par is not None and self.par.pipeline:
+        with collective("forward/backward (tensor-parallel all-reduces, router statistics, expert all-to-all)"):
+            if self.par.pipeline:
                 lm_total, aux_total = self.par.forward_backward(micro, num_tokens, self.device, cfg.train.bf16)
                 micro = []  # the 1F1B schedule ran forward and backward
             for batch in micro:
@@ -287,14 +250,11 @@ class Trainer:
                 (lm + aux).backward()
                 lm_total += float(lm.detach())
                 aux_total += float(aux.detach())
-        if self.par is not None:  # all-reduce gradients (DP / expert-DP), norm over all shards, clip
-            with self._comm("gradient reduction and clipping (data-parallel groups, norm over all ranks)"):
-                grad_norm = self.par.reduce_and_clip(params, cfg.train.clip_grad)
-            with self._comm("all_reduce(losses) on the data-parallel group", self.par.state.dp_group):
-                lm_total, aux_total = self.par.sum_losses(lm_total, aux_total)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params],
-                                                             cfg.train.clip_grad or float("inf")))
+        # all-reduce gradients (DP / expert-DP), norm over all shards, clip
+        with collective("gradient reduction and clipping (data-parallel groups, norm over all ranks)"):
+            grad_norm = self.par.reduce_and_clip(params, cfg.train.clip_grad)
+        with collective("all_reduce(losses) on the data-parallel group", self.par.state.dp_group):
+            lm_total, aux_total = self.par.sum_losses(lm_total, aux_total)
         record = {"loss": lm_total + aux_total, "lm_loss": lm_total, "aux_loss": aux_total, "grad_norm": grad_norm}
         if not np.isfinite(record["loss"]) or not np.isfinite(grad_norm):
             where = first_nonfinite_grad(params)
@@ -344,9 +304,8 @@ class Trainer:
             "structure_gen": self.structure_gen.get_state(),
             "evolution": evo.state_dict() if evo is not None else None,
             "config": self.cfg.to_dict(),
+            **self.par.checkpoint_extras(),  # shard specs and coordinates, for consolidation and resharding
         }
-        if self.par is not None:  # shard specs and coordinates, for consolidation and resharding
-            state["parallel"] = self.par.checkpoint_meta()
         stage = self.cfg.stages[idx]
         name = f"{idx:02d}-{stage.name}-step{step:06d}"
         meta = {"stage": stage.name, "stage_idx": idx, "step": step, "global_step": self.global_step,
@@ -358,7 +317,7 @@ class Trainer:
         """Keep the steps done since the last checkpoint when a sample fails to load mid-run: `data` was
         rewound to the start of this step and nothing else has moved, so this is an ordinary checkpoint and
         a rerun (after fixing the file, or with data.skip_bad_samples=true) continues the same trajectory."""
-        if self.par is not None or step == 0:  # other ranks are elsewhere / nothing new since the last save
+        if not self.par.can_save_alone or step == 0:  # other ranks are elsewhere / nothing new since the last save
             return
         self._save(idx, step, opt, data, evo, stage_end=False)
         log.error("a sample failed to load at stage '%s' step %d; the steps before it are checkpointed: fix or "
@@ -368,20 +327,9 @@ class Trainer:
     def _restore(self, state: dict, opt, data, evo) -> int:
         stage = self.cfg.stages[state["stage_idx"]]
         load_opt = state["step"] < stage.steps
-        if self.par is not None:  # this layout's own shard, or a consolidated checkpoint resharded
-            self.par.load_state(state, opt, load_opt)
-        else:
-            where = f"resume: the checkpoint of stage '{stage.name}' step {state['step']} in {self.ckpt_dir}"
-            ckpt.check_model_fits(self.model.state_dict(), state, where, self.cfg.to_dict(),
-                                  "use a new train.save_dir (or train.resume=false) for another architecture")
-            self.model.load_state_dict(state["model"])
-            if load_opt:
-                try:
-                    opt.load_state_dict(state["optimizer"])
-                except ValueError as e:  # same shapes, other trainable set
-                    raise ckpt.CheckpointError(f"{where}: its optimizer state does not fit this stage's "
-                                               f"trainable parameters ({e}); was stages.{stage.name}.trainable "
-                                               "changed?") from None
+        # this layout's own shard, or a consolidated checkpoint resharded
+        where = f"resume: the checkpoint of stage '{stage.name}' step {state['step']} in {self.ckpt_dir}"
+        self.par.load_state(state, opt, load_opt, where)
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.structure_gen.set_state(state["structure_gen"])
@@ -389,22 +337,6 @@ class Trainer:
             evo.load_state_dict(state["evolution"])
         self.global_step = state["global_step"]
         return state["step"]
-
-
-def _min_over_ranks(value: int, state) -> int:
-    if state.world_size == 1:
-        return value
-    import torch.distributed as dist
-
-    from ..parallel.state import comm_device
-    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.cpu()[0])
-
-
-def ckpt_meta_step(path) -> int:
-    import json
-    return int(json.loads((Path(path) / "meta.json").read_text()).get("global_step", -1))
 
 
 def _progress(enabled: bool, stage, start: int):

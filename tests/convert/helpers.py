@@ -5,8 +5,8 @@ import torch
 
 from megatron_evomoe.config import load_config
 from megatron_evomoe.model.mllm import MultimodalLM
-from megatron_evomoe.training import checkpoint as ckpt
-from megatron_evomoe.training.stages import apply_stage_structure
+from megatron_evomoe import checkpointing as ckpt
+from megatron_evomoe.stages.structure import apply_stage_structure
 
 # Small enough to build and run in milliseconds; vocab 64 leaves ids 61..63 free after
 # the tokenizer's 60 words and the <image> token the wrapper adds (id 60).

@@ -7,7 +7,7 @@ import torch
 
 from megatron_evomoe.convert import ConversionError, evomoe_to_hf, hf_to_evomoe
 from megatron_evomoe.convert.__main__ import main as convert_main
-from megatron_evomoe.training import checkpoint as ckpt
+from megatron_evomoe import checkpointing as ckpt
 from megatron_evomoe.training.restore import load_trained_model
 
 from .helpers import EVO_STAGES, IMAGE_ID, SMALL_LLM, SMALL_VISION, make_run, randomize, text_ids

@@ -1,14 +1,16 @@
 """The CUDA extension megatron_evomoe._C_cuda and the permutation contract it implements.
 
-* CPU: the loader returns None and says why; the PyTorch reference of the contract (``_ext.reference_*``,
-  shared with the Triton/torch backends) against dumb loops.
+* CPU: the loader returns None and says why; the PyTorch reference of the contract (kernels/permute.py's
+  ``*_reference``, the torch backend of the ops) against dumb loops.
 * GPU (``@pytest.mark.gpu``): the extension against the reference, forward and backward, on uneven and
   empty expert groups, dropped slots, odd sizes, misaligned rows, fp32/fp16/bf16.
 """
 import pytest
 import torch
 
+from megatron_evomoe.kernels import permute as pk
 from megatron_evomoe.ops import _ext
+from tests.kernels.permute_loops import loop_permute, loop_unpermute, loop_unpermute_bwd
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +31,7 @@ def test_load_returns_none_without_cuda_and_says_why():
         assert f"not built (torch {torch.__version__} is a CPU build" in text
     else:
         assert "no CUDA device" in text or "not built" in text
-    assert "; data_ext: " in text
+    assert "; cpu_ext: " in text
 
 
 def test_disable_switch(monkeypatch):
@@ -44,37 +46,8 @@ def test_disable_switch(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The contract, as dumb loops
+# The reference of the contract against dumb loops (tests/kernels/permute_loops.py)
 # ---------------------------------------------------------------------------------------------
-def _loop_permute(x, topk_idx, num_experts):
-    T, K = topk_idx.shape
-    x_perm = torch.zeros(T * K, x.shape[1], dtype=x.dtype)
-    row_map = torch.full((T, K), -1, dtype=torch.int64)
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    row = 0
-    for e in range(num_experts):
-        for s in range(T * K):  # increasing slot t*K + k: the stable order
-            t, k = divmod(s, K)
-            if topk_idx[t, k] == e:
-                x_perm[row] = x[t]
-                row_map[t, k] = row
-                counts[e] += 1
-                row += 1
-    return x_perm, row_map, counts
-
-
-def _loop_unpermute(y_perm, row_map, gates):
-    T, K = row_map.shape
-    y = torch.zeros(T, y_perm.shape[1], dtype=torch.float64)
-    for t in range(T):
-        for k in range(K):
-            r = int(row_map[t, k])
-            if 0 <= r < y_perm.shape[0]:
-                g = 1.0 if gates is None else float(gates[t, k])
-                y[t] += g * y_perm[r].double()
-    return y
-
-
 def _routing(T, K, E, *, drop=0.0, skew=False, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     if skew:  # uneven groups, several experts empty
@@ -96,38 +69,31 @@ def _routing(T, K, E, *, drop=0.0, skew=False, seed=0, device="cpu"):
 def test_reference_matches_the_loops(T, K, E, C, drop, skew):
     x = torch.randn(T, C, dtype=torch.float64)
     idx = _routing(T, K, E, drop=drop, skew=skew, seed=T)
-    x_perm, row_map, counts = _ext.reference_permute(x, idx, E)
-    want = _loop_permute(x, idx, E)
+    x_perm, row_map, counts = pk.permute_reference(x, idx, E)
+    want = loop_permute(x, idx, E)
     assert torch.equal(x_perm, want[0]) and torch.equal(row_map, want[1]) and torch.equal(counts, want[2])
-    assert torch.equal(_ext.reference_expert_histogram(idx, E), want[2])
+    assert torch.equal(pk.expert_histogram_reference(idx, E), want[2])
     gates = torch.rand(T, K, dtype=torch.float64)
     y_perm = torch.randn(T * K, C, dtype=torch.float64)
-    torch.testing.assert_close(_ext.reference_unpermute(y_perm, row_map, gates), _loop_unpermute(y_perm, row_map, gates))
-    torch.testing.assert_close(_ext.reference_unpermute(y_perm, row_map, None), _loop_unpermute(y_perm, row_map, None))
+    torch.testing.assert_close(pk.unpermute_reference(y_perm, row_map, gates), loop_unpermute(y_perm, row_map, gates))
+    torch.testing.assert_close(pk.unpermute_reference(y_perm, row_map, None), loop_unpermute(y_perm, row_map, None))
 
 
 @pytest.mark.parametrize("T,K,E,C", [(11, 2, 4, 6), (0, 2, 3, 4), (5, 1, 1, 3)])
 def test_reference_gradients_match_the_contract(T, K, E, C):
     idx = _routing(T, K, E, drop=0.2, seed=3)
     x = torch.randn(T, C, dtype=torch.float64, requires_grad=True)
-    x_perm, row_map, _ = _ext.reference_permute(x, idx, E)
+    x_perm, row_map, _ = pk.permute_reference(x, idx, E)
     grad_x_perm = torch.randn_like(x_perm)
     x_perm.backward(grad_x_perm)
     # permute_backward == unpermute with unit gates.
-    torch.testing.assert_close(x.grad, _loop_unpermute(grad_x_perm, row_map, None))
+    torch.testing.assert_close(x.grad, loop_unpermute(grad_x_perm, row_map, None))
 
     y_perm = torch.randn(T * K, C, dtype=torch.float64, requires_grad=True)
     gates = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
     grad_y = torch.randn(T, C, dtype=torch.float64)
-    _ext.reference_unpermute(y_perm, row_map, gates).backward(grad_y)
-    want_y_perm = torch.zeros_like(y_perm)
-    want_gates = torch.zeros_like(gates)
-    for t in range(T):
-        for k in range(K):
-            r = int(row_map[t, k])
-            if r >= 0:
-                want_y_perm[r] = gates[t, k].detach() * grad_y[t]
-                want_gates[t, k] = grad_y[t] @ y_perm[r].detach()
+    pk.unpermute_reference(y_perm, row_map, gates).backward(grad_y)
+    want_y_perm, want_gates = loop_unpermute_bwd(grad_y, y_perm.detach(), row_map, gates.detach())
     torch.testing.assert_close(y_perm.grad, want_y_perm)
     torch.testing.assert_close(gates.grad, want_gates)
 
@@ -162,7 +128,7 @@ def test_cuda_permute_matches_reference(T, K, E, C, drop, skew, dtype):
     idx = _routing(T, K, E, drop=drop, skew=skew, seed=T + C, device="cuda")
     x = torch.randn(T, C, device="cuda").to(dtype)
     x_perm, row_map, counts = ext.permute(x, idx, E)
-    want = _ext.reference_permute(x, idx, E)
+    want = pk.permute_reference(x, idx, E)
     assert torch.equal(row_map, want[1])
     assert torch.equal(counts, want[2])
     assert torch.equal(x_perm, want[0])
@@ -177,20 +143,20 @@ def test_cuda_permute_matches_reference(T, K, E, C, drop, skew, dtype):
 def test_cuda_unpermute_and_backward_match_reference(T, K, E, C, drop, skew, dtype):
     ext = _ext_or_skip()
     idx = _routing(T, K, E, drop=drop, skew=skew, seed=T + 2 * C, device="cuda")
-    _, row_map, _ = _ext.reference_permute(torch.zeros(T, 1, device="cuda"), idx, E)
+    _, row_map, _ = pk.permute_reference(torch.zeros(T, 1, device="cuda"), idx, E)
     y_perm = torch.randn(T * K, C, device="cuda").to(dtype)
     gates = torch.rand(T, K, device="cuda")
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
 
-    torch.testing.assert_close(ext.unpermute(y_perm, row_map, gates), _ext.reference_unpermute(y_perm, row_map, gates), **tol)
-    torch.testing.assert_close(ext.unpermute(y_perm, row_map), _ext.reference_unpermute(y_perm, row_map), **tol)
+    torch.testing.assert_close(ext.unpermute(y_perm, row_map, gates), pk.unpermute_reference(y_perm, row_map, gates), **tol)
+    torch.testing.assert_close(ext.unpermute(y_perm, row_map), pk.unpermute_reference(y_perm, row_map), **tol)
     grad = torch.randn(T * K, C, device="cuda").to(dtype)
-    torch.testing.assert_close(ext.permute_backward(grad, row_map), _ext.reference_unpermute(grad, row_map), **tol)
+    torch.testing.assert_close(ext.permute_backward(grad, row_map), pk.unpermute_reference(grad, row_map), **tol)
 
     y_ref = y_perm.detach().clone().requires_grad_(True)
     g_ref = gates.detach().clone().requires_grad_(True)
     grad_y = torch.randn(T, C, device="cuda").to(dtype)
-    _ext.reference_unpermute(y_ref, row_map, g_ref).backward(grad_y)
+    pk.unpermute_reference(y_ref, row_map, g_ref).backward(grad_y)
     grad_y_perm, grad_gates = ext.unpermute_backward(grad_y, y_perm, row_map, gates)
     assert grad_y_perm.dtype == dtype and grad_gates.dtype == gates.dtype
     torch.testing.assert_close(grad_y_perm, y_ref.grad, **tol)
@@ -204,14 +170,14 @@ def test_cuda_misaligned_and_strided_inputs():
     buf = torch.randn(T * C + 1, device="cuda")
     x = buf[1:].view(T, C)  # 4-byte offset: not 16-byte aligned
     idx = _routing(T, K, E, seed=1, device="cuda")
-    want = _ext.reference_permute(x, idx, E)
+    want = pk.permute_reference(x, idx, E)
     got = ext.permute(x, idx, E)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     xt = torch.randn(C, T, device="cuda").t()  # non-contiguous
-    assert torch.equal(ext.permute(xt, idx, E)[0], _ext.reference_permute(xt, idx, E)[0])
+    assert torch.equal(ext.permute(xt, idx, E)[0], pk.permute_reference(xt, idx, E)[0])
     gates = torch.rand(T, K, device="cuda")
     y_perm = torch.randn(T * K * C + 1, device="cuda")[1:].view(T * K, C)
-    torch.testing.assert_close(ext.unpermute(y_perm, want[1], gates), _ext.reference_unpermute(y_perm, want[1], gates))
+    torch.testing.assert_close(ext.unpermute(y_perm, want[1], gates), pk.unpermute_reference(y_perm, want[1], gates))
 
 
 @pytest.mark.gpu

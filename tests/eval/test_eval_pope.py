@@ -97,15 +97,9 @@ def test_limit(tmp_path):
     assert res["metrics"]["num_questions"] == 2 and res["metrics"]["accuracy"] == 1.0
 
 
-def test_missing_image_is_reported_before_asking(tmp_path):
+def test_missing_image_is_reported_before_asking(tmp_path, assert_missing_image_reported):
     qfile, images = _write(tmp_path, missing=(5,))
-    calls = []
-    with pytest.raises(ValueError) as err:
-        run_benchmark("pope", str(qfile), str(images), lambda i, p: calls.append(p) or "yes",
-                      str(tmp_path / "out"))
-    msg = str(err.value)
-    assert str(qfile) in msg and "105" in msg and str(images / "img5.jpg") in msg
-    assert calls == []
+    assert_missing_image_reported("pope", qfile, images, "105", images / "img5.jpg")
 
 
 def test_malformed_lines(tmp_path):

@@ -67,15 +67,9 @@ def test_test_split_without_answers_is_not_scored(tmp_path):
     assert res["metrics"]["accuracy"] is None and res["metrics"]["num_questions"] == 5
 
 
-def test_missing_image(tmp_path):
+def test_missing_image(tmp_path, assert_missing_image_reported):
     path, images = _write(tmp_path, missing="abc003")
-    calls = []
-    with pytest.raises(ValueError) as err:
-        run_benchmark("textvqa", str(path), str(images), lambda i, p: calls.append(p) or "x",
-                      str(tmp_path / "out"))
-    msg = str(err.value)
-    assert str(path) in msg and "34003" in msg and str(images / "abc003.jpg") in msg
-    assert calls == []
+    assert_missing_image_reported("textvqa", path, images, "34003", images / "abc003.jpg")
 
 
 def test_malformed(tmp_path):

@@ -1,14 +1,14 @@
 """Permute / unpermute Triton kernels (forward and backward) against the loop references.
 
-Also checks that the loop references agree with the executable contract in
-megatron_evomoe/ops/_ext.py, which the CUDA extension implements. On CPU the kernels run under
-TRITON_INTERPRET=1; the `gpu` tests run the same checks compiled on CUDA.
+Also checks that the loops agree with the PyTorch reference of kernels/permute.py (the executable
+form of the contract in megatron_evomoe/ops/_ext.py, which the CUDA extension implements). On CPU
+the kernels run under TRITON_INTERPRET=1; the `gpu` tests run the same checks compiled on CUDA.
 """
 import pytest
 import torch
 
 from megatron_evomoe.kernels import permute as pk
-from megatron_evomoe.ops import _ext
+from tests.kernels.permute_loops import loop_permute, loop_unpermute, loop_unpermute_bwd
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -36,7 +36,7 @@ def check_all(T, C, E, K, dtype, device, drop=0.0, extra_rows=0, seed=0):
     grad_y = torch.randn(T, C, generator=g).to(device=device, dtype=dtype)
 
     x_perm, row_map, counts = pk.permute_fwd(x, idx, E, out=_nan((T * K, C), dtype, device))
-    x_ref, row_ref, counts_ref = pk.permute_reference(x.cpu(), idx.cpu(), E)
+    x_ref, row_ref, counts_ref = loop_permute(x.cpu(), idx.cpu(), E)
     assert not torch.isnan(x_perm).any()
     assert torch.equal(x_perm.cpu(), x_ref)  # a pure copy: exact in every dtype
     assert torch.equal(row_map.cpu(), row_ref) and row_map.dtype == torch.int64
@@ -47,12 +47,12 @@ def check_all(T, C, E, K, dtype, device, drop=0.0, extra_rows=0, seed=0):
     y_perm = torch.cat([x_perm * 1.5 - 0.25, torch.randn(extra_rows, C, generator=g).to(device, dtype)])
     y = pk.unpermute_fwd(y_perm, row_map, gates, out=_nan((T, C), dtype, device))
     assert not torch.isnan(y).any()
-    torch.testing.assert_close(y.cpu().float(), pk.unpermute_reference(y_perm.cpu(), row_ref, gates.cpu()).float(),
+    torch.testing.assert_close(y.cpu().float(), loop_unpermute(y_perm.cpu(), row_ref, gates.cpu()).float(),
                                **TOL[dtype])
 
     gyp, gg = pk.unpermute_bwd(grad_y, y_perm, row_map, gates,
                                out=(_nan(tuple(y_perm.shape), dtype, device), _nan((T, K), gates.dtype, device)))
-    gyp_ref, gg_ref = pk.unpermute_bwd_reference(grad_y.cpu(), y_perm.cpu(), row_ref, gates.cpu())
+    gyp_ref, gg_ref = loop_unpermute_bwd(grad_y.cpu(), y_perm.cpu(), row_ref, gates.cpu())
     assert not torch.isnan(gyp).any() and not torch.isnan(gg).any()
     torch.testing.assert_close(gyp.cpu().float(), gyp_ref.float(), **TOL[dtype])
     torch.testing.assert_close(gg.cpu(), gg_ref, **TOL[torch.float32 if dtype == torch.float32 else dtype])
@@ -61,7 +61,7 @@ def check_all(T, C, E, K, dtype, device, drop=0.0, extra_rows=0, seed=0):
 
     gx = pk.permute_bwd(gyp, row_map, out=_nan((T, C), dtype, device))
     assert not torch.isnan(gx).any()
-    torch.testing.assert_close(gx.cpu().float(), pk.unpermute_reference(gyp.cpu(), row_ref, None).float(),
+    torch.testing.assert_close(gx.cpu().float(), loop_unpermute(gyp.cpu(), row_ref, None).float(),
                                **TOL[dtype])
 
 
@@ -89,17 +89,18 @@ def test_histogram_counts_and_ignores_out_of_range_ids():
 
 
 def test_references_follow_the_ext_contract():
-    """The loop references here and the _ext.py contract (what the CUDA extension implements) agree."""
+    """The loop references and the PyTorch reference of the _ext.py contract (what the CUDA extension
+    implements) agree."""
     T, C, E, K = 17, 6, 5, 3
     idx = _routing(T, K, E, seed=5, drop=0.25, empty_expert=1)
     x = torch.randn(T, C)
     gates = torch.rand(T, K)
-    x_ref, row_ref, counts_ref = pk.permute_reference(x, idx, E)
-    x_ext, row_ext, counts_ext = _ext.reference_permute(x, idx, E)
+    x_ref, row_ref, counts_ref = loop_permute(x, idx, E)
+    x_ext, row_ext, counts_ext = pk.permute_reference(x, idx, E)
     assert torch.equal(x_ref, x_ext) and torch.equal(row_ref, row_ext) and torch.equal(counts_ref, counts_ext)
-    assert torch.equal(counts_ref, _ext.reference_expert_histogram(idx, E))
+    assert torch.equal(counts_ref, pk.expert_histogram_reference(idx, E))
     for g in (gates, None):
-        torch.testing.assert_close(pk.unpermute_reference(x_ref, row_ref, g), _ext.reference_unpermute(x_ref, row_ref, g))
+        torch.testing.assert_close(loop_unpermute(x_ref, row_ref, g), pk.unpermute_reference(x_ref, row_ref, g))
 
 
 def test_empty_inputs():

@@ -8,7 +8,7 @@ from megatron_evomoe.model.llm import DecoderLM, RotaryEmbedding
 from megatron_evomoe.model.mllm import MultimodalLM
 from megatron_evomoe.moe.moe_layer import MoELayer
 from megatron_evomoe.moe.shared_expert import SharedExpert
-from megatron_evomoe.training.stages import apply_stage_structure
+from megatron_evomoe.stages.structure import apply_stage_structure
 from tests.model.test_llm import tiny_cfg
 
 

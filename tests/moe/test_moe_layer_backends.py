@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
+from megatron_evomoe.moe.dtr import DynamicTokenRouter
 from megatron_evomoe.moe.experts import GroupedExperts
 from megatron_evomoe.moe.moe_layer import MoELayer
-from megatron_evomoe.moe.router import DynamicTokenRouter, TopKRouter
+from megatron_evomoe.moe.router import TopKRouter
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_evomoe.model.modality import IMAGE, TEXT
-from megatron_evomoe.moe.router import DynamicTokenRouter, PerModalityLinearRouter, TopKRouter
+from megatron_evomoe.moe.dtr import DynamicTokenRouter
+from megatron_evomoe.moe.router import PerModalityLinearRouter, TopKRouter
 
 
 def materialised_dtr_logits(r: DynamicTokenRouter, z, mod):

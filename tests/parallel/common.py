@@ -8,7 +8,7 @@ from megatron_evomoe.config import StageConfig, load_config
 from megatron_evomoe.model.mllm import IGNORE_INDEX, MultimodalLM
 from megatron_evomoe.parallel import (ParallelState, all_reduce_floats, apply_dp, clip_grad_norm_,
                                       forward_backward_1f1b, parallelize)
-from megatron_evomoe.training.stages import apply_stage_structure
+from megatron_evomoe.stages.structure import apply_stage_structure
 
 VOCAB = 51  # odd: exercises the vocabulary padding of the vocab-parallel layers
 IMAGE_TOKEN = 50

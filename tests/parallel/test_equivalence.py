@@ -23,7 +23,7 @@ import torch
 
 from megatron_evomoe.moe.moe_layer import MoELayer
 from megatron_evomoe.parallel import forward_backward_1f1b, full_state_dict, local_parameter_count
-from megatron_evomoe.parallel.pipeline import is_placeholder
+from megatron_evomoe.model.absent import is_absent
 from megatron_evomoe.parallel.state import REPLICATED, named_shard_specs
 
 from . import common as C
@@ -50,7 +50,7 @@ WORLD4 = ["tp2_ep2", "dp4_ep2", "pp2_dp2", "tp2_pp2_sp", "pp2_ep2"]
 def _dispatch_check(model, state, batch) -> list[dict]:
     """One no-grad forward; per EP layer: bytes the dispatcher says it sent vs the routing."""
     seen = {}
-    layers = [(i, l.mlp) for i, l in enumerate(model.llm.layers) if not is_placeholder(l)
+    layers = [(i, l.mlp) for i, l in enumerate(model.llm.layers) if not is_absent(l)
               and isinstance(l.mlp, MoELayer)]
     for i, mlp in layers:
         mlp.routing_hook = lambda layer, routing, modality, i=i: seen.__setitem__(i, routing.topk_idx.clone())
@@ -116,7 +116,9 @@ def _check_layout(name: str, per_rank: list[dict], world_size: int) -> None:
         # 1) losses and gradient norms, step by step
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0,
                                    msg=lambda m: f"{where}: losses differ\n{m}")
-        torch.testing.assert_close(torch.tensor(res["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-5,
+        # (grad norms: 3e-5, the norm of the third step of tp2_ep2 differs by 1.2e-5 on some CPUs, with the
+        # same losses: fp32 sums in another order over three AdamW steps at lr 1e-2)
+        torch.testing.assert_close(torch.tensor(res["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=3e-5,
                                    atol=0, msg=lambda m: f"{where}: grad norms differ\n{m}")
         # 2) updated parameters, gathered
         full = res["full"]

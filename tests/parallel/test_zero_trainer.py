@@ -10,7 +10,7 @@ import torch
 from megatron_evomoe.config import ConfigError, load_config
 from megatron_evomoe.parallel import ParallelState, full_state_dict
 from megatron_evomoe.parallel.reshard import consolidate
-from megatron_evomoe.training.checkpoint import CheckpointError
+from megatron_evomoe.checkpointing import CheckpointError
 from megatron_evomoe.training.trainer import Trainer
 from tests.parallel.common import run_until_crash
 from tests.training.tiny_config import STAGES, TINY
@@ -115,7 +115,7 @@ def test_zero1_trainer_dp4_ep2_matches_unsharded(data_root, tmp_path):
 
 
 def test_mid_stage_resume_refuses_a_different_zero1_setting():
-    from megatron_evomoe.parallel.apply import ParallelTraining
+    from megatron_evomoe.parallel.training_hooks import ParallelTraining
 
     from . import common as C
     cfg = C.tiny_cfg(layers=2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_evomoe.training import checkpoint as ckpt
+from megatron_evomoe import checkpointing as ckpt
 from tests.training.tiny_config import STAGES, TINY
 
 HERE = Path(__file__).resolve().parent

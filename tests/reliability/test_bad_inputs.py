@@ -20,7 +20,7 @@ from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.sampler import ResumableSampler
 from megatron_evomoe.data.tokenizer import load_tokenizer
-from megatron_evomoe.training import checkpoint as ckpt
+from megatron_evomoe import checkpointing as ckpt
 from megatron_evomoe.training.data_setup import DataBundle, StageData
 from megatron_evomoe.training.trainer import Trainer
 from tests.reliability.bad_inputs import (CONFIG_CASES, FILE_CASES, RECORD_CASES, corrupt_image, good_records,

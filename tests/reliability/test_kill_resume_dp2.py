@@ -4,7 +4,7 @@ ends bit-identical to an uninterrupted 2-process run: every logged step's loss a
 and both ranks' final parameters. fault_campaign.py runs the same at random moments."""
 import pytest
 
-from megatron_evomoe.training import checkpoint as ckpt
+from megatron_evomoe import checkpointing as ckpt
 from tests.reliability import harness
 
 

@@ -6,8 +6,8 @@ import torch
 
 from megatron_evomoe.moe.evolution import EvolvingFFN
 from megatron_evomoe.moe.moe_layer import MoELayer
-from megatron_evomoe.training import checkpoint as ckpt
-from megatron_evomoe.training.stages import apply_stage_structure
+from megatron_evomoe import checkpointing as ckpt
+from megatron_evomoe.stages.structure import apply_stage_structure
 from megatron_evomoe.training.trainer import Trainer
 
 

@@ -6,16 +6,14 @@ import copy
 import torch
 
 from ..moe.moe_layer import MoELayer
-from .mllm import MultimodalLM
+from .structure import apply_stage_structure, build_model
 
 
 def count_parameters(cfg, image_token_id: int = 0) -> list[dict]:
     """One row per stage: total / LLM-active-per-token / vision parameters after that stage's structure."""
-    from ..training.stages import apply_stage_structure  # training imports model, not the reverse
-
     cfg = copy.deepcopy(cfg)
     with torch.device("meta"):
-        model = MultimodalLM(cfg, image_token_id)
+        model = build_model(cfg, image_token_id)
         gen = torch.Generator()
         rows = []
         for stage in cfg.stages:

@@ -1,4 +1,4 @@
-"""megatron_evomoe.ops.router: backend choice, Triton vs PyTorch (values and every gradient), custom-op checks.
+"""megatron_evomoe.ops.dtr: backend choice, Triton vs PyTorch (values and every gradient), custom-op checks.
 
 The Triton backend runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py)."""
 import logging
@@ -9,11 +9,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_evomoe.kernels import router as kr  # noqa: E402
+from megatron_evomoe.kernels.dtr_config import DTR_PARAM_NAMES  # noqa: E402
+from megatron_evomoe.kernels.dtr_reference import dtr_reference_bilinear  # noqa: E402
 from megatron_evomoe.ops import backend as be  # noqa: E402
-from megatron_evomoe.ops import router as ops  # noqa: E402
+from megatron_evomoe.ops import dtr as ops  # noqa: E402
 
-NAMES = ("z",) + kr.DTR_PARAM_NAMES
+NAMES = ("z",) + DTR_PARAM_NAMES
 
 
 def make(T=29, C=24, H=6, R=3, D=5, E=6, dtype=torch.float32, seed=0):
@@ -49,10 +50,9 @@ def test_auto_on_cpu_is_torch_and_logged_once(caplog):
         ops.dtr_route(z, mod, *params, top_k=2)
     msgs = [r.getMessage() for r in caplog.records if "dtr_route" in r.getMessage()]
     assert len(msgs) == 1 and "torch" in msgs[0], msgs
-    ref = kr.dtr_reference_bilinear(z, mod, *params, 2)
+    ref = dtr_reference_bilinear(z, mod, *params, 2)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
-    assert be.resolve_backend("auto", "topk_softmax", z.device) == "torch"
 
 
 def test_triton_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
@@ -60,8 +60,6 @@ def test_triton_without_interpreter_on_cpu_is_a_clear_error(monkeypatch):
     z, mod, params = make()
     with pytest.raises(be.BackendUnavailableError, match="TRITON_INTERPRET"):
         ops.dtr_route(z, mod, *params, top_k=1, backend="triton")
-    with pytest.raises(be.BackendUnavailableError, match="TRITON_INTERPRET"):
-        ops.topk_softmax(torch.randn(4, 4), 1, backend="triton")
 
 
 def test_bad_arguments_raise_value_errors():
@@ -78,8 +76,6 @@ def test_bad_arguments_raise_value_errors():
         ops.dtr_route(z, torch.full_like(mod, 2), *params, top_k=1)
     with pytest.raises(ValueError, match="phi_b"):
         ops.dtr_route(z, mod, *params[:7], params[7].to(torch.int64), top_k=1)
-    with pytest.raises(ValueError, match="top_k"):
-        ops.topk_softmax(torch.randn(3, 4), 5)
     with pytest.raises(be.BackendUnavailableError, match="dtr_route"):  # no CUDA-extension router: no fallback
         ops.dtr_route(z, mod, *params, top_k=1, backend="cuda_ext")
 
@@ -121,31 +117,15 @@ def test_router_only_training_and_non_differentiable_outputs():
     assert out[0].requires_grad and out[3].requires_grad and out[4].requires_grad
     out[3].sum().backward()
     _, pr = leaves(z, params)
-    kr.dtr_reference_bilinear(z, mod, *pr, 1)[3].sum().backward()
-    for name, a, b in zip(kr.DTR_PARAM_NAMES, pl, pr):
+    dtr_reference_bilinear(z, mod, *pr, 1)[3].sum().backward()
+    for name, a, b in zip(DTR_PARAM_NAMES, pl, pr):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"d{name}: {m}")
     # z alone
     zl = z.clone().requires_grad_()
     ops.dtr_route(zl, mod, *params, top_k=1, backend="triton")[0].sum().backward()
     zr = z.clone().requires_grad_()
-    kr.dtr_reference_bilinear(zr, mod, *params, 1)[0].sum().backward()
+    dtr_reference_bilinear(zr, mod, *params, 1)[0].sum().backward()
     torch.testing.assert_close(zl.grad, zr.grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("top_k,renorm", [(1, True), (2, True), (3, False)])
-def test_topk_softmax_triton_matches_torch(top_k, renorm):
-    logits = torch.randn(33, 6, generator=torch.Generator().manual_seed(top_k)) * 2
-    res = {}
-    for backend in ("torch", "triton"):
-        x = logits.clone().requires_grad_()
-        probs, idx, gates = ops.topk_softmax(x, top_k, renorm, backend=backend)
-        ((probs * torch.arange(6.0)).sum() + (gates * torch.linspace(-1, 1, top_k)).sum()).backward()
-        res[backend] = (probs, idx, gates, x.grad)
-    for a, b in zip(res["triton"], res["torch"]):
-        if a.dtype.is_floating_point:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        else:
-            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------- custom ops
@@ -160,8 +140,3 @@ def test_opcheck_custom_ops():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.dtr_route_backward_op, (g, z, mod, *params, *out[6:], "none", False, True),
                           test_utils=("test_schema", "test_faketensor"))
-    logits = torch.randn(9, 5)
-    probs, idx, gates = ops.topk_softmax_op(logits, 2, True)
-    torch.library.opcheck(ops.topk_softmax_op, (logits, 2, True))
-    torch.library.opcheck(ops.topk_softmax_op, (logits.clone().requires_grad_(), 2, True))
-    torch.library.opcheck(ops.topk_softmax_backward_op, (None, torch.randn(9, 2), probs, idx, gates, True))

@@ -1,4 +1,5 @@
-"""Fused DTR kernels (kernels/router.py) against their PyTorch references.
+"""Fused DTR kernels (kernels/dtr_forward.py, kernels/dtr_backward.py) against their PyTorch references
+(kernels/dtr_reference.py).
 
 Runs the Triton kernels under TRITON_INTERPRET=1 on CPU (tests/conftest.py); the ``gpu`` variants
 run the same checks on CUDA tensors (compiled when TRITON_INTERPRET=0)."""
@@ -10,7 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from megatron_evomoe.kernels import router as kr  # noqa: E402
+from megatron_evomoe.kernels import dtr_backward as kb  # noqa: E402
+from megatron_evomoe.kernels import dtr_config as kc  # noqa: E402
+from megatron_evomoe.kernels import dtr_forward as kf  # noqa: E402
+from megatron_evomoe.kernels import dtr_reference as kref  # noqa: E402
 from tests.kernels.poison import poisoned_empty  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -47,7 +51,8 @@ def make_inputs(T, C, layout, dtype=torch.float32, device="cpu", seed=1):
 @pytest.fixture
 def poison(monkeypatch):
     """Every kernel output starts as NaN (floats) or -7 (ints): a missed element shows up."""
-    monkeypatch.setattr(kr, "_empty", poisoned_empty)
+    monkeypatch.setattr(kf, "_empty", poisoned_empty)
+    monkeypatch.setattr(kb, "_empty", poisoned_empty)
     from megatron_evomoe.kernels import topk_softmax as kts
     monkeypatch.setattr(kts, "_empty", poisoned_empty)
 
@@ -75,8 +80,8 @@ def test_bilinear_reference_equals_materialized(activation):
     pb = [p.clone().requires_grad_() for p in ps]
     zm = z.clone().requires_grad_()
     pm = [p.clone().requires_grad_() for p in ps]
-    bil = kr.dtr_reference_bilinear(zb, mod, *pb, 2, True, activation)
-    mat = kr.dtr_reference_materialized(zm, mod, *pm, 2, True, activation)
+    bil = kref.dtr_reference_bilinear(zb, mod, *pb, 2, True, activation)
+    mat = kref.dtr_reference_materialized(zm, mod, *pm, 2, True, activation)
     for name, a, b in zip(("logits", "probs", "topk_idx", "gates", "prob_sum", "counts"), bil, mat):
         if a.dtype.is_floating_point:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -86,7 +91,7 @@ def test_bilinear_reference_equals_materialized(activation):
     w = torch.randn_like(bil[0])
     ((bil[0] * w).sum() + bil[3].sum() * 0.5).backward()
     ((mat[0] * w).sum() + mat[3].sum() * 0.5).backward()
-    for name, a, b in zip(["z"] + list(kr.DTR_PARAM_NAMES), [zb] + pb, [zm] + pm):
+    for name, a, b in zip(["z"] + list(kc.DTR_PARAM_NAMES), [zb] + pb, [zm] + pm):
         assert_rel(a.grad, b.grad, 1e-5, f"d{name}")
 
 
@@ -95,7 +100,7 @@ def test_reference_matches_dumb_per_token_loop():
     ps = make_params(H, R, D, E, C)
     w1, b1, w2d, b2d, w2u, b2u, phw, phb = ps
     z, mod = make_inputs(9, C, "mixed")
-    logits = kr.dtr_reference_bilinear(z, mod, *ps, 1)[0]
+    logits = kref.dtr_reference_bilinear(z, mod, *ps, 1)[0]
     for t in range(9):
         m = int(mod[t])
         h = w1[m] @ z[t] + b1[m]
@@ -111,7 +116,7 @@ def test_reference_matches_dumb_per_token_loop():
 def small_tiles(H, R, D, E, K=1):
     """16-token blocks and narrow accumulators: several blocks per modality and several j chunks
     (NUM_J > 1) even at test sizes. The default tiles (64-token blocks) are tested too."""
-    return kr.dtr_config(H, R, D, E, K, block_t=16, block_c=32, acc_cols=32)
+    return kc.dtr_config(H, R, D, E, K, block_t=16, block_c=32, acc_cols=32)
 
 
 FWD_CASES = [
@@ -134,8 +139,8 @@ def _fwd_check(T, C, H, R, D, E, K, layout, dtype, tiles, device, activation=Non
     config = small_tiles(H, R, D, E, K) if tiles == "small" else None
     if config is not None:
         assert config.NUM_J > 1 or H <= 8, "small tiles should chunk the hypernetwork rows"
-    out = kr.dtr_forward_triton(z, mod, *ps, K, True, activation, config=config)
-    ref = kr.dtr_reference_bilinear(z, mod, *ps, K, True, activation)
+    out = kf.dtr_forward_triton(z, mod, *ps, K, True, activation, config=config)
+    ref = kref.dtr_reference_bilinear(z, mod, *ps, K, True, activation)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
     for name, i in (("logits", 0), ("probs", 1), ("prob_sum", 4)):
         assert_close(out[i], ref[i], name=name, **tol)
@@ -171,22 +176,15 @@ def test_forward_activation(activation, poison):
     _fwd_check(23, 32, 6, 3, 5, 6, 2, "mixed", torch.float32, "small", "cpu", activation=activation)
 
 
-def test_forward_is_deterministic():
+@pytest.mark.parametrize("num_tokens,as_bool", [(37, False), (20, True)])
+def test_forward_is_deterministic_and_takes_a_bool_image_mask(num_tokens, as_bool):
+    """The same call twice gives the same bits; a bool image mask routes as the modality ids do."""
     ps = make_params(6, 3, 5, 6, 40)
-    z, mod = make_inputs(37, 40, "mixed")
-    a = kr.dtr_forward_triton(z, mod, *ps, 2)
-    b = kr.dtr_forward_triton(z, mod, *ps, 2)
+    z, mod = make_inputs(num_tokens, 40, "mixed")
+    a = kf.dtr_forward_triton(z, mod.bool() if as_bool else mod, *ps, 2)
+    b = kf.dtr_forward_triton(z, mod, *ps, 2)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-
-
-def test_bool_image_mask_is_accepted_as_modality_ids():
-    ps = make_params(6, 3, 5, 6, 40)
-    z, mod = make_inputs(20, 40, "mixed")
-    as_bool = kr.dtr_forward_triton(z, mod.bool(), *ps, 2)
-    as_int = kr.dtr_forward_triton(z, mod, *ps, 2)
-    for a, b in zip(as_bool, as_int):
-        assert torch.equal(a, b)
 
 
 def test_modality_flag_changes_only_its_token():
@@ -194,7 +192,8 @@ def test_modality_flag_changes_only_its_token():
     z, mod = make_inputs(37, 40, "mixed")
     flipped = mod.clone()
     flipped[11] = 1 - flipped[11]
-    for fn in (lambda m: kr.dtr_forward_triton(z, m, *ps, 2)[0], lambda m: kr.dtr_reference_bilinear(z, m, *ps, 2)[0]):
+    for fn in (lambda m: kf.dtr_forward_triton(z, m, *ps, 2)[0],
+               lambda m: kref.dtr_reference_bilinear(z, m, *ps, 2)[0]):
         before, after = fn(mod), fn(flipped)
         diff = (before - after).abs().amax(dim=1)
         assert diff[11] > 1e-2, "token 11's logits must follow its modality"
@@ -202,36 +201,36 @@ def test_modality_flag_changes_only_its_token():
         others[11] = False
         assert diff[others].max() <= 1e-6, "other tokens' logits must not move"
         # and token 11 now matches the other modality's hypernetwork
-    ref_other = kr.dtr_reference_bilinear(z[11:12], flipped[11:12], *ps, 2)[0]
-    torch.testing.assert_close(kr.dtr_forward_triton(z, flipped, *ps, 2)[0][11:12], ref_other, rtol=1e-4, atol=1e-5)
+    ref_other = kref.dtr_reference_bilinear(z[11:12], flipped[11:12], *ps, 2)[0]
+    torch.testing.assert_close(kf.dtr_forward_triton(z, flipped, *ps, 2)[0][11:12], ref_other, rtol=1e-4, atol=1e-5)
 
 
 def test_empty_and_single_token():
     ps = make_params(6, 3, 5, 6, 40)
     z, mod = make_inputs(0, 40, "mixed")
-    out = kr.dtr_forward_triton(z, mod, *ps, 2)
+    out = kf.dtr_forward_triton(z, mod, *ps, 2)
     assert out[0].shape == (0, 6) and out[2].shape == (0, 2)
     assert torch.equal(out[4], torch.zeros(6)) and torch.equal(out[5], torch.zeros(6, dtype=torch.int64))
-    grads = kr.dtr_backward_triton(torch.zeros(0, 6), z, mod, *ps, out[6], out[7], out[8])
+    grads = kb.dtr_backward_triton(torch.zeros(0, 6), z, mod, *ps, out[6], out[7], out[8])
     assert grads[0].shape == (0, 40) and all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(grads[1:], ps))
     z, mod = make_inputs(1, 40, "image")
-    _ = kr.dtr_forward_triton(z, mod, *ps, 2)
-    torch.testing.assert_close(_[0], kr.dtr_reference_bilinear(z, mod, *ps, 2)[0], rtol=1e-4, atol=1e-5)
+    _ = kf.dtr_forward_triton(z, mod, *ps, 2)
+    torch.testing.assert_close(_[0], kref.dtr_reference_bilinear(z, mod, *ps, 2)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_raise_naming_the_field():
     ps = make_params(6, 3, 5, 6, 40)
     z, mod = make_inputs(8, 40, "mixed")
     with pytest.raises(ValueError, match="mod must hold modality ids"):
-        kr.dtr_forward_triton(z, mod + 1, *ps, 2)
+        kf.dtr_forward_triton(z, mod + 1, *ps, 2)
     bad = list(ps)
     bad[3] = bad[3][:, :-1]
     with pytest.raises(ValueError, match="b2_down"):
-        kr.dtr_forward_triton(z, mod, *bad, 2)
+        kf.dtr_forward_triton(z, mod, *bad, 2)
     with pytest.raises(ValueError, match="top_k"):
-        kr.dtr_forward_triton(z, mod, *ps, 7)
+        kf.dtr_forward_triton(z, mod, *ps, 7)
     with pytest.raises(ValueError, match="activation"):
-        kr.dtr_forward_triton(z, mod, *ps, 2, True, "relu")
+        kf.dtr_forward_triton(z, mod, *ps, 2, True, "relu")
 
 
 # ------------------------------------------------------------------------------- backward
@@ -255,15 +254,15 @@ def test_backward_matches_autograd(case, device, poison):
     z, mod = make_inputs(T, C, layout, dtype, device)
     zr = z.clone().requires_grad_()
     pr = [p.clone().requires_grad_() for p in ps]
-    logits = kr.dtr_logits_bilinear(zr, mod, *pr, activation)
+    logits = kref.dtr_logits_bilinear(zr, mod, *pr, activation)
     grad_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)).to(device)
     (logits * grad_logits).sum().backward()
     config = small_tiles(H, R, D, E) if tiles == "small" else None
-    out = kr.dtr_forward_triton(z, mod, *ps, 1, True, activation, config=config)
-    grads = kr.dtr_backward_triton(grad_logits, z, mod, *ps, out[6], out[7], out[8], activation,
+    out = kf.dtr_forward_triton(z, mod, *ps, 1, True, activation, config=config)
+    grads = kb.dtr_backward_triton(grad_logits, z, mod, *ps, out[6], out[7], out[8], activation,
                                    num_splits=splits, config=config)
     refs = [zr.grad] + [p.grad for p in pr]
-    for name, g, r, p in zip(["z"] + list(kr.DTR_PARAM_NAMES), grads, refs, [z] + ps):
+    for name, g, r, p in zip(["z"] + list(kc.DTR_PARAM_NAMES), grads, refs, [z] + ps):
         assert g.dtype == p.dtype and g.shape == p.shape, name
         assert_rel(g, r, 1e-5 if dtype == torch.float32 else 2e-2, f"d{name}")
 
@@ -276,10 +275,10 @@ def test_model_sized_forward_backward_cuda(dtype):
     T, C, H, R, D, E = 3000, 512, 32, 8, 16, 4
     ps = make_params(H, R, D, E, C, dtype, "cuda")
     z, mod = make_inputs(T, C, "mixed", dtype, "cuda")
-    out = kr.dtr_forward_triton(z, mod, *ps, 1)
+    out = kf.dtr_forward_triton(z, mod, *ps, 1)
     zr = z.clone().requires_grad_()
     pr = [p.clone().requires_grad_() for p in ps]
-    ref = kr.dtr_reference_bilinear(zr, mod, *pr, 1)
+    ref = kref.dtr_reference_bilinear(zr, mod, *pr, 1)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert_rel(out[0], ref[0].detach(), tol, "logits")
     assert_rel(out[1], ref[1].detach(), tol, "probs")
@@ -287,18 +286,18 @@ def test_model_sized_forward_backward_cuda(dtype):
     assert agree > (0.999 if dtype == torch.float32 else 0.99), f"top-1 agreement {agree:.4f}"
     grad_logits = torch.randn(T, E, device="cuda")
     (ref[0] * grad_logits).sum().backward()
-    grads = kr.dtr_backward_triton(grad_logits, z, mod, *ps, *out[6:])
-    for name, g, r in zip(["z"] + list(kr.DTR_PARAM_NAMES), grads, [zr] + pr):
+    grads = kb.dtr_backward_triton(grad_logits, z, mod, *ps, *out[6:])
+    for name, g, r in zip(["z"] + list(kc.DTR_PARAM_NAMES), grads, [zr] + pr):
         assert_rel(g, r.grad, 1e-4 if dtype == torch.float32 else 3e-2, f"d{name}")
 
 
 def test_backward_skips_what_is_not_needed():
     ps = make_params(6, 3, 5, 6, 40)
     z, mod = make_inputs(20, 40, "mixed")
-    out = kr.dtr_forward_triton(z, mod, *ps, 1)
+    out = kf.dtr_forward_triton(z, mod, *ps, 1)
     g = torch.randn(20, 6)
-    full = kr.dtr_backward_triton(g, z, mod, *ps, *out[6:])
-    only_dz = kr.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dparams=False)
+    full = kb.dtr_backward_triton(g, z, mod, *ps, *out[6:])
+    only_dz = kb.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dparams=False)
     assert all(x is None for x in only_dz[1:]) and torch.equal(only_dz[0], full[0])
-    only_p = kr.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dz=False)
+    only_p = kb.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dz=False)
     assert only_p[0] is None and all(torch.equal(a, b) for a, b in zip(only_p[1:], full[1:]))

@@ -1,0 +1,155 @@
+"""Building a Config from YAML and `--section.field=value` overrides, with type checks.
+
+Types are checked here, field by field, while the tree is built; the allowed values of
+choice fields and every cross-field rule are checked afterwards by `validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .schema import Config, ConfigError, StageConfig, field_types
+from .validation import validate
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and mildly coerce: int -> float) `value` against annotation `tp`."""
+    if typing.get_origin(tp) is Literal:  # a choice field: its type here, its values in validate()
+        kinds = {type(c) for c in typing.get_args(tp)}
+        assert len(kinds) == 1, f"choices of mixed types at {where}"
+        tp = kinds.pop()
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # e.g. --moe.layers=1 or a numeric folder name
+    if tp is str and isinstance(value, list) and all(type(v) is int for v in value):
+        return ",".join(map(str, value))  # moe.layers: [1, 3]
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        return value
+    raise AssertionError(f"unsupported config type {tp} at {where}")
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        hint = _did_you_mean(unknown[0], names)
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key{hint} (valid keys: {', '.join(sorted(names))})"
+                          if where else f"{unknown[0]}: unknown section{hint} (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, path)
+        elif name == "stages" and cls is Config:
+            if not isinstance(value, list):
+                raise ConfigError("stages: expected a list of stages")
+            kwargs[name] = [_from_dict(StageConfig, s, f"stages[{i}]") for i, s in enumerate(value)]
+        else:
+            kwargs[name] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def _did_you_mean(key: Any, valid: set) -> str:
+    """' (did you mean 'hidden_size'?)' for a typo such as 'hiden_size', else ''."""
+    close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(tree: dict, dotted: str, raw: str) -> None:
+    """Set `tree[a][b]... = yaml(raw)` for `--a.b=raw`; list items by index or stage name."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, key, where)]
+        else:
+            if key not in node:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--{dotted}: '{where}' is a value, not a section")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(items: list, key: str, where: str) -> int:
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return i
+    raise ConfigError(f"--{where}: no list item with index or name '{key}'")
+
+
+def _defaults_tree() -> dict:
+    return dataclasses.asdict(Config())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + `section.field=value` overrides -> validated Config."""
+    tree = _defaults_tree()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            # PyYAML's message spans lines (context, mark, caret): one line, "file:line:column: problem"
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {' '.join(problem.split())}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _check_sections(loaded, str(path))
+        tree = _merge(tree, loaded)
+    for item in overrides or []:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}': expected --section.field=value")
+        _check_sections({key.split(".")[0]: None}, "command line")
+        _apply_override(tree, key, raw)
+    cfg = _from_dict(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _check_sections(loaded: dict, source: str) -> None:
+    valid = {f.name for f in dataclasses.fields(Config)}
+    for key in loaded:
+        if key not in valid:
+            raise ConfigError(f"{key}: unknown section in {source}{_did_you_mean(key, valid)} "
+                              f"(valid: {', '.join(sorted(valid))})")
