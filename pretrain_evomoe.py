@@ -12,12 +12,14 @@ import argparse
 import logging
 import sys
 
+from megatron_evomoe.checkpointing import CheckpointError
 from megatron_evomoe.config import ConfigError, load_config
 from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.parallel.watchdog import DistributedFaultError
-from megatron_evomoe.checkpointing import CheckpointError
+from megatron_evomoe.training.nonfinite import NonFiniteError
+from megatron_evomoe.training.stop_request import EXIT_CODE_STOPPED, TrainingStopped
 
-USER_ERRORS = (DataError, CheckpointError)
+USER_ERRORS = (DataError, CheckpointError, NonFiniteError)
 
 
 def parse_args(argv):
@@ -96,6 +98,9 @@ def main(argv=None) -> int:
     except DistributedFaultError as e:  # another rank died or hung: the message names it and the collective
         print(f"distributed error: {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:  # a signal: checkpoint saved at a step boundary; rerunning resumes
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_CODE_STOPPED
     return 0
 
 

@@ -34,7 +34,7 @@ WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
 
 # First node of the allocation = rendezvous host (scontrol expands gpu[01-04] -> gpu01 ...).
 if command -v scontrol >/dev/null 2>&1; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # (sed reads all: no SIGPIPE under pipefail)
 else
   MASTER_ADDR=$(${PYTHON:-python} -c "import sys; from megatron_evomoe.parallel.launch import expand_nodelist; print(expand_nodelist(sys.argv[1])[0])" "$SLURM_JOB_NODELIST")
 fi
@@ -64,4 +64,27 @@ if [[ "$DRY_RUN" == "1" ]]; then
   echo "dry run: nothing launched"
   exit 0
 fi
-exec "${CMD[@]}"
+
+# Pre-emption and the time limit: the sbatch scripts ask SLURM for USR1 120 s before the end
+# (--signal=B:USR1@120). It is forwarded as SIGTERM to srun -> torchrun -> every worker: the trainer
+# stops at the next step boundary on all ranks, saves a checkpoint and exits 75; the job is requeued
+# (--requeue) and the same command resumes from that checkpoint. A SIGTERM to this script (scancel)
+# is forwarded the same way, without the requeue.
+REQUEUE=0
+forward() { REQUEUE=$1; kill -TERM "$PID" 2>/dev/null || true; }
+trap 'forward 1' USR1
+trap 'forward 0' TERM
+"${CMD[@]}" &
+PID=$!
+set +e
+while true; do
+  wait "$PID"
+  rc=$?
+  kill -0 "$PID" 2>/dev/null || break  # (wait also returns when a trapped signal arrives)
+done
+set -e
+if [[ "$REQUEUE" == "1" && -n "${SLURM_JOB_ID:-}" ]]; then
+  echo "pre-empted: checkpoint saved (exit code $rc); requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

@@ -165,6 +165,9 @@ class TrainConfig:
     # On the CPU, keep freed memory for reuse ("caching", training/cpu_allocator.py) or leave
     # malloc as it is ("system", e.g. when jemalloc/tcmalloc is preloaded).
     cpu_allocator: Literal["caching", "system"] = "caching"
+    # A signal that, like SIGTERM and SIGINT, stops the run at the next step boundary with a checkpoint
+    # (e.g. "SIGUSR1" with `sbatch --signal=B:USR1@120`); "" = only SIGTERM and SIGINT.
+    exit_signal: str = ""
 
 
 @dataclass

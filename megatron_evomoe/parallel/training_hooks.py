@@ -98,6 +98,15 @@ class ParallelTraining:
         mine = {checkpoint_step(p): p for p in ckpt.list_checkpoints(ckpt_dir)}
         return mine.get(common)  # None: no common step (agree_on_step names a rank that lacks it)
 
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Each flag true on any rank of the job (one MAX all-reduce; nothing to do for one process):
+        how all ranks agree to stop at the same step boundary."""
+        if self.state.world_size == 1:
+            return list(flags)
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.cpu().tolist()]
+
     def _min_over_ranks(self, value: int) -> int:
         if self.state.world_size == 1:
             return value

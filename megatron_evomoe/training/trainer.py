@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
 from .routing_log import RoutingLog
+from .stop_request import StopRequest, TrainingStopped
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -95,9 +97,18 @@ class Trainer:
         self.ckpt_dir = self.par.checkpoint_dir(self.save_dir)
         self.global_step = 0
         self.history: list[dict] = []  # per-step records, for tests and reports
+        self.stop = StopRequest(t.exit_signal)  # SIGTERM / SIGINT / train.exit_signal: stop with a checkpoint
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
+        self.stop.install()
+        try:
+            return self._run()
+        finally:
+            self.stop.restore()
+            self.metrics.close()
+
+    def _run(self) -> list[dict]:
         state = self._load_latest()
         start_stage = state["stage_idx"] if state else 0
         check_stage_data(self.data, self.cfg, self.cfg.stages[start_stage:])  # bad data: stop before any work
@@ -109,7 +120,6 @@ class Trainer:
                 continue
             resume = state if state and state["stage_idx"] == idx else None
             self._run_stage(idx, stage, resume)
-        self.metrics.close()
         return self.history
 
     def _apply_structure(self, stage) -> None:
@@ -132,8 +142,24 @@ class Trainer:
         if not 0 <= state["stage_idx"] < len(self.cfg.stages):
             raise ckpt.CheckpointError(f"resume: {path} is from stage {state['stage_idx'] + 1}, but the config has "
                                        f"{len(self.cfg.stages)} stages; use a new train.save_dir or train.resume=false")
+        self._check_stage_names(state, path)
         log.info("resuming from %s (stage %s, step %d)", path, self.cfg.stages[state["stage_idx"]].name, state["step"])
         return state
+
+    def _check_stage_names(self, state: dict, path) -> None:
+        """A resumed run continues stage `stage_idx` of the checkpoint's stage list: the config's stages up to
+        it must be the same ones (matching by index alone would resume into another stage)."""
+        idx = state["stage_idx"]
+        saved = [st.get("name") for st in (state.get("config") or {}).get("stages", [])][: idx + 1]
+        now = [st.name for st in self.cfg.stages[: idx + 1]]
+        if not saved or saved == now:
+            return
+        i = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+        raise ckpt.CheckpointError(
+            f"resume: {path} was saved in stage {saved[-1]!r} of the stage list {saved}, but the config's stages "
+            f"are {now}: stages[{i}] is {now[i] if i < len(now) else None!r} here and "
+            f"{saved[i] if i < len(saved) else None!r} in the checkpoint; restore the stage list, or use a new "
+            "train.save_dir (or train.resume=false)")
 
     def _init_weights(self, path: str) -> None:
         """Load pretrained weights (e.g. an imported HF checkpoint) into the stage-0 model."""
@@ -146,6 +172,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- stage
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
+        run = self._begin_stage(idx, stage, resume)
+        if run.step >= stage.steps:  # resumed from the stage's end: only the move to the next is left
+            return
+        self._train_stage(run)
+        # the stage-end checkpoint comes before the evaluation: an evaluation that fails costs no training
+        self._save(idx, stage.steps, run.opt, run.data, run.evo, stage_end=True)
+        self._evaluate_stage(stage)
+
+    def _begin_stage(self, idx: int, stage, resume: dict | None) -> "StageRun":
+        """Structure, trainable set, optimizer and data of a stage; restored from `resume` if given."""
         cfg = self.cfg
         self._apply_structure(stage)
         with collective(f"stage '{stage.name}' set-up (all_reduce of the trainable patterns on the pipeline group)"):
@@ -163,73 +199,107 @@ class Trainer:
         evo = evolution_scheduler(self.model, cfg) if stage.moe_mode == "evolve" else None
         data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx, rank=self.par.state.dp_rank,
                          world_size=self.par.state.dp_size)
-        routing = RoutingLog(self.model)
-        step = 0
+        run = StageRun(idx, stage, opt, params, data, evo)
         if resume is not None:
-            step = self._restore(resume, opt, data, evo)
-            if step >= stage.steps:  # the stage had finished; only the move to the next is left
-                return
+            run.step = run.saved_step = self._restore(resume, opt, data, evo)
         else:
             log.info("=== stage %d/%d '%s': %d steps, moe_mode=%s, %d trainable tensors (%s params)",
                      idx + 1, len(cfg.stages), stage.name, stage.steps, stage.moe_mode, len(trainable),
                      f"{sum(p.numel() for _, p in params):,}")
-        lr_scale = 1.0
-        pbar = _progress(cfg.train.progress_bar and self.par.is_main, stage, step)
+        return run
+
+    def _train_stage(self, run: "StageRun") -> None:
+        cfg, stage = self.cfg, run.stage
+        routing = RoutingLog(self.model)
+        pbar = _progress(cfg.train.progress_bar and self.par.is_main, stage, run.step)
         t_last, tokens_since = time.perf_counter(), 0
-        while step < stage.steps:
-            lr = lr_at(step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * lr_scale
-            for g in opt.param_groups:
+        while run.step < stage.steps:
+            lr = lr_at(run.step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * run.lr_scale
+            for g in run.opt.param_groups:
                 g["lr"] = lr
+            micro = self._next_micro_batches(run)
             try:
-                record, num_tokens = self._train_step(opt, params, data, evo, step, stage)
-            except DataError:  # a sample that could not be loaded (images are decoded lazily)
-                self._save_before_data_error(idx, step, opt, data, evo)
+                record, num_tokens = self._train_step(run.opt, run.params, micro, run.evo, run.step, stage)
+            except NonFiniteError:  # train.nonfinite=stop: the steps before this one are kept
+                self._save_before_stop(run)
                 raise
             if cfg.data.skip_bad_samples:
-                record["bad_samples_skipped"] = data.num_skipped
+                record["bad_samples_skipped"] = run.data.num_skipped
             if record.get("skipped") and cfg.train.nonfinite == "reduce_lr":
-                lr_scale *= 0.5
-            step += 1
+                run.lr_scale *= 0.5
+            run.step += 1
             self.global_step += 1
             tokens_since += num_tokens
-            record.update(stage=stage.name, stage_step=step, global_step=self.global_step, lr=lr)
+            record.update(stage=stage.name, stage_step=run.step, global_step=self.global_step, lr=lr)
             self.history.append(record)
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
-            if step % cfg.train.log_interval == 0 or step == stage.steps:
+            if run.step % cfg.train.log_interval == 0 or run.step == stage.steps:
                 now = time.perf_counter()
                 record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
-                self._log(record, routing, evo)
-            if cfg.train.save_interval and step % cfg.train.save_interval == 0 and step < stage.steps:
-                self._save(idx, step, opt, data, evo, stage_end=False)
+                self._log(record, routing, run.evo)
+            if cfg.train.save_interval and run.step % cfg.train.save_interval == 0 and run.step < stage.steps:
+                self._save(run.idx, run.step, run.opt, run.data, run.evo, stage_end=False)
+                run.saved_step = run.step
         if pbar is not None:
             pbar.close()
         routing.close()
-        if stage.eval and cfg.data.num_eval_samples > 0 and self.par.pipeline:
-            log.warning("stage '%s': evaluation skipped (generation is not pipelined)", stage.name)
-        elif stage.eval and cfg.data.num_eval_samples > 0:  # under TP/EP/DP every rank evaluates in step
-            try:
-                with collective(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
-                    scores = evaluate_pope(self.model, self.data, cfg, self.device)
-            except DataError:  # e.g. an unreadable evaluation image: keep the stage's training
-                self._save(idx, stage.steps, opt, data, evo, stage_end=True)
-                log.error("stage '%s' evaluation failed; its checkpoint is saved and a rerun continues with "
-                          "the next stage without repeating this evaluation", stage.name)
-                raise
-            log.info("stage '%s' POPE (held-out, %d questions): acc %.3f  precision %.3f  recall %.3f  "
-                     "F1 %.3f  yes-ratio %.3f | blank images (text prior only): acc %.3f  F1 %.3f",
-                     stage.name, scores["num_questions"], scores["accuracy"], scores["precision"],
-                     scores["recall"], scores["f1"], scores["yes_ratio"], scores["blind_accuracy"],
-                     scores["blind_f1"])
-            self.metrics.log(self.global_step, {f"eval/{stage.name}/{k}": v for k, v in scores.items()})
-            self.history.append({"stage": stage.name, "eval": scores})
-        self._save(idx, stage.steps, opt, data, evo, stage_end=True)
 
-    def _train_step(self, opt, params, data, evo, step, stage):
+    def _next_micro_batches(self, run: "StageRun") -> list[dict]:
+        """This step's micro-batches, once every rank has them and no rank was asked to stop.
+
+        A sample that fails to load on any rank, or a stop signal on any rank, stops every rank at this
+        step boundary (one all-reduce of the two flags), after the checkpoint of the steps done so far:
+        the data stream is rewound to the start of the step, so a rerun continues the same trajectory."""
+        start = run.data.state_dict()
+        error = None
+        try:
+            micro = run.data.next_batches(self.cfg.train.grad_accum_steps)
+        except DataError as e:  # (images are decoded lazily: a corrupt file shows here)
+            error = e
+        with collective("all_reduce(stop and bad-sample flags) over all ranks"):
+            stop, bad = self.par.any_rank([self.stop.requested, error is not None])
+        if not (stop or bad):
+            return micro
+        run.data.load_state_dict(start)
+        self._save_before_stop(run)
+        where = f"stage '{run.stage.name}' step {run.step + 1}"
+        if error is not None:
+            log.error("a sample failed to load at %s; the steps before it are checkpointed: fix or remove the "
+                      "file (or set data.skip_bad_samples=true) and rerun to resume", where)
+            raise error
+        if bad:
+            raise DataError(f"stopped at {where}: a sample failed to load on another rank (its error names the "
+                            "file); the steps before it are checkpointed", reason="other_rank")
+        raise TrainingStopped(f"stopped by {self.stop.describe()} at {where}; the steps before it are "
+                              f"checkpointed in {self.ckpt_dir}: rerun the same command to resume")
+
+    def _evaluate_stage(self, stage) -> None:
         cfg = self.cfg
-        micro = data.next_batches(cfg.train.grad_accum_steps)  # before any forward: a DataError leaves no trace
+        if not (stage.eval and cfg.data.num_eval_samples > 0):
+            return
+        if self.par.pipeline:
+            log.warning("stage '%s': evaluation skipped (generation is not pipelined)", stage.name)
+            return
+        try:  # under TP/EP/DP every rank evaluates in step
+            with collective(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
+                scores = evaluate_pope(self.model, self.data, cfg, self.device)
+        except DataError:  # e.g. an unreadable evaluation image: the stage's checkpoint is already saved
+            log.error("stage '%s' evaluation failed; its checkpoint is saved and a rerun continues with "
+                      "the next stage without repeating this evaluation", stage.name)
+            raise
+        log.info("stage '%s' POPE (held-out, %d questions): acc %.3f  precision %.3f  recall %.3f  "
+                 "F1 %.3f  yes-ratio %.3f | blank images (text prior only): acc %.3f  F1 %.3f",
+                 stage.name, scores["num_questions"], scores["accuracy"], scores["precision"],
+                 scores["recall"], scores["f1"], scores["yes_ratio"], scores["blind_accuracy"],
+                 scores["blind_f1"])
+        self.metrics.log(self.global_step, {f"eval/{stage.name}/{k}": v for k, v in scores.items()})
+        self.history.append({"stage": stage.name, "eval": scores})
+
+    def _train_step(self, opt, params, micro, evo, step, stage):
+        cfg = self.cfg
         num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         set_step(self.global_step + 1)  # (named in the errors of a dead or hung rank)
         # the loss is normalised by the supervised tokens of the global step
@@ -313,16 +383,13 @@ class Trainer:
         path = ckpt.save_checkpoint(self.ckpt_dir, name, state, meta, self.cfg.train.keep_checkpoints)
         log.info("saved checkpoint %s", path)
 
-    def _save_before_data_error(self, idx, step, opt, data, evo) -> None:
-        """Keep the steps done since the last checkpoint when a sample fails to load mid-run: `data` was
-        rewound to the start of this step and nothing else has moved, so this is an ordinary checkpoint and
-        a rerun (after fixing the file, or with data.skip_bad_samples=true) continues the same trajectory."""
-        if not self.par.can_save_alone or step == 0:  # other ranks are elsewhere / nothing new since the last save
+    def _save_before_stop(self, run: "StageRun") -> None:
+        """A checkpoint of the steps done since the last one, before a stop (bad data, a signal, a non-finite
+        step): nothing has moved since the step boundary, so a rerun continues the same trajectory."""
+        if run.step in (0, run.saved_step):  # the stage's start (the previous stage end covers it) / just saved
             return
-        self._save(idx, step, opt, data, evo, stage_end=False)
-        log.error("a sample failed to load at stage '%s' step %d; the steps before it are checkpointed: fix or "
-                  "remove the file (or set data.skip_bad_samples=true) and rerun to resume", self.cfg.stages[idx].name,
-                  step + 1)
+        self._save(run.idx, run.step, run.opt, run.data, run.evo, stage_end=False)
+        run.saved_step = run.step
 
     def _restore(self, state: dict, opt, data, evo) -> int:
         stage = self.cfg.stages[state["stage_idx"]]
@@ -347,3 +414,18 @@ def _progress(enabled: bool, stage, start: int):
     except ImportError:
         return None
     return tqdm(total=stage.steps, initial=start, desc=stage.name, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class StageRun:
+    """What a stage's loop carries: its optimizer, trainable parameters, data stream, evolution scheduler,
+    the step reached, the step of its last checkpoint, and the LR scale of train.nonfinite=reduce_lr."""
+    idx: int
+    stage: object
+    opt: object
+    params: list
+    data: StageData
+    evo: object
+    step: int = 0
+    saved_step: int = -1
+    lr_scale: float = 1.0

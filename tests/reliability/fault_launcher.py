@@ -7,10 +7,13 @@ MODE (when): step     -> inside the N-th optimizer step (after backward, before 
              save     -> half-way through writing the N-th checkpoint file
              evolve   -> inside the N-th evolution update, after some evolved tensors changed
              stage    -> right after the N-th stage-end checkpoint is complete
+             eval     -> inside the N-th stage-end evaluation
 
 Environment (what, and where):
   EVOMOE_FAULT_ACTION  kill (default: SIGKILL itself) | exit (os._exit(1), no clean-up) |
-                       hang (sleep forever, heartbeat thread still alive)
+                       hang (sleep forever, heartbeat thread still alive) |
+                       term / int / usr1 (send itself SIGTERM / SIGINT / SIGUSR1 and carry on: the
+                       trainer stops at the next step boundary with a checkpoint)
   EVOMOE_FAULT_RANK    only this rank (torchrun's RANK) has the fault; default: every rank
   EVOMOE_FAULT_ONCE    a marker file: the fault fires only if it does not exist yet, and creates it
                        (so that the run torchrun restarts after the fault runs clean); it holds
@@ -24,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+
+SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT, "usr1": signal.SIGUSR1}
 
 
 def fire() -> None:
@@ -41,6 +47,9 @@ def fire() -> None:
     elif action == "hang":
         while True:
             time.sleep(3600)
+    elif action in SIGNALS:
+        os.kill(os.getpid(), SIGNALS[action])
+        return
     raise SystemExit(f"unknown EVOMOE_FAULT_ACTION {action}")
 
 
@@ -81,8 +90,9 @@ def install(mode: str, n: int) -> None:
 
         def save(obj, f, *a, **k):
             if hit():
-                f.write(b"\x80\x02partial checkpoint bytes")
-                f.flush()
+                if os.environ.get("EVOMOE_FAULT_ACTION", "kill") not in SIGNALS:  # dies half-way through
+                    f.write(b"\x80\x02partial checkpoint bytes")
+                    f.flush()
                 fire()
             return real_save(obj, f, *a, **k)
         torch.save = save
@@ -104,6 +114,14 @@ def install(mode: str, n: int) -> None:
             if stage_end and hit():
                 fire()
         trainer_mod.Trainer._save = _save
+    elif mode == "eval":
+        real_eval = trainer_mod.evaluate_pope
+
+        def evaluate_pope(*a, **k):
+            if hit():
+                fire()
+            return real_eval(*a, **k)
+        trainer_mod.evaluate_pope = evaluate_pope
     else:
         raise SystemExit(f"unknown mode {mode}")
 
