@@ -2,16 +2,26 @@
 
 Layout: `<save_dir>/checkpoints/<name>/{state.pt, meta.json}` plus a `latest`
 pointer file. A folder without `meta.json` marked complete is never loaded, so a
-run killed mid-write resumes from the previous checkpoint.
+run killed mid-write resumes from the previous checkpoint; a save that fails (full
+disk, no permission) leaves the previous checkpoint as it was.
+
+`state.pt` holds tensors and plain data only and is loaded with `weights_only=True`:
+loading a shared checkpoint never runs code from it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from .process_identity import HOST, is_gone, owner_tag, tagged_pid
 
 
 class CheckpointError(RuntimeError):
@@ -33,20 +43,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file_atomic(path: Path, text: str) -> None:
+def write_file_atomic(path: Path, text: str) -> None:
+    """`path` holds either its old content or all of `text`, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(save_dir: str | Path, name: str, state: dict, meta: dict, keep: int) -> Path:
-    """Write `state` as checkpoint `name` atomically and point `latest` at it."""
+    """Write `state` as checkpoint `name` atomically and point `latest` at it. Any failure to write
+    is a CheckpointError naming the path and the cause, after which the previous checkpoint (and
+    `latest`) are as they were and no temporary folder is left."""
+    check_plain(state)
     root = checkpoint_root(save_dir)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    # named for their owner: another live run's save in progress is never cleaned up (_prune)
+    tmp, aside = root / f".tmp-{name}-{owner_tag()}", root / f".old-{name}-{owner_tag()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -55,18 +74,64 @@ def save_checkpoint(save_dir: str | Path, name: str, state: dict, meta: dict, ke
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        _write_file_atomic(tmp / "meta.json", json.dumps({**meta, "complete": True}, indent=1))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+        write_file_atomic(tmp / "meta.json", json.dumps({**meta, "complete": True}, indent=1))
+        if final.exists():  # re-saving the same step (e.g. after a resume): kept aside until replaced
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _write_file_atomic(root / "latest", name)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint {final}: {e.strerror or e} "
-                              f"(the previous checkpoint, if any, is untouched)") from e
+        write_file_atomic(root / "latest", name)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk) as RuntimeError
+        _undo(tmp, aside, final)
+        raise CheckpointError(f"could not save checkpoint {final}: {_cause(e)}; {_previous(save_dir)}") from e
+    shutil.rmtree(aside, ignore_errors=True)
     _prune(root, keep)
     return final
+
+
+def _undo(tmp: Path, aside: Path, final: Path) -> None:
+    """After a failed save: no temporary folder left, and a checkpoint set aside back in place unless
+    its replacement made it (then only `latest` failed to move)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if aside.exists() and not final.exists():
+        with contextlib.suppress(OSError):  # else the clean-up after this process puts it back
+            os.replace(aside, final)
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _previous(save_dir) -> str:
+    try:
+        previous = find_latest(save_dir)
+    except OSError:
+        previous = None
+    return (f"the previous checkpoint {previous} is intact and a rerun resumes from it" if previous
+            else "no earlier checkpoint exists")
+
+
+def _cause(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    return _first_line(e) or type(e).__name__
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def check_plain(obj, where: str = "state") -> None:
+    """Assert that `obj` is tensors and plain data (what torch.load(weights_only=True) reads back):
+    a field of another type would make every checkpoint of the run unloadable."""
+    if isinstance(obj, (torch.Tensor, torch.Size) + _PLAIN):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            check_plain(k, f"{where} key")
+            check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"checkpoint {where}: {type(obj).__module__}.{type(obj).__qualname__} is not a tensor "
+                        "or plain data; convert it (checkpoints are loaded with weights_only=True)")
 
 
 def _complete(path: Path) -> bool:
@@ -109,14 +174,51 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def _legacy_numpy_globals() -> list:
+    """Checkpoints written before the RNG states became tensors hold numpy's state as an ndarray.
+    Rebuilding one takes exactly these: the array constructor (under its numpy 2 and numpy 1 names),
+    the array and dtype types and the dtype of that state (uint32) - no function that runs code."""
+    core = getattr(np, "_core", None) or np.core
+    rebuild = core.multiarray._reconstruct
+    return [(rebuild, "numpy._core.multiarray._reconstruct"), (rebuild, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str | Path) -> dict:
+    """The state dict of a complete checkpoint folder, unpickled with weights_only=True: a file that
+    holds anything but tensors and plain data is refused, never executed."""
     path = Path(path)
     if not _complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (missing state.pt or meta.json)")
+    file = path / "state.pt"
     try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _refused(file)
+        if refused is not None or "weights only" in str(e).lower():
+            raise CheckpointError(f"{file}: refused to load: it holds objects other than tensors and plain data"
+                                  f"{f' (e.g. {refused})' if refused else ''}, which could run code when "
+                                  "unpickled; this project never writes such files") from None
+        raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
     except Exception as e:  # corrupt file: name it rather than surfacing a pickle trace
-        raise CheckpointError(f"{path / 'state.pt'}: cannot be read ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _refused(file: Path) -> str | None:
+    """The first global of the pickle that weights_only refuses, found by scanning it (nothing is
+    executed); None when there is none or the file cannot be scanned."""
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _legacy_numpy_globals()}
+    try:
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(file) if n not in allowed]
+    except Exception:  # noqa: BLE001 - only a detail of the message
+        return None
+    return names[0] if names else None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
 
 
 def check_model_fits(own: dict, state: dict, source: str, config: dict | None = None, hint: str = "") -> None:
@@ -159,6 +261,19 @@ def _prune(root: Path, keep: int) -> None:
     removable = [p for p in done[:-keep] if p.name != latest and p not in stage_ends[-1:]]
     for p in removable:
         shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-*"):  # leftovers of killed writers
-        if not p.name.endswith(f"-{os.getpid()}"):
+    remove_stale_temporaries(root)
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Remove what writers on this host that are dead now left behind: `.tmp-*` folders, and `.old-*`
+    (a checkpoint set aside while it was being re-saved) - put back if it was not replaced. Folders
+    of live processes (another run's save in progress) and of other hosts are kept."""
+    for p in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        pid = tagged_pid(p.name)
+        if pid is None or not is_gone(HOST, pid):
+            continue
+        final = root / p.name[len(".old-"):-len(f"-{HOST}-{pid}")]
+        if p.name.startswith(".old-") and not final.exists():
+            os.replace(p, final)
+        else:
             shutil.rmtree(p, ignore_errors=True)

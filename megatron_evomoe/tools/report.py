@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..checkpointing import CheckpointError
 from ..eval.moe_analysis import analyze
 from ..training.restore import load_trained_model
 
@@ -73,7 +74,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-pope", action="store_true", help="skip the POPE evaluation (and its shuffle test)")
     p.add_argument("--data-root", help="dataset folder, if it moved since training")
     args = p.parse_args(argv)
-    model, cfg, bundle, state = load_trained_model(args.checkpoint, data_root=args.data_root)
+    try:
+        model, cfg, bundle, state = load_trained_model(args.checkpoint, data_root=args.data_root)
+    except (ValueError, CheckpointError) as e:  # a bad checkpoint or data folder: one line, status 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = analyze(model, cfg, bundle, num_samples=args.num_samples, pope=not args.no_pope)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

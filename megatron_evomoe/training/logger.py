@@ -13,6 +13,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(save_dir) / "metrics.jsonl"
         self.tb = None
+        self.write_failed = False  # (warn once per run of failed writes)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,8 +28,16 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.write_failed = False
+        except OSError as e:  # e.g. a full disk: not worth stopping for; a checkpoint that cannot be
+            # written stops the run (checkpointing.py), with the previous one intact
+            if not self.write_failed:
+                log.warning("%s: cannot append the metrics of step %d (%s); training goes on", self.path, step,
+                            e.strerror or e)
+            self.write_failed = True
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

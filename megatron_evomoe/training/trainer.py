@@ -25,6 +25,7 @@ from ..parallel.launch import rank0_first
 from ..parallel.state import ParallelState
 from ..parallel.training_hooks import ParallelTraining, checkpoint_step
 from ..parallel.watchdog import collective, set_step
+from ..run_lock import RunLock
 from ..stages.structure import build_model, evolution_scheduler
 from .cpu_allocator import use_caching_allocator
 from .data_setup import StageData, check_stage_data, prepare_data
@@ -53,15 +54,27 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain data (checkpoints load with weights_only=True):
+    python's is a tuple of ints; numpy's key array is kept as an int64 tensor."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_rng(saved) -> tuple:
+    if not isinstance(saved, dict):  # numpy's own tuple, in checkpoints of earlier versions
+        return saved
+    return (saved["name"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+            saved["cached_gaussian"])
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_rng(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -83,6 +96,8 @@ class Trainer:
         seed_everything(t.seed)
         self.save_dir = Path(t.save_dir)
         state = parallel_state if parallel_state is not None else ParallelState.single(cfg)
+        # one run per save_dir, before anything is written there (global rank 0 holds it for the job)
+        self.run_lock = RunLock.acquire(self.save_dir) if state.rank == 0 else None
         with rank0_first(state):  # rank 0 builds the bundled dataset, the others wait for it
             self.data = prepare_data(cfg)
         self.tokenizer = self.data.tokenizer
