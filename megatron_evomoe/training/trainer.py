@@ -122,6 +122,8 @@ class Trainer:
         finally:
             self.stop.restore()
             self.metrics.close()
+            if self.run_lock is not None:  # (the save_dir is free for the next run of this process too)
+                self.run_lock.release()
 
     def _run(self) -> list[dict]:
         state = self._load_latest()
