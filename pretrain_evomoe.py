@@ -12,16 +12,13 @@ import argparse
 import logging
 import sys
 
+from megatron_evomoe.cli import USER_ERRORS, ArgumentParser, user_error
 from megatron_evomoe.config import ConfigError, load_config
-from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.parallel.watchdog import DistributedFaultError
-from megatron_evomoe.checkpointing import CheckpointError
-
-USER_ERRORS = (DataError, CheckpointError)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print sizes and the plan, exit")
     args, overrides = parser.parse_known_args(argv)
@@ -73,7 +70,9 @@ def main(argv=None) -> int:
             print_plan(cfg)
             return 0
         from megatron_evomoe.parallel.launch import init_distributed
+        from megatron_evomoe.training.restore import refuse_imported_save_dir
         from megatron_evomoe.training.trainer import Trainer
+        refuse_imported_save_dir(cfg)
         state = init_distributed(cfg)  # a ParallelState of size 1 unless launched by torchrun / SLURM
         if state.rank != 0:
             logging.getLogger().setLevel(logging.WARNING)  # one rank reports; all ranks warn
@@ -88,14 +87,12 @@ def main(argv=None) -> int:
                 from megatron_evomoe.parallel.launch import shutdown_distributed
                 shutdown_distributed(error)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:  # bad data or checkpoints: the message names the file and record
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, "config error")
     except DistributedFaultError as e:  # another rank died or hung: the message names it and the collective
         print(f"distributed error: {e}", file=sys.stderr)
         return 3
+    except USER_ERRORS as e:  # bad data, checkpoints or paths: the message names the file and record
+        return user_error(e)
     return 0
 
 
