@@ -12,18 +12,15 @@ import argparse
 import logging
 import sys
 
-from megatron_evomoe.checkpointing import CheckpointError
+from megatron_evomoe.cli import USER_ERRORS, ArgumentParser, user_error
 from megatron_evomoe.config import ConfigError, load_config
-from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.parallel.watchdog import DistributedFaultError
 from megatron_evomoe.training.nonfinite import NonFiniteError
 from megatron_evomoe.training.stop_request import EXIT_CODE_STOPPED, TrainingStopped
 
-USER_ERRORS = (DataError, CheckpointError, NonFiniteError)
-
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print sizes and the plan, exit")
     args, overrides = parser.parse_known_args(argv)
@@ -90,17 +87,15 @@ def main(argv=None) -> int:
                 from megatron_evomoe.parallel.launch import shutdown_distributed
                 shutdown_distributed(error)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:  # bad data or checkpoints: the message names the file and record
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, "config error")
     except DistributedFaultError as e:  # another rank died or hung: the message names it and the collective
         print(f"distributed error: {e}", file=sys.stderr)
         return 3
     except TrainingStopped as e:  # a signal: checkpoint saved at a step boundary; rerunning resumes
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_CODE_STOPPED
+    except (*USER_ERRORS, NonFiniteError) as e:  # bad data, checkpoints or paths; a non-finite stop
+        return user_error(e)
     return 0
 
 

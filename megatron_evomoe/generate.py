@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -27,7 +28,8 @@ import torch
 from .data.conversation import IMAGE_TAG, render_prompt
 from .data.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
 from .generation import KVCache
-from .checkpointing import CheckpointError, resolve_checkpoint
+from .checkpointing import resolve_checkpoint
+from .cli import USER_ERRORS, ArgumentParser, finite_float, int_at_least, user_error
 
 
 # =============================================================================== loading
@@ -38,12 +40,15 @@ def load_for_inference(path, device: str = "cpu", data_root: Optional[str] = Non
     """`training.restore.load_trained_model`, plus: an imported checkpoint whose recorded data
     root is gone (the run folder was moved) reads its tokenizer from the run folder itself.
     Returns (model in eval mode, cfg, bundle, state)."""
-    from .training.restore import load_trained_model
+    from .training.restore import IMPORTED_FORMAT, load_trained_model
     folder = resolve_checkpoint(path)
     if data_root is None:
-        meta = json.loads((folder / "meta.json").read_text())
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):  # not a complete checkpoint: load_trained_model names the folder
+            meta = {}
         run_dir = folder.parent.parent
-        if meta.get("format") == "hf-import" and (run_dir / "tokenizer").is_dir():
+        if isinstance(meta, dict) and meta.get("format") == IMPORTED_FORMAT and (run_dir / "tokenizer").is_dir():
             data_root = str(run_dir)
     model, cfg, bundle, state = load_trained_model(folder, device=device, data_root=data_root)
     if dtype != "float32":
@@ -140,7 +145,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], images: O
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:  # nan compares False
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     device = next(model.parameters()).device
     if generator is None:
@@ -166,14 +171,15 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], images: O
 # =============================================================================== CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_evomoe.generate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megatron_evomoe.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--prompt", action="append", required=True, help="question; repeat for a batch")
     p.add_argument("--image", action="append", default=[], help="image file: one for all prompts or one each")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    p.add_argument("--temperature", type=finite_float(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=finite_float(0.0, 1.0, low_open=True), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
+    p.add_argument("--seed", type=int_at_least(0, 2 ** 64), default=0, help="seed of the sampling generator")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the answer")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -208,9 +214,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, CheckpointError) as e:  # ConfigError and DataError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # a bad checkpoint, image or prompt (ConfigError and DataError are ValueErrors)
+        return user_error(e)
     return 0
 
 

@@ -6,6 +6,7 @@ work starts; errors are `ConfigError` (a ValueError) naming the offending field.
 - schema.py: the section dataclasses; each choice field is a `Literal[...]`, the one place
   its allowed values are listed (`field_choices` / `check_choice` read them);
 - loading.py: YAML + overrides -> typed dataclasses (`load_config`, `_from_dict`);
+- yaml_text.py: strict YAML parsing (UTF-8, no key set twice, one-line errors);
 - validation.py: the cross-field rules (`validate`, `moe_layer_indices`).
 """
 from .loading import _from_dict, load_config

@@ -11,10 +11,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from .schema import Config, ConfigError, StageConfig, field_types
 from .validation import validate
+from .yaml_text import parse_yaml, read_yaml_file
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -97,7 +96,7 @@ def _apply_override(tree: dict, dotted: str, raw: str) -> None:
             node = node[key]
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--{dotted}: '{where}' is a value, not a section")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = parse_yaml(raw, f"--{dotted}", dotted) if raw != "" else ""
     last = parts[-1]
     if isinstance(node, list):
         node[_list_index(node, last, dotted)] = value
@@ -125,13 +124,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            # PyYAML's message spans lines (context, mark, caret): one line, "file:line:column: problem"
-            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {' '.join(problem.split())}") from None
+        loaded = read_yaml_file(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         _check_sections(loaded, str(path))

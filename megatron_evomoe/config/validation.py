@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from .schema import Config, ConfigError, StageConfig, check_choice
 
@@ -108,6 +109,7 @@ def _validate_stages(cfg: Config) -> None:
             check_choice(StageConfig, f.name, getattr(s, f.name), f"{where}.{f.name}")
         _require(s.name not in names, f"{where}.name", f"duplicate stage name {s.name!r}")
         _require(bool(s.name.strip()), f"{where}.name", "must not be empty (it names the stage's checkpoints)")
+        _check_stage_name(s.name, f"{where}.name")
         names.add(s.name)
         _require(s.steps >= 0, f"{where}.steps", "must be >= 0")
         _require(s.lr >= 0 and math.isfinite(s.lr), f"{where}.lr", f"must be a finite number >= 0, got {s.lr}")
@@ -115,9 +117,16 @@ def _validate_stages(cfg: Config) -> None:
         _require(0 <= s.warmup_steps <= max(s.steps, 0), f"{where}.warmup_steps", "must be in [0, steps]")
         _require(all(isinstance(x, str) for x in s.trainable) and s.trainable, f"{where}.trainable",
                  "must be a non-empty list of parameter-name patterns")
+        # `{moe}` expands to the MoE layers: with none, the pattern would vanish and train nothing, silently
+        _require(bool(moe_layer_indices(cfg)) or not any("{moe}" in x for x in s.trainable), f"{where}.trainable",
+                 f"a '{{moe}}' pattern needs MoE layers, but moe.layers={moe.layers!r} selects none")
         if s.moe_mode == "evolve":
             _require(moe.init == "evolution", f"{where}.moe_mode",
                      f"'evolve' needs moe.init=evolution (got {moe.init!r})")
+            _require(bool(cfg.evolution.beta_ranges), f"{where}.moe_mode",
+                     "'evolve' needs at least one evolved expert: moe.num_experts >= 2, one evolution.beta_ranges "
+                     "entry each")
+            _require(bool(moe_layer_indices(cfg)), "moe.layers", "an evolve stage needs at least one MoE layer")
     modes = [s.moe_mode for s in cfg.stages]
     if "sparse" in modes:
         first_sparse = modes.index("sparse")
@@ -127,6 +136,21 @@ def _validate_stages(cfg: Config) -> None:
     if "evolve" in modes:
         _require("dense" not in modes[modes.index("evolve"):], "stages",
                  "a dense stage cannot follow an evolve stage")
+
+
+# A stage's name becomes part of its checkpoint folders' names (`03-<name>-step000100`)
+_STAGE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_stage_name(name: str, where: str) -> None:
+    """Path-safe: no separator, `..` or NUL that would put checkpoints elsewhere, no leading dot that
+    hides them from the checkpoint scan (which skips dot folders: unfinished saves)."""
+    bad = next((c for c in name if not _STAGE_NAME.fullmatch(c)), None)
+    _require(bad is None, where, f"{name!r} holds {bad!r}; use only letters, digits, '.', '_' and '-' "
+                                 "(the name becomes part of the stage's checkpoint folder names)")
+    _require(not name.startswith(".") and ".." not in name, where,
+             f"{name!r} must not start with '.' or contain '..' (it becomes part of checkpoint folder names)")
+    _require(len(name) <= 100, where, f"is {len(name)} characters long; at most 100 (it names checkpoint folders)")
 
 
 def _validate_data_and_train(cfg: Config) -> None:
@@ -145,6 +169,8 @@ def _validate_data_and_train(cfg: Config) -> None:
     _require(t.log_interval >= 1, "train.log_interval", "must be >= 1")
     _require(t.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = leave as is)")
     _require(0 <= t.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32) (numpy's seed range), got {t.seed}")
+    _require(bool(t.save_dir.strip()), "train.save_dir", "must not be empty (checkpoints would land in the "
+             "current folder)")
     _require(t.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0 = no clipping)")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     betas = t.adam_betas
@@ -176,9 +202,12 @@ def _validate_model_options(cfg: Config) -> None:
 
 
 def _validate_beta_ranges(cfg: Config) -> None:
-    ranges = cfg.evolution.beta_ranges
+    ranges, seed = cfg.evolution.beta_ranges, cfg.evolution.seed
+    # the seed of a torch.Generator, which raises only when the evolve stage starts, after earlier stages
+    _require(0 <= seed < 2 ** 64, "evolution.seed", f"must be in [0, 2**64) (torch's seed range), got {seed}")
     for i, rg in enumerate(ranges):
-        ok = (isinstance(rg, list) and len(rg) == 2 and all(isinstance(x, (int, float)) for x in rg)
+        ok = (isinstance(rg, list) and len(rg) == 2
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rg)
               and 0.0 <= rg[0] <= rg[1] <= 1.0)
         _require(ok, f"evolution.beta_ranges[{i}]", f"must be [low, high] with 0 <= low <= high <= 1, got {rg!r}")
     if cfg.moe.init == "evolution":

@@ -17,21 +17,26 @@ import argparse
 import logging
 import sys
 
-from ..checkpointing import CheckpointError
+from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from .errors import ConversionError
 
 
 def _size(text: str) -> int:
-    units = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+    """argparse type of --max-shard-size: bytes, or a number with a unit (5GB, 500MiB); at least 1 byte."""
+    units = {"KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "B": 1}
     t = text.strip().upper()
-    for u, mult in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * mult)
-    return int(t)
+    unit = next((u for u in units if t.endswith(u)), None)
+    try:
+        size = float(t[: -len(unit)]) * units[unit] if unit else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes or a size such as 5GB or 500MiB, got {text!r}") from None
+    if not size >= 1 or size == float("inf"):  # nan compares False
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return int(size)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_evomoe.convert", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m megatron_evomoe.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-evomoe", help="Hugging Face folder -> run folder of this project")
     imp.add_argument("--src", required=True, help="HF model folder (config.json + safetensors)")
@@ -40,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tokenizer", default=None, help="tokenizer folder to use instead of the one in --src")
     imp.add_argument("--vision-feature-layer", type=int, default=None,
                      help="vision hidden state the projector reads (default: LLaVA config's, else -2)")
-    imp.add_argument("--max-seq-len", type=int, default=None, help="cap model.max_seq_len")
+    imp.add_argument("--max-seq-len", type=int_at_least(1), default=None, help="cap model.max_seq_len")
     imp.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     imp.add_argument("--projector", default="mlp2x_gelu", choices=("mlp2x_gelu", "linear"),
                      help="projector created for --vision-src")
-    imp.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised projector")
+    imp.add_argument("--seed", type=int_at_least(0, 2 ** 64), default=0, help="seed of a freshly initialised projector")
     imp.add_argument("--force", action="store_true", help="write into a non-empty --dst")
     exp = sub.add_parser("evomoe-to-hf", help="checkpoint of this project -> Hugging Face folder")
     exp.add_argument("--src", required=True, help="run folder (latest checkpoint) or checkpoint folder")
@@ -73,11 +78,9 @@ def main(argv=None) -> int:
             evomoe_to_hf(args.src, args.dst, args.format, llm_only=args.llm_only, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, force=args.force)
     except ConversionError as e:
-        print(f"conversion error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, CheckpointError) as e:  # a bad --src checkpoint, config or tokenizer
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, "conversion error")
+    except USER_ERRORS as e:  # a bad --src checkpoint, config or tokenizer
+        return user_error(e)
     return 0
 
 

@@ -28,6 +28,8 @@ class HFCheckpoint:
             raise ConversionError(f"{self.dir}: not a directory")
         self.config = config if config is not None else read_config(self.dir)
         self._where: Dict[str, Path] = {}  # tensor name -> file
+        self._index: Optional[Path] = None  # the weight index that filled _where, if any
+        self._keys: Dict[Path, set] = {}  # file -> the tensor names it really holds
         self._handles: dict = {}
         self._bin_cache: Dict[Path, dict] = {}
         self.used: set = set()
@@ -42,6 +44,9 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ConversionError(f"{index}: not a valid weight index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            self._index = index
             for name, fname in weight_map.items():
                 self._where[name] = d / fname
             missing = sorted({str(p.name) for p in self._where.values() if not p.is_file()})
@@ -101,19 +106,26 @@ class HFCheckpoint:
     def _missing(self, name: str) -> ConversionError:
         return ConversionError(f"{self.dir}: tensor {name!r} not found in {', '.join(self.files)}")
 
-    def shape(self, name: str) -> Tuple[int, ...]:
+    def _file_of(self, name: str) -> Path:
+        """The file holding `name`; an index may name a shard that lacks it (an edited or mixed-up index)."""
         if name not in self._where:
             raise self._missing(name)
         path = self._where[name]
+        if path not in self._keys:
+            self._keys[path] = set(self._file_keys(path))
+        if name not in self._keys[path]:
+            raise ConversionError(f"{self._index}: maps tensor {name!r} to {path.name}, which does not contain it")
+        return path
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        path = self._file_of(name)
         if path.suffix == ".safetensors":
             return tuple(self._safe(path).get_slice(name).get_shape())
         return tuple(self._bin(path)[name].shape)
 
     def get(self, name: str, shape: Optional[Iterable[int]] = None, why: str = "") -> torch.Tensor:
         """Tensor `name`; with `shape`, a ConversionError naming tensor and file if it differs."""
-        if name not in self._where:
-            raise self._missing(name)
-        path = self._where[name]
+        path = self._file_of(name)
         if shape is not None:
             check_shape(name, self.shape(name), shape, f"{self.dir / path.name}", why)
         if path.suffix == ".safetensors":

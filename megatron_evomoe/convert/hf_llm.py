@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..config import ModelConfig
+from .config_fields import config_float, config_int
 from .errors import ConversionError, unsupported
 from .weight_map import Src
 
@@ -60,14 +61,13 @@ class LLMSpec:
         return bool(self.moe_layers)
 
 
-def _rope(cfg: dict, fail) -> float:
+def _rope(cfg: dict, fail, where: str) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling")
     rtype = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else params.get("rope_type")
     if rtype not in (None, "default"):
         raise fail(f"rope scaling {rtype!r} (only plain RoPE is implemented)")
-    theta = cfg.get("rope_theta", params.get("rope_theta"))
-    return float(theta if theta is not None else 10000.0)
+    return config_float({"rope_theta": cfg.get("rope_theta", params.get("rope_theta"))}, "rope_theta", where, 10000.0)
 
 
 def llm_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optional[int] = None) -> LLMSpec:
@@ -83,25 +83,23 @@ def llm_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optiona
     if mt not in LLM_TYPES:
         raise fail(f"model_type {mt!r} is not a supported decoder (supported: {', '.join(LLM_TYPES)})")
 
-    def need(key):
-        if cfg.get(key) is None:
-            raise ConversionError(f"{where}: missing field {key!r}")
-        return cfg[key]
+    def need(key, minimum=1):  # sizes and counts: a missing, zero or string value is an error here
+        return config_int(cfg, key, where, minimum=minimum)
 
     hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
-    kv = cfg.get("num_key_value_heads") or heads
+    kv = config_int(cfg, "num_key_value_heads", where, default=heads)
     if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
         raise fail(f"head_dim={cfg.get('head_dim')} differs from hidden_size/num_attention_heads="
                    f"{hidden}/{heads} (our attention derives the head size from them)")
     options = {"phi": _phi_options, "stablelm": _stablelm_options}.get(mt, _llama_options)(mt, cfg, fail)
-    max_pos, notes = _max_positions(mt, cfg, int(need("max_position_embeddings")), max_seq_len)
+    max_pos, notes = _max_positions(mt, cfg, need("max_position_embeddings"), max_seq_len)
     notes += _dropout_notes(cfg)
-    ffn = int(need("intermediate_size"))
+    ffn = need("intermediate_size")
     spec = LLMSpec(family={"mistral": "llama"}.get(mt, mt), model=dict(
-        vocab_size=int(need("vocab_size")), hidden_size=int(hidden), num_layers=int(layers),
-        num_heads=int(heads), num_kv_heads=int(kv), ffn_hidden_size=ffn, max_seq_len=max_pos,
-        rope_theta=_rope(cfg, fail), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=float(cfg.get("initializer_range", 0.02)), **options), notes=notes)
+        vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv, ffn_hidden_size=ffn, max_seq_len=max_pos,
+        rope_theta=_rope(cfg, fail, where), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=config_float(cfg, "initializer_range", where, 0.02), **options), notes=notes)
     if mt == "mixtral":
         _mixtral_moe(spec, cfg, need, fail)
     elif mt == "qwen2_moe":
@@ -208,7 +206,7 @@ def _dropout_notes(cfg: dict) -> List[str]:
 
 
 def _mixtral_moe(spec: LLMSpec, cfg: dict, need, fail) -> None:
-    spec.num_experts, spec.top_k = int(need("num_local_experts")), int(need("num_experts_per_tok"))
+    spec.num_experts, spec.top_k = need("num_local_experts"), need("num_experts_per_tok")
     if spec.top_k == 1:
         raise fail("num_experts_per_tok=1: Mixtral renormalises a single gate to 1.0, our router keeps "
                    "the softmax probability for top-1")
@@ -221,7 +219,7 @@ def _qwen2_moe(spec: LLMSpec, cfg: dict, need, fail) -> None:
     spec.shared_expert_size = int(cfg.get("shared_expert_intermediate_size") or 0)
     if spec.shared_expert_size == 0:
         spec.ignorable = ("*mlp.shared_expert.*", "*mlp.shared_expert_gate.*")  # width 0: adds exactly 0
-    spec.num_experts, spec.top_k = int(need("num_experts")), int(need("num_experts_per_tok"))
+    spec.num_experts, spec.top_k = need("num_experts", 0), need("num_experts_per_tok")
     spec.renormalize = bool(cfg.get("norm_topk_prob", False))
     if spec.renormalize and spec.top_k == 1:
         raise fail("norm_topk_prob=true with num_experts_per_tok=1 (gate always 1.0); our router keeps "

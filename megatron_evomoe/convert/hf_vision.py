@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .config_fields import config_float, config_int
 from .errors import ConversionError, unsupported
 from .hf_checkpoint import HFCheckpoint
 from .weight_map import Src
@@ -75,20 +76,21 @@ def vision_spec_from_hf(cfg: dict, where: str = "config.json", feature_layer: in
                    "no class token) is supported")
     if not isinstance(feature_layer, int):
         raise fail(f"vision_feature_layer={feature_layer!r}: features from several layers are not supported")
-    n = int(cfg.get("num_hidden_layers", 12))
+    n = config_int(cfg, "num_hidden_layers", where, 12)
     used = n + 1 + feature_layer if feature_layer < 0 else feature_layer
     if not 1 <= used <= n:
         raise ConversionError(f"{where}: vision_feature_layer={feature_layer} selects no transformer layer "
                               f"of a {n}-layer tower")
-    image, patch = int(cfg.get("image_size", 224)), int(cfg.get("patch_size", 32))
+    image, patch = config_int(cfg, "image_size", where, 224), config_int(cfg, "patch_size", where, 32)
     if image % patch:
         raise fail(f"image_size={image} is not a multiple of patch_size={patch}")
-    vision = dict(enabled=True, image_size=image, patch_size=patch, hidden_size=int(cfg.get("hidden_size", 768)),
-                  num_layers=used, num_heads=int(cfg.get("num_attention_heads", 12)),
-                  ffn_hidden_size=int(cfg.get("intermediate_size", 3072)),
+    vision = dict(enabled=True, image_size=image, patch_size=patch,
+                  hidden_size=config_int(cfg, "hidden_size", where, 768), num_layers=used,
+                  num_heads=config_int(cfg, "num_attention_heads", where, 12),
+                  ffn_hidden_size=config_int(cfg, "intermediate_size", where, 3072),
                   cls_token=family == "clip", pre_norm=family == "clip", final_norm=False,
                   activation=_ACTIVATIONS[act],
-                  norm_eps=float(cfg.get("layer_norm_eps", 1e-5 if family == "clip" else 1e-6)))
+                  norm_eps=config_float(cfg, "layer_norm_eps", where, 1e-5 if family == "clip" else 1e-6))
     mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
     if preprocessor:
         mean = [float(x) for x in preprocessor.get("image_mean", mean)]

@@ -30,6 +30,7 @@ import torch
 
 from ..config import Config, ConfigError, _from_dict, validate
 from ..stages.structure import build_model
+from ..training.restore import IMPORTED_FORMAT as FORMAT  # what the trainer refuses to resume from
 from .errors import ConversionError, unsupported
 from .hf_checkpoint import HFCheckpoint, read_config
 from .hf_llm import LLMSpec, llm_spec_from_hf, llm_weight_map, moe_layers_string
@@ -39,7 +40,6 @@ from .weight_map import Src, read_mapped
 log = logging.getLogger("megatron_evomoe")
 
 CHECKPOINT_NAME = "00-imported"
-FORMAT = "hf-import"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensors an import may leave unread without changing the model's function.

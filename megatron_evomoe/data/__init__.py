@@ -13,7 +13,7 @@ Training loop usage:
 Names are imported lazily (PEP 562) so that `python -m megatron_evomoe.data.build_bundled`
 neither pays for importing torch nor imports its own module twice.
 """
-import importlib
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "build_bundled": ("build_bundled_dataset",),
@@ -26,18 +26,4 @@ _EXPORTS = {
     "scenes": ("Scene", "SceneGenerator", "SceneObject"),
     "tokenizer": ("HFTokenizer", "Tokenizer", "WordTokenizer", "load_tokenizer"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -117,16 +117,21 @@ def check_image_tags(parsed: ParsedConversation, has_image: bool) -> None:
                        "image_tag_mismatch")
     if parsed.system is not None and IMAGE_TAG in parsed.system:
         raise _bad(f"the system turn may not hold the {IMAGE_TAG} tag", "conversations[0].value", "image_tag_mismatch")
-    count = parsed.turns[0][0].count(IMAGE_TAG)
-    if count > 1:
-        raise _bad(f"holds {count} {IMAGE_TAG} tags; one image per sample is supported",
-                   f"conversations[{first}].value", "image_tag_mismatch")
+    count = count_image_tags(parsed.turns[0][0], f"conversations[{first}].value")
     if has_image and count == 0:
         raise _bad(f"the record has an 'image' but its first human turn has no {IMAGE_TAG} tag",
                    f"conversations[{first}].value", "image_tag_mismatch")
     if not has_image and count == 1:
         raise _bad(f"the first human turn has an {IMAGE_TAG} tag but the record has no image", "image",
                    "image_tag_mismatch")
+
+
+def count_image_tags(text: str, field: str) -> int:
+    """0 or 1: the `<image>` tags of a prompt; more is a DataError on `field` (one image per sample)."""
+    count = text.count(IMAGE_TAG)
+    if count > 1:
+        raise _bad(f"holds {count} {IMAGE_TAG} tags; one image per sample is supported", field, "image_tag_mismatch")
+    return count
 
 
 def render_prompt(

@@ -1,7 +1,7 @@
 """Image loading and preprocessing for the vision tower.
 
-file -> RGB -> (optionally padded to a square) -> bicubic resize to image_size x image_size
--> float [3, H, W] in [0, 1] -> (x - mean) / std per channel.  CLIP's mean/std are the
+file or PIL image -> RGB (any mode, image_modes.py) -> (optionally padded to a square) -> bicubic
+resize to image_size x image_size -> float [3, H, W] in [0, 1] -> (x - mean) / std per channel.  CLIP's mean/std are the
 defaults, as the vision towers the recipes use (CLIP, SigLIP via config) expect them.
 
 A file that PIL cannot decode (corrupt, truncated, not an image) raises `DataError`
@@ -17,13 +17,14 @@ import torch
 from PIL import Image, ImageFile
 
 from .errors import DataError
+from .image_modes import to_rgb
 
 CLIP_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open and fully decode an image file as RGB, or raise DataError naming the file."""
+    """Open and fully decode an image file as RGB (any mode: `to_rgb`), or raise DataError naming the file."""
     path = os.fspath(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone switched PIL to padding truncated files with grey; we would train on that silently.
@@ -32,12 +33,7 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # Image.open is lazy: decoding errors only appear here
-            if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-                # Composite transparent parts on white rather than on black garbage.
-                rgba = img.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(bg, rgba).convert("RGB")
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError as e:
         raise DataError("image file not found", file=path, field="image", reason="missing_image") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -80,8 +76,7 @@ class ImageProcessor:
         self._std_t = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: Union[str, os.PathLike, Image.Image]) -> torch.Tensor:
-        img = image if isinstance(image, Image.Image) else load_image(image)
-        img = img.convert("RGB")
+        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)  # files: RGB already
         if self.pad_to_square:
             img = expand_to_square(img, self.mean)
         if img.size != (self.image_size, self.image_size):

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .conversation import DEFAULT_TEMPLATE, IGNORE_INDEX, IMAGE_TAG, ConversationTemplate, render_conversation, render_prompt
+from .conversation import (DEFAULT_TEMPLATE, IGNORE_INDEX, IMAGE_TAG, ConversationTemplate, count_image_tags,
+                           render_conversation, render_prompt)
 from .errors import DataError
 from .image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor, load_image
 from .tokenizer import Tokenizer
@@ -304,7 +305,10 @@ class PopeDataset(Dataset):
 
     `dataset[i]` -> PopeSample(image, prompt_ids, label, question_id, text); the prompt
     is the same template as training, stopped after "ASSISTANT:" for generation.  Every
-    line is validated up front; evaluation data is never skipped, always an error.
+    line is validated up front, with the rules of training records (types, at most one
+    `<image>` tag, the image file present, a length limit: `max_prompt_tokens`, which leaves
+    room for the answer) and, with `require_labels`, a label on every question; evaluation
+    data is never skipped, always an error.
     """
 
     def __init__(
@@ -319,10 +323,13 @@ class PopeDataset(Dataset):
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         pad_to_square: bool = False,
+        require_labels: bool = False,
+        max_prompt_tokens: Optional[int] = None,
     ):
         self.path = os.fspath(jsonl_path)
         self.image_root = "" if image_root is None else os.fspath(image_root)
         self.processor = ImageProcessor(image_size, image_mean, image_std, pad_to_square)
+        self.require_labels = require_labels
         self.questions: List[Dict[str, Any]] = []
         self.prompts: List[List[int]] = []
         for index, record, error in read_records(self.path):
@@ -333,10 +340,16 @@ class PopeDataset(Dataset):
                 q = self._check(record)
                 human = q["text"] if IMAGE_TAG in q["text"] else f"{IMAGE_TAG}\n{q['text']}"
                 prompt = render_prompt(human, tokenizer, num_image_tokens, template)
+                if max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+                    raise DataError(f"is {len(prompt)} tokens long after tokenisation (including {num_image_tokens} "
+                                    f"image tokens); at most {max_prompt_tokens} leave room for the answer within "
+                                    "model.max_seq_len", field="text", reason="too_long")
             except DataError as e:
                 raise e.with_context(file=self.path, index=index, record_id=rid) from None
             self.questions.append(q)
             self.prompts.append(prompt)
+        if not self.questions:
+            raise DataError("has no questions", file=self.path, reason="empty")
 
     def _check(self, record: Any) -> Dict[str, Any]:
         if not isinstance(record, dict):
@@ -346,7 +359,11 @@ class PopeDataset(Dataset):
                 raise DataError("is missing", field=key, reason="bad_record")
             if not isinstance(record[key], types) or isinstance(record[key], bool):
                 raise DataError(f"has the wrong type {type(record[key]).__name__}", field=key, reason="bad_record")
+        count_image_tags(record["text"], "text")
         label = record.get("label")
+        if label is None and self.require_labels:
+            raise DataError("is missing (the evaluation scores the answers against it)", field="label",
+                            reason="bad_record")
         if label is not None:
             if not isinstance(label, str) or label.strip().lower() not in POPE_LABELS:
                 raise DataError(f"must be 'yes' or 'no', got {label!r}", field="label", reason="bad_record")

@@ -12,11 +12,11 @@ KV-cache decoding as ``python -m megatron_evomoe.generate``.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
+from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from ..generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
 from .runner import BENCHMARKS, run_benchmark
 
@@ -44,15 +44,14 @@ def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_evomoe.eval.model_answers",
-                                description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m megatron_evomoe.eval.model_answers", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     p.add_argument("--data", required=True, help="question file (POPE jsonl, MMBench tsv, TextVQA json) or MME root")
     p.add_argument("--images", default=None, help="image folder (MMBench: where to decode)")
     p.add_argument("--out", required=True, help="output folder for <benchmark>.json")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N questions (N >= 1)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
     p.add_argument("--prompt-suffix", default=None, help="appended to every question")
     p.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -64,7 +63,6 @@ def main(argv=None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.no_circular and args.benchmark != "mmbench":
         build_parser().error("--no-circular applies to --benchmark mmbench only")
-    from ..checkpointing import CheckpointError
     from ..training.trainer import resolve_device
     try:
         device = resolve_device(args.device)
@@ -77,9 +75,8 @@ def main(argv=None) -> Dict[str, Any]:
             options["circular"] = False
         return run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,
                              **options)
-    except (ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    except USER_ERRORS as e:  # a bad checkpoint, question file or image folder
+        raise SystemExit(user_error(e)) from None
 
 
 if __name__ == "__main__":

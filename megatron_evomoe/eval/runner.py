@@ -17,7 +17,7 @@ POPE and TextVQA use the file's ``question_id``; MMBench the row ``index``, with
 rotated passes numbered ``k * 1000000 + index``; MME ``"<category>/<image>#<n>"``
 with n = 0, 1 the question's position among its image's questions.
 
-``limit`` keeps the first N questions of the file (MMBench: the first N base
+``limit`` (N >= 1) keeps the first N questions of the file (MMBench: the first N base
 questions, each with all its circular passes; MME: N questions, so a cut may leave
 an image with one question, scored on that one).
 
@@ -27,12 +27,12 @@ are decoded to (a temporary folder when None); for MME it defaults to ``data_pat
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from . import mmbench, mme, pope, textvqa
 from .report import write_report
 
@@ -51,9 +51,14 @@ def _load(name: str, data_path: str, image_root: Optional[str], limit: Optional[
           options: Mapping[str, Any], stack: contextlib.ExitStack):
     if name == "mmbench" and image_root is None:
         image_root = stack.enter_context(tempfile.TemporaryDirectory(prefix="mmbench_images_"))
+    if limit is not None and limit < 1:  # questions[:-1] would silently drop the last question
+        raise ValueError(f"{name}: limit must be >= 1 (None: every question), got {limit}")
     if image_root is None and name in ("pope", "textvqa"):
         raise ValueError(f"{name}: an image folder is needed (image_root / --images)")
-    questions = _module(name).load_questions(data_path, image_root, limit=limit, **options)
+    try:
+        questions = _module(name).load_questions(data_path, image_root, limit=limit, **options)
+    except UnicodeDecodeError as e:  # a binary or Latin-1 file given as the questions
+        raise ValueError(f"{name}: {data_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not questions:
         raise ValueError(f"{name}: no questions found in {data_path}")
     return questions
@@ -128,22 +133,26 @@ def read_answers_jsonl(path: str) -> Dict[str, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m megatron_evomoe.eval.runner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     parser.add_argument("--data", required=True,
                         help="question file (POPE jsonl, MMBench tsv, TextVQA json) or MME root")
     parser.add_argument("--images", default=None, help="image folder (MMBench: where to decode)")
     parser.add_argument("--answers-jsonl", required=True, help='lines {"question_id", "answer"}')
     parser.add_argument("--out-dir", default="eval_results")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N questions")
+    parser.add_argument("--limit", type=int_at_least(1), default=None,
+                        help="score only the first N questions (N >= 1)")
     parser.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
     args = parser.parse_args(argv)
     if args.no_circular and args.benchmark != "mmbench":
         parser.error("--no-circular applies to --benchmark mmbench only")
     options = {"circular": False} if args.no_circular else {}
-    return score_answers(args.benchmark, args.data, args.images,
-                         read_answers_jsonl(args.answers_jsonl), args.out_dir,
-                         limit=args.limit, **options)
+    try:
+        return score_answers(args.benchmark, args.data, args.images,
+                             read_answers_jsonl(args.answers_jsonl), args.out_dir,
+                             limit=args.limit, **options)
+    except USER_ERRORS as e:  # a bad question or answers file, a missing image
+        raise SystemExit(user_error(e)) from None
 
 
 if __name__ == "__main__":

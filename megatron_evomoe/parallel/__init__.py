@@ -13,27 +13,27 @@ ZeRO-1, global norm), pipeline (stage split + 1F1B), tensor_parallel_plan (which
 which sharded layer, and the region hooks), parallelize (the apply_* functions in order),
 sharded_state (full state dicts and loading them into any layout), stage_structure (dense ->
 evolve -> sparse on a sharded model), reshard (per-rank checkpoints -> one consolidated
-checkpoint), training_hooks (what the trainer calls), launch (torchrun / SLURM initialisation).
-"""
-from .data_parallel import GradientReducer, all_reduce_floats, clip_grad_norm_, global_grad_norm
-from .expert_parallel import AllToAllTokenDispatcher, ParallelGroupedExperts
-from .launch import init_distributed
-from .parallelize import apply_dp, apply_ep, apply_moe_stats, parallelize
-from .pipeline import forward_backward_1f1b, split_pipeline
-from .reshard import consolidate
-from .sharded_state import full_state_dict, load_full_state_dict, local_parameter_count
-from .stage_structure import apply_stage_structure
-from .state import ParallelState, RankLayout, ShardSpec, layout_table, validate_parallel
-from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from .tensor_parallel_plan import apply_tp
-from .training_hooks import ParallelTraining
+checkpoint), training_hooks (what the trainer calls), launch (torchrun / SLURM initialisation),
+config_agreement (every rank trains the same config).
 
-__all__ = [
-    "ParallelState", "RankLayout", "ShardSpec", "layout_table", "validate_parallel",
-    "parallelize", "apply_tp", "apply_ep", "apply_moe_stats", "apply_dp", "split_pipeline",
-    "apply_stage_structure", "full_state_dict", "load_full_state_dict", "local_parameter_count",
-    "GradientReducer", "clip_grad_norm_", "global_grad_norm", "all_reduce_floats",
-    "AllToAllTokenDispatcher", "ParallelGroupedExperts", "forward_backward_1f1b",
-    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "ParallelTraining", "init_distributed", "consolidate",
-]
+Names are imported lazily (PEP 562): `python -m megatron_evomoe.parallel.launch` (or `.reshard`)
+then runs its module once, not a second copy of one the package had already imported.
+"""
+from ..lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "config_agreement": ("agree_on_config",),
+    "data_parallel": ("GradientReducer", "all_reduce_floats", "clip_grad_norm_", "global_grad_norm"),
+    "expert_parallel": ("AllToAllTokenDispatcher", "ParallelGroupedExperts"),
+    "launch": ("init_distributed",),
+    "parallelize": ("apply_dp", "apply_ep", "apply_moe_stats", "parallelize"),
+    "pipeline": ("forward_backward_1f1b", "split_pipeline"),
+    "reshard": ("consolidate",),
+    "sharded_state": ("full_state_dict", "load_full_state_dict", "local_parameter_count"),
+    "stage_structure": ("apply_stage_structure",),
+    "state": ("ParallelState", "RankLayout", "ShardSpec", "layout_table", "validate_parallel"),
+    "tensor_parallel": ("ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding"),
+    "tensor_parallel_plan": ("apply_tp",),
+    "training_hooks": ("ParallelTraining",),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

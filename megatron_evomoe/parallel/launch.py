@@ -176,20 +176,21 @@ def plan(cfg, world_size: int) -> str:
 def main(argv=None) -> int:
     """python -m megatron_evomoe.parallel.launch --world-size N [--config F] [--section.field=v ...]:
     validate the parallel layout for N processes and print it (used by the SLURM dry runs)."""
-    import argparse
     import sys
 
+    from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
     from ..config import load_config
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--world-size", type=int, required=True)
+    parser = ArgumentParser(prog="python -m megatron_evomoe.parallel.launch", description=main.__doc__)
+    parser.add_argument("--world-size", type=int_at_least(1), required=True)
     parser.add_argument("--config")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, [o for o in overrides if o.startswith("--") and "=" in o])
         print(plan(cfg, args.world_size))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, "config error")
+    except USER_ERRORS as e:
+        return user_error(e)
     return 0
 
 

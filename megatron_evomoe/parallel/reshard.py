@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import re
 from pathlib import Path
 
 import torch
 
 from .. import checkpointing as ckpt
+from ..cli import USER_ERRORS, ArgumentParser, user_error
 from .sharded_state import load_full_state_dict
 from .state import REPLICATED, ShardSpec, named_shard_specs
 from .tensor_parallel import take_shard
@@ -177,6 +178,10 @@ def find_layout_checkpoint(save_dir, layout: str | None = None, name: str | None
     """(layout, checkpoint name) to consolidate: the given ones, else the newest complete checkpoint
     that every rank of its layout has."""
     root = Path(save_dir) / "ranks"
+    if layout and not (root / layout).is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise ckpt.CheckpointError(f"{save_dir}: no per-rank checkpoints of layout {layout} (layouts found: "
+                                   f"{', '.join(found) or 'none'})")
     layouts = [layout] if layout else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     best = None
     for lay in layouts:
@@ -207,18 +212,26 @@ def consolidate(save_dir, layout: str | None = None, name: str | None = None, ke
     return ckpt.save_checkpoint(save_dir, name, merged, meta, keep)
 
 
+def _layout_arg(text: str) -> str:
+    """argparse type of --layout: a name as `layout_name` writes it."""
+    if not re.fullmatch(r"tp[1-9]\d*-pp[1-9]\d*-ep[1-9]\d*-dp[1-9]\d*", text):
+        raise argparse.ArgumentTypeError(f"expected a layout name such as tp2-pp1-ep2-dp2, got {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Consolidate a per-rank (parallel) checkpoint into one file "
-                                                 "that a one-process run or any other layout resumes from.")
+    parser = ArgumentParser(prog="python -m megatron_evomoe.parallel.reshard",
+                            description="Consolidate a per-rank (parallel) checkpoint into one file "
+                                        "that a one-process run or any other layout resumes from.")
     parser.add_argument("run_dir", help="the run's train.save_dir")
-    parser.add_argument("--layout", help="e.g. tp2-pp1-ep2-dp2 (default: the newest complete checkpoint's)")
+    parser.add_argument("--layout", type=_layout_arg,
+                        help="e.g. tp2-pp1-ep2-dp2 (default: the newest complete checkpoint's)")
     parser.add_argument("--name", help="checkpoint name (default: the newest complete one)")
     args = parser.parse_args(argv)
     try:
         path = consolidate(args.run_dir, args.layout, args.name)
-    except ckpt.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # no such run or layout, an incomplete or unreadable per-rank checkpoint
+        return user_error(e)
     print(f"consolidated checkpoint: {path}")
     return 0
 

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..checkpointing import CheckpointError
+from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from ..eval.moe_analysis import analyze
 from ..training.restore import load_trained_model
 
@@ -67,21 +67,21 @@ def _save(fig, path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m megatron_evomoe.tools.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder, or a run's save_dir (its latest checkpoint)")
     p.add_argument("--out", required=True, help="output folder for report.json and the figures")
-    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--num-samples", type=int_at_least(1), default=128, help="training samples routed (>= 1)")
     p.add_argument("--no-pope", action="store_true", help="skip the POPE evaluation (and its shuffle test)")
     p.add_argument("--data-root", help="dataset folder, if it moved since training")
     args = p.parse_args(argv)
+    out = Path(args.out)
     try:
         model, cfg, bundle, state = load_trained_model(args.checkpoint, data_root=args.data_root)
-    except (ValueError, CheckpointError) as e:  # a bad checkpoint or data folder: one line, status 2
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = analyze(model, cfg, bundle, num_samples=args.num_samples, pope=not args.no_pope)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        result = analyze(model, cfg, bundle, num_samples=args.num_samples, pope=not args.no_pope)
+        out.mkdir(parents=True, exist_ok=True)
+    except USER_ERRORS as e:  # a bad checkpoint folder or dataset, --out naming a file
+        return user_error(e)
     try:
         result["figures"] = plot_figures(result, out)
     except ImportError:

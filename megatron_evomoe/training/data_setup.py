@@ -15,6 +15,8 @@ from ..data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("megatron_evomoe")
 
+POPE_ANSWER_TOKENS = 3  # what the stage-end evaluation generates: "yes" / "no" and an EOS fit
+
 
 @dataclass
 class DataBundle:
@@ -61,9 +63,20 @@ def check_stage_data(bundle: DataBundle, cfg: Config, stages) -> None:
         if key not in bundle.datasets:
             bundle.datasets[key] = [_read_stage_dataset(bundle, stage, cfg), 0]
         bundle.datasets[key][1] += 1
-    if cfg.data.num_eval_samples > 0 and any(s.eval for s in stages):
-        PopeDataset(bundle.root / cfg.data.eval_split, bundle.root / "images", bundle.tokenizer,
-                    cfg.vision.num_image_tokens, cfg.vision.image_size)
+    evaluated = [s for s in stages if s.eval] if cfg.data.num_eval_samples > 0 else []
+    if evaluated and not cfg.vision.enabled:  # it would fail at the stage's end, after its training
+        raise ConfigError(f"stages.{evaluated[0].name}.eval: the stage-end POPE evaluation asks about images, but "
+                          "vision.enabled=false; set eval: false (or data.num_eval_samples=0)")
+    if evaluated:
+        pope_dataset(bundle, cfg)
+
+
+def pope_dataset(bundle: DataBundle, cfg: Config) -> PopeDataset:
+    """The stage-end evaluation's questions (data.eval_split), held to what that evaluation needs: a label
+    on every question, and a prompt that leaves room in model.max_seq_len for the answer."""
+    return PopeDataset(bundle.root / cfg.data.eval_split, bundle.root / "images", bundle.tokenizer,
+                       cfg.vision.num_image_tokens, cfg.vision.image_size, require_labels=True,
+                       max_prompt_tokens=cfg.model.max_seq_len - POPE_ANSWER_TOKENS)
 
 
 def _stage_dataset(bundle: DataBundle, stage, cfg: Config) -> LlavaDataset:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..data.llava_dataset import PopeDataset
 from ..pope_metrics import parse_yes_no, pope_metrics
 from ..generation import greedy_generate
+from .data_setup import POPE_ANSWER_TOKENS, pope_dataset
 
 
 @torch.no_grad()
@@ -27,8 +27,7 @@ def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: 
 
 
 def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: int, blind: bool) -> dict:
-    data = PopeDataset(bundle.root / cfg.data.eval_split, bundle.root / "images", bundle.tokenizer,
-                       cfg.vision.num_image_tokens, cfg.vision.image_size)
+    data = pope_dataset(bundle, cfg)
     n = min(len(data), cfg.data.num_eval_samples)
     was_training = model.training
     model.eval()
@@ -40,7 +39,7 @@ def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: i
         if blind:  # the normalised mean colour: no content at all
             images = torch.zeros_like(images)
         outs = greedy_generate(model, [s.prompt_ids for s in chunk], images,
-                               max_new_tokens=3, eos_id=bundle.tokenizer.eos_id,
+                               max_new_tokens=POPE_ANSWER_TOKENS, eos_id=bundle.tokenizer.eos_id,
                                pad_id=bundle.tokenizer.pad_id, device=device)
         for s, ids in zip(chunk, outs):
             preds.append(parse_yes_no(bundle.tokenizer.decode(ids, skip_special_tokens=True)))

@@ -1,15 +1,32 @@
 """Rebuild a trained model from a checkpoint folder (for evaluation, reports and generation)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ..config import Config, _from_dict, validate
+from ..config import Config, ConfigError, _from_dict, validate
 from ..model.mllm import MultimodalLM
 from .. import checkpointing as ckpt
 from ..stages.structure import build_model
 from .data_setup import DataBundle, prepare_data
+
+
+IMPORTED_FORMAT = "hf-import"  # meta.json "format" of `python -m megatron_evomoe.convert hf-to-evomoe`
+
+
+def refuse_imported_save_dir(cfg: Config) -> None:
+    """ConfigError when a run would resume from an imported checkpoint: train.save_dir is the folder the
+    HF importer wrote, whose checkpoint holds weights but no optimizer, data position or RNG to resume."""
+    if not cfg.train.resume:
+        return
+    latest = ckpt.find_latest(cfg.train.save_dir)  # complete checkpoints only: their meta.json parses
+    if latest is None or json.loads((latest / "meta.json").read_text()).get("format") != IMPORTED_FORMAT:
+        return
+    raise ConfigError(f"train.save_dir: {cfg.train.save_dir} holds the imported checkpoint {latest.name} (weights "
+                      "only, nothing to resume); train from it with --train.init_from="
+                      f"{cfg.train.save_dir} and a new --train.save_dir")
 
 
 def config_from_state(state: dict) -> Config:

@@ -21,6 +21,7 @@ from .. import checkpointing as ckpt
 from ..config import Config, ConfigError
 from ..data.errors import DataError
 from ..model.mllm import IGNORE_INDEX
+from ..parallel.config_agreement import agree_on_config
 from ..parallel.launch import rank0_first
 from ..parallel.state import ParallelState
 from ..parallel.training_hooks import ParallelTraining, checkpoint_step
@@ -33,6 +34,7 @@ from .evaluation import evaluate_pope
 from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
+from .restore import refuse_imported_save_dir
 from .routing_log import RoutingLog
 from .stop_request import StopRequest, TrainingStopped
 
@@ -100,6 +102,7 @@ class Trainer:
         self.run_lock = RunLock.acquire(self.save_dir) if state.rank == 0 else None
         with rank0_first(state):  # rank 0 builds the bundled dataset, the others wait for it
             self.data = prepare_data(cfg)
+        agree_on_config(state, cfg)  # every rank resolved the same config (the tokenizer's vocabulary too)
         self.tokenizer = self.data.tokenizer
         self.model = build_model(cfg, self.tokenizer.image_token_id).to(self.device)
         # every rank builds the same full model (same seed), then keeps its shard
@@ -147,6 +150,7 @@ class Trainer:
     def _load_latest(self) -> dict | None:
         if not self.cfg.train.resume:
             return None
+        refuse_imported_save_dir(self.cfg)  # an HF import's folder holds weights, nothing to resume
         with collective("resume: all_reduce(MIN of the newest checkpoint step) over all ranks"):
             path = self.par.newest_common_checkpoint(self.ckpt_dir)
         if path is None and self.ckpt_dir != self.save_dir:  # a consolidated checkpoint (parallel/reshard.py)
