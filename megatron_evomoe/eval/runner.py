@@ -58,7 +58,7 @@ def _load(name: str, data_path: str, image_root: Optional[str], limit: Optional[
     try:
         questions = _module(name).load_questions(data_path, image_root, limit=limit, **options)
     except UnicodeDecodeError as e:  # a binary or Latin-1 file given as the questions
-        raise ValueError(f"{name}: {data_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"{name}: {not_utf8(data_path, e)}") from None
     if not questions:
         raise ValueError(f"{name}: no questions found in {data_path}")
     return questions
@@ -108,27 +108,35 @@ def score_answers(
     return _finish(name, data_path, questions, by_id, out_dir)
 
 
+def not_utf8(path, e: UnicodeDecodeError) -> str:
+    return f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"
+
+
 def read_answers_jsonl(path: str) -> Dict[str, str]:
     """``{str(question_id): answer}`` from a JSON-lines file of precomputed answers."""
     answers: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "question_id" not in rec:
-                raise ValueError(f"{where}: expected an object with a 'question_id'")
-            key = "answer" if "answer" in rec else "text"
-            if not isinstance(rec.get(key), str):
-                raise ValueError(f"{where}: expected a string 'answer' (or 'text')")
-            qid = str(rec["question_id"])
-            if qid in answers:
-                raise ValueError(f"{where}: duplicate question_id {rec['question_id']!r}")
-            answers[qid] = rec[key]
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8").split("\n")  # (not splitlines: U+2028 may sit inside a JSON string)
+    except UnicodeDecodeError as e:  # (name the file and where: the decoder's message names neither)
+        raise ValueError(not_utf8(path, e)) from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or "question_id" not in rec:
+            raise ValueError(f"{where}: expected an object with a 'question_id'")
+        key = "answer" if "answer" in rec else "text"
+        if not isinstance(rec.get(key), str):
+            raise ValueError(f"{where}: expected a string 'answer' (or 'text')")
+        qid = str(rec["question_id"])
+        if qid in answers:
+            raise ValueError(f"{where}: duplicate question_id {rec['question_id']!r}")
+        answers[qid] = rec[key]
     return answers
 
 

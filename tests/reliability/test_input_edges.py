@@ -285,6 +285,15 @@ def test_runner_missing_and_binary_question_files(capsys, pope_files):
         f"error: pope: {png}: not UTF-8 text (invalid start byte at byte 0)"
 
 
+def test_runner_answers_file_not_utf8_names_the_file(capsys, pope_files, tmp_path):
+    out, images = pope_files
+    answers = tmp_path / "a.jsonl"
+    answers.write_bytes(b'{"question_id": 1, "answer": "\xff"}\n')
+    assert exits_2(capsys, runner.main, "--benchmark", "pope", "--data", out / "q.jsonl", "--images", images,
+                   "--answers-jsonl", answers, "--out-dir", tmp_path / "res") == \
+        f"error: {answers}: not UTF-8 text (invalid start byte at byte 30)"
+
+
 def test_model_answers_limit_and_missing_checkpoint(capsys, pope_files, tmp_path):
     out, images = pope_files
     args = ["--benchmark", "pope", "--data", out / "q.jsonl", "--images", images, "--out", tmp_path]
