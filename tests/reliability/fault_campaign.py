@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """The long version of the kill/resume tests: SIGKILL the demo training at random moments, resume
 it, and compare with an uninterrupted run of the same layout (bit for bit: every logged step's
-loss and grad norm, every rank's final parameters).
+loss and grad norm, the stage-end POPE scores, every rank's final parameters).
 
-    python tests/reliability/fault_campaign.py --trials 30 --seed 1            # 1 and 2 processes
+    python tests/reliability/fault_campaign.py --trials 30 --seed 1            # 1 and 2 processes (DP=2)
     python tests/reliability/fault_campaign.py --trials 10 --seed 2 --nproc 2  # DP=2 under torchrun only
+    python tests/reliability/fault_campaign.py --trials 12 --nproc 2 --layout all   # DP, TP, PP or EP =2
 
 Each trial draws a moment (mode: step / save / evolve / stage, and which occurrence N), and for
 2 processes the rank that dies and how the job comes back: `relaunch` (torchrun exits, the same
-command is run again) or `elastic` (torchrun --max-restarts=1 restarts the workers itself).
+command is run again) or `elastic` (torchrun --max-restarts=1 restarts the workers itself), and
+with `--layout all` the layout (dp2, tp2, pp2 or ep2; otherwise every 2-process trial runs in the
+one --layout names).
 Prints one table row per trial and a summary; exits 1 if any trial failed. The results of a run
 are recorded in tests/reliability/RESULTS.md.
 """
@@ -32,22 +35,29 @@ from tests.reliability import harness  # noqa: E402
 OCCURRENCES = {"step": 11, "save": 7, "evolve": 3, "stage": 4}
 
 
-def draw(rng: random.Random, nproc: int) -> dict:
+def draw(rng: random.Random, nproc: int, layout: str) -> dict:
+    """One trial; `layout`: the 2-process layout, or 'all' to draw one (drawn last, so that a seed
+    draws the same moments, ranks and restarts with any fixed layout)."""
     mode = rng.choice(sorted(OCCURRENCES))
-    trial = {"nproc": nproc, "mode": mode, "n": rng.randint(1, OCCURRENCES[mode]), "rank": 0, "restart": "relaunch"}
+    trial = {"layout": "single", "mode": mode, "n": rng.randint(1, OCCURRENCES[mode]), "rank": 0,
+             "restart": "relaunch"}
     if nproc == 2:
         trial["rank"] = rng.randint(0, 1)
         trial["restart"] = rng.choice(["relaunch", "elastic"])
+        trial["layout"] = rng.choice(harness.PARALLEL_LAYOUTS) if layout == "all" else layout
+        if trial["layout"] == "pp2" and mode == "evolve":
+            trial["rank"] = 1  # the MoE layer (layer 1 of 2) is on the last pipeline stage: rank 0 never evolves
     return trial
 
 
 def run_trial(trial: dict, reference: Path, data_root: Path, work: Path) -> dict:
     save, marker = work / "run", work / "fired"
     fault = (trial["mode"], str(trial["n"]))
-    env = harness.fault_env("kill", rank=trial["rank"] if trial["nproc"] == 2 else None, once=marker)
+    layout = trial["layout"]
+    env = harness.fault_env("kill", rank=trial["rank"] if layout != "single" else None, once=marker)
     t0 = time.perf_counter()
     elastic = trial["restart"] == "elastic"
-    first = harness.run(harness.command(save, data_root, trial["nproc"], fault, max_restarts=1 if elastic else 0), env)
+    first = harness.run(harness.command(save, data_root, layout, fault, max_restarts=1 if elastic else 0), env)
     (work / "first.log").write_text(first.stderr)
     out = {"fired": marker.exists(), "first_rc": first.returncode, "problems": []}
     if not out["fired"]:
@@ -57,15 +67,15 @@ def run_trial(trial: dict, reference: Path, data_root: Path, work: Path) -> dict
     else:
         if first.returncode == 0:
             out["problems"].append("the killed run exited 0")
-        out["problems"] += harness.check_latest_loadable(save, trial["nproc"])  # nothing half-written is latest
-        resumed = harness.run(harness.command(save, data_root, trial["nproc"]))
+        out["problems"] += harness.check_latest_loadable(save, layout)  # nothing half-written is latest
+        resumed = harness.run(harness.command(save, data_root, layout))
         (work / "resumed.log").write_text(resumed.stderr)
     if resumed.returncode != 0:
         out["problems"].append(f"the resumed run failed (rc {resumed.returncode}): {errors_in(resumed.stderr)}")
     m = re.search(r"resuming from \S+/(\S+) \(", resumed.stderr)
     out["resumed_from"] = m.group(1) if m else "start"
     if resumed.returncode == 0:
-        out["problems"] += harness.compare(reference, save, trial["nproc"])
+        out["problems"] += harness.compare(reference, save, layout)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -76,12 +86,23 @@ def errors_in(stderr: str) -> str:
     return " | ".join(lines[-4:])[-600:] or stderr[-300:]
 
 
-def reference_run(nproc: int, data_root: Path, work: Path) -> Path:
-    save = work / f"reference_{nproc}p"
-    r = harness.run(harness.command(save, data_root, nproc))
+def reference_run(layout: str, data_root: Path, work: Path) -> Path:
+    save = work / f"reference_{layout}"
+    r = harness.run(harness.command(save, data_root, layout))
     if r.returncode != 0:
-        raise SystemExit(f"the uninterrupted {nproc}-process run failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"the uninterrupted {layout} run failed:\n{r.stderr[-3000:]}")
     return save
+
+
+HEADER = ("| #  | layout | mode   |  N | rank | restart  | first rc  | resumed from            | result | s    |\n"
+          "|----|--------|--------|----|------|----------|-----------|-------------------------|--------|------|")
+
+
+def row(i: int, trial: dict, res: dict) -> str:
+    rank = str(trial["rank"]) if trial["layout"] != "single" else "-"
+    return (f"| {i + 1:>2} | {trial['layout']:<6} | {trial['mode']:<6} | {trial['n']:>2} | {rank:>4} | "
+            f"{trial['restart']:<8} | {res['first_rc']:>9} | {res['resumed_from']:<23} | "
+            f"{'PASS' if not res['problems'] else 'FAIL':<6} | {res['seconds']:>4.0f} |")
 
 
 def main(argv=None) -> int:
@@ -89,7 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", choices=["1", "2", "both"], default="both",
-                        help="1 process, 2 processes (DP=2, gloo, torchrun), or both alternately (default)")
+                        help="1 process, 2 processes (gloo, torchrun), or both alternately (default)")
+    parser.add_argument("--layout", choices=[*harness.PARALLEL_LAYOUTS, "all"], default="dp2",
+                        help="the 2-process layout (default dp2); all: drawn per trial")
     parser.add_argument("--workdir", help="keep runs here (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -99,30 +122,26 @@ def main(argv=None) -> int:
     data_root = work / "data"
     if not (data_root / "captions.json").exists():
         build_bundled_dataset(str(data_root), num_images=48, num_test_images=8, image_size=16, seed=42)
-    layouts = [1, 2] if args.nproc == "both" else [int(args.nproc)]
-    refs = {n: reference_run(n, data_root, work) for n in layouts}
-    header = f"| {'#':>2} | nproc | mode   |  N | rank | restart  | first rc  | resumed from            | result | s    |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    nprocs = [1, 2] if args.nproc == "both" else [int(args.nproc)]
+    refs = {}  # layout -> its uninterrupted run, made when a trial first needs it
+    print(HEADER)
     failures = 0
     for i in range(args.trials):
-        trial = draw(rng, layouts[i % len(layouts)])
+        trial = draw(rng, nprocs[i % len(nprocs)], args.layout)
+        if trial["layout"] not in refs:
+            refs[trial["layout"]] = reference_run(trial["layout"], data_root, work)
         trial_dir = work / f"trial{i:03d}"
         shutil.rmtree(trial_dir, ignore_errors=True)
         trial_dir.mkdir()
-        res = run_trial(trial, refs[trial["nproc"]], data_root, trial_dir)
-        ok = not res["problems"]
-        failures += not ok
-        rank = str(trial["rank"]) if trial["nproc"] == 2 else "-"
-        print(f"| {i + 1:>2} | {trial['nproc']:>5} | {trial['mode']:<6} | {trial['n']:>2} | {rank:>4} | "
-              f"{trial['restart']:<8} | {res['first_rc']:>9} | {res['resumed_from']:<23} | "
-              f"{'PASS' if ok else 'FAIL':<6} | {res['seconds']:>4.0f} |", flush=True)
+        res = run_trial(trial, refs[trial["layout"]], data_root, trial_dir)
+        failures += bool(res["problems"])
+        print(row(i, trial, res), flush=True)
         for p in res["problems"]:
             print(f"|    | {p}", flush=True)
-        if ok and not args.workdir:
+        if not res["problems"] and not args.workdir:
             shutil.rmtree(trial_dir, ignore_errors=True)
     print(f"\n{args.trials - failures}/{args.trials} trials identical to the uninterrupted run "
-          f"(seed {args.seed}, layouts {layouts})")
+          f"(seed {args.seed}, processes {nprocs}, 2-process layout {args.layout})")
     if failures:
         print(f"the failed trials' runs and logs are kept in {work}")
     elif not args.workdir:

@@ -1,7 +1,7 @@
-"""Launch the tiny demo training (1 process, or 2 under torchrun or started by hand), with or
-without an injected fault, and compare a run with a reference: losses and grad norms of every
-step, and the final parameters of every rank, bit for bit. Shared by the CI tests and by
-fault_campaign.py (the long version)."""
+"""Launch the tiny demo training (1 process, or 2 under torchrun or started by hand, in any of the
+2-process layouts), with or without an injected fault, and compare a run with a reference of the
+same layout: losses and grad norms of every step, and the final parameters of every rank, bit for
+bit. Shared by the CI tests and by fault_campaign.py (the long version)."""
 from __future__ import annotations
 
 import json
@@ -9,30 +9,69 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_evomoe import checkpointing as ckpt
+from megatron_evomoe.parallel.reshard import layout_name
+from megatron_evomoe.parallel.state import ParallelState, RankLayout
 from tests.training.tiny_config import STAGES, TINY
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 NUM_STEPS = 11  # global steps: projector 1-2, warmup 3-5, evolution 6-8, router 9-11; save_interval=2
-LAYOUT_DP2 = "tp1-pp1-ep1-dp2"
+GLOBAL_BATCH = 4  # samples per optimizer step in every layout: TINY's micro-batch of one process
 
 
-def train_args(save_dir, data_root, nproc: int = 1, extra=()) -> list[str]:
-    # DP=2 halves the micro-batch so that the global batch stays the one-process one
-    per_rank = ["--train.micro_batch_size=2"] if nproc == 2 else []
+@dataclass(frozen=True)
+class Layout:
+    """A process count and parallel sizes, and the flags that run the tiny recipe in it."""
+    nproc: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    @property
+    def ranks(self) -> RankLayout:
+        return RankLayout(self.nproc, self.tp, self.pp, self.ep)
+
+    def flags(self) -> list[str]:
+        # the global batch stays GLOBAL_BATCH so that every layout trains on the same data:
+        # DP ranks split it; PP runs it as 2 micro-batches, so that 1F1B has one in flight per stage
+        accum = 2 if self.pp > 1 else 1
+        out = [f"--parallel.{k}={v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep)) if v > 1]
+        if accum > 1:  # (parallel/state.py: under PP the step's micro-batches are the pipeline's)
+            out += [f"--train.grad_accum_steps={accum}", f"--parallel.num_microbatches={accum}"]
+        micro = GLOBAL_BATCH // (self.ranks.dp * accum)
+        return out + ([f"--train.micro_batch_size={micro}"] if micro != GLOBAL_BATCH else [])
+
+    def rank_dirs(self, save_dir) -> list[Path]:
+        """Where each rank checkpoints: save_dir itself for one process, else its shard folder."""
+        if self.nproc == 1:
+            return [Path(save_dir)]
+        name = layout_name(ParallelState(self.ranks))
+        return [Path(save_dir) / "ranks" / name / f"{r:05d}" for r in range(self.nproc)]
+
+
+# tiny recipe: 4 heads (2 KV), FFN 48, 2 layers, 4 experts: tp=2, pp=2 and ep=2 all fit (a test checks it)
+LAYOUTS = {"single": Layout(1), "dp2": Layout(2), "tp2": Layout(2, tp=2), "pp2": Layout(2, pp=2),
+           "ep2": Layout(2, ep=2)}
+PARALLEL_LAYOUTS = ("dp2", "tp2", "pp2", "ep2")
+
+
+def train_args(save_dir, data_root, layout: str = "single", extra=()) -> list[str]:
     return [*TINY, STAGES, f"--data.root={data_root}", f"--train.save_dir={save_dir}", "--train.num_threads=1",
-            *per_rank, *extra]
+            *LAYOUTS[layout].flags(), *extra]
 
 
-def command(save_dir, data_root, nproc: int = 1, fault=None, max_restarts: int = 0, extra=()) -> list[str]:
-    """The command line; `fault`: (mode, n) for fault_launcher.py (its env vars pick action/rank)."""
-    args = train_args(save_dir, data_root, nproc, extra)
+def command(save_dir, data_root, layout: str = "single", fault=None, max_restarts: int = 0, extra=()) -> list[str]:
+    """The command line (torchrun for 2 processes); `fault`: (mode, n) for fault_launcher.py (its
+    env vars pick action/rank)."""
+    args = train_args(save_dir, data_root, layout, extra)
     script = [str(HERE / "fault_launcher.py"), *fault, "--"] if fault else [str(ROOT / "pretrain_evomoe.py")]
+    nproc = LAYOUTS[layout].nproc
     if nproc == 1:
         return [sys.executable, *script, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -59,13 +98,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(save_dir, data_root, fault, fault_vars: dict, world: int = 2, extra=()) -> list[subprocess.Popen]:
+def start_ranks(save_dir, data_root, fault, fault_vars: dict, layout: str = "dp2", extra=()) -> list[subprocess.Popen]:
     """The ranks started by hand (as SLURM's srun would), without torchrun: nothing tears the
     survivors down when one dies, so what they do about it is what the test sees. Rank 0 hosts
     the rendezvous store. stdout/stderr go to <save_dir>.rank<r>.log."""
-    port = free_port()
+    port, world = free_port(), LAYOUTS[layout].nproc
     cmd = [sys.executable, str(HERE / "fault_launcher.py"), *fault, "--",
-           *train_args(save_dir, data_root, world, extra)]
+           *train_args(save_dir, data_root, layout, extra)]
     procs = []
     for r in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
@@ -76,17 +115,15 @@ def start_ranks(save_dir, data_root, fault, fault_vars: dict, world: int = 2, ex
     return procs
 
 
-def rank_dirs(save_dir, nproc: int) -> list[Path]:
-    save_dir = Path(save_dir)
-    if nproc == 1:
-        return [save_dir]
-    return [save_dir / "ranks" / LAYOUT_DP2 / f"{r:05d}" for r in range(nproc)]
+def rank_dirs(save_dir, layout: str) -> list[Path]:
+    return LAYOUTS[layout].rank_dirs(save_dir)
 
 
-def step_records(save_dir) -> tuple[dict, int]:
-    """global step -> [(loss, grad norm)] as logged (a resumed run logs re-done steps again), and
-    the number of lines that are not JSON (a process killed in the middle of appending one)."""
-    out, bad = {}, 0
+def step_records(save_dir) -> tuple[dict, dict, int]:
+    """What metrics.jsonl logged per global step (a resumed run logs re-done steps again): step ->
+    [(loss, grad norm)], step -> [stage-end POPE scores], and the number of lines that are not JSON
+    (a process killed in the middle of appending one)."""
+    train, evals, bad = {}, {}, 0
     for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -94,18 +131,21 @@ def step_records(save_dir) -> tuple[dict, int]:
             bad += 1
             continue
         if "train/loss" in rec:
-            out.setdefault(rec["step"], []).append((rec["train/loss"], rec["train/grad_norm"]))
-    return out, bad
+            train.setdefault(rec["step"], []).append((rec["train/loss"], rec["train/grad_norm"]))
+        scores = {k: v for k, v in rec.items() if k.startswith("eval/")}
+        if scores:
+            evals.setdefault(rec["step"], []).append(scores)
+    return train, evals, bad
 
 
-def final_models(save_dir, nproc: int) -> list[dict]:
-    return [ckpt.load_checkpoint(ckpt.find_latest(d))["model"] for d in rank_dirs(save_dir, nproc)]
+def final_models(save_dir, layout: str) -> list[dict]:
+    return [ckpt.load_checkpoint(ckpt.find_latest(d))["model"] for d in rank_dirs(save_dir, layout)]
 
 
-def check_latest_loadable(save_dir, nproc: int) -> list[str]:
+def check_latest_loadable(save_dir, layout: str) -> list[str]:
     """After a kill: on every rank the latest checkpoint (if any) is complete and loads."""
     problems = []
-    for d in rank_dirs(save_dir, nproc):
+    for d in rank_dirs(save_dir, layout):
         latest = ckpt.find_latest(d)
         if latest is None:
             continue
@@ -116,18 +156,22 @@ def check_latest_loadable(save_dir, nproc: int) -> list[str]:
     return problems
 
 
-def compare(reference, got, nproc: int) -> list[str]:
+def compare(reference, got, layout: str) -> list[str]:
     """Differences between a run and the reference: [] when every logged step (also the steps a
-    resumed run did twice) and every rank's final parameters are bitwise equal."""
-    (ref, _), (runs, bad) = step_records(reference), step_records(got)
+    resumed run did twice), every stage-end evaluation and every rank's final parameters are
+    bitwise equal."""
+    (ref, ref_evals, _), (runs, evals, bad) = step_records(reference), step_records(got)
     problems = [f"{bad} unreadable line(s) in metrics.jsonl"] if bad else []
     if sorted(runs) != list(range(1, NUM_STEPS + 1)):
         problems.append(f"logged steps {sorted(runs)}")
-    for step, records in sorted(runs.items()):
-        for rec in records:
-            if step in ref and rec != ref[step][0]:
-                problems.append(f"step {step}: (loss, grad norm) {rec} vs {ref[step][0]}")
-    for r, (a, b) in enumerate(zip(final_models(reference, nproc), final_models(got, nproc))):
+    if sorted(evals) != sorted(ref_evals):
+        problems.append(f"evaluations logged at steps {sorted(evals)}, the reference's at {sorted(ref_evals)}")
+    for what, logged, want in (("(loss, grad norm)", runs, ref), ("POPE scores", evals, ref_evals)):
+        for step, records in sorted(logged.items()):
+            for rec in records:
+                if step in want and rec != want[step][0]:
+                    problems.append(f"step {step}: {what} {rec} vs {want[step][0]}")
+    for r, (a, b) in enumerate(zip(final_models(reference, layout), final_models(got, layout))):
         if a.keys() != b.keys():
             problems.append(f"rank {r}: other parameter names")
             continue

@@ -1,5 +1,6 @@
-"""A rank that dies or hangs: the other rank stops within `parallel.timeout_s` with a one-line
-error naming the rank and the collective (exit code 3), instead of hanging forever.
+"""A rank that dies or hangs, under every 2-process layout (DP=2, TP=2, PP=2, EP=2): the other rank
+stops within `parallel.timeout_s` with a one-line error naming the rank and the collective (exit
+code 3), instead of hanging forever.
 
 The two ranks are started by hand (as `srun` would, rank 0 hosting the rendezvous store), not by
 torchrun: torchrun would tear the survivor down as soon as one worker dies, and the point here is
@@ -17,35 +18,80 @@ from tests.reliability import harness
 TIMEOUT_S = 20.0
 
 
-@pytest.fixture(scope="module")
-def faulted_runs(data_root, tmp_path_factory):
-    """Both scenarios at once (the hung pair mostly waits, so they share the 2 cores well): rank 1
-    is killed / hangs inside its 2nd optimizer step (the last step of the first stage). Per action:
-    (rank 0's exit code, its log, seconds from the fault to rank 0's exit, rank 1's exit code)."""
-    started = {}
-    for action in ("kill", "hang"):
-        tmp = tmp_path_factory.mktemp(action)
-        procs = harness.start_ranks(tmp / "run", data_root, ("step", "2"),
-                                    harness.fault_env(action, rank=1, once=tmp / "fault"),
-                                    extra=[f"--parallel.timeout_s={TIMEOUT_S}"])
-        started[action] = (tmp, procs)
-    out = {}
-    try:
-        for action, (tmp, procs) in started.items():
-            rc0 = procs[0].wait(timeout=240)
-            out[action] = [rc0, None, time.time(), None]
-    finally:
-        for _, procs in started.values():
+# the collective in which rank 0 waits for rank 1, dead or hung in its 2nd optimizer step (the projector
+# stage's last): rank 0 has finished step 2 (its collectives come before the optimizer step) and the
+# next one with rank 1 as peer is, per layout:
+FIRST_WAIT = {
+    "dp2": "all_reduce(token count) on the data-parallel group (ranks 0, 1) at step 3",
+    "ep2": "all_reduce(token count) on the data-parallel group (ranks 0, 1) at step 3",  # EP is carved out of DP
+    # the warm-up stage's structure change gathers the TP-sharded FFN of the MoE layer
+    "tp2": "stage 'warmup' structure change (TP/EP gathers, router broadcast) (ranks 0, 1) at step 2",
+    # each pipeline stage learns which of the warm-up stage's patterns the other stage trains
+    "pp2": "stage 'warmup' set-up (all_reduce of the trainable patterns on the pipeline group) (ranks 0, 1) at step 2",
+}
+
+
+ACTIONS = ("hang", "kill")
+
+
+class Jobs:
+    """Each layout's two 2-rank jobs (rank 1 killed / hung inside its 2nd optimizer step), started
+    by hand, and the wall time at which each job's rank 0 exited."""
+
+    def __init__(self, data_root, tmp_path_factory):
+        self.data_root, self.tmp_path_factory = data_root, tmp_path_factory
+        self.started, self.exited = {}, {}  # (layout, action) -> (folder, [rank 0, rank 1]); -> time
+
+    def start(self, action: str) -> None:
+        for layout in harness.PARALLEL_LAYOUTS:
+            tmp = self.tmp_path_factory.mktemp(f"{layout}_{action}")
+            self.started[(layout, action)] = (tmp, harness.start_ranks(
+                tmp / "run", self.data_root, ("step", "2"), harness.fault_env(action, rank=1, once=tmp / "fault"),
+                layout=layout, extra=[f"--parallel.timeout_s={TIMEOUT_S}"]))
+
+    def poll(self) -> None:  # the jobs end in any order
+        for key, (_, procs) in self.started.items():
+            if key not in self.exited and procs[0].poll() is not None:
+                self.exited[key] = time.time()
+
+    def faults_fired(self, action: str) -> bool:
+        return all((tmp / "fault").exists() or key in self.exited
+                   for key, (tmp, _) in self.started.items() if key[1] == action)
+
+    def stop(self) -> None:
+        for _, procs in self.started.values():
             for p in procs:  # a hung rank 1 sleeps until killed
                 if p.poll() is None:
                     p.kill()
                 p.wait()
-    for action, (tmp, procs) in started.items():
+
+    def result(self, key) -> tuple[int, str, float, int]:
+        """(rank 0's exit code, its log, seconds from the fault to rank 0's exit, rank 1's exit code)."""
+        tmp, procs = self.started[key]
         log = (tmp / "run.rank0.log").read_text()
-        assert (tmp / "fault").exists(), "the fault did not fire:\n" + log[-3000:]
+        assert (tmp / "fault").exists(), f"{key}: the fault did not fire:\n" + log[-3000:]
         fault_time = float((tmp / "fault").read_text().split()[0])
-        out[action][1], out[action][2], out[action][3] = log, out[action][2] - fault_time, procs[1].returncode
-    return out
+        return procs[0].returncode, log, self.exited[key] - fault_time, procs[1].returncode
+
+
+@pytest.fixture(scope="module")
+def faulted_runs(data_root, tmp_path_factory):
+    """(layout, action) -> Jobs.result. The hung jobs start first, the killed ones once every hung
+    rank 1 has stopped: the hung jobs' rank 0 then waits out the timeout mostly asleep while the
+    others start up (16 processes on 2 cores), instead of after them."""
+    jobs = Jobs(data_root, tmp_path_factory)
+    deadline = time.time() + 300
+    try:
+        jobs.start("hang")
+        while len(jobs.exited) < len(ACTIONS) * len(harness.PARALLEL_LAYOUTS):
+            assert time.time() < deadline, f"rank 0 still running after 300 s in {set(jobs.started) - set(jobs.exited)}"
+            jobs.poll()
+            if len(jobs.started) == len(harness.PARALLEL_LAYOUTS) and jobs.faults_fired("hang"):
+                jobs.start("kill")
+            time.sleep(0.1)
+    finally:
+        jobs.stop()
+    return {key: jobs.result(key) for key in jobs.started}
 
 
 def error_line(log: str) -> str:
@@ -54,14 +100,14 @@ def error_line(log: str) -> str:
     return lines[0]
 
 
-def test_dead_rank_is_named(faulted_runs):
-    rc0, log, took, rc1 = faulted_runs["kill"]
+@pytest.mark.parametrize("layout", harness.PARALLEL_LAYOUTS)
+def test_dead_rank_is_named(faulted_runs, layout):
+    rc0, log, took, rc1 = faulted_runs[(layout, "kill")]
     assert rc1 == -9
     assert rc0 == 3, log[-3000:]
     line = error_line(log)
-    # rank 0 finished step 2 (its all-reduces happen before the optimizer step) and waits for rank 1
-    # in the first collective of step 3; a dead peer closes its sockets, so no timeout is needed
-    assert "all_reduce(token count) on the data-parallel group (ranks 0, 1) at step 3" in line, line
+    # a dead peer closes its sockets, so the collective fails at once, no timeout needed
+    assert f"rank 0: {FIRST_WAIT[layout]} failed after " in line, line
     assert re.search(r"rank 1 stopped responding \(last heartbeat \d+\.\d s ago, pid \d+", line), line
     assert "Traceback" not in log
     waited = float(re.search(r"failed after (\d+\.\d) s", line).group(1))
@@ -69,15 +115,17 @@ def test_dead_rank_is_named(faulted_runs):
     assert took < 30, f"rank 0 took {took:.1f} s to report a dead rank"
 
 
-def test_hung_rank_is_named(faulted_runs):
-    rc0, log, took, _ = faulted_runs["hang"]
+@pytest.mark.parametrize("layout", harness.PARALLEL_LAYOUTS)
+def test_hung_rank_is_named(faulted_runs, layout):
+    rc0, log, took, _ = faulted_runs[(layout, "hang")]
     assert rc0 == 3, log[-3000:]
     line = error_line(log)
-    assert "all_reduce(token count) on the data-parallel group (ranks 0, 1) at step 3 failed after " in line
+    assert f"rank 0: {FIRST_WAIT[layout]} failed after " in line, line
     assert f"Timed out waiting {int(TIMEOUT_S * 1000)}ms" in line, line
     # rank 1's heartbeat thread is still running: alive, but stuck outside any collective in step 2
     assert re.search(r"rank 1 is alive but did not join, at step 2: it has been outside any collective for "
                      r"\d+\.\d s \(last: all_reduce\(losses\) on the data-parallel group\)", line), line
+    assert "Traceback" not in log
     waited = float(re.search(r"failed after (\d+\.\d) s", line).group(1))
     assert TIMEOUT_S - 0.5 <= waited <= TIMEOUT_S + 5, waited
     assert took < TIMEOUT_S + 30, f"rank 0 took {took:.1f} s to report a hung rank"

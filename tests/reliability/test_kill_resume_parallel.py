@@ -1,0 +1,80 @@
+"""2-process kill and resume under every layout (DP=2, TP=2, PP=2, EP=2; gloo, torchrun): one rank
+is SIGKILLed mid-checkpoint-write or mid-step; the job restarts (by hand with the same command, or
+by torchrun --max-restarts) and ends bit-identical to an uninterrupted run of the same layout:
+every logged step's loss and grad norm, the stage-end POPE scores, and both ranks' final
+parameters. fault_campaign.py runs the same at random moments."""
+
+import pytest
+
+from megatron_evomoe import checkpointing as ckpt
+from megatron_evomoe.config import load_config
+from megatron_evomoe.parallel.state import validate_parallel
+from tests.reliability import harness
+
+
+@pytest.fixture(scope="module", params=harness.PARALLEL_LAYOUTS)
+def layout(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference(layout, data_root, tmp_path_factory):
+    """The uninterrupted run of the layout, shared by its tests; its stderr in torchrun.log."""
+    save = tmp_path_factory.mktemp(f"reference_{layout}")
+    r = harness.run(harness.command(save, data_root, layout))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (save / "torchrun.log").write_text(r.stderr)
+    return save
+
+
+@pytest.mark.parametrize("name", harness.PARALLEL_LAYOUTS)
+def test_every_layout_fits_the_tiny_recipe(name, data_root, tmp_path):
+    cfg = load_config(None, harness.train_args(tmp_path, data_root, name))
+    want = harness.LAYOUTS[name]
+    got = validate_parallel(cfg, want.nproc)  # heads, FFN, layers, experts, PP micro-batches
+    assert (got.tp, got.pp, got.ep, got.dp) == (want.tp, want.pp, want.ep, 2 // (want.tp * want.pp))
+    # the same global batch in every layout: the reference runs of all layouts see the same data
+    assert cfg.train.micro_batch_size * got.dp * cfg.train.grad_accum_steps == harness.GLOBAL_BATCH
+
+
+def test_stage_end_evaluation_runs_except_under_pp(reference, layout):
+    # the tiny recipe evaluates at the end of the router stage only (global step 11)
+    _, evals, _ = harness.step_records(reference)
+    if layout == "pp2":
+        assert evals == {}
+        assert "stage 'router': evaluation skipped (generation is not pipelined)" in \
+            (reference / "torchrun.log").read_text()
+    else:
+        assert list(evals) == [harness.NUM_STEPS]
+        assert evals[harness.NUM_STEPS][0]["eval/router/num_questions"] == 8
+
+
+def test_rank_killed_mid_checkpoint_write_then_same_command(reference, layout, data_root, tmp_path):
+    save = tmp_path / "run"
+    # rank 1 dies half-way through its 3rd checkpoint file (the warm-up stage's end, global step 5);
+    # rank 0 may have completed its own copy of that checkpoint by then
+    killed = harness.run(harness.command(save, data_root, layout, fault=("save", "3")),
+                         harness.fault_env("kill", rank=1))
+    assert killed.returncode != 0 and "fault_launcher: kill on rank 1" in killed.stderr, killed.stderr[-3000:]
+    rank1 = harness.rank_dirs(save, layout)[1]
+    assert ckpt.find_latest(rank1).name == "01-warmup-step000002"  # the half-written one is never the latest
+    assert list((rank1 / "checkpoints").glob(".tmp-01-warmup-step000003-*"))  # (it was left as a temporary)
+    assert harness.check_latest_loadable(save, layout) == []
+    resumed = harness.run(harness.command(save, data_root, layout))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "01-warmup-step000002" in resumed.stderr
+    assert harness.compare(reference, save, layout) == []
+
+
+def test_torchrun_max_restarts_resumes_after_a_rank_dies_mid_step(reference, layout, data_root, tmp_path):
+    save, marker = tmp_path / "run", tmp_path / "fired"
+    # rank 1 is killed inside the optimizer step of global step 7 (evolution stage), once; rank 0 may
+    # complete step 7 and its checkpoint, so the ranks must agree to resume from step 5, the newest
+    # checkpoint both have
+    r = harness.run(harness.command(save, data_root, layout, fault=("step", "7"), max_restarts=1),
+                    harness.fault_env("kill", rank=1, once=marker))
+    assert marker.exists(), r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exitcode: -9" in r.stderr  # torchrun saw the kill ...
+    assert "resuming from" in r.stderr and "01-warmup-step000003" in r.stderr  # ... the restarted workers resumed
+    assert harness.compare(reference, save, layout) == []
