@@ -54,28 +54,28 @@ def test_signal_stops_with_a_checkpoint_and_resumes_bit_identically(reference, d
     assert _latest_step(save) == saved_step  # every completed step is in the checkpoint: none lost
     resumed = harness.run(cmd, harness.fault_env(action, once=once))  # (the marker: no signal this time)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert harness.compare(reference, save, 1) == []
+    assert harness.compare(reference, save, "single") == []
 
 
 @pytest.fixture(scope="module")
 def reference_dp2(data_root, tmp_path_factory):
     save = tmp_path_factory.mktemp("reference_signals_dp2")
-    r = harness.run(harness.command(save, data_root, nproc=2, extra=EXTRA))
+    r = harness.run(harness.command(save, data_root, "dp2", extra=EXTRA))
     assert r.returncode == 0, r.stderr[-3000:]
     return save
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(reference_dp2, data_root, tmp_path):
     save, once = tmp_path / "run", tmp_path / "fired"
-    cmd = harness.command(save, data_root, nproc=2, fault=("step", "4"), extra=EXTRA)
+    cmd = harness.command(save, data_root, "dp2", fault=("step", "4"), extra=EXTRA)
     stopped = harness.run(cmd, harness.fault_env("term", rank=1, once=once))
     assert stopped.returncode != 0
     assert "stopped: stopped by SIGTERM at stage 'warmup' step 3" in stopped.stderr, stopped.stderr[-3000:]
     assert "stopped: stopped by a stop request on another rank at stage 'warmup' step 3" in stopped.stderr
-    assert [_latest_step(d) for d in harness.rank_dirs(save, 2)] == [4, 4]
+    assert [_latest_step(d) for d in harness.rank_dirs(save, "dp2")] == [4, 4]
     resumed = harness.run(cmd, harness.fault_env("term", rank=1, once=once))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert harness.compare(reference_dp2, save, 2) == []
+    assert harness.compare(reference_dp2, save, "dp2") == []
 
 
 def test_signal_names_and_numbers():
