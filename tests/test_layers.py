@@ -145,3 +145,16 @@ def test_no_python_file_over_500_lines():
     long = sorted(f"{p.relative_to(ROOT)}: {n}" for p in _module_files().values()
                   if (n := len(p.read_text().splitlines())) > 500)
     assert long == []
+
+
+@pytest.mark.parametrize("package", ["megatron_evomoe.parallel", "megatron_evomoe.data", "megatron_evomoe.ops"])
+def test_no_exported_name_is_also_a_submodule(package):
+    """Importing a submodule sets the package attribute of its name: a function exported under the same name
+    would then be replaced by the module (as `parallel.parallelize` was by `parallel/parallelize.py`)."""
+    import importlib
+    import pkgutil
+    pkg = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(pkg.__path__)}
+    exported = set(getattr(pkg, "__all__", ()))
+    assert exported, package
+    assert exported & submodules == set()

@@ -10,7 +10,7 @@ that adds communication to a module), watchdog (heartbeats and named errors when
 hangs), tensor_parallel (TP/SP collectives and sharded layers), expert_parallel (all-to-all
 dispatcher, expert shards, global-batch router statistics), data_parallel (gradient reducer,
 ZeRO-1, global norm), pipeline (stage split + 1F1B), tensor_parallel_plan (which module becomes
-which sharded layer, and the region hooks), parallelize (the apply_* functions in order),
+which sharded layer, and the region hooks), apply_layout (`parallelize`: the apply_* functions in order),
 sharded_state (full state dicts and loading them into any layout), stage_structure (dense ->
 evolve -> sparse on a sharded model), reshard (per-rank checkpoints -> one consolidated
 checkpoint), training_hooks (what the trainer calls), launch (torchrun / SLURM initialisation),
@@ -26,7 +26,7 @@ _EXPORTS = {
     "data_parallel": ("GradientReducer", "all_reduce_floats", "clip_grad_norm_", "global_grad_norm"),
     "expert_parallel": ("AllToAllTokenDispatcher", "ParallelGroupedExperts"),
     "launch": ("init_distributed",),
-    "parallelize": ("apply_dp", "apply_ep", "apply_moe_stats", "parallelize"),
+    "apply_layout": ("apply_dp", "apply_ep", "apply_moe_stats", "parallelize"),
     "pipeline": ("forward_backward_1f1b", "split_pipeline"),
     "reshard": ("consolidate",),
     "sharded_state": ("full_state_dict", "load_full_state_dict", "local_parameter_count"),

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import moe_layer_indices
 from ..moe.evolution import EvolvingFFN
 from ..stages.structure import apply_stage_structure as apply_plain_structure
-from .parallelize import parallelize
+from .apply_layout import parallelize
 from .pipeline import pipeline_shadows
 from .sharded_state import gather_module_state
 from .state import REPLICATED, ParallelState, named_shard_specs

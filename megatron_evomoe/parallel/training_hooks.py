@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .. import checkpointing as ckpt
 from ..stages.trainable import set_trainable
 from .data_parallel import ZeroAdamW, all_reduce_floats, clip_grad_norm_
-from .parallelize import apply_dp, parallelize
+from .apply_layout import apply_dp, parallelize
 from .pipeline import forward_backward_1f1b
 from .reshard import checkpoint_meta, layout_name, rank_checkpoint_dir, shard_state_for
 from .sharded_state import load_full_state_dict

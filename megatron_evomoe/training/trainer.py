@@ -274,6 +274,7 @@ class Trainer:
         A sample that fails to load on any rank, or a stop signal on any rank, stops every rank at this
         step boundary (one all-reduce of the two flags), after the checkpoint of the steps done so far:
         the data stream is rewound to the start of the step, so a rerun continues the same trajectory."""
+        set_step(self.global_step + 1)  # (named in the errors of a dead or hung rank)
         start = run.data.state_dict()
         error = None
         try:
@@ -322,7 +323,6 @@ class Trainer:
     def _train_step(self, opt, params, micro, evo, step, stage):
         cfg = self.cfg
         num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        set_step(self.global_step + 1)  # (named in the errors of a dead or hung rank)
         # the loss is normalised by the supervised tokens of the global step
         with collective("all_reduce(token count) on the data-parallel group", self.par.state.dp_group):
             num_tokens = self.par.global_tokens(num_tokens)

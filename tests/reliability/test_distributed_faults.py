@@ -22,8 +22,9 @@ TIMEOUT_S = 20.0
 # stage's last): rank 0 has finished step 2 (its collectives come before the optimizer step) and the
 # next one with rank 1 as peer is, per layout:
 FIRST_WAIT = {
-    "dp2": "all_reduce(token count) on the data-parallel group (ranks 0, 1) at step 3",
-    "ep2": "all_reduce(token count) on the data-parallel group (ranks 0, 1) at step 3",  # EP is carved out of DP
+    # the step's first collective: the agreement on stopping (a signal or a bad sample on any rank)
+    "dp2": "all_reduce(stop and bad-sample flags) over all ranks (ranks 0, 1) at step 3",
+    "ep2": "all_reduce(stop and bad-sample flags) over all ranks (ranks 0, 1) at step 3",
     # the warm-up stage's structure change gathers the TP-sharded FFN of the MoE layer
     "tp2": "stage 'warmup' structure change (TP/EP gathers, router broadcast) (ranks 0, 1) at step 2",
     # each pipeline stage learns which of the warm-up stage's patterns the other stage trains
