@@ -22,6 +22,7 @@ losses are summed over the stages (an all-reduce over the PP group, so every sta
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import deque
 
 import torch
@@ -132,23 +133,50 @@ def activation_shape(model, state: ParallelState, batch: dict) -> tuple[int, ...
 # --------------------------------------------------------------------------------------------------
 def _p2p(state: ParallelState, send_next=None, send_prev=None, recv_prev_shape=None, recv_next_shape=None,
          dtype=torch.float32, device="cpu"):
-    """Post the sends and receives together, then wait: no ordering deadlock between neighbours."""
+    """One exchange with the neighbouring stages, posted as ONE batch (`batch_isend_irecv`), then
+    waited for. Separate isend/irecv calls would deadlock on NCCL: it runs the operations with one
+    peer in posting order on one stream, and a send larger than its eager buffer completes only
+    once the peer's receive runs, so in steady 1F1B two neighbours that both post their send first
+    wait for each other forever. A batch is one NCCL group: its sends and receives start together.
+    (At most one operation per peer and direction, so tags are not needed to match them.)"""
+    group, s = state.pp_group, state.pp_rank
     ops, recv_prev, recv_next = [], None, None
     if send_next is not None:
-        ops.append(dist.isend(send_next.detach().contiguous(), state.stage_rank(state.pp_rank + 1), tag=TAG_ACTIVATION))
+        ops.append(dist.P2POp(dist.isend, send_next.detach().contiguous(), state.stage_rank(s + 1), group,
+                              TAG_ACTIVATION))
     if send_prev is not None:
-        ops.append(dist.isend(send_prev.contiguous(), state.stage_rank(state.pp_rank - 1), tag=TAG_GRADIENT))
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), state.stage_rank(s - 1), group, TAG_GRADIENT))
     if recv_prev_shape is not None:
         recv_prev = torch.empty(recv_prev_shape, dtype=dtype, device=device)
-        ops.append(dist.irecv(recv_prev, state.stage_rank(state.pp_rank - 1), tag=TAG_ACTIVATION))
+        ops.append(dist.P2POp(dist.irecv, recv_prev, state.stage_rank(s - 1), group, TAG_ACTIVATION))
     if recv_next_shape is not None:
         recv_next = torch.empty(recv_next_shape, dtype=dtype, device=device)
-        ops.append(dist.irecv(recv_next, state.stage_rank(state.pp_rank + 1), tag=TAG_GRADIENT))
-    peers = [state.stage_rank(state.pp_rank + d) for d in (-1, 1) if 0 <= state.pp_rank + d < state.pp_size]
+        ops.append(dist.P2POp(dist.irecv, recv_next, state.stage_rank(s + 1), group, TAG_GRADIENT))
+    if not ops:  # (the first stage's turn in a steady step that has nothing to send back)
+        return recv_prev, recv_next
+    peers = [state.stage_rank(s + d) for d in (-1, 1) if 0 <= s + d < state.pp_size]
     with collective(_p2p_label(state, send_next, send_prev, recv_prev_shape, recv_next_shape), ranks=peers):
-        for op in ops:
-            op.wait()
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
     return recv_prev, recv_next
+
+
+# pipeline groups whose communicator has carried a collective of all their ranks
+_P2P_READY = weakref.WeakSet()
+
+
+def _prepare_p2p(state: ParallelState) -> None:
+    """Before the first batched send/recv on the pipeline group: one all-reduce of all its ranks.
+
+    On NCCL a batch runs on the group's communicator, which the group's first collective creates;
+    torch requires every rank of the group to take part in that first call, while 1F1B's first
+    exchange involves stages 0 and 1 only (see `torch.distributed.batch_isend_irecv`)."""
+    group = state.pp_group
+    if group is None or group in _P2P_READY:  # (None: one stage, nothing is sent)
+        return
+    with collective("all_reduce(before the first send/recv) on the pipeline group", group):
+        dist.all_reduce(torch.zeros(1, device=comm_device(group)), group=group)
+    _P2P_READY.add(group)
 
 
 def _p2p_label(state: ParallelState, send_next, send_prev, recv_prev_shape, recv_next_shape) -> str:
@@ -179,7 +207,8 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
     warmup = min(P - s - 1, M)
     steady = M - warmup
     in_flight = deque()
-    totals = torch.zeros(2, dtype=torch.float64, device=comm_device(state.pp_group))  # lm, aux
+    # [lm, aux] accumulated where the losses are, read once at the end (no host sync per micro-batch)
+    totals = torch.zeros(2, dtype=torch.float64, device=pdev)
     shape = lambda i: activation_shape(model, state, micro_batches[i])  # noqa: E731
 
     def fwd(i, h_in):
@@ -190,10 +219,10 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
                             enabled=autocast_dtype is not None):
             res = model(batch["input_ids"], batch.get("images"), batch["labels"], hidden=h_in)
         out, aux, lm_sum = res.hidden, res.aux_loss / M, res.lm_loss_sum
-        totals[1] += float(aux.detach())
+        totals[1] += aux.detach().to(totals.device, torch.float64)
         if last:
             loss = lm_sum / max(num_tokens, 1) + aux
-            totals[0] += float(lm_sum.detach()) / max(num_tokens, 1)
+            totals[0] += lm_sum.detach().to(totals.device, torch.float64) / max(num_tokens, 1)
             in_flight.append((h_in, loss, None))
             return None
         in_flight.append((h_in, out, aux))
@@ -214,6 +243,7 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
             return None
         return h_in.grad if h_in.grad is not None else torch.zeros_like(h_in)
 
+    _prepare_p2p(state)
     for i in range(warmup):
         h_in = None if first else _p2p(state, recv_prev_shape=shape(i), dtype=dtype, device=pdev)[0]
         out = fwd(i, h_in)
@@ -239,6 +269,7 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
         g_in = bwd(grad)
         if not first:
             _p2p(state, send_prev=g_in)
+    totals = totals.to(comm_device(state.pp_group))
     if state.pp_group is not None:
         with collective("all_reduce(losses) on the pipeline group", state.pp_group):
             dist.all_reduce(totals, group=state.pp_group)
