@@ -17,7 +17,13 @@ output activation and its MoE aux losses; the backward of that step runs autogra
 [activation, aux] with [gradient received from the next stage, 1], so aux-loss gradients flow
 on the stage that produced them. The last stage's step returns the LM loss contribution
 (sum of token losses / supervised tokens of the global step) plus its aux losses. Reported
-losses are summed over the stages (an all-reduce over the PP group, so every stage has them).
+losses are summed over the stages (an all-reduce over the PP group, so every stage has them),
+accumulated on the device and read once per step.
+
+P2P. Each exchange with the neighbours (send this activation and receive a gradient, ...) is one
+`batch_isend_irecv` on the pipeline group, which NCCL runs as one group; separate isend/irecv
+calls deadlock in steady 1F1B under NCCL's ordering (`_p2p`; tests/parallel/nccl_emulation.py
+emulates those rules on gloo).
 """
 from __future__ import annotations
 

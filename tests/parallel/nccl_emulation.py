@@ -1,6 +1,7 @@
 """NCCL's point-to-point rules emulated on gloo, so that an ordering deadlock shows on a CPU.
 
-gloo buffers a send and matches it by tag whenever the receive comes; NCCL does neither. Inside
+gloo runs every posted isend/irecv at once, whatever the order they were posted in (and matches
+them by tag), so a pattern that deadlocks on NCCL completes on gloo. Inside
 `nccl_p2p_semantics()` the `torch.distributed.isend / irecv / batch_isend_irecv` of this process
 follow NCCL's rules instead:
 
@@ -18,9 +19,10 @@ queue holds. Use it in every process of the exchange:
         ...code that calls dist.isend / dist.irecv / dist.batch_isend_irecv...
 
 How: each posted call becomes a task in the queue of each of its peers; a task starts (in its own
-thread) when it heads all of them. A running receive first sends its peer a one-element READY
-message; a running send waits for that READY before its data moves. Both travel over gloo with
-tags of their own, so they cannot match other traffic.
+thread, one more per operation) when it heads all of them. A running receive first sends its peer
+a one-element READY message; a running send waits for that READY before its data moves. Both
+travel over the caller's gloo group with tags of their own, so they cannot match other traffic.
+`wait(timeout)`'s argument is ignored: every wait is bounded by `timeout_s`.
 """
 from __future__ import annotations
 
@@ -47,9 +49,11 @@ class _Op:
     tensor: torch.Tensor
     peer: int  # global rank
     group: object  # the ProcessGroup the caller named (None: the default group)
+    state: str = "queued"  # for the deadlock message
 
     def describe(self) -> str:
-        return f"{self.kind} {tuple(self.tensor.shape)} {'to' if self.kind == 'send' else 'from'} rank {self.peer}"
+        where = "to" if self.kind == "send" else "from"
+        return f"{self.kind} {tuple(self.tensor.shape)} {where} rank {self.peer} ({self.state})"
 
 
 class _Task:
@@ -59,12 +63,11 @@ class _Task:
         self.ops = ops
         self.peers = sorted({op.peer for op in ops})
         self.started = False
-        self.stage = "queued"  # for the deadlock message
         self.done = threading.Event()
         self.error: BaseException | None = None
 
     def describe(self) -> str:
-        return f"[{', '.join(op.describe() for op in self.ops)}] ({self.stage})"
+        return f"[{', '.join(op.describe() for op in self.ops)}]"
 
 
 class _Work:
@@ -127,23 +130,35 @@ class _Emulation:
             self._start_ready()
 
     def _exchange(self, task: _Task) -> None:
-        """Rule (b): receives announce READY, sends wait for it, then all data moves together."""
-        # (1 s longer than wait(): whoever waits on a stuck task sees the queues, not gloo's message)
+        """All operations of the task at once, each in its own thread (no order among them)."""
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=self._one_op, args=(op, errors), daemon=True) for op in task.ops]
+        for t in threads:
+            t.start()
+        for t in threads:  # (bounded: every gloo wait inside has a timeout)
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _one_op(self, op: _Op, errors: list) -> None:
+        """Rule (b): a receive announces READY to its peer; a send waits for that READY before its
+        data moves. (Waits 1 s longer than wait(), so that whoever waits on a stuck task gets the
+        queues' picture rather than gloo's timeout.)"""
         wait_for = timedelta(seconds=self.timeout_s + 1)
-        token = torch.zeros(1)
-        recvs = [op for op in task.ops if op.kind == "recv"]
-        sends = [op for op in task.ops if op.kind == "send"]
-        announced = [self.isend(token, op.peer, group=op.group, tag=TAG_READY) for op in recvs]
-        ready = [(torch.empty(1), op) for op in sends]
-        ready_works = [self.irecv(buf, op.peer, group=op.group, tag=TAG_READY) for buf, op in ready]
-        task.stage = "running: sends wait for the peers' matching receives"
-        for w in ready_works:
-            w.wait(wait_for)
-        task.stage = "running: data moving"
-        data = [self.isend(op.tensor, op.peer, group=op.group, tag=TAG_DATA) for op in sends]
-        data += [self.irecv(op.tensor, op.peer, group=op.group, tag=TAG_DATA) for op in recvs]
-        for w in data + announced:
-            w.wait(wait_for)
+        try:
+            if op.kind == "recv":
+                announced = self.isend(torch.zeros(1), op.peer, group=op.group, tag=TAG_READY)
+                op.state = "receiving"
+                self.irecv(op.tensor, op.peer, group=op.group, tag=TAG_DATA).wait(wait_for)
+                announced.wait(wait_for)
+            else:
+                op.state = "waiting for the peer's matching receive"
+                self.irecv(torch.empty(1), op.peer, group=op.group, tag=TAG_READY).wait(wait_for)
+                op.state = "sending"
+                self.isend(op.tensor, op.peer, group=op.group, tag=TAG_DATA).wait(wait_for)
+            op.state = "done"
+        except BaseException as e:  # noqa: BLE001 - re-raised by _exchange
+            errors.append(e)
 
     def deadlock_message(self, task: _Task) -> str:
         with self.lock:

@@ -11,15 +11,16 @@ import torch.distributed as dist
 from .dist_utils import run_distributed
 from .nccl_emulation import NcclOrderDeadlock, nccl_p2p_semantics
 
-TIMEOUT_S = 1.5
+# the deadlocks wait this long; the cases that complete get far longer (a loaded CI machine)
+DEADLOCK_TIMEOUT_S, TIMEOUT_S = 1.5, 15.0
 
 
-def _outcome(fn) -> str | list:
+def _outcome(fn, timeout_s: float) -> str | list:
     """fn() under the emulation, in a fresh group of its own (a deadlock leaves stale buffers):
     its result, or 'deadlock' if it timed out."""
     group = dist.new_group([0, 1])
     try:
-        with nccl_p2p_semantics(TIMEOUT_S):
+        with nccl_p2p_semantics(timeout_s):
             return fn(group)
     except NcclOrderDeadlock:
         return "deadlock"
@@ -74,8 +75,10 @@ def _two_rank_cases(rank, world_size):
             dist.irecv(torch.empty(4), other, group=g).wait()
         return time.perf_counter() - t0
 
-    for fn in (send_then_recv, opposite_orders, batched, batch_behind_earlier_send, late_receive):
-        got[fn.__name__] = _outcome(fn)
+    for fn in (send_then_recv, batch_behind_earlier_send):
+        got[fn.__name__] = _outcome(fn, DEADLOCK_TIMEOUT_S)
+    for fn in (opposite_orders, batched, late_receive):
+        got[fn.__name__] = _outcome(fn, TIMEOUT_S)
     got["send_then_recv on gloo"] = send_then_recv(None)  # gloo runs the receive at once
     return got
 
@@ -103,7 +106,7 @@ def test_emulation_rules_on_two_ranks():
         assert got["batched"] == other, (rank, got)
         assert got["batch_behind_earlier_send"] == "deadlock", (rank, got)
     # rank 0's send waited for rank 1's receive, posted 0.6 s late
-    assert 0.55 < res[0]["late_receive"] < TIMEOUT_S, res[0]
+    assert 0.55 < res[0]["late_receive"], res[0]
 
 
 def test_emulation_keeps_peers_independent():
