@@ -5,7 +5,9 @@ The Triton kernels live in the top-level ``kernels/`` folder but install as
 package called ``kernels``.
 
 The C++/CUDA extension in ``csrc/`` is optional: it is built only when a
-compiler (and, for the CUDA part, nvcc with a CUDA build of torch) is present.
+compiler (and, for the CUDA part, nvcc with a CUDA build of torch) is present,
+and any error while building it is one line on stderr and a skipped extension
+(``EVOMOE_STRICT_BUILD=1`` makes it fatal); see csrc/build.py.
 Install with ``--no-build-isolation`` so the build sees the torch already
 installed instead of pulling a multi-GB CUDA wheel into an isolated env.
 """
