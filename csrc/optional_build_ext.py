@@ -24,7 +24,8 @@ from torch.utils.cpp_extension import BuildExtension
 
 from .build import NOT_BUILT, say
 
-# A100 / H100 code plus PTX of sm_90, which newer GPUs compile at load time.
+# sm_80 code (A100, and the other 8.x GPUs: same major, binary compatible), sm_90 code (H100) and
+# sm_90 PTX, which newer GPUs (Blackwell) compile when the extension loads.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 _STRICT_HINT = "EVOMOE_STRICT_BUILD=1 makes this an error"
 

@@ -1,6 +1,6 @@
 """tests/conftest.py's TRITON_INTERPRET decision and its gpu-test verdict, without a GPU.
 
-Unit tests of the three decision functions, then three pytest sessions in subprocesses on a probe
+Unit tests of the three decision functions, then three pytest sessions (subprocesses) on a probe
 file, loading tests/conftest.py as a plugin and a fake-CUDA plugin (``torch.cuda.is_available``
 returns True): the probe checks the environment and what ``@triton.jit`` made of a kernel
 (``JITFunction`` compiled, ``InterpretedFunction`` interpreted), which shows the value was in
@@ -65,31 +65,44 @@ def test_gpu_probe():
 '''
 
 
-def _session(tmp_path, *args, interpret=None):
-    (tmp_path / "test_probe.py").write_text(_PROBE)
-    (tmp_path / "fake_cuda_plugin.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+# name -> (extra pytest arguments, TRITON_INTERPRET set by the caller or None)
+_SESSIONS = {"gpu": (["-m", "gpu"], None), "gpu, interpreter forced": (["-m", "gpu"], "1"), "mixed": ([], None)}
+
+
+def _start(folder: Path, args, interpret):
+    folder.mkdir()
+    (folder / "test_probe.py").write_text(_PROBE)
+    (folder / "fake_cuda_plugin.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(folder)])
     if interpret is not None:
         env["TRITON_INTERPRET"] = interpret
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "fake_cuda_plugin",
-           "-p", "tests.conftest", "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py"), *args]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    return done.returncode, done.stdout + done.stderr
+           "-p", "tests.conftest", "--rootdir", str(folder), str(folder / "test_probe.py"), *args]
+    return subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_dash_m_gpu_on_a_cuda_machine_runs_the_kernels_compiled(tmp_path):
-    rc, out = _session(tmp_path, "-m", "gpu")
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    """name -> (exit status, output) of each of _SESSIONS, run side by side (each imports torch: seconds)."""
+    root = tmp_path_factory.mktemp("sessions")
+    running = {name: _start(root / f"s{i}", *spec) for i, (name, spec) in enumerate(_SESSIONS.items())}
+    outputs = {name: proc.communicate(timeout=240)[0] for name, proc in running.items()}
+    return {name: (proc.returncode, outputs[name]) for name, proc in running.items()}
+
+
+def test_dash_m_gpu_on_a_cuda_machine_runs_the_kernels_compiled(sessions):
+    rc, out = sessions["gpu"]
     assert rc == 0 and "1 passed, 1 deselected" in out, out
 
 
-def test_dash_m_gpu_with_the_interpreter_forced_fails_the_gpu_tests(tmp_path):
-    rc, out = _session(tmp_path, "-m", "gpu", interpret="1")
+def test_dash_m_gpu_with_the_interpreter_forced_fails_the_gpu_tests(sessions):
+    rc, out = sessions["gpu, interpreter forced"]
     assert rc == 1 and "1 failed, 1 deselected" in out, out
     assert "TRITON_INTERPRET=1: the Triton kernels would run in the interpreter" in out
 
 
-def test_a_mixed_session_interprets_and_skips_the_gpu_tests_saying_why(tmp_path):
-    rc, out = _session(tmp_path)
+def test_a_mixed_session_interprets_and_skips_the_gpu_tests_saying_why(sessions):
+    rc, out = sessions["mixed"]
     assert rc == 0 and "1 passed, 1 skipped" in out, out
     assert "run the gpu tests with `pytest -m gpu`" in out
