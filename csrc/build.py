@@ -8,18 +8,21 @@ setup.py calls ``extension_modules_and_cmdclass()`` at install time
   MoE ops (backend ``cpu_ext``). Built when a C++ compiler is found and torch
   imports; about a minute of compiling on 2 cores (torch headers).
 * ``megatron_evomoe._C_cuda`` (csrc/permute_cuda.cu + permute_bindings.cpp):
-  a torch ``CUDAExtension`` built with ninja through ``BuildExtension``.
-  Built when, in addition, torch is a CUDA build (``torch.version.cuda``) and
-  nvcc is found under torch's ``CUDA_HOME``. Set ``TORCH_CUDA_ARCH_LIST``
-  (e.g. "8.0;9.0") to choose the GPU targets; torch's default is the visible
-  GPU, or a list of common archs when there is none.
+  a torch ``CUDAExtension`` built with ninja. Built when, in addition, torch
+  is a CUDA build (``torch.version.cuda``) and nvcc is found under torch's
+  ``CUDA_HOME``. Set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") to choose the
+  GPU targets; the default is the visible GPUs, or "8.0;9.0+PTX" when none is
+  visible (a login or build node).
+
+Both are built by ``csrc/optional_build_ext.py::OptionalBuildExtension``
+(torch's BuildExtension with ninja): an extension that fails to build for any
+reason (compiler, toolkit check, arch flags) is skipped with one line on stderr.
 
 Switches (environment): ``EVOMOE_SKIP_CPP_BUILD=1`` builds no compiled
 extension at all (CPU and CUDA extensions); ``EVOMOE_SKIP_CUDA_BUILD=1`` skips
 only the CUDA one. Whatever is not built leaves the pure-Python path, with
 one line on stderr saying so; a missing compiler never fails the install.
-``EVOMOE_STRICT_BUILD=1`` makes compile errors fatal (CI), otherwise an
-extension that fails to compile is skipped with setuptools' warning.
+``EVOMOE_STRICT_BUILD=1`` makes build errors fatal (CI).
 """
 from __future__ import annotations
 
@@ -33,34 +36,34 @@ import sysconfig
 CPU_EXT = "megatron_evomoe._C_cpu"
 CUDA_EXT = "megatron_evomoe._C_cuda"
 _PREFIX = "megatron_evomoe:"
+# What is missing without each extension; {} is why it was not built.
+NOT_BUILT = {CPU_EXT: "CPU extension not built ({}); the ops use PyTorch on CPU",
+             CUDA_EXT: "CUDA extension not built ({}); the ops use Triton/PyTorch"}
 
 
 def extension_modules_and_cmdclass():
     """(ext_modules, cmdclass) for setup(); never raises."""
     if _env_flag("EVOMOE_SKIP_CPP_BUILD"):
-        _say("C++ extensions not built (EVOMOE_SKIP_CPP_BUILD=1); the ops use Triton/PyTorch")
+        say("C++ extensions not built (EVOMOE_SKIP_CPP_BUILD=1); the ops use Triton/PyTorch")
         return [], {}
     compiler = find_cxx_compiler()
     if compiler is None:
-        _say("C++ extensions not built (no compiler); the ops use Triton/PyTorch")
+        say("C++ extensions not built (no compiler); the ops use Triton/PyTorch")
         return [], {}
 
-    # (builder, what is missing without it)
-    plan = [(_cpu_extension, "CPU extension not built ({}); the ops use PyTorch on CPU"),
-            (_cuda_extension, "CUDA extension not built ({}); the ops use Triton/PyTorch")]
     ext_modules = []
-    for build, missing in plan:
+    for name, build in ((CPU_EXT, _cpu_extension), (CUDA_EXT, _cuda_extension)):
         ext, why_not = build()
         if ext is None:
-            _say(missing.format(why_not))
+            say(NOT_BUILT[name].format(why_not))
             continue
         ext_modules.append(ext)
     if not ext_modules:
         return [], {}
-    # Both are torch extensions: they need torch's BuildExtension (ninja).
-    from torch.utils.cpp_extension import BuildExtension
+    # Both are torch extensions: they need torch's BuildExtension (ninja), which imports torch.
+    from .optional_build_ext import OptionalBuildExtension
 
-    return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return ext_modules, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 def find_cxx_compiler() -> str | None:
@@ -158,5 +161,5 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"{_PREFIX} {message}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .flat_collectives import all_gather_single, reduce_scatter_single
 from .state import REPLICATED, ParallelState, comm_device, named_shard_specs, replicas
 from .watchdog import collective
 
@@ -210,7 +211,7 @@ class ZeroAdamW:
             if part["group"] is None:
                 mine.copy_(flat)
             else:
-                dist.reduce_scatter_single(mine, flat, group=part["group"])
+                reduce_scatter_single(mine, flat, group=part["group"])
                 self.bytes_reduced += flat.numel() * flat.element_size()
             for p, lo, hi, master, _ in part["segments"]:
                 master.grad = mine[_range_in_shard(part, params, p, lo, hi)].clone()
@@ -245,7 +246,7 @@ class ZeroAdamW:
             if part["group"] is None:
                 full.copy_(mine)
             else:
-                dist.all_gather_single(full, mine, group=part["group"])
+                all_gather_single(full, mine, group=part["group"])
             offset = 0
             for p in params:
                 p.copy_(full[offset:offset + p.numel()].view_as(p))

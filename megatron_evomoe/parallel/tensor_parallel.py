@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .flat_collectives import all_gather_single, reduce_scatter_single
 from .specialise import specialise
 from .state import ShardSpec
 
@@ -95,7 +96,7 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = _size(group)
     if n == 1:
         return x
-    return _on_dim0(x, group, dim, n * x.shape[dim], dist.all_gather_single)
+    return _on_dim0(x, group, dim, n * x.shape[dim], all_gather_single)
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -103,7 +104,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     if n == 1:
         return x
     _check_divisible(x, dim, n, "reduce-scatter")
-    return _on_dim0(x, group, dim, x.shape[dim] // n, dist.reduce_scatter_single)
+    return _on_dim0(x, group, dim, x.shape[dim] // n, reduce_scatter_single)
 
 
 def _check_divisible(x: torch.Tensor, dim: int, n: int, what: str) -> None:
