@@ -42,14 +42,21 @@ CompletionFactory = Callable[[], Completion]
 
 
 @dataclass
+class Region:
+    """A `collective(...)` region the training thread is in."""
+    what: str
+    entered: float  # wall time
+    group: object = None  # its ProcessGroup
+    ranks: list[int] | None = None  # global ranks of its peers (None: the group's)
+
+
+@dataclass
 class PendingCollective:
-    where: list[str]  # the region stack when it was left, outermost first
-    ranks: list[int] | None  # global ranks of its peers (None: the group's, resolved on a fault)
-    group: object  # the ProcessGroup (for `ranks` when None)
+    where: list[str]  # the region stack, outermost first
+    region: Region  # the innermost region (its ranks, group, entry time)
     step: int | None
-    left: float  # wall time the host left the region (or recorded the probe)
+    left: float  # wall time the host left the region (or recorded the probe): the deadline counts from it
     done: Completion = field(repr=False)
-    probe: bool = False  # a heartbeat probe inside an open region, not a region exit
 
     @property
     def label(self) -> str:
@@ -84,21 +91,21 @@ class PendingCollectives:
         self._entries: collections.deque[PendingCollective] = collections.deque()
         self._probe: PendingCollective | None = None
 
-    def add(self, where: list[str], ranks, group, step, now: float) -> None:
-        """A region was left (training thread): record its completion after its collectives."""
-        self._entries.append(PendingCollective(list(where), ranks, group, step, now, self.completion()))
+    def add(self, stack: list[Region], step: int | None, now: float) -> None:
+        """The innermost region of `stack` is being left (training thread): record a completion
+        after its collectives."""
+        self._entries.append(PendingCollective([r.what for r in stack], stack[-1], step, now, self.completion()))
         if len(self._entries) > _TRIM_ABOVE:
-            while len(self._entries) > 1 and self._entries[0].done.query():
+            while self._entries and self._entries[0].done.query():
                 self._entries.popleft()
 
     def oldest(self) -> PendingCollective | None:
         """The oldest region exit not completed on the GPU (heartbeat thread)."""
         return next((e for e in list(self._entries) if not e.done.query()), None)
 
-    def overdue(self, stack: list[str], ranks, group, step, now: float) -> PendingCollective | None:
-        """The collective pending past the deadline, if any (heartbeat thread). `stack` is the
-        training thread's open region stack now: inside a region, a probe tells whether the GPU
-        still moves."""
+    def overdue(self, stack: list[Region], step: int | None, now: float) -> PendingCollective | None:
+        """The collective pending past the deadline, if any (heartbeat thread). `stack`: the
+        training thread's open regions now; inside one, a probe tells whether the GPU still moves."""
         oldest = self.oldest()
         if oldest is not None:
             return oldest if now - oldest.left >= self.deadline else None
@@ -106,11 +113,11 @@ class PendingCollectives:
         if probe is not None and not probe.done.query():
             return probe if now - probe.left >= self.deadline else None
         # (no probe outstanding, or it completed: the GPU moves) a new one if the host is in a region
-        self._probe = PendingCollective(list(stack), ranks, group, step, now, self.completion(), probe=True) \
+        self._probe = PendingCollective([r.what for r in stack], stack[-1], step, now, self.completion()) \
             if stack else None
         return None
 
     def record(self) -> dict | None:
         """The oldest pending collective for the heartbeat record (peers compare it with theirs)."""
         e = self.oldest()
-        return None if e is None else {"where": e.where, "step": e.step, "since": e.left}
+        return None if e is None else {"where": e.where, "step": e.step, "since": e.region.entered}

@@ -42,7 +42,6 @@ with no watchdog started (one process, unit tests) `collective` does nothing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from .pending_collectives import CompletionFactory, PendingCollective, PendingCollectives, deadline_s
+from .pending_collectives import CompletionFactory, PendingCollective, PendingCollectives, Region, deadline_s
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -112,15 +111,6 @@ def heartbeat_interval(timeout_s: float) -> float:
     return min(5.0, max(0.2, timeout_s / 10))
 
 
-@dataclasses.dataclass
-class _Open:
-    """A region the training thread is in."""
-    what: str
-    entered: float  # wall time
-    group: object = None
-    ranks: list[int] | None = None
-
-
 def _exit_process(message: str) -> None:
     os._exit(EXIT_CODE_DISTRIBUTED_FAULT)
 
@@ -142,7 +132,7 @@ class Watchdog:
         self._on_fault = on_fault
         self._faulted = False  # a pending collective was reported (once)
         self._final = False  # the last record (exited) is written: no beat may overwrite it
-        self._stack: list[_Open] = []  # innermost last
+        self._stack: list[Region] = []  # innermost last
         self._last: tuple[str, float] | None = None  # the last region left, and when
         self._beat = 0
         self._lock = threading.Lock()  # one store request at a time (heartbeat thread vs diagnosis)
@@ -209,11 +199,11 @@ class Watchdog:
     # ------------------------------------------------------------------ regions
     @contextlib.contextmanager
     def region(self, what: str, group=None, ranks: list[int] | None = None):
-        self._stack.append(_Open(what, time.time(), group, ranks))
+        self._stack.append(Region(what, time.time(), group, ranks))
         try:
             yield
             if self.pending is not None:  # (NCCL: its collectives may still be running on the GPU)
-                self.pending.add(self._where(), ranks, group, self.step, time.time())
+                self.pending.add(list(self._stack), self.step, time.time())
         except DistributedFaultError:
             raise  # an inner region already diagnosed it
         except Exception as e:
@@ -238,9 +228,7 @@ class Watchdog:
     def check_pending(self, now: float) -> PendingCollective | None:
         """Heartbeat thread: report a collective pending past the deadline (in a thread of its own,
         so that the heartbeats go on while the diagnosis watches the peers')."""
-        stack = list(self._stack)
-        inner = stack[-1] if stack else _Open("", now)
-        overdue = self.pending.overdue([o.what for o in stack], inner.ranks, inner.group, self.step, now)
+        overdue = self.pending.overdue(list(self._stack), self.step, now)
         if overdue is not None:
             self._faulted = True
             threading.Thread(target=self._report_pending, args=(overdue, now), daemon=True,
@@ -248,8 +236,10 @@ class Watchdog:
         return overdue
 
     def pending_message(self, e: PendingCollective, now: float) -> str:
+        """The message for `e`; 'failed after' counts from its region's entry, as for gloo."""
         cause = f"still running on the GPU, reported before NCCL's {self.timeout_s:g} s timeout aborts it"
-        return self.diagnose(e.label, self._ranks(e.group, e.ranks), cause, now - e.left, e.step, e.where)
+        return self.diagnose(e.label, self._ranks(e.region.group, e.region.ranks), cause, now - e.region.entered,
+                             e.step, e.where)
 
     def _report_pending(self, e: PendingCollective, now: float) -> None:
         message = self.pending_message(e, now)
@@ -310,7 +300,7 @@ def _in_same(rec: dict, where: list[str], step: int | None) -> bool:
     """Whether a peer is in the same collective: its host in the same region, or (NCCL) its oldest
     collective still running on its GPU the same one."""
     pending = rec.get("pending") or {}
-    return (rec["where"], rec.get("step")) == (where, step) or (pending.get("where"), pending.get("step")) == (where, step)
+    return (where, step) in ((rec["where"], rec.get("step")), (pending.get("where"), pending.get("step")))
 
 
 def _flush_logs() -> None:
@@ -328,7 +318,8 @@ def _at(rec: dict) -> str:
 def _doing(rec: dict) -> str:
     pending = rec.get("pending")
     if pending:  # (NCCL: where its GPU is matters, its host may be far ahead)
-        return f"its GPU has been in {' > '.join(pending['where'])} for {time.time() - pending['since']:.1f} s"
+        return (f"its GPU has been in {' > '.join(pending['where'])} (step {pending['step']}) for "
+                f"{time.time() - pending['since']:.1f} s")
     since = time.time() - rec["since"]
     if rec["where"]:
         return f"it has been in {' > '.join(rec['where'])} for {since:.1f} s"

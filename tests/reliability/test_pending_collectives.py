@@ -1,6 +1,7 @@
 """The asynchronous (NCCL) path of the watchdog, simulated on CPU: a fake stream whose completions
 stop signalling from the moment it "hangs" stands for CUDA events behind a hung NCCL kernel; peers
 are heartbeat records (or live watchdogs) on an in-memory store, as in test_watchdog.py."""
+import contextlib
 import json
 import logging
 import subprocess
@@ -60,6 +61,17 @@ def report(wd, faults, now):
     return overdue
 
 
+def gpu_in(store, rank, where, step):
+    """A peer (not started) whose GPU is stuck in the collective `where`, its host gone on."""
+    peer = Watchdog(store, rank, 5, timeout_s=1.0, completion=FakeStream())
+    peer.step, peer.pending.deadline = step, float("inf")  # (it does not report itself here)
+    peer.pending.completion.hang()
+    with contextlib.ExitStack() as regions:
+        for what in where:
+            regions.enter_context(peer.region(what, ranks=[0, 1, 2, 3, 4]))
+    return peer
+
+
 @pytest.fixture
 def store():
     return dist.HashStore()
@@ -89,39 +101,40 @@ def test_completed_collectives_are_not_reported(store):
 
 def test_collective_pending_past_the_deadline_names_rank_collective_step_and_peers(store, caplog):
     stream = FakeStream()
-    me, faults = watchdog(store, 0, 4, stream)
+    me, faults = watchdog(store, 0, 5, stream)
     me.step = 7
     with me.region("all_reduce(token count) on the data-parallel group"):
         pass  # completes: not reported
     stream.hang()
     with me.region("forward/backward"):
-        with me.region(A2A, ranks=[0, 1, 2, 3]):
+        with me.region(A2A, ranks=[0, 1, 2, 3, 4]):
             pass  # NCCL: returns at once, the GPU never gets past it
     record(store, 1, step=7, since=time.time() - 30)  # frozen record: dead
-    hung = Watchdog(store, 2, 4, timeout_s=1.0)  # beating, outside any collective
+    hung = Watchdog(store, 2, 5, timeout_s=1.0)  # beating, outside any collective
     hung.step, hung._last = 7, ("all_reduce(losses) on the data-parallel group", time.time() - 2)
-    waiting = Watchdog(store, 3, 4, timeout_s=1.0, completion=FakeStream())  # its GPU in the same a2a
-    waiting.step, waiting.pending.deadline = 7, float("inf")
-    waiting.pending.completion.hang()
-    with waiting.region("forward/backward"):
-        with waiting.region(A2A, ranks=[0, 1, 2, 3]):
-            pass
+    waiting = gpu_in(store, 3, ["forward/backward", A2A], step=7)  # host ahead, its GPU in the same a2a
+    behind = gpu_in(store, 4, ["all_reduce(gradients) on the data-parallel group"], step=6)  # its GPU elsewhere
+    behind.step = 7
     oldest = me.pending.oldest()
     assert oldest.where == ["forward/backward", A2A] and oldest.step == 7
     assert me.check_pending(oldest.left + 0.4) is None  # before the deadline (0.5 s)
-    hung.start(), waiting.start()
+    for peer in (hung, waiting, behind):
+        peer.start()
     try:
         with caplog.at_level(logging.ERROR, logger="megatron_evomoe"):
             assert report(me, faults, oldest.left + 1.3) is oldest
     finally:
-        hung.stop(), waiting.stop()
+        for peer in (hung, waiting, behind):
+            peer.stop()
     [msg] = faults
-    assert msg.startswith(f"rank 0: forward/backward > {A2A} (ranks 0, 1, 2, 3) at step 7 failed after 1.3 s (still "
-                          "running on the GPU, reported before NCCL's 1 s timeout aborts it): rank 1 stopped responding "
-                          "(last heartbeat "), msg
+    assert msg.startswith(f"rank 0: forward/backward > {A2A} (ranks 0, 1, 2, 3, 4) at step 7 failed after 1.3 s "
+                          "(still running on the GPU, reported before NCCL's 1 s timeout aborts it): rank 1 stopped "
+                          "responding (last heartbeat "), msg
     assert "pid 4242 on node7, at step 7): it died or is frozen; rank 2 is alive but did not join, at step 7: it " \
            "has been outside any collective for " in msg, msg
-    assert msg.endswith(" s (last: all_reduce(losses) on the data-parallel group), i.e. hung or still computing"), msg
+    assert " s (last: all_reduce(losses) on the data-parallel group), i.e. hung or still computing; rank 4 is " \
+           "alive but did not join, at step 7: its GPU has been in all_reduce(gradients) on the data-parallel group " \
+           "(step 6) for " in msg, msg
     assert "rank 3" not in msg  # waiting in the same collective: not blamed
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [f"distributed error: {msg}"]
     mine = json.loads(store.get("evomoe/watchdog/rank0"))
@@ -188,8 +201,8 @@ def test_the_rank_exits_with_the_message_and_its_peers_learn_why(tmp_path):
         peer.stop()
     assert child.returncode == EXIT_CODE_DISTRIBUTED_FAULT, child.stderr
     [line] = [x for x in child.stderr.splitlines() if "distributed error:" in x]
-    assert " ERROR distributed error: rank 0: all_reduce(gradients) on the data-parallel group (ranks 0, 1) at step 4 " \
-           "failed after " in line, line
+    assert " ERROR distributed error: rank 0: all_reduce(gradients) on the data-parallel group (ranks 0, 1) at " \
+           "step 4 failed after " in line, line
     assert "rank 1 is alive but did not join, at step 4: it has been outside any collective for " in line, line
     assert exited.startswith("DistributedFaultError: rank 0: all_reduce(gradients) on the data-parallel group")
     assert "rank 0 exited (DistributedFaultError: rank 0: all_reduce(gradients)" in seen_by_peer
