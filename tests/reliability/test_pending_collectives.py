@@ -4,6 +4,7 @@ are heartbeat records (or live watchdogs) on an in-memory store, as in test_watc
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -227,3 +228,33 @@ def test_cuda_completion_follows_the_stream_and_costs_microseconds():
     torch.cuda.synchronize()
     assert per_add < 50e-6, f"{per_add * 1e6:.1f} us per region exit"
     threading.Thread(target=lists.oldest).start()  # (queried from another thread, as the heartbeat does)
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_launch_sets_nccl_error_handling_before_the_group_and_follows_completions(monkeypatch, backend):
+    """init_distributed's wiring, without NCCL: what init_process_group and start_watchdog receive."""
+    from megatron_evomoe.parallel import launch
+    from tests.parallel.common import tiny_cfg
+    seen = {}
+    # (a copy: what init_distributed sets there does not outlive the test)
+    kept = {k: v for k, v in os.environ.items() if k not in launch.NCCL_ERROR_HANDLING_VARS}
+    monkeypatch.setattr(os, "environ", kept)
+    monkeypatch.setattr(launch, "resolve_backend", lambda requested: backend)
+    monkeypatch.setattr(launch.torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(launch.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch.dist, "init_process_group", lambda *a, **k: seen.update(
+        handling=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"), timeout=k["timeout"]))
+    monkeypatch.setattr(launch, "start_watchdog", lambda *a, **k: seen.update(completion=k["completion"]))
+    monkeypatch.setattr(launch.ParallelState, "build", classmethod(lambda cls, cfg, rank, world_size: Described()))
+    launch.init_distributed(tiny_cfg(extra=["--parallel.timeout_s=42"]), environ={
+        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"})
+    assert seen["timeout"] == timedelta(seconds=42)
+    if backend == "nccl":
+        assert seen["handling"] == "3" and callable(seen["completion"])
+    else:
+        assert seen["handling"] is None and seen["completion"] is None
+
+
+class Described:
+    def describe(self):
+        return "tp=1 pp=1 dp=2"
