@@ -103,10 +103,10 @@ def init_distributed(cfg, environ=None) -> ParallelState:
     if info.world_size == 1:
         return ParallelState.single(cfg)
     backend = resolve_backend(cfg.parallel.backend)
-    completion = None  # gloo: a failed collective raises inside its region
+    completion, handling = None, ""  # gloo: a failed collective raises inside its region
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-        set_nccl_error_handling()
+        handling = f" ({set_nccl_error_handling()})"
         # NCCL returns at once: the watchdog follows each region's collectives by a CUDA event
         completion = cuda_completion(torch.device("cuda", info.local_rank))
     if not dist.is_initialized():
@@ -120,7 +120,7 @@ def init_distributed(cfg, environ=None) -> ParallelState:
         start_watchdog(info.rank, info.world_size, cfg.parallel.timeout_s, os.environ["MASTER_ADDR"],
                        int(os.environ["MASTER_PORT"]), completion=completion)
     state = ParallelState.build(cfg, info.rank, info.world_size)
-    log.info("distributed: %s backend, launched by %s; %s", backend, info.source, state.describe())
+    log.info("distributed: %s backend%s, launched by %s; %s", backend, handling, info.source, state.describe())
     return state
 
 
@@ -135,8 +135,9 @@ def set_nccl_error_handling(environ=None) -> str:
     own watchdog is the backstop at the timeout and must end the process too. 3 kills it without
     ncclCommAbort, which can itself hang; 1 (TearDown) aborts first; 2 (CleanUpOnly) aborts and lets
     the process run on with undefined buffers until its next collective; 0 only logs, and a hung rank
-    would wait forever if the heartbeat thread cannot run. (3 is torch 2.13's default when unset;
-    set explicitly since older releases defaulted to 0.) TORCH_NCCL_BLOCKING_WAIT stays unset: it
+    would wait forever if the heartbeat thread cannot run. (3 has been torch's default since 2.2,
+    pytorch/pytorch#110723; 1 before: set, so the choice does not depend on the release and the start-up
+    log shows it.) TORCH_NCCL_BLOCKING_WAIT stays unset: it
     would make every wait() spin on the host and lose the overlap of communication and compute."""
     env = os.environ if environ is None else environ
     user = next((f"{k}={env[k]}" for k in NCCL_ERROR_HANDLING_VARS if k in env), None)
