@@ -179,7 +179,7 @@ class Watchdog:
         rec = {"beat": self._beat, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
                "step": self.step, "where": [o.what for o in stack], "since": stack[-1].entered if stack else
                (last[1] if last else self._started), "last": last[0] if last else None, "exited": exited,
-               "pending": self.pending.record() if self.pending is not None else None}
+               "pending": self._pending_record()}
         try:
             with self._lock:
                 if self._final:
@@ -189,6 +189,14 @@ class Watchdog:
         except Exception as e:  # noqa: BLE001 - the store host is gone: the diagnosis will say so
             if exited is None and self._beat <= 2:
                 log.warning("watchdog: rank %d cannot write its heartbeat to %s (%s)", self.rank, self.store_addr, e)
+
+    def _pending_record(self) -> dict | None:
+        if self.pending is None:
+            return None
+        try:
+            return self.pending.record()
+        except Exception:  # noqa: BLE001 - a CUDA error: check_pending says so once; the beats go on
+            return None
 
     def _read(self, rank: int) -> dict | None:
         with self._lock:

@@ -161,6 +161,26 @@ def test_host_blocked_inside_a_region_is_reported_by_a_probe(store):
                       "exited (KeyboardInterrupt)"]
 
 
+def test_a_failing_completion_query_stops_the_checks_not_the_heartbeats(store, caplog):
+    class Broken:
+        def query(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    me, faults = watchdog(store, 0, 2, Broken)
+    with me.region("all_reduce(x)"):
+        pass
+    with caplog.at_level(logging.WARNING, logger="megatron_evomoe"):
+        me.start()
+        try:
+            first = json.loads(store.get("evomoe/watchdog/rank0"))["beat"]
+            time.sleep(1.0)  # 5 intervals
+            assert json.loads(store.get("evomoe/watchdog/rank0"))["beat"] >= first + 2
+        finally:
+            me.stop()
+    assert faults == [] and [r.getMessage() for r in caplog.records] == [
+        "watchdog: rank 0 stops following its pending collectives (RuntimeError: CUDA error: an illegal memory access "
+        "was encountered)"]
+
+
 def test_nccl_error_handling_is_set_unless_the_user_did():
     env = {}
     assert set_nccl_error_handling(env) == "TORCH_NCCL_ASYNC_ERROR_HANDLING=3" and env == {
@@ -210,24 +230,28 @@ def test_the_rank_exits_with_the_message_and_its_peers_learn_why(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_completion_follows_the_stream_and_costs_microseconds():
-    """On a GPU: the event of a region left behind a long kernel is pending until the kernel ends,
-    without blocking the host; a region exit costs a few microseconds."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    lists = pc.PendingCollectives(pc.cuda_completion(device), deadline=1.0)
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time
+def test_cuda_completions_follow_the_stream_without_blocking_the_host():
+    """On a GPU: a region left behind a long kernel (standing for a collective in flight) is pending
+    until the kernel ends, seen from another thread as the heartbeat sees it; a region exit costs
+    microseconds."""
+    pending = pc.PendingCollectives(pc.cuda_completion(torch.device("cuda", torch.cuda.current_device())), 1.0)
+    region = pc.Region("all_reduce(x)", time.time())
+    torch.cuda._sleep(int(2e9))  # about a second of GPU time
     t0 = time.perf_counter()
-    lists.add(["all_reduce(x)"], None, None, 1, time.time())
-    assert time.perf_counter() - t0 < 0.01 and lists.oldest() is not None
+    pending.add([region], 1, time.time())
+    seen = []  # (the oldest pending, a probe recorded) from a thread of its own, as the heartbeat does
+    thread = threading.Thread(target=lambda: seen.extend([pending.oldest(), pending.completion()]))
+    thread.start(), thread.join()
+    assert time.perf_counter() - t0 < 0.2  # nothing waited for the kernel
+    assert seen[0] is not None and not seen[1].query()
     torch.cuda.synchronize()
-    assert lists.oldest() is None
+    assert pending.oldest() is None and seen[1].query()
     t0 = time.perf_counter()
     for _ in range(1000):
-        lists.add(["all_reduce(x)"], None, None, 1, time.time())
+        pending.add([region], 1, time.time())
     per_add = (time.perf_counter() - t0) / 1000
     torch.cuda.synchronize()
     assert per_add < 50e-6, f"{per_add * 1e6:.1f} us per region exit"
-    threading.Thread(target=lists.oldest).start()  # (queried from another thread, as the heartbeat does)
 
 
 @pytest.mark.parametrize("backend", ["nccl", "gloo"])
