@@ -19,8 +19,8 @@ launch queue is full (a host thousands of kernels ahead of a hung one); its hear
 peers report this rank as frozen, while NCCL's watchdog still ends it at the timeout. Regions left
 during a CUDA-graph capture would record into the graph (nothing here captures graphs).
 
-Cost per region on NCCL: one event record and one or two `query()` calls (the main thread drops
-the completed head of the list as it adds), no host synchronisation.
+Cost per region on NCCL: one event record, and once the list is longer than 16 one or two `query()`
+calls (the training thread drops its completed head as it adds); no host synchronisation.
 """
 from __future__ import annotations
 
