@@ -54,7 +54,7 @@ def watchdog(store, rank, world_size, stream, timeout_s=1.0):
 
 
 def report(wd, faults, now):
-    """check_pending as the heartbeat thread runs it; the report (its own thread) joined."""
+    """check_pending as the heartbeat thread runs it, then wait for the report (a thread of its own)."""
     overdue = wd.check_pending(now)
     deadline = time.time() + 10
     while overdue is not None and not faults and time.time() < deadline:
@@ -63,7 +63,7 @@ def report(wd, faults, now):
 
 
 def gpu_in(store, rank, where, step):
-    """A peer (not started) whose GPU is stuck in the collective `where`, its host gone on."""
+    """A peer whose GPU is stuck in the collective `where`, its host gone on (the caller starts it)."""
     peer = Watchdog(store, rank, 5, timeout_s=1.0, completion=FakeStream())
     peer.step, peer.pending.deadline = step, float("inf")  # (it does not report itself here)
     peer.pending.completion.hang()
