@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .pending_collectives import cuda_completion
 from .state import ParallelState, validate_parallel
 from .watchdog import collective, short_cause, start_watchdog, stop_watchdog
 
@@ -102,8 +103,12 @@ def init_distributed(cfg, environ=None) -> ParallelState:
     if info.world_size == 1:
         return ParallelState.single(cfg)
     backend = resolve_backend(cfg.parallel.backend)
+    completion, handling = None, ""  # gloo: a failed collective raises inside its region
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
+        handling = f" ({set_nccl_error_handling()})"
+        # NCCL returns at once: the watchdog follows each region's collectives by a CUDA event
+        completion = cuda_completion(torch.device("cuda", info.local_rank))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
@@ -113,10 +118,36 @@ def init_distributed(cfg, environ=None) -> ParallelState:
                                 store=restart_safe_store(timeout))
         # heartbeats on the rendezvous store, so that such a failure names the rank at fault
         start_watchdog(info.rank, info.world_size, cfg.parallel.timeout_s, os.environ["MASTER_ADDR"],
-                       int(os.environ["MASTER_PORT"]))
+                       int(os.environ["MASTER_PORT"]), completion=completion)
     state = ParallelState.build(cfg, info.rank, info.world_size)
-    log.info("distributed: %s backend, launched by %s; %s", backend, info.source, state.describe())
+    log.info("distributed: %s backend%s, launched by %s; %s", backend, handling, info.source, state.describe())
     return state
+
+
+NCCL_ERROR_HANDLING_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")  # new, old name
+
+
+def set_nccl_error_handling(environ=None) -> str:
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING=3 (SkipCleanUp) unless the user set it (either name); read by
+    ProcessGroupNCCL when the group is created, so this comes before init_process_group.
+
+    Why 3: the watchdog reports a collective pending at 0.8 x parallel.timeout_s and exits; NCCL's
+    own watchdog is the backstop at the timeout and must end the process too. 3 kills it without
+    ncclCommAbort, which can itself hang; 1 (TearDown) aborts first; 2 (CleanUpOnly) aborts and lets
+    the process run on with undefined buffers until its next collective; 0 only logs, and a hung rank
+    would wait forever if the heartbeat thread cannot run. (3 has been torch's default since 2.2,
+    pytorch/pytorch#110723; 1 before: set, so the choice does not depend on the release and the start-up
+    log shows it.) TORCH_NCCL_BLOCKING_WAIT stays unset: it
+    would make every wait() spin on the host and lose the overlap of communication and compute."""
+    env = os.environ if environ is None else environ
+    user = next((f"{k}={env[k]}" for k in NCCL_ERROR_HANDLING_VARS if k in env), None)
+    if user is None:
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+        return "TORCH_NCCL_ASYNC_ERROR_HANDLING=3"
+    if user.endswith(("=0", "=2")):
+        log.warning("%s: NCCL's watchdog will not end this process on a timeout; the heartbeat watchdog "
+                    "still does at 0.8 x parallel.timeout_s", user)
+    return user
 
 
 def restart_safe_store(timeout: timedelta, environ=None):

@@ -24,6 +24,17 @@ previous attempt's records. The store connection is our own client of the rendez
 (MASTER_ADDR:MASTER_PORT): torchrun's agent hosts it, so it outlives any worker; without torchrun
 rank 0 hosts it, and when rank 0 is gone the message says the store is unreachable instead.
 
+On NCCL (asynchronous: a collective returns once enqueued) the failure does not come back through
+the region; instead each region left leaves a completion (a CUDA event) in a pending list
+(`pending_collectives.py`), and the heartbeat thread, independent of the collective calls, reports
+a collective still pending `deadline_s` (0.8 x timeout, less two intervals) after it was issued: the
+same diagnosis and one-line message, logged at ERROR, written to this rank's record (its peers then
+say why it exited), then `os._exit(EXIT_CODE_DISTRIBUTED_FAULT)`. Exiting from a background thread,
+not raising in the training thread: that thread is typically blocked in a CUDA synchronisation behind
+the hung NCCL kernel, where no Python exception can reach it, and a normal shutdown (finally blocks,
+destroy_process_group, atexit) could block on the same stream. The group timeout stays the backstop:
+NCCL's own watchdog aborts at `timeout_s` if this thread cannot run.
+
 The active watchdog is per process (like the default process group), so the layers that
 communicate (pipeline P2P, expert all-to-all) can name their collective without being handed it;
 with no watchdog started (one process, unit tests) `collective` does nothing.
@@ -35,11 +46,15 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Callable
 
 import torch.distributed as dist
+
+from .pending_collectives import CompletionFactory, PendingCollective, PendingCollectives, Region, deadline_s
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -52,6 +67,10 @@ _COMM_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken p
 class DistributedFaultError(RuntimeError):
     """A collective failed or timed out; the message names the collective and the ranks at fault."""
 
+
+# the exit status of a rank that stops on a distributed fault: the status pretrain_evomoe.py returns for
+# a DistributedFaultError, so a launcher reads both paths alike (and neither as NCCL's SIGABRT)
+EXIT_CODE_DISTRIBUTED_FAULT = 3
 
 _ACTIVE: "Watchdog | None" = None
 
@@ -92,14 +111,28 @@ def heartbeat_interval(timeout_s: float) -> float:
     return min(5.0, max(0.2, timeout_s / 10))
 
 
+def _exit_process(message: str) -> None:
+    os._exit(EXIT_CODE_DISTRIBUTED_FAULT)
+
+
 class Watchdog:
+    """`completion`: on an asynchronous backend, what records a completion after a region's
+    collectives (`pending_collectives.cuda_completion`); None (gloo): its collectives raise.
+    `on_fault(message)` runs once a pending collective was reported (default: exit the process)."""
+
     def __init__(self, store, rank: int, world_size: int, timeout_s: float, prefix: str = "evomoe/watchdog",
-                 store_addr: str = "?"):
+                 store_addr: str = "?", completion: CompletionFactory | None = None,
+                 on_fault: Callable[[str], None] = _exit_process):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.timeout_s, self.interval_s = timeout_s, heartbeat_interval(timeout_s)
         self.prefix, self.store_addr = prefix, store_addr
         self.step: int | None = None
-        self._stack: list[tuple[str, float]] = []  # (region label, wall time entered), innermost last
+        self.pending = None if completion is None else \
+            PendingCollectives(completion, deadline_s(timeout_s, self.interval_s))
+        self._on_fault = on_fault
+        self._faulted = False  # a pending collective was reported (once)
+        self._final = False  # the last record (exited) is written: no beat may overwrite it
+        self._stack: list[Region] = []  # innermost last
         self._last: tuple[str, float] | None = None  # the last region left, and when
         self._beat = 0
         self._lock = threading.Lock()  # one store request at a time (heartbeat thread vs diagnosis)
@@ -129,6 +162,13 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._publish()
+            if self.pending is not None and not self._faulted:
+                try:
+                    self.check_pending(time.time())
+                except Exception as e:  # noqa: BLE001 - e.g. a CUDA error: the training thread raises it too
+                    self._faulted = True  # (stop checking; the heartbeats go on)
+                    log.warning("watchdog: rank %d stops following its pending collectives (%s: %s)", self.rank,
+                                type(e).__name__, short_cause(e))
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}/rank{rank}"
@@ -137,14 +177,26 @@ class Watchdog:
         self._beat += 1
         stack, last = list(self._stack), self._last
         rec = {"beat": self._beat, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
-               "step": self.step, "where": [w for w, _ in stack], "since": stack[-1][1] if stack else
-               (last[1] if last else self._started), "last": last[0] if last else None, "exited": exited}
+               "step": self.step, "where": [o.what for o in stack], "since": stack[-1].entered if stack else
+               (last[1] if last else self._started), "last": last[0] if last else None, "exited": exited,
+               "pending": self._pending_record()}
         try:
             with self._lock:
+                if self._final:
+                    return
+                self._final = exited is not None
                 self.store.set(self._key(self.rank), json.dumps(rec))
         except Exception as e:  # noqa: BLE001 - the store host is gone: the diagnosis will say so
             if exited is None and self._beat <= 2:
                 log.warning("watchdog: rank %d cannot write its heartbeat to %s (%s)", self.rank, self.store_addr, e)
+
+    def _pending_record(self) -> dict | None:
+        if self.pending is None:
+            return None
+        try:
+            return self.pending.record()
+        except Exception:  # noqa: BLE001 - a CUDA error: check_pending says so once; the beats go on
+            return None
 
     def _read(self, rank: int) -> dict | None:
         with self._lock:
@@ -155,31 +207,67 @@ class Watchdog:
     # ------------------------------------------------------------------ regions
     @contextlib.contextmanager
     def region(self, what: str, group=None, ranks: list[int] | None = None):
-        self._stack.append((what, time.time()))
+        self._stack.append(Region(what, time.time(), group, ranks))
         try:
             yield
+            if self.pending is not None:  # (NCCL: its collectives may still be running on the GPU)
+                self.pending.add(list(self._stack), self.step, time.time())
         except DistributedFaultError:
             raise  # an inner region already diagnosed it
         except Exception as e:
             if not is_comm_failure(e):
                 raise
-            label = " > ".join(w for w, _ in self._stack)  # outer regions give the context
-            waited = time.time() - self._stack[-1][1]
-            if ranks is None:
-                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
-            raise DistributedFaultError(self.diagnose(label, ranks, e, waited)) from e
+            waited = time.time() - self._stack[-1].entered
+            where = self._where()  # outer regions give the context
+            raise DistributedFaultError(self.diagnose(" > ".join(where), self._ranks(group, ranks), short_cause(e),
+                                                      waited, self.step, where)) from e
         finally:
-            self._last = (self._stack.pop()[0], time.time())
+            self._last = (self._stack.pop().what, time.time())
+
+    def _where(self) -> list[str]:
+        return [o.what for o in self._stack]
+
+    def _ranks(self, group, ranks: list[int] | None) -> list[int]:
+        if ranks is not None:
+            return ranks
+        return dist.get_process_group_ranks(group) if group is not None else list(range(self.world_size))
+
+    # ------------------------------------------------------------------ asynchronous collectives
+    def check_pending(self, now: float) -> PendingCollective | None:
+        """Heartbeat thread: report a collective pending past the deadline (in a thread of its own,
+        so that the heartbeats go on while the diagnosis watches the peers')."""
+        overdue = self.pending.overdue(list(self._stack), self.step, now)
+        if overdue is not None:
+            self._faulted = True
+            threading.Thread(target=self._report_pending, args=(overdue, now), daemon=True,
+                             name=f"evomoe-fault-{self.rank}").start()
+        return overdue
+
+    def pending_message(self, e: PendingCollective, now: float) -> str:
+        """The message for `e`; 'failed after' counts from its region's entry, as for gloo."""
+        cause = f"still running on the GPU, reported before NCCL's {self.timeout_s:g} s timeout aborts it"
+        return self.diagnose(e.label, self._ranks(e.region.group, e.region.ranks), cause, now - e.region.entered,
+                             e.step, e.where)
+
+    def _report_pending(self, e: PendingCollective, now: float) -> None:
+        message = self.pending_message(e, now)
+        log.error("distributed error: %s", message)
+        _flush_logs()
+        self._publish(exited=f"{DistributedFaultError.__name__}: {short_cause(message)}")
+        self._on_fault(message)
 
     # ------------------------------------------------------------------ diagnosis
-    def diagnose(self, what: str, ranks: list[int], err: BaseException, waited: float) -> str:
+    def diagnose(self, what: str, ranks: list[int], cause: str, waited: float, step: int | None,
+                 where: list[str]) -> str:
+        """The one-line message: `what` (on `ranks`, at `step`) failed after `waited` s because of
+        `cause`; then what each peer is doing, compared with `where` (this rank's region stack)."""
         ranks = sorted(set(ranks) | {self.rank})
         peers = [r for r in ranks if r != self.rank]
-        step = f" at step {self.step}" if self.step is not None else ""
-        head = (f"rank {self.rank}: {what} (ranks {', '.join(map(str, ranks))}){step} failed after "
-                f"{waited:.1f} s ({short_cause(err)})")
+        at_step = f" at step {step}" if step is not None else ""
+        head = (f"rank {self.rank}: {what} (ranks {', '.join(map(str, ranks))}){at_step} failed after "
+                f"{waited:.1f} s ({cause})")
         try:
-            findings = self._findings(peers, [w for w, _ in self._stack])
+            findings = self._findings(peers, where, step)
         except Exception as e:  # noqa: BLE001 - the store itself is unreachable
             return (f"{head}: the rendezvous store at {self.store_addr} is unreachable ({type(e).__name__}: "
                     f"{short_cause(e)}), so the rank hosting it (rank 0 when not launched by torchrun) has "
@@ -188,7 +276,7 @@ class Watchdog:
             return f"{head}: every other rank of the group is alive and waiting in the same collective"
         return f"{head}: " + "; ".join(findings)
 
-    def _findings(self, peers: list[int], my_where: list[str]) -> list[str]:
+    def _findings(self, peers: list[int], my_where: list[str], my_step: int | None) -> list[str]:
         """What each peer is doing: a heartbeat that does not advance over a few intervals is a dead
         rank (a rank killed a moment ago still has a fresh-looking record, hence the wait)."""
         first = {r: self._read(r) for r in peers}
@@ -211,9 +299,24 @@ class Watchdog:
             elif r in pending:
                 out.append(f"rank {r} stopped responding (last heartbeat {time.time() - rec['time']:.1f} s ago, "
                            f"pid {rec['pid']} on {rec['host']}{_at(rec)}): it died or is frozen")
-            elif rec["where"] != my_where or rec.get("step") != self.step:
+            elif not _in_same(rec, my_where, my_step):
                 out.append(f"rank {r} is alive but did not join{_at(rec)}: {_doing(rec)}")
         return out
+
+
+def _in_same(rec: dict, where: list[str], step: int | None) -> bool:
+    """Whether a peer is in the same collective: its host in the same region, or (NCCL) its oldest
+    collective still running on its GPU the same one."""
+    pending = rec.get("pending") or {}
+    return (where, step) in ((rec["where"], rec.get("step")), (pending.get("where"), pending.get("step")))
+
+
+def _flush_logs() -> None:
+    """Before an os._exit: what the handlers buffered (and stderr) would otherwise be lost."""
+    for logger in (log, logging.getLogger()):
+        for handler in logger.handlers:
+            handler.flush()
+    sys.stderr.flush()
 
 
 def _at(rec: dict) -> str:
@@ -221,6 +324,10 @@ def _at(rec: dict) -> str:
 
 
 def _doing(rec: dict) -> str:
+    pending = rec.get("pending")
+    if pending:  # (NCCL: where its GPU is matters, its host may be far ahead)
+        return (f"its GPU has been in {' > '.join(pending['where'])} (step {pending['step']}) for "
+                f"{time.time() - pending['since']:.1f} s")
     since = time.time() - rec["since"]
     if rec["where"]:
         return f"it has been in {' > '.join(rec['where'])} for {since:.1f} s"
@@ -229,9 +336,10 @@ def _doing(rec: dict) -> str:
 
 
 def start_watchdog(rank: int, world_size: int, timeout_s: float, host: str, port: int,
-                   environ=None) -> Watchdog | None:
+                   environ=None, completion: CompletionFactory | None = None) -> Watchdog | None:
     """Connect a client to the rendezvous store and start this rank's heartbeat (None, with a
-    warning, when the store cannot be reached: the run goes on, errors are just less precise)."""
+    warning, when the store cannot be reached: the run goes on, errors are just less precise).
+    `completion`: see Watchdog (NCCL: `pending_collectives.cuda_completion(device)`)."""
     env = os.environ if environ is None else environ
     prefix = f"evomoe/watchdog/{env.get('TORCHELASTIC_RUN_ID', 'run')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:
@@ -241,7 +349,7 @@ def start_watchdog(rank: int, world_size: int, timeout_s: float, host: str, port
         log.warning("watchdog: cannot reach the rendezvous store at %s:%d (%s); collective failures will "
                     "not name the rank at fault", host, port, e)
         return None
-    return Watchdog(store, rank, world_size, timeout_s, prefix, f"{host}:{port}").start()
+    return Watchdog(store, rank, world_size, timeout_s, prefix, f"{host}:{port}", completion).start()
 
 
 def stop_watchdog(reason: str) -> None:
