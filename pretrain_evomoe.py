@@ -14,7 +14,7 @@ import sys
 
 from megatron_evomoe.cli import USER_ERRORS, ArgumentParser, user_error
 from megatron_evomoe.config import ConfigError, load_config
-from megatron_evomoe.parallel.watchdog import DistributedFaultError
+from megatron_evomoe.parallel.watchdog import EXIT_CODE_DISTRIBUTED_FAULT, DistributedFaultError
 from megatron_evomoe.training.nonfinite import NonFiniteError
 from megatron_evomoe.training.stop_request import EXIT_CODE_STOPPED, TrainingStopped
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         return user_error(e, "config error")
     except DistributedFaultError as e:  # another rank died or hung: the message names it and the collective
         print(f"distributed error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_CODE_DISTRIBUTED_FAULT
     except TrainingStopped as e:  # a signal: checkpoint saved at a step boundary; rerunning resumes
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_CODE_STOPPED
