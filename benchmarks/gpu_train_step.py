@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""One-GPU training-step throughput of a config (tokens/s, TFLOP/s, MFU) and its host syncs per step.
+
+    python benchmarks/gpu_train_step.py --config examples/configs/gpu_1b_moe.yaml --json OUT.json
+    python benchmarks/gpu_train_step.py --config ... --sync-debug --json OUT.json   # + the sync pass
+    python benchmarks/gpu_train_step.py --config ... --device cpu --steps 1 --warmup 0 \
+        --model.hidden_size=64 ...                                 # CPU smoke of the same code path
+
+The step is the trainer's (training/trainer.py::_train_step, one process): the model of the config's
+last stage (stages/structure.py::build_model, `auto` backends), bf16 autocast when train.bf16, loss =
+LM loss sum / supervised tokens + the MoE aux losses, backward, gradient clipping, the trainer's
+AdamW (training/optim.py). Random token ids of the config's micro-batch x data.seq_len; text only.
+FLOPs per step: stages/flops.py (3 x forward, full attention square); MFU against the device's dense
+bf16 peak (stages/flops.py::peak_tflops).
+
+--sync-debug runs one more step under torch.cuda.set_sync_debug_mode("warn") and counts the host
+syncs it warns about, attributed to the MoE layer (forward inside a MoELayer, or any frame in moe/ or
+ops/), the expert-parallel split sizes (parallel/expert_parallel.py: allowed) or elsewhere.
+The JSON is rewritten after each part, so a time-out keeps what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNC_MESSAGE = "called a synchronizing CUDA operation"  # what set_sync_debug_mode("warn") says
+
+
+def build(cfg, device):
+    """The model of the config's last stage on `device` and the trainer's optimizer over it."""
+    from megatron_evomoe.stages.structure import build_model
+    from megatron_evomoe.training.optim import build_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    # image_token_id -1: never a token id, so every token is text (the config has no vision tower)
+    model = build_model(cfg, image_token_id=-1, up_to_stage=len(cfg.stages) - 1).to(device).train()
+    if getattr(cfg.train, "compile", False):  # the field exists once the compile issue lands
+        model = torch.compile(model)
+    stage = cfg.stages[-1]
+    opt = build_optimizer(list(model.named_parameters()), lr=stage.lr, weight_decay=cfg.train.weight_decay,
+                          betas=tuple(cfg.train.adam_betas), device=device)
+    return model, opt
+
+
+def train_step(model, opt, ids, cfg) -> float:
+    """One step as the trainer runs it on one process; returns the loss (a host sync, as the trainer's)."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+        out = model(ids, None, ids)
+    loss = out.lm_loss_sum / out.num_tokens.clamp(min=1) + out.aux_loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad or float("inf"))
+    opt.step()
+    return float(loss.detach())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, opt, ids, cfg, warmup: int, steps: int) -> dict:
+    """Median step time after `warmup` steps (which absorb Triton autotuning and compilation)."""
+    device = ids.device
+    for _ in range(warmup):
+        train_step(model, opt, ids, cfg)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, ids, cfg)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"step_s": statistics.median(times), "step_s_all": times, "loss": loss, "peak_mem_gib": peak}
+
+
+class SyncCounter:
+    """Counts the host-sync warnings of set_sync_debug_mode("warn") and attributes each one.
+
+    Forward pre/post hooks keep the stack of modules running, so a sync in a forward is placed in
+    its module; a sync in the backward (or anywhere) is placed by the Python frames it came from."""
+
+    def __init__(self, model: torch.nn.Module):
+        from megatron_evomoe.moe.moe_layer import MoELayer
+
+        self.model, self.moe_type = model, MoELayer
+        self.running: list[torch.nn.Module] = []
+        self.events: list[dict] = []
+
+    def __enter__(self):
+        self.handles = []
+        for module in self.model.modules():
+            self.handles.append(module.register_forward_pre_hook(lambda m, a: self.running.append(m)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o: self.running.pop()))
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._on_warning
+        return self
+
+    def __exit__(self, *exc):
+        self.warnings.__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None):
+        if SYNC_MESSAGE not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack() if "megatron_evomoe" in f.filename or "benchmarks" in f.filename]
+        self.events.append({"where": self.attribute(frames), "at": _location(frames)})
+
+    def attribute(self, frames) -> str:
+        files = [Path(f.filename).as_posix() for f in frames]
+        if any(f.endswith("parallel/expert_parallel.py") for f in files):
+            return "ep_split_sizes"
+        if any(isinstance(m, self.moe_type) for m in self.running) or any(
+                "/megatron_evomoe/moe/" in f or "/megatron_evomoe/ops/" in f for f in files):
+            return "moe_layer"
+        return "elsewhere"
+
+    def summary(self) -> dict:
+        out = {"moe_layer": 0, "ep_split_sizes": 0, "elsewhere": 0, "locations": {}}
+        for e in self.events:
+            out[e["where"]] += 1
+            key = f"{e['where']}: {e['at']}"
+            out["locations"][key] = out["locations"].get(key, 0) + 1
+        return out
+
+
+def _location(frames) -> str:
+    """The innermost frame of this project: file:line (function)."""
+    if not frames:
+        return "outside this project (autograd engine or torch)"
+    f = frames[-1]
+    rel = Path(f.filename).resolve()
+    rel = rel.relative_to(ROOT) if rel.is_relative_to(ROOT) else rel
+    return f"{rel}:{f.lineno} ({f.name})"
+
+
+def count_syncs(model, opt, ids, cfg) -> dict:
+    """One step under set_sync_debug_mode("warn") (CUDA only)."""
+    _sync(ids.device)
+    with SyncCounter(model) as counter:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(model, opt, ids, cfg)
+            _sync(ids.device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return counter.summary()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "examples/configs/gpu_1b_moe.yaml"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--sync-debug", action="store_true", help="one more step counting host syncs (CUDA)")
+    p.add_argument("--json", default="", metavar="PATH")
+    args, overrides = p.parse_known_args(argv)
+    from megatron_evomoe.config import load_config
+    from megatron_evomoe.stages.flops import mfu, peak_tflops, step_flops
+    from megatron_evomoe.stages.size import count_parameters
+
+    cfg = load_config(args.config, [*overrides, f"--train.device={torch.device(args.device).type}"])
+    device = torch.device(args.device)
+    sizes = count_parameters(cfg)[-1]
+    seq, mb = cfg.data.seq_len, cfg.train.micro_batch_size
+    flops = step_flops(cfg, mb * seq, seq, moe_mode=cfg.stages[-1].moe_mode)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"device": name, "config": args.config, "micro_batch": mb, "seq_len": seq, "bf16": cfg.train.bf16,
+              "params_total": sizes["total"], "params_active": sizes["llm_active_per_token"],
+              "flops_per_step": flops.total, "flop_terms": flops.terms, "peak_tflops": peak_tflops(name)}
+    write = (lambda: Path(args.json).write_text(json.dumps(result, indent=1))) if args.json else (lambda: None)
+    write()
+    t0 = time.perf_counter()
+    model, opt = build(cfg, device)
+    result["build_s"] = time.perf_counter() - t0
+    ids = torch.randint(0, cfg.model.vocab_size, (mb, seq), device=device)
+    result.update(measure(model, opt, ids, cfg, args.warmup, args.steps))
+    step_s = result["step_s"]
+    result["tokens_per_s"] = mb * seq / step_s
+    result["tflops_per_s"] = flops.tflops_per_s(step_s)
+    result["mfu"] = mfu(flops, step_s, result["peak_tflops"]) if result["peak_tflops"] else None
+    write()
+    print(f"{name}: {mb} x {seq} tokens, step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tokens/s, "
+          f"{result['tflops_per_s']:.1f} TFLOP/s, MFU {result['mfu']}")
+    if args.sync_debug:
+        if device.type != "cuda":
+            p.error("--sync-debug needs a CUDA device")
+        result["syncs_per_step"] = count_syncs(model, opt, ids, cfg)
+        write()
+        print(f"host syncs in one step: {json.dumps(result['syncs_per_step'], indent=1)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
