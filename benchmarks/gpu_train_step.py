@@ -102,8 +102,8 @@ class SyncCounter:
     def __enter__(self):
         self.handles = []
         for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(lambda m, a: self.running.append(m)))
-            self.handles.append(module.register_forward_hook(lambda m, a, o: self.running.pop()))
+            self.handles.append(module.register_forward_pre_hook(self._enter_module))
+            self.handles.append(module.register_forward_hook(self._leave_module))
         self.warnings = warnings.catch_warnings()
         self.warnings.__enter__()
         warnings.simplefilter("always")
@@ -114,6 +114,12 @@ class SyncCounter:
         self.warnings.__exit__(*exc)
         for h in self.handles:
             h.remove()
+
+    def _enter_module(self, module, args) -> None:  # (a hook returning a value would replace the input)
+        self.running.append(module)
+
+    def _leave_module(self, module, args, output) -> None:
+        self.running.pop()
 
     def _on_warning(self, message, category, filename, lineno, file=None, line=None):
         if SYNC_MESSAGE not in str(message):
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "examples/configs/gpu_1b_moe.yaml"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (0: none, e.g. for --sync-debug alone)")
     p.add_argument("--sync-debug", action="store_true", help="one more step counting host syncs (CUDA)")
     p.add_argument("--json", default="", metavar="PATH")
     args, overrides = p.parse_known_args(argv)
@@ -190,14 +196,18 @@ def main(argv=None) -> int:
     model, opt = build(cfg, device)
     result["build_s"] = time.perf_counter() - t0
     ids = torch.randint(0, cfg.model.vocab_size, (mb, seq), device=device)
-    result.update(measure(model, opt, ids, cfg, args.warmup, args.steps))
-    step_s = result["step_s"]
-    result["tokens_per_s"] = mb * seq / step_s
-    result["tflops_per_s"] = flops.tflops_per_s(step_s)
-    result["mfu"] = mfu(flops, step_s, result["peak_tflops"]) if result["peak_tflops"] else None
-    write()
-    print(f"{name}: {mb} x {seq} tokens, step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tokens/s, "
-          f"{result['tflops_per_s']:.1f} TFLOP/s, MFU {result['mfu']}")
+    if args.steps > 0:
+        result.update(measure(model, opt, ids, cfg, args.warmup, args.steps))
+        step_s = result["step_s"]
+        result["tokens_per_s"] = mb * seq / step_s
+        result["tflops_per_s"] = flops.tflops_per_s(step_s)
+        result["mfu"] = mfu(flops, step_s, result["peak_tflops"]) if result["peak_tflops"] else None
+        write()
+        print(f"{name}: {mb} x {seq} tokens, step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tokens/s, "
+              f"{result['tflops_per_s']:.1f} TFLOP/s, MFU {result['mfu']}")
+    else:  # --steps 0 (the sync pass alone): warm-up only, so that compilation is not counted as syncs
+        for _ in range(args.warmup):
+            train_step(model, opt, ids, cfg)
     if args.sync_debug:
         if device.type != "cuda":
             p.error("--sync-debug needs a CUDA device")
