@@ -17,6 +17,29 @@ OUR_PERMUTE = ("triton", "cuda_ext")
 COPY = "device copy (same bytes)"
 
 
+# What the scorers below read from each output: (table title or None for top-level keys, fields).
+READS = {
+    "grouped_gemm.json": ("grouped_gemm", ("model", "load", "proj", "pass", "method", "TFLOP/s")),
+    "dtr.json": ("dtr", ("shape", "method", "fwd ms", "fwd+bwd ms")),
+    "permute.json": ("permute", ("model", "pass", "method", "GB/s")),
+    "train_step.json": (None, ("device", "params_active", "params_total", "micro_batch", "seq_len", "step_s",
+                               "tokens_per_s", "tflops_per_s", "peak_tflops", "peak_mem_gib", "mfu")),
+}
+
+
+def unreadable(path: Path) -> str:
+    """Why the scorer could not read `path` (a smoke run's output), "" when it can."""
+    if not path.is_file():
+        return f"no {path.name} written"
+    title, fields = READS[path.name]
+    data = json.loads(path.read_text())
+    records = [data] if title is None else data.get("tables", {}).get(title, [])
+    if not records:
+        return f"{path.name} has no '{title}' rows"
+    lacking = [f for f in fields if f not in records[0]]
+    return f"{path.name} lacks {', '.join(lacking)}" if lacking else ""
+
+
 def row(target: str, measured, threshold: float, detail: str = "", at_most: bool = False) -> dict:
     """met: measured >= threshold (at_most: <=); never met when nothing was measured."""
     met = measured is not None and (measured <= threshold if at_most else measured >= threshold)
@@ -112,7 +135,8 @@ def sync_targets(path: Path) -> list[dict]:
         return [row("host syncs in the MoE layer per step (outside EP split sizes)", None, 0,
                     f"no sync pass in {path.name}", at_most=True)]
     top = sorted(r["locations"].items(), key=lambda kv: -kv[1])[:8]
-    detail = (f"MoE layer {r['moe_layer']}, EP split sizes {r['ep_split_sizes']}, elsewhere {r['elsewhere']}; "
+    detail = (f"MoE layer {r['moe_layer']}, EP split sizes {r['ep_split_sizes']}, backward of C++ autograd nodes "
+              f"(module unknown) {r['backward_unattributed']}, elsewhere {r['elsewhere']}; "
               + "; ".join(f"{n} x {where}" for where, n in top))
     return [row("host syncs in the MoE layer per step (outside EP split sizes)", r["moe_layer"], 0, detail,
                 at_most=True)]

@@ -214,9 +214,12 @@ def judge_smoke(part: Part, proc: subprocess.Popen, tmp: Path) -> list[str]:
         n = int(m.group(1)) if m else 0
         print(f"  check {part.name}: pytest collects {n} gpu tests")
         return [] if n > 0 else ["tests: pytest collects no `gpu` tests"]
-    rows = part.score(tmp / part.output)  # the scorer reads the smoke output (no GPU rows: nothing measured)
-    print(f"  check {part.name}: CPU smoke ran, {tmp / part.output} read ({len(rows)} target(s))")
-    return [] if (tmp / part.output).is_file() else [f"{part.name}: the smoke run wrote no {part.output}"]
+    why = targets.unreadable(tmp / part.output)  # a renamed column would leave the GPU run unscored
+    if why:
+        return [f"{part.name}: {why}"]
+    rows = part.score(tmp / part.output)  # (no GPU rows in a CPU smoke: nothing measured)
+    print(f"  check {part.name}: CPU smoke ran, its {part.output} has what the {len(rows)} target(s) read")
+    return []
 
 
 def gpu_test_files() -> list[str]:

@@ -15,7 +15,9 @@ bf16 peak (stages/flops.py::peak_tflops).
 
 --sync-debug runs one more step under torch.cuda.set_sync_debug_mode("warn") and counts the host
 syncs it warns about, attributed to the MoE layer (forward inside a MoELayer, or any frame in moe/ or
-ops/), the expert-parallel split sizes (parallel/expert_parallel.py: allowed) or elsewhere.
+ops/, e.g. a custom op's Python backward), the expert-parallel split sizes (parallel/expert_parallel.py:
+allowed), the backward of C++ autograd nodes (which the engine reports at .backward(), so they name no
+module: "backward_unattributed", which may include MoE-layer syncs) or elsewhere.
 The JSON is rewritten after each part, so a time-out keeps what was measured.
 """
 from __future__ import annotations
@@ -124,20 +126,24 @@ class SyncCounter:
     def _on_warning(self, message, category, filename, lineno, file=None, line=None):
         if SYNC_MESSAGE not in str(message):
             return
-        frames = [f for f in traceback.extract_stack() if "megatron_evomoe" in f.filename or "benchmarks" in f.filename]
-        self.events.append({"where": self.attribute(frames), "at": _location(frames)})
+        stack = traceback.extract_stack()
+        # the autograd engine replays its C++ nodes' warnings at the .backward() call: no module to name
+        in_backward = any(f.name == "backward" and ("torch/autograd" in f.filename or "torch/_tensor.py" in f.filename)
+                          for f in stack)
+        frames = [f for f in stack if "megatron_evomoe" in f.filename or "benchmarks" in f.filename]
+        self.events.append({"where": self.attribute(frames, in_backward), "at": _location(frames)})
 
-    def attribute(self, frames) -> str:
+    def attribute(self, frames, in_backward: bool = False) -> str:
         files = [Path(f.filename).as_posix() for f in frames]
         if any(f.endswith("parallel/expert_parallel.py") for f in files):
             return "ep_split_sizes"
         if any(isinstance(m, self.moe_type) for m in self.running) or any(
                 "/megatron_evomoe/moe/" in f or "/megatron_evomoe/ops/" in f for f in files):
-            return "moe_layer"
-        return "elsewhere"
+            return "moe_layer"  # a forward inside a MoE layer, or its ops' Python backward
+        return "backward_unattributed" if in_backward else "elsewhere"
 
     def summary(self) -> dict:
-        out = {"moe_layer": 0, "ep_split_sizes": 0, "elsewhere": 0, "locations": {}}
+        out = {"moe_layer": 0, "ep_split_sizes": 0, "backward_unattributed": 0, "elsewhere": 0, "locations": {}}
         for e in self.events:
             out[e["where"]] += 1
             key = f"{e['where']}: {e['at']}"

@@ -58,6 +58,7 @@ def test_runner_time_boxes_each_part_and_goes_on(tmp_path, monkeypatch):
     (bench / "hang.py").write_text("import time; time.sleep(60)")
     (bench / "write.py").write_text("import json, sys; open(sys.argv[1], 'w').write(json.dumps("
                                     "{'syncs_per_step': {'moe_layer': 0, 'ep_split_sizes': 0, 'elsewhere': 2,"
+                                    " 'backward_unattributed': 1,"
                                     " 'locations': {'elsewhere: x.py:1 (f)': 2}}}))")
     parts = [gpu_acceptance.Part("a", 30, "fail.py", [], "none.json", targets.train_targets),
              gpu_acceptance.Part("b", 1, "hang.py", [], "none.json", targets.dtr_targets),
@@ -134,8 +135,20 @@ def test_sync_counter_attributes_moe_layer_and_elsewhere():
     moe.router.register_forward_hook(sync_warning)  # and 1 more
     x = torch.randn(5, 8)
     with gpu_train_step.SyncCounter(model) as counter:
-        moe(model[0](x), torch.zeros(5, dtype=torch.long))
+        y, _ = moe(model[0](x), torch.zeros(5, dtype=torch.long))
         warnings.warn("an unrelated warning")  # not a sync: not counted
+        total = y.sum()
+        total.register_hook(lambda g: sync_warning())  # a sync in the backward, outside any module
+        total.backward()
     s = counter.summary()
-    assert (s["moe_layer"], s["ep_split_sizes"], s["elsewhere"]) == (2, 0, 1)
-    assert sum(s["locations"].values()) == 3
+    assert (s["moe_layer"], s["ep_split_sizes"], s["backward_unattributed"], s["elsewhere"]) == (2, 0, 1, 1)
+    assert sum(s["locations"].values()) == 4
+
+
+def test_renamed_column_makes_the_output_unreadable(tmp_path):
+    good = {"model": "m", "pass": "permute fwd", "method": "triton", "GB/s": 1.0}
+    path = _bench_json(tmp_path / "permute.json", "permute", [good])
+    assert targets.unreadable(path) == ""
+    renamed = {("GBps" if k == "GB/s" else k): v for k, v in good.items()}
+    assert targets.unreadable(_bench_json(path, "permute", [renamed])) == "permute.json lacks GB/s"
+    assert targets.unreadable(tmp_path / "dtr.json") == "no dtr.json written"
