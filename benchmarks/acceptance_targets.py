@@ -85,7 +85,7 @@ def grouped_gemm_targets(path: Path) -> list[dict]:
     return [row(f"grouped GEMM / dense cuBLAS, equal FLOPs ({RECIPE_GEMM}, worst case)",
                 min(vs_dense, default=None), 0.85, detail),
             row(f"grouped GEMM / torch._grouped_mm ({RECIPE_GEMM}, worst case)", min(vs_torch, default=None), 1.0,
-                detail if vs_dense or not vs_torch else "torch._grouped_mm did not run")]
+                detail if vs_torch or not cases else f"torch._grouped_mm did not run; {detail}")]
 
 
 def dtr_targets(path: Path) -> list[dict]:
@@ -119,6 +119,11 @@ def permute_targets(path: Path) -> list[dict]:
 
 
 def train_targets(path: Path) -> list[dict]:
+    """MFU of the timed steps, then the host syncs of the step under sync-debug mode (the same JSON)."""
+    return _mfu_target(path) + sync_targets(path)
+
+
+def _mfu_target(path: Path) -> list[dict]:
     r = json.loads(path.read_text()) if path.is_file() else {}
     if "tokens_per_s" not in r:
         return [row("MFU of the ~1B-active bf16 training step", None, 0.45, f"no step measured in {path.name}")]

@@ -140,13 +140,13 @@ def main(argv=None):
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs compare TF32 paths on all sides
     table = []
+    headers = ["model", "proj", "KxN", "load", "pass", "method", "ms", "TFLOP/s", "vs best alt", "vs dense", "note"]
     for model, (hidden, ffn, experts, topk, tokens) in selected(TINY_MODELS if args.tiny else MODELS, args).items():
         for proj in ("up", "down"):
             for load in ("balanced", "skewed"):
                 bench_case(args, model, hidden, ffn, experts, topk, tokens, proj, load, table)
-    headers = ["model", "proj", "KxN", "load", "pass", "method", "ms", "TFLOP/s", "vs best alt", "vs dense", "note"]
+                write_json(args, {"grouped_gemm": (headers, table)})  # after each case: a time-out keeps them
     print_table(headers, table, title=f"grouped GEMM on {args.device.type} ({args.dtype}; median of {args.iters})")
-    write_json(args, {"grouped_gemm": (headers, table)})
 
 
 if __name__ == "__main__":

@@ -122,11 +122,11 @@ def main(argv=None):
     args = bench_args(__doc__.splitlines()[0], argv)
     device_banner(args.device, f"permute / unpermute, {args.dtype}")
     table = []
+    headers = ["model", "shape", "pass", "method", "ms", "GB/s", "vs best alt", "vs copy", "note"]
     for model, (T, C, E, K) in selected(TINY_MODELS if args.tiny else MODELS, args).items():
         bench_model(args, model, T, C, E, K, table)
-    headers = ["model", "shape", "pass", "method", "ms", "GB/s", "vs best alt", "vs copy", "note"]
+        write_json(args, {"permute": (headers, table)})  # after each model: a time-out keeps them
     print_table(headers, table, title=f"permute / unpermute on {args.device.type} ({args.dtype}; median of {args.iters})")
-    write_json(args, {"permute": (headers, table)})
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def main(argv=None):
     dtr_headers = ["shape", "sizes", "method", "fwd ms", "fwd speed-up", "fwd+bwd ms", "fwd+bwd speed-up",
                    "peak MiB", "note"]
     print_table(dtr_headers, dtr_rows, title="Dynamic Token-aware Router (speed-up = eager time / method time)")
+    write_json(args, {"dtr": (dtr_headers, dtr_rows)})  # before the top-k table: a time-out keeps it
     if not args.only:  # --only names DTR shapes; the top-k table has its own
         bench_topk(args, topk_rows)
     topk_headers = ["shape", "tokens", "backend", "fwd ms", "fwd speed-up", "fwd+bwd ms", "fwd+bwd speed-up", "note"]
