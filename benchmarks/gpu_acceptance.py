@@ -27,10 +27,14 @@ runs on CPU at a tiny size. Exit status 1 names every missing piece.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
+import io
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -143,7 +147,7 @@ def run_all(args, parts: list[Part]) -> int:
     t0, failed = time.perf_counter(), False
     for part in parts:
         cmd = command(part, args, part.args, out=out)
-        entry = report["parts"][part.name] = {"command": " ".join(cmd), "budget_s": part.budget_s,
+        entry = report["parts"][part.name] = {"command": shlex.join(cmd), "budget_s": part.budget_s,
                                               "log": str(out / f"{part.name}.log"), "status": "running"}
         save(report, out)
         print(f"== {part.name} (budget {part.budget_s} s): {entry['command']}", flush=True)
@@ -177,62 +181,78 @@ def print_plan(args, parts: list[Part]) -> None:
           f"output {args.out_dir}/gpu_acceptance.{{json,md}}")
     for part in parts:
         cmd = command(part, args, part.args, out=args.out_dir)
-        print(f"  part {part.name:<13} budget {part.budget_s:>4} s  {' '.join(cmd)}")
+        print(f"  part {part.name:<13} budget {part.budget_s:>4} s  {shlex.join(cmd)}")
 
 
 def dry_run(args, parts: list[Part]) -> int:
-    """The plan, then each part's cheap check (all of them, in parallel); 1 if any failed."""
+    """The plan, then each part's cheap check, every one even after a failure; 1 if any failed.
+    pytest's collection runs in the background while the scripts' CPU smokes run in this process
+    (one torch import instead of one per script: the dry run is part of CI)."""
     print_plan(args, parts)
     problems = missing_scripts(args, parts)
     names = {p.name for p in parts}
+    collect = None
+    if "tests" in names:
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        collect = subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                                    *gpu_test_files()], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
     if "train_step" in names and Path(args.config).is_file():
         problems += check_config(args.config)
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        checks = {}
-        for part in parts:
-            if part.script and not (Path(args.bench_dir) / part.script).is_file():
-                continue
-            if part.smoke:
-                checks[part.name] = command(part, args, part.smoke, tmp=tmp)
-            elif part.name == "tests":
-                checks[part.name] = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
-                                     *gpu_test_files()]
-        procs = {n: subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True) for n, c in checks.items()}
-        for part in parts:
-            if part.name in procs:
-                problems += judge_smoke(part, procs[part.name], Path(tmp))
-    if "train_step" in names:
         import torch
         if not hasattr(torch.cuda, "set_sync_debug_mode"):
             problems.append("train_step: this torch has no torch.cuda.set_sync_debug_mode (the host-sync pass)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in parts:
+            if part.smoke and (Path(args.bench_dir) / part.script).is_file():
+                problems += smoke(part, args, Path(tmp))
+    if collect is not None:
+        problems += judge_collection(collect)
     for p in problems:
         print(f"MISSING {p}")
     print("dry run: " + ("every part is ready" if not problems else f"{len(problems)} problem(s)"))
     return 1 if problems else 0
 
 
-def judge_smoke(part: Part, proc: subprocess.Popen, tmp: Path) -> list[str]:
-    """A smoke run's problems: a non-zero exit, no collected tests, or output the targets cannot read."""
+def smoke(part: Part, args, tmp: Path) -> list[str]:
+    """Run the part's script's main() with its CPU smoke arguments; its output must carry what the
+    part's targets read (a renamed column would leave the GPU run unscored)."""
+    path = Path(args.bench_dir) / part.script
+    argv = [a.format(config=args.config, tmp=tmp) for a in part.smoke]
+    shown = f"{path.name} {' '.join(argv)}"
+    log = io.StringIO()
     try:
-        text, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return [f"{part.name}: the CPU check did not finish in 240 s: {' '.join(proc.args)}"]
-    if proc.returncode != 0:
-        tail = text.strip().splitlines()[-1] if text.strip() else ""
-        return [f"{part.name}: `{' '.join(proc.args)}` exited {proc.returncode}: {tail}"]
-    if part.name == "tests":
-        m = re.search(r"(\d+)(?:/\d+)? tests? collected", text)
-        n = int(m.group(1)) if m else 0
-        print(f"  check {part.name}: pytest collects {n} gpu tests")
-        return [] if n > 0 else ["tests: pytest collects no `gpu` tests"]
-    why = targets.unreadable(tmp / part.output)  # a renamed column would leave the GPU run unscored
+        spec = importlib.util.spec_from_file_location(f"acceptance_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        with contextlib.redirect_stdout(log):
+            spec.loader.exec_module(module)
+            rc = module.main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    except Exception as exc:  # any failure of the smoke is this part's problem, reported with the others
+        rc = f"{type(exc).__name__}: {exc}"
+    if rc not in (0, None):
+        return [f"{part.name}: `{shown}` failed: {rc}"]
+    why = targets.unreadable(tmp / part.output)
     if why:
         return [f"{part.name}: {why}"]
     rows = part.score(tmp / part.output)  # (no GPU rows in a CPU smoke: nothing measured)
     print(f"  check {part.name}: CPU smoke ran, its {part.output} has what the {len(rows)} target(s) read")
+    return []
+
+
+def judge_collection(proc: subprocess.Popen) -> list[str]:
+    try:
+        text, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return ["tests: pytest's collection did not finish in 240 s"]
+    m = re.search(r"(\d+)(?:/\d+)? tests? collected", text)
+    n = int(m.group(1)) if m else 0
+    if proc.returncode != 0 or n == 0:
+        tail = text.strip().splitlines()[-1] if text.strip() else ""
+        return [f"tests: pytest collects no `gpu` tests (exit {proc.returncode}): {tail}"]
+    print(f"  check tests: pytest collects {n} gpu tests")
     return []
 
 
