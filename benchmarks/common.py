@@ -157,5 +157,7 @@ def write_json(args: argparse.Namespace, tables: dict) -> None:
     out = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__, "tables": {
         title: [dict(zip(headers, (_cell(str(c)) for c in row))) for row in rows]
         for title, (headers, rows) in tables.items()}}
-    with open(args.json, "w") as f:
+    tmp = f"{args.json}.tmp"  # then renamed: a run killed mid-write leaves the previous complete file
+    with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
+    os.replace(tmp, args.json)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -196,7 +197,11 @@ def main(argv=None) -> int:
     result = {"device": name, "config": args.config, "micro_batch": mb, "seq_len": seq, "bf16": cfg.train.bf16,
               "params_total": sizes["total"], "params_active": sizes["llm_active_per_token"],
               "flops_per_step": flops.total, "flop_terms": flops.terms, "peak_tflops": peak_tflops(name)}
-    write = (lambda: Path(args.json).write_text(json.dumps(result, indent=1))) if args.json else (lambda: None)
+    def write():  # rewritten after each part, by rename: a run killed mid-write leaves the previous file
+        if args.json:
+            Path(f"{args.json}.tmp").write_text(json.dumps(result, indent=1))
+            os.replace(f"{args.json}.tmp", args.json)
+
     write()
     t0 = time.perf_counter()
     model, opt = build(cfg, device)

@@ -68,12 +68,15 @@ def test_runner_time_boxes_each_part_and_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "none.json").write_text(json.dumps({"syncs_per_step": {"moe_layer": 5}}))  # a previous run's output
     args = argparse.Namespace(out_dir=str(out), config=str(gpu_acceptance.CONFIG), bench_dir=str(bench))
     assert gpu_acceptance.run_all(args, parts) == 1
     report = json.loads((out / "gpu_acceptance.json").read_text())
     status = {n: p["status"] for n, p in report["parts"].items()}
     assert status == {"a": "failed (exit 3)", "b": "timed out after 1 s", "c": "ok"}
     assert report["parts"]["b"]["wall_s"] < 20
+    assert [t["measured"] for t in report["parts"]["a"]["targets"]] == [None, None]  # not the stale file's 5
     assert report["parts"]["c"]["targets"][0]["measured"] == 0 and report["parts"]["c"]["targets"][0]["met"]
     md = (out / "gpu_acceptance.md").read_text()
     assert "device: NVIDIA H100 80GB HBM3" in md and "## b" in md
