@@ -185,18 +185,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", metavar="PATH")
     args, overrides = p.parse_known_args(argv)
     from megatron_evomoe.config import load_config
-    from megatron_evomoe.stages.flops import mfu, peak_tflops, step_flops
-    from megatron_evomoe.stages.size import count_parameters
 
     cfg = load_config(args.config, [*overrides, f"--train.device={torch.device(args.device).type}"])
     device = torch.device(args.device)
-    sizes = count_parameters(cfg)[-1]
-    seq, mb = cfg.data.seq_len, cfg.train.micro_batch_size
-    flops = step_flops(cfg, mb * seq, seq, moe_mode=cfg.stages[-1].moe_mode)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"device": name, "config": args.config, "micro_batch": mb, "seq_len": seq, "bf16": cfg.train.bf16,
-              "params_total": sizes["total"], "params_active": sizes["llm_active_per_token"],
-              "flops_per_step": flops.total, "flop_terms": flops.terms, "peak_tflops": peak_tflops(name)}
+    if args.sync_debug and device.type != "cuda":
+        p.error("--sync-debug needs a CUDA device")
+    result = describe(cfg, device, args.config)
+
     def write():  # rewritten after each part, by rename: a run killed mid-write leaves the previous file
         if args.json:
             Path(f"{args.json}.tmp").write_text(json.dumps(result, indent=1))
@@ -206,26 +201,45 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, opt = build(cfg, device)
     result["build_s"] = time.perf_counter() - t0
-    ids = torch.randint(0, cfg.model.vocab_size, (mb, seq), device=device)
+    ids = torch.randint(0, cfg.model.vocab_size, (result["micro_batch"], result["seq_len"]), device=device)
     if args.steps > 0:
-        result.update(measure(model, opt, ids, cfg, args.warmup, args.steps))
-        step_s = result["step_s"]
-        result["tokens_per_s"] = mb * seq / step_s
-        result["tflops_per_s"] = flops.tflops_per_s(step_s)
-        result["mfu"] = mfu(flops, step_s, result["peak_tflops"]) if result["peak_tflops"] else None
+        result.update(throughput(cfg, measure(model, opt, ids, cfg, args.warmup, args.steps), result))
         write()
-        print(f"{name}: {mb} x {seq} tokens, step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tokens/s, "
-              f"{result['tflops_per_s']:.1f} TFLOP/s, MFU {result['mfu']}")
+        print(f"{result['device']}: {ids.numel()} tokens, step {result['step_s'] * 1e3:.1f} ms, "
+              f"{result['tokens_per_s']:.0f} tokens/s, {result['tflops_per_s']:.1f} TFLOP/s, MFU {result['mfu']}")
     else:  # --steps 0 (the sync pass alone): warm-up only, so that compilation is not counted as syncs
         for _ in range(args.warmup):
             train_step(model, opt, ids, cfg)
     if args.sync_debug:
-        if device.type != "cuda":
-            p.error("--sync-debug needs a CUDA device")
         result["syncs_per_step"] = count_syncs(model, opt, ids, cfg)
         write()
         print(f"host syncs in one step: {json.dumps(result['syncs_per_step'], indent=1)}")
     return 0
+
+
+def describe(cfg, device, config_path: str) -> dict:
+    """What is measured: device, shape, parameter counts, FLOPs per step (before anything runs)."""
+    from megatron_evomoe.stages.flops import peak_tflops, step_flops
+    from megatron_evomoe.stages.size import count_parameters
+
+    sizes = count_parameters(cfg)[-1]
+    seq, mb = cfg.data.seq_len, cfg.train.micro_batch_size
+    flops = step_flops(cfg, mb * seq, seq, moe_mode=cfg.stages[-1].moe_mode)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "config": config_path, "micro_batch": mb, "seq_len": seq, "bf16": cfg.train.bf16,
+            "params_total": sizes["total"], "params_active": sizes["llm_active_per_token"],
+            "flops_per_step": flops.total, "flop_terms": flops.terms, "peak_tflops": peak_tflops(name)}
+
+
+def throughput(cfg, timing: dict, described: dict) -> dict:
+    """The timing plus tokens/s, TFLOP/s (stages/flops.py) and MFU against the device's peak."""
+    from megatron_evomoe.stages.flops import mfu, step_flops
+
+    step_s, tokens = timing["step_s"], described["micro_batch"] * described["seq_len"]
+    flops = step_flops(cfg, tokens, described["seq_len"], moe_mode=cfg.stages[-1].moe_mode)
+    peak = described["peak_tflops"]
+    return {**timing, "tokens_per_s": tokens / step_s, "tflops_per_s": flops.tflops_per_s(step_s),
+            "mfu": mfu(flops, step_s, peak) if peak else None}
 
 
 if __name__ == "__main__":
