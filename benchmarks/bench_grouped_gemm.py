@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_args, device_banner, fmt, print_table, ratio, try_time_ms  # noqa: E402
+from common import bench_args, device_banner, fmt, print_table, ratio, selected, try_time_ms, write_json  # noqa: E402
 
 MODELS = {  # name: (hidden, ffn, experts, top-k, tokens)
     "Mixtral-8x7B": (4096, 14336, 8, 2, 8192),
@@ -140,12 +140,13 @@ def main(argv=None):
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs compare TF32 paths on all sides
     table = []
-    for model, (hidden, ffn, experts, topk, tokens) in (TINY_MODELS if args.tiny else MODELS).items():
+    headers = ["model", "proj", "KxN", "load", "pass", "method", "ms", "TFLOP/s", "vs best alt", "vs dense", "note"]
+    for model, (hidden, ffn, experts, topk, tokens) in selected(TINY_MODELS if args.tiny else MODELS, args).items():
         for proj in ("up", "down"):
             for load in ("balanced", "skewed"):
                 bench_case(args, model, hidden, ffn, experts, topk, tokens, proj, load, table)
-    print_table(["model", "proj", "KxN", "load", "pass", "method", "ms", "TFLOP/s", "vs best alt", "vs dense", "note"],
-                table, title=f"grouped GEMM on {args.device.type} ({args.dtype}; median of {args.iters})")
+                write_json(args, {"grouped_gemm": (headers, table)})  # after each case: a time-out keeps them
+    print_table(headers, table, title=f"grouped GEMM on {args.device.type} ({args.dtype}; median of {args.iters})")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_args, device_banner, fmt, print_table, ratio, try_time_ms  # noqa: E402
+from common import bench_args, device_banner, fmt, print_table, ratio, selected, try_time_ms, write_json  # noqa: E402
 
 MODELS = {  # name: (tokens, hidden, experts, top-k)
     "Mixtral-8x7B": (16384, 4096, 8, 2),
@@ -122,10 +122,11 @@ def main(argv=None):
     args = bench_args(__doc__.splitlines()[0], argv)
     device_banner(args.device, f"permute / unpermute, {args.dtype}")
     table = []
-    for model, (T, C, E, K) in (TINY_MODELS if args.tiny else MODELS).items():
+    headers = ["model", "shape", "pass", "method", "ms", "GB/s", "vs best alt", "vs copy", "note"]
+    for model, (T, C, E, K) in selected(TINY_MODELS if args.tiny else MODELS, args).items():
         bench_model(args, model, T, C, E, K, table)
-    print_table(["model", "shape", "pass", "method", "ms", "GB/s", "vs best alt", "vs copy", "note"], table,
-                title=f"permute / unpermute on {args.device.type} ({args.dtype}; median of {args.iters})")
+        write_json(args, {"permute": (headers, table)})  # after each model: a time-out keeps them
+    print_table(headers, table, title=f"permute / unpermute on {args.device.type} ({args.dtype}; median of {args.iters})")
 
 
 if __name__ == "__main__":

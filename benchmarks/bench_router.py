@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_args, device_banner, fmt, print_table, ratio, try_time_ms  # noqa: E402
+from common import bench_args, device_banner, fmt, print_table, ratio, selected, try_time_ms, write_json  # noqa: E402
 
 # name: (T, C, H, R, D, E, K)
 SHAPES = {
@@ -69,7 +69,7 @@ def dtr_methods(device, tiny):
 
 def bench_dtr(args, rows):
     device, dtype = args.device, args.torch_dtype
-    shapes = TINY_SHAPES if args.tiny else SHAPES
+    shapes = selected(TINY_SHAPES if args.tiny else SHAPES, args)
     for name, (T, C, H, R, D, E, K) in shapes.items():
         z, mod, params = make_inputs(T, C, H, R, D, E, device, dtype)
         leaves = [z.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
@@ -98,8 +98,8 @@ def bench_dtr(args, rows):
             times[method] = (t_f, t_b, peak, why_f or why_b)
         ref_f, ref_b = times["eager"][0], times["eager"][1]
         for method, (t_f, t_b, peak, why) in times.items():
-            rows.append([name, f"T={T} C={C} H={H} R={R} D={D} E={E} k={K}", method, fmt(t_f), ratio(ref_f, t_f),
-                         fmt(t_b), ratio(ref_b, t_b), fmt(peak, 0), why])
+            rows.append([name, f"T={T} C={C} H={H} R={R} D={D} E={E} k={K}", method, fmt(t_f, 3), ratio(ref_f, t_f),
+                         fmt(t_b, 3), ratio(ref_b, t_b), fmt(peak, 0), why])
         del z, params, leaves
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -135,14 +135,17 @@ def main(argv=None):
     device_banner(args.device, f"router benchmark ({args.dtype})")
     if args.device.type == "cuda" and not args.tiny:
         print("fused = Triton kernels compiled for this GPU (first call compiles; warm-up absorbs it)")
-    rows = []
-    bench_dtr(args, rows)
-    print_table(["shape", "sizes", "method", "fwd ms", "fwd speed-up", "fwd+bwd ms", "fwd+bwd speed-up",
-                 "peak MiB", "note"], rows, title="Dynamic Token-aware Router (speed-up = eager time / method time)")
-    rows = []
-    bench_topk(args, rows)
-    print_table(["shape", "tokens", "backend", "fwd ms", "fwd speed-up", "fwd+bwd ms", "fwd+bwd speed-up", "note"],
-                rows, title="softmax + top-k of the linear router (speed-up vs torch)")
+    dtr_rows, topk_rows = [], []
+    bench_dtr(args, dtr_rows)
+    dtr_headers = ["shape", "sizes", "method", "fwd ms", "fwd speed-up", "fwd+bwd ms", "fwd+bwd speed-up",
+                   "peak MiB", "note"]
+    print_table(dtr_headers, dtr_rows, title="Dynamic Token-aware Router (speed-up = eager time / method time)")
+    write_json(args, {"dtr": (dtr_headers, dtr_rows)})  # before the top-k table: a time-out keeps it
+    if not args.only:  # --only names DTR shapes; the top-k table has its own
+        bench_topk(args, topk_rows)
+    topk_headers = ["shape", "tokens", "backend", "fwd ms", "fwd speed-up", "fwd+bwd ms", "fwd+bwd speed-up", "note"]
+    print_table(topk_headers, topk_rows, title="softmax + top-k of the linear router (speed-up vs torch)")
+    write_json(args, {"dtr": (dtr_headers, dtr_rows), "topk": (topk_headers, topk_rows)})
     if args.device.type != "cuda":
         print("\nCPU run: times above are PyTorch on CPU, not kernel performance.")
 

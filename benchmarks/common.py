@@ -9,6 +9,7 @@ say nothing about kernel performance: ``device_banner`` prints that loudly.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -23,7 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def bench_args(description: str, argv: Sequence[str] | None = None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """Common flags: --tiny, --device, --dtype, --warmup, --iters (plus ``extra(parser)`` ones)."""
+    """Common flags: --tiny, --device, --dtype, --warmup, --iters, --only, --json (plus ``extra(parser)`` ones)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true",
                    help="small shapes and torch backends only: a smoke test that runs on CPU")
@@ -31,6 +32,8 @@ def bench_args(description: str, argv: Sequence[str] | None = None,
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10 GPU / 1 CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed runs, median reported (default 50 GPU / 3 CPU)")
+    p.add_argument("--only", default="", help="comma list of the shape names to run (default: all)")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the tables to PATH (write_json)")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
@@ -123,3 +126,38 @@ def ratio(value: float | None, reference: float | None) -> str:
     if value is None or not reference:
         return "-"
     return f"{value / reference:.2f}x"
+
+
+def selected(shapes: dict, args: argparse.Namespace) -> dict:
+    """The entries of `shapes` that --only names (all without it); an unknown name is an error."""
+    if not args.only:
+        return shapes
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        raise SystemExit(f"--only: unknown shape {unknown[0]!r}; known: {', '.join(shapes)}")
+    return {n: shapes[n] for n in names}
+
+
+def _cell(text: str) -> object:
+    """A table cell back to a number where it is one: "1.25" -> 1.25, "0.85x" -> 0.85, "-" -> None."""
+    if text == "-":
+        return None
+    try:
+        return float(text[:-1]) if text.endswith("x") else float(text)
+    except ValueError:
+        return text
+
+
+def write_json(args: argparse.Namespace, tables: dict) -> None:
+    """With --json PATH: {device, dtype, torch, tables: {title: [{header: cell}]}} to PATH, the cells
+    as printed (numbers parsed back), so a script can read the same figures as the tables show."""
+    if not args.json:
+        return
+    out = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__, "tables": {
+        title: [dict(zip(headers, (_cell(str(c)) for c in row))) for row in rows]
+        for title, (headers, rows) in tables.items()}}
+    tmp = f"{args.json}.tmp"  # then renamed: a run killed mid-write leaves the previous complete file
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.json)
