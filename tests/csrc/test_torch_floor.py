@@ -26,6 +26,7 @@ FIRST_RELEASE = {
         torch.argsort torch.autocast torch.autograd.Function torch.autograd.backward
         torch.backends.cuda.matmul.allow_tf32 torch.bfloat16 torch.bincount torch.bool torch.cat
         torch.compiler.assume_constant_result torch.cuda.current_device torch.cuda.device_count
+        torch.cuda.Event torch.cuda.current_stream torch.distributed.P2POp torch.distributed.batch_isend_irecv
         torch.cuda.get_device_name torch.cuda.get_device_properties torch.cuda.get_rng_state_all
         torch.cuda.is_available torch.cuda.set_device torch.cuda.set_rng_state_all torch.cumsum torch.device
         torch.distributed torch.distributed.PrefixStore torch.distributed.ReduceOp.MAX
