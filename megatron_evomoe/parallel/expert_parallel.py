@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..moe.experts import GroupedExperts
 from ..moe.router import RoutingOutput
-from ..ops.permute import permute, unpermute
+from ..ops.permute import expert_counts, permute, unpermute
 from .specialise import specialise
 from .state import ShardSpec
 from .tensor_parallel import TensorParallelContext, copy_to_tp_region, reduce_from_tp_region
@@ -174,9 +174,10 @@ class GlobalBatchRouterMixin:
 
     stats_group = None
 
-    def _finish(self, logits, probs, topk_idx, gates) -> RoutingOutput:
+    def _finish(self, logits, probs, topk_idx, gates, counts=None) -> RoutingOutput:
         E, K = self.num_experts, self.top_k
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=E)
+        if counts is None:
+            counts = expert_counts(topk_idx, E)
         stats = torch.cat([counts.double(), counts.new_tensor([probs.shape[0]]).double()])
         dist.all_reduce(stats, group=self.stats_group)
         global_counts, global_tokens = stats[:E].float(), stats[E].clamp_min(1).float()
