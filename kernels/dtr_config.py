@@ -142,9 +142,10 @@ def modality_schedule(mod: torch.Tensor, num_modalities: int):
 
 
 def check_modality_ids(mod: torch.Tensor, num_modalities: int):
-    """Out-of-range ids would silently drop tokens from the schedule: refuse them (async on CUDA)."""
+    """Out-of-range ids would silently drop tokens from the schedule: refuse them (async on CUDA and
+    under torch.compile, where reading the flag on the host would break the graph)."""
     bad = (mod < 0) | (mod >= num_modalities)
-    if mod.is_cuda:
+    if mod.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), f"mod must hold modality ids in [0, {num_modalities})")
     elif mod.numel() and bool(bad.any()):
         raise ValueError(f"mod must hold modality ids in [0, {num_modalities}); "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_evomoe.kernels.dtr_config import activation_id
+from megatron_evomoe.kernels.permute import expert_histogram_reference
 from megatron_evomoe.kernels.topk_softmax import topk_softmax_reference
 
 
@@ -38,7 +39,7 @@ def apply_activation(x: torch.Tensor, activation) -> torch.Tensor:
 
 def _stats(probs, topk_idx, num_experts):
     prob_sum = probs.sum(dim=0)
-    counts = torch.bincount(topk_idx.reshape(-1), minlength=num_experts)
+    counts = expert_histogram_reference(topk_idx, num_experts)  # scatter_add: static shape, no host sync
     return prob_sum, counts
 
 
@@ -50,16 +51,22 @@ def _route(logits, top_k, renormalize, num_experts):
 
 def _per_modality_logits(z, mod, w1, b1, phi_w, phi_b, activation, embed):
     """logits [T, E] fp32 = phi_w e + phi_b, with e [T, D] = embed(m, z_m, h_m) over the tokens of each
-    modality m: z_m [Tm, C] fp32, h_m = act(w1[m] z_m + b1[m]) [Tm, H]."""
+    modality m: z_m [Tm, C] fp32, h_m = act(w1[m] z_m + b1[m]) [Tm, H].
+
+    Eager gathers each modality's tokens (Tm is data-dependent); under torch.compile every token goes
+    through each modality's weights and a select keeps its own (static shapes: no graph break, no
+    host sync; M = 2, so twice the router's FLOPs, only there)."""
     zf = z.float()
     e = zf.new_zeros(z.shape[0], phi_w.shape[1])
+    static = torch.compiler.is_compiling()
     for m in range(w1.shape[0]):
-        sel = (mod == m).nonzero(as_tuple=True)[0]
-        if sel.numel() == 0:
+        sel = None if static else (mod == m).nonzero(as_tuple=True)[0]
+        if sel is not None and sel.numel() == 0:
             continue
-        zm = zf[sel]                                                                 # [Tm, C]
+        zm = zf if sel is None else zf[sel]                                          # [Tm, C]
         h = apply_activation(zm @ w1[m].float().t() + b1[m].float(), activation)    # [Tm, H]
-        e = e.index_copy(0, sel, embed(m, zm, h))
+        em = embed(m, zm, h)                                                         # [Tm, D]
+        e = torch.where((mod == m)[:, None], em, e) if sel is None else e.index_copy(0, sel, em)
     return e @ phi_w.float().t() + phi_b.float()
 
 

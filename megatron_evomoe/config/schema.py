@@ -168,6 +168,9 @@ class TrainConfig:
     # A signal that, like SIGTERM and SIGINT, stops the run at the next step boundary with a checkpoint
     # (e.g. "SIGUSR1" with `sbatch --signal=B:USR1@120`); "" = only SIGTERM and SIGINT.
     exit_signal: str = ""
+    # torch.compile each decoder layer (parallel/compile.py, after TP/EP): the MoE layer traces into one
+    # graph without host syncs; the first steps of each stage structure pay the compile time.
+    compile: bool = False
 
 
 @dataclass

@@ -177,6 +177,9 @@ def _validate_data_and_train(cfg: Config) -> None:
     _require(len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                      for b in betas), "train.adam_betas",
              f"must be [beta1, beta2] with 0 <= beta < 1, got {betas!r}")
+    _require(not (t.compile and cfg.moe.expert_backend == "loop"), "train.compile",
+             "moe.expert_backend=loop reads every expert's token count on the host, which breaks each MoE "
+             "layer's graph; use expert_backend=auto (or torch) with train.compile")
 
 
 def _validate_model_options(cfg: Config) -> None:

@@ -134,7 +134,8 @@ class Attention(nn.Module):
         causal = True
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-            causal = S > 1  # one new token attends to the whole cache
+            causal = True if S > 1 else False  # one new token attends to the whole cache (a branch: a
+            # plain bool for SDPA even when torch.compile traces S as a symbol)
             if causal and k.shape[2] != S:
                 raise NotImplementedError("chunked prefill onto a non-empty KV cache")
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,

@@ -61,21 +61,20 @@ class MultimodalLM(nn.Module):
         return self._embed(input_ids, images, modality == IMAGE), modality
 
     def _embed(self, input_ids: torch.Tensor, images: torch.Tensor | None, is_image: torch.Tensor):
-        h = self.llm.embed(input_ids)
-        num_slots = int(is_image.sum())
+        h = self.llm.embed(input_ids)  # [B, S, C]
         num_images = 0 if images is None else images.shape[0]
         if self.vision is None:
-            if num_slots or num_images:
+            if num_images:
                 raise ValueError("the batch has images but vision.enabled is false")
+            _check_image_slots(is_image, 0, lambda n: "the batch has images but vision.enabled is false")
             return h
         feats = self.image_features(images) if num_images else None  # [N, P, C]
         expected = 0 if feats is None else feats.shape[0] * feats.shape[1]
-        if num_slots != expected:
-            raise ValueError(f"batch has {num_slots} image-token positions but {num_images} images "
-                             f"give {expected} image embeddings")
-        if feats is not None:
-            h = h.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(h.dtype))
-        return h
+        _check_image_slots(is_image, expected, lambda n: f"batch has {n} image-token positions but {num_images} "
+                                                         f"images give {expected} image embeddings")
+        if feats is None:
+            return h
+        return splice_rows(h, is_image, feats.reshape(-1, feats.shape[-1]).to(h.dtype))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.projector(self.vision(images))  # [N, P, C]
@@ -98,6 +97,27 @@ class MultimodalLM(nn.Module):
         if labels is not None:
             loss_sum, num = self.loss_fn(out, labels)
         return ModelOutput(out, loss_sum, num, aux, modality)
+
+
+def splice_rows(h: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """h [B, S, C] with its masked positions, in order, replaced by rows [N, C] (N = mask.sum()).
+
+    masked_scatter's result with static shapes and no host read of the count: position i takes row
+    cumsum(mask)[i] - 1, and a select keeps it only where the mask is set."""
+    slot = (mask.reshape(-1).cumsum(0) - 1).clamp(0, rows.shape[0] - 1)  # [B*S]
+    return torch.where(mask.unsqueeze(-1), rows[slot].view_as(h), h)
+
+
+def _check_image_slots(is_image: torch.Tensor, expected: int, message) -> None:
+    """The data must give one image embedding per image-token position: a ValueError on the CPU, an
+    asynchronous device assert on CUDA (reading the count on the host would stall the stream).
+    message(num_slots or "some") -> the error's text."""
+    if is_image.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(is_image.sum() == expected, message("some"))
+        return
+    num_slots = int(is_image.sum())
+    if num_slots != expected:
+        raise ValueError(message(num_slots))
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor):

@@ -51,8 +51,8 @@ class DynamicTokenRouter(Router):
         self.phi_b.zero_()
 
     def forward(self, z: torch.Tensor, modality: torch.Tensor) -> RoutingOutput:
-        logits, probs, topk_idx, gates, _, _ = dtr_route(
+        logits, probs, topk_idx, gates, _, counts = dtr_route(
             z, modality, self.w1, self.b1, self.w2_down, self.b2_down, self.w2_up, self.b2_up,
             self.phi_w, self.phi_b, self.top_k, renormalize=self.renormalize,
             activation=self.activation, backend=self.backend)
-        return self._finish(logits, probs, topk_idx, gates)
+        return self._finish(logits, probs, topk_idx, gates, counts)

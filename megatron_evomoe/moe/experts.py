@@ -27,7 +27,12 @@ class GroupedExperts(nn.Module):
         return self.w_gate.shape[0]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x: [N, C] sorted by expert; tokens_per_expert: [E] -> [N, C]."""
+        """x: [N, C] sorted by expert; tokens_per_expert: [E] -> [N, C].
+
+        No host read here: the offsets stay on the device and grouped_mm is an opaque custom op
+        under torch.compile, whatever its backend (the PyTorch one runs torch._grouped_mm with
+        the offsets, or, where this build refuses it, its per-expert loop inside the op). Only the
+        'loop' reference reads the counts on the host (tests; train.compile refuses it)."""
         if self.backend == "loop":
             return experts_loop_reference(x, tokens_per_expert, self.w_gate, self.w_up, self.w_down)
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # [E] end row of each expert

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..ops.permute import expert_counts
+
 
 def load_fractions(counts: torch.Tensor) -> torch.Tensor:
     """counts: [E] -> fraction of assignments per expert [E] (zeros if empty)."""
@@ -85,10 +87,10 @@ class RoutingCounter:
         self.counts: dict[int, torch.Tensor] = {}  # layer -> [M, E]
 
     def add(self, layer: int, topk_idx: torch.Tensor, modality: torch.Tensor, num_experts: int) -> None:
-        # one flat bincount over (modality, expert) pairs: [M * E]
-        mod = modality.reshape(-1, 1).expand_as(topk_idx).reshape(-1)
-        flat = mod * num_experts + topk_idx.reshape(-1)
-        c = torch.bincount(flat.cpu(), minlength=self.num_modalities * num_experts).view(self.num_modalities, -1)
+        # one flat histogram over (modality, expert) pairs: [M * E], kept on the device (the forward
+        # never waits for it, and it traces into a compiled MoE layer); read when a log line is written
+        flat = modality.reshape(-1, 1) * num_experts + topk_idx  # [T, K]
+        c = expert_counts(flat, self.num_modalities * num_experts).view(self.num_modalities, -1)
         self.counts[layer] = self.counts.get(layer, 0) + c
 
     def reset(self) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.modality import NUM_MODALITIES
+from ..ops.permute import expert_counts
 from ..ops.topk_softmax import topk_softmax
 
 
@@ -65,8 +66,10 @@ class Router(nn.Module):
         probs, topk_idx, gates = topk_softmax(logits, self.top_k, self.renormalize, backend=self.backend)
         return self._finish(logits, probs, topk_idx, gates)
 
-    def _finish(self, logits, probs, topk_idx, gates) -> RoutingOutput:
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)
+    def _finish(self, logits, probs, topk_idx, gates, counts=None) -> RoutingOutput:
+        """counts: [E] from the routing op when it computes them (the DTR's), else a sync-free histogram."""
+        if counts is None:
+            counts = expert_counts(topk_idx, self.num_experts)
         return RoutingOutput(logits, probs, topk_idx, gates, counts,
                              load_balancing_loss(probs, counts, self.top_k), router_z_loss(logits))
 

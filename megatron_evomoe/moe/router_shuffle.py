@@ -10,6 +10,7 @@ import contextlib
 
 import torch
 
+from ..ops.permute import expert_counts
 from .router import Router, RoutingOutput
 
 
@@ -17,7 +18,7 @@ def shuffle_routing(out: RoutingOutput, generator: torch.Generator) -> RoutingOu
     T, E = out.probs.shape
     perm = torch.argsort(torch.rand(T, E, generator=generator), dim=-1).to(out.topk_idx.device)  # [T, E]
     idx = perm.gather(1, out.topk_idx)  # a per-token relabelling of the experts keeps the k choices distinct
-    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    counts = expert_counts(idx, E)
     return RoutingOutput(out.logits, out.probs, idx, out.gates, counts, out.aux_loss, out.z_loss)
 
 

@@ -203,6 +203,13 @@ def permute(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
     return permute_op(x, topk_idx, num_experts, chosen)
 
 
+def expert_counts(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """counts: [E] int64, the slots of topk_idx [T, K] routed to each expert (ids outside [0, E) not
+    counted). A scatter_add into E+1 bins: static shape and no host sync (torch.bincount needs both
+    the max id on the host and a data-dependent output size), so it traces into a compiled graph."""
+    return _kernels().expert_histogram_reference(topk_idx, num_experts)
+
+
 def unpermute(y_perm: torch.Tensor, row_map: torch.Tensor, gates: torch.Tensor | None,
               backend: str = "auto") -> torch.Tensor:
     """y[t] = sum_k gates[t, k] * y_perm[row_map[t, k]] -> [T, C] in y_perm.dtype (gates None: weight 1).

@@ -3,6 +3,7 @@
     state = ParallelState.build(cfg)              # rank layout + process groups (launch.init_distributed);
                                                   # ParallelState.single(cfg) for one process
     parallelize(model, state, cfg)                # PP split -> TP -> EP -> global-batch router stats
+                                                  # -> train.compile (each decoder layer)
     reducer = apply_dp(model, params, state)      # bucketed gradient all-reduce (DP / expert-DP)
 
 Modules, lowest first: state (layout, groups, shard specs), specialise (the in-place class swap
@@ -10,7 +11,8 @@ that adds communication to a module), watchdog (heartbeats and named errors when
 hangs), tensor_parallel (TP/SP collectives and sharded layers), expert_parallel (all-to-all
 dispatcher, expert shards, global-batch router statistics), data_parallel (gradient reducer,
 ZeRO-1, global norm), pipeline (stage split + 1F1B), tensor_parallel_plan (which module becomes
-which sharded layer, and the region hooks), apply_layout (`parallelize`: the apply_* functions in order),
+which sharded layer, and the region hooks), compile (`apply_compile`: train.compile, torch.compile
+per decoder layer), apply_layout (`parallelize`: the apply_* functions in order),
 sharded_state (full state dicts and loading them into any layout), stage_structure (dense ->
 evolve -> sparse on a sharded model), reshard (per-rank checkpoints -> one consolidated
 checkpoint), training_hooks (what the trainer calls), launch (torchrun / SLURM initialisation),
@@ -22,6 +24,7 @@ then runs its module once, not a second copy of one the package had already impo
 from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
+    "compile": ("apply_compile",),
     "config_agreement": ("agree_on_config",),
     "data_parallel": ("GradientReducer", "all_reduce_floats", "clip_grad_norm_", "global_grad_norm"),
     "expert_parallel": ("AllToAllTokenDispatcher", "ParallelGroupedExperts"),

@@ -70,15 +70,11 @@ class GradientReducer:
             n = dist.get_world_size(group)
             label = "data-parallel" if kind == "dp" else "expert-data-parallel"
             with collective(f"all_reduce(gradients) on the {label} group", group):
-                for bucket in buckets:
-                    self._reduce_bucket(bucket, group, n)
+                for bucket, present in zip(buckets, _presence(buckets, group)):
+                    self._reduce_bucket(bucket, present, group, n)
 
-    def _reduce_bucket(self, bucket, group, n: int) -> None:
-        params = [p for _, p in bucket]
-        # which params have a gradient anywhere in the group (one tiny all-reduce per bucket)
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
-        live = [p for p, has in zip(params, present.tolist()) if has]
+    def _reduce_bucket(self, bucket, present: list[bool], group, n: int) -> None:
+        live = [p for (_, p), has in zip(bucket, present) if has]
         if not live:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in live])
@@ -94,6 +90,18 @@ class GradientReducer:
             else:
                 p.grad.copy_(chunk)
             offset += p.numel()
+
+
+def _presence(buckets, group) -> list[list[bool]]:
+    """Per bucket, which params have a gradient anywhere in the group: one tiny all-reduce of every
+    bucket's flags and one host read for all of them (the bucket loop then never waits on the device)."""
+    params = [p for bucket in buckets for _, p in bucket]
+    if not params:
+        return []
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    read = iter(flags.tolist())
+    return [[bool(next(read)) for _ in bucket] for bucket in buckets]
 
 
 def global_grad_norm(model: nn.Module, params: list[tuple[str, nn.Parameter]], state: ParallelState) -> torch.Tensor:

@@ -5,7 +5,9 @@ layer routes its local tokens over all E experts, then the dispatcher
 
   1. permutes the local tokens by global expert id (so they are grouped by destination rank),
   2. exchanges the per-(rank, local expert) counts with one all-to-all (the counts are needed
-     to size the token buffers: dropless routing has data-dependent shapes),
+     to size the token buffers: dropless routing has data-dependent shapes); the split sizes are
+     the layer's only host read (one transfer of both; nothing else in the MoE forward or
+     backward waits on the device),
   3. exchanges the tokens with `all_to_all_single` (uneven splits, autograd through it),
   4. reorders the received rows from (source rank, local expert) to (local expert, source rank)
      so that the local experts' grouped GEMM sees each expert's rows contiguous;
@@ -24,7 +26,7 @@ import torch.distributed as dist
 
 from ..moe.experts import GroupedExperts
 from ..moe.router import RoutingOutput
-from ..ops.permute import permute, unpermute
+from ..ops.permute import expert_counts, permute, unpermute
 from .specialise import specialise
 from .state import ShardSpec
 from .tensor_parallel import TensorParallelContext, copy_to_tp_region, reduce_from_tp_region
@@ -92,8 +94,9 @@ class AllToAllTokenDispatcher:
         recv_counts = torch.empty_like(send_counts)
         with collective("all_to_all(token counts per expert) on the expert-parallel group", self.group):
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        input_splits = send_counts.sum(1).tolist()
-        output_splits = recv_counts.sum(1).tolist()
+        # The layer's one host read: all_to_all_single needs the split sizes on the host (dropless
+        # routing: the buffer sizes depend on the data); both come back in a single transfer.
+        input_splits, output_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
         # 2) tokens
         self.last_bytes_sent = 0
         self._count_sent(input_splits, x.shape[1] * x.element_size())
@@ -101,7 +104,8 @@ class AllToAllTokenDispatcher:
         x_recv = all_to_all(x_perm, output_splits, input_splits, self.group)  # [N, C], (source, expert) order
         # 3) (source, expert) chunks -> (expert, source): a stable sort of the rows by chunk key
         flat = recv_counts.reshape(-1)  # chunk c = s * El + e
-        chunk = torch.repeat_interleave(torch.arange(ep * El, device=flat.device), flat)
+        chunk = torch.repeat_interleave(torch.arange(ep * El, device=flat.device), flat,
+                                        output_size=sum(output_splits))  # known size: no second read
         order = torch.sort((chunk % El) * ep + chunk // El, stable=True).indices  # [N]
         x_local = x_recv.index_select(0, order)
         tokens_per_local_expert = recv_counts.sum(0)  # [El]
@@ -174,9 +178,10 @@ class GlobalBatchRouterMixin:
 
     stats_group = None
 
-    def _finish(self, logits, probs, topk_idx, gates) -> RoutingOutput:
+    def _finish(self, logits, probs, topk_idx, gates, counts=None) -> RoutingOutput:
         E, K = self.num_experts, self.top_k
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=E)
+        if counts is None:
+            counts = expert_counts(topk_idx, E)
         stats = torch.cat([counts.double(), counts.new_tensor([probs.shape[0]]).double()])
         dist.all_reduce(stats, group=self.stats_group)
         global_counts, global_tokens = stats[:E].float(), stats[E].clamp_min(1).float()

@@ -328,6 +328,9 @@ class Trainer:
             num_tokens = self.par.global_tokens(num_tokens)
         opt.zero_grad(set_to_none=True)
         lm_total, aux_total = 0.0, 0.0
+        # (lm, aux) summed on the device in fp64, in micro-batch order: the same additions as Python
+        # floats would do (bit-identical logs), read back once per step instead of twice per micro-batch
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         with collective("forward/backward (tensor-parallel all-reduces, router statistics, expert all-to-all)"):
             if self.par.pipeline:
                 lm_total, aux_total = self.par.forward_backward(micro, num_tokens, self.device, cfg.train.bf16)
@@ -339,8 +342,9 @@ class Trainer:
                 lm = out.lm_loss_sum / max(num_tokens, 1)
                 aux = out.aux_loss / len(micro)
                 (lm + aux).backward()
-                lm_total += float(lm.detach())
-                aux_total += float(aux.detach())
+                totals = totals + torch.stack([lm.detach().double(), aux.detach().double()])
+            if micro:
+                lm_total, aux_total = totals.tolist()
         # all-reduce gradients (DP / expert-DP), norm over all shards, clip
         with collective("gradient reduction and clipping (data-parallel groups, norm over all ranks)"):
             grad_norm = self.par.reduce_and_clip(params, cfg.train.clip_grad)
