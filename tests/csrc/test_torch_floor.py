@@ -56,7 +56,7 @@ FIRST_RELEASE = {
         torch.where torch.zeros torch.zeros_like
         torch.Generator(device=) torch.arange(device=) torch.arange(dtype=) torch.argsort(dim=)
         torch.argsort(stable=) torch.autocast(dtype=) torch.autocast(enabled=) torch.bincount(minlength=)
-        torch.cat(dim=) torch.distributed.TCPStore(is_master=) torch.distributed.TCPStore(timeout=)
+        torch.repeat_interleave(output_size=) torch.cat(dim=) torch.distributed.TCPStore(is_master=) torch.distributed.TCPStore(timeout=)
         torch.distributed.TCPStore(wait_for_workers=) torch.distributed.all_gather(group=)
         torch.distributed.all_gather_object(group=) torch.distributed.all_reduce(group=)
         torch.distributed.all_reduce(op=) torch.distributed.all_to_all_single(group=)
