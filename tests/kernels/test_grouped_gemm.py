@@ -178,6 +178,17 @@ def test_grouped_gemm_cuda_model_sized(dtype):
         check_all(counts, 256, 192, dtype, "cuda", config=cfg)
 
 
+@pytest.mark.gpu
+def test_tma_persistent_cuda_model_sized():
+    # sm_90 only (TMA); every config the autotuner may pick, skewed load and empty experts.
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90")
+    counts = [700, 0, 3, 129, 0, 64, 1, 127]
+    check_all(counts, 512, 384, torch.bfloat16, "cuda", tail=5, kernels=TMA)
+    for cfg in gt.TMA_CONFIGS:
+        check_all(counts, 256, 264, torch.bfloat16, "cuda", config=cfg, kernels=TMA)
+
+
 def test_grouped_gemm_bad_offsets_stay_in_bounds():
     """Offsets past T, negative or decreasing are a caller bug that cannot be checked without a host
     sync; the kernels clamp row ranges into [0, T] so that such offsets never touch memory outside
