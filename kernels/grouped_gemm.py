@@ -51,15 +51,10 @@ FWD_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
 ]
-# wgrad tiles dw[e]: BLOCK_M over K (rows of dw), BLOCK_N over N, BLOCK_K over the expert's tokens.
-WGRAD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=GROUP_M, num_warps=8, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
-]
+# wgrad tiles dw[e]: BLOCK_M over K (rows of dw), BLOCK_N over N, BLOCK_K over the expert's tokens;
+# the same tiles, the smallest one stepping over 32 tokens at a time.
+WGRAD_CONFIGS = [*FWD_CONFIGS[:-1],
+                 dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=GROUP_M, num_warps=4, num_stages=4)]
 # Tiles used under TRITON_INTERPRET=1 when the caller gives none (the interpreter cannot autotune
 # usefully and runs each program in numpy; small tiles keep odd sizes covering several tiles, and
 # GROUP_M=3 leaves a short last group at most shapes).
@@ -225,26 +220,24 @@ def launch(autotuned, raw, grid, args, meta, config):
     raw[grid](*args, **meta, **cfg)
 
 
-def check_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
-    check_float("x", x)
-    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"expected x: [T, K] and w: [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}")
+def _check_ab(name: str, a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_dim: int, shapes: str) -> None:
+    """a: [T, w.shape[w_dim]] against w: [E, K, N] and offsets: [E]; ``shapes`` names the layout."""
+    check_float(name, a)
+    if a.dim() != 2 or w.dim() != 3 or a.shape[1] != w.shape[w_dim]:
+        raise ValueError(f"expected {shapes}, got {tuple(a.shape)} and {tuple(w.shape)}")
+    if a.dtype != w.dtype:
+        raise ValueError(f"{name} and w must share a dtype, got {a.dtype} and {w.dtype}")
     if w.shape[0] != offsets.shape[0]:
         raise ValueError(f"w has {w.shape[0]} experts but offsets has {offsets.shape[0]} entries")
-    check_offsets(offsets, x.device)
+    check_offsets(offsets, a.device)
+
+
+def check_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
+    _check_ab("x", x, w, offsets, 1, "x: [T, K] and w: [E, K, N]")
 
 
 def check_dgrad(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
-    check_float("dy", dy)
-    if dy.dim() != 2 or w.dim() != 3 or dy.shape[1] != w.shape[2]:
-        raise ValueError(f"expected dy: [T, N] and w: [E, K, N], got {tuple(dy.shape)} and {tuple(w.shape)}")
-    if dy.dtype != w.dtype:
-        raise ValueError(f"dy and w must share a dtype, got {dy.dtype} and {w.dtype}")
-    if w.shape[0] != offsets.shape[0]:
-        raise ValueError(f"w has {w.shape[0]} experts but offsets has {offsets.shape[0]} entries")
-    check_offsets(offsets, dy.device)
+    _check_ab("dy", dy, w, offsets, 2, "dy: [T, N] and w: [E, K, N]")
 
 
 def ab_output(a: torch.Tensor, n: int, k: int, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:

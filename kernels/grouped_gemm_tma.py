@@ -1,8 +1,8 @@
 """Grouped GEMM forward and dgrad for sm_90: TMA loads on a persistent grid (Triton).
 
-Same semantics, offsets and tail rows as kernels/grouped_gemm.py (read its docstring first); this is
-the variant that autotuning picks per shape on Hopper (ops/backend_timing.py) where the layout allows
-TMA, and the cp.async kernel stays the one that runs everywhere else.
+Same semantics, offsets and tail rows as kernels/grouped_gemm.py (read its docstring first). On Hopper,
+grouped_mm's "auto" times this variant against the cp.async kernel and torch._grouped_mm per shape
+(ops/backend_timing.py) where the layout allows TMA; the cp.async kernel runs everywhere else.
 
     forward  c[rows_e] = a[rows_e] @ w[e]      a = x: [T, K], w: [E, K, N]
     dgrad    c[rows_e] = a[rows_e] @ w[e]^T    a = dy: [T, N]

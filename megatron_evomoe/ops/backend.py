@@ -5,8 +5,8 @@
 * ``"auto"``: on CUDA inputs, the CUDA extension if it is built, loads and implements ``op``; else
   compiled Triton if triton imports (and TRITON_INTERPRET is off: the interpreter is for tests, not
   for speed) -- for the ops in ``MEASURED_OPS`` that is ``"measured"``: per shape, the faster of the
-  Triton kernels and PyTorch's own, timed once (backend_timing.py); else PyTorch. On CPU inputs, the CPU extension if it is built and implements ``op``;
-  else PyTorch. The choice is logged once per (op, choice, device type) on the
+  Triton kernels and PyTorch's own, timed once (backend_timing.py); else PyTorch. On CPU inputs,
+  the CPU extension if it is built and implements ``op``; else PyTorch. The choice is logged once per (op, choice, device type) on the
   ``megatron_evomoe.ops`` logger.
 * ``"cuda_ext"``, ``"cpu_ext"``, ``"triton"``, ``"torch"``: exactly that backend, or a
   ``BackendUnavailableError``

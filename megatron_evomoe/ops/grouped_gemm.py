@@ -176,7 +176,7 @@ def _wgrad_impl(x, dy, offsets, backend):
         candidates = {"triton": lambda: _wgrad_impl(x, dy, offsets, "triton"),
                       "torch": lambda: _torch_wgrad(x, dy, offsets, strict=True)}
         backend = _measured("wgrad", x, (offsets.shape[0], x.shape[1], dy.shape[1]), offsets, candidates)
-    if backend == "triton":
+    if backend in ("triton", "triton_tma"):  # wgrad has no TMA variant
         return _kernels().grouped_mm_wgrad(x, dy, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm_wgrad(x, dy, offsets)

@@ -158,7 +158,8 @@ def test_measured_backend_runs_the_choice_per_phase_and_shape(monkeypatch, caplo
     tma = ggo._tma_kernels()
     for name in ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma"):
         real = getattr(tma, name)
-        monkeypatch.setattr(tma, name, lambda *a, _real=real, _name=name, **k: tma_calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(tma, name,
+                            lambda *a, _real=real, _name=name, **k: tma_calls.append(_name) or _real(*a, **k))
     with caplog.at_level(logging.INFO, logger="megatron_evomoe.ops"):
         for _ in range(2):  # the second step times nothing and logs nothing
             check_autograd("measured", torch.float32, "cpu", counts=[9, 0, 14, 1, 0], tail=3, K=24, N=16)
