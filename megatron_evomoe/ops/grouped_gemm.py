@@ -124,7 +124,8 @@ MEASURED = MeasuredChoice("grouped_mm")
 _DEFAULT = "triton"  # where nothing may be timed: the kernel that runs on every arch and layout
 
 
-def _measured(phase: str, a: torch.Tensor, w_shape: tuple, offsets: torch.Tensor, candidates: dict) -> str:
+def _measured(phase: str, a: torch.Tensor, w_shape: tuple, candidates: dict) -> str:
+    """The candidate to run for this phase at a's rows and w's [E, K, N] (timed on the first call)."""
     E, K, N = w_shape
     key = ShapeKey(phase, rows_bucket(a.shape[0]), K, N, E, str(a.dtype).removeprefix("torch."), str(a.device))
     if not hasattr(torch, "_grouped_mm"):
@@ -144,7 +145,7 @@ def _fwd_impl(x, w, offsets, backend):
                       "torch": lambda: _torch_ab(x, w, offsets, strict=True)}
         if not _tma_ok(x, w, False):
             candidates.pop("triton_tma")
-        backend = _measured("fwd", x, tuple(w.shape), offsets, candidates)
+        backend = _measured("fwd", x, tuple(w.shape), candidates)
     if backend == "triton":
         return _kernels().grouped_mm_fwd(x, w, offsets)
     if backend == "triton_tma":
@@ -161,7 +162,7 @@ def _dgrad_impl(dy, w, offsets, backend):
                       "torch": lambda: _torch_ab(dy, w.transpose(1, 2), offsets, strict=True)}
         if not _tma_ok(dy, w, True):
             candidates.pop("triton_tma")
-        backend = _measured("dgrad", dy, tuple(w.shape), offsets, candidates)
+        backend = _measured("dgrad", dy, tuple(w.shape), candidates)
     if backend == "triton":
         return _kernels().grouped_mm_dgrad(dy, w, offsets)
     if backend == "triton_tma":
@@ -175,7 +176,7 @@ def _wgrad_impl(x, dy, offsets, backend):
     if backend == "measured":
         candidates = {"triton": lambda: _wgrad_impl(x, dy, offsets, "triton"),
                       "torch": lambda: _torch_wgrad(x, dy, offsets, strict=True)}
-        backend = _measured("wgrad", x, (offsets.shape[0], x.shape[1], dy.shape[1]), offsets, candidates)
+        backend = _measured("wgrad", x, (offsets.shape[0], x.shape[1], dy.shape[1]), candidates)
     if backend in ("triton", "triton_tma"):  # wgrad has no TMA variant
         return _kernels().grouped_mm_wgrad(x, dy, offsets)
     if backend in EXT_DEVICE:

@@ -131,7 +131,7 @@ def test_tma_persistent_configs_and_grid_sizes():
                   config=dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2))
 
 
-def test_tma_rejects_unaligned_layouts():
+def test_tma_rejects_unaligned_layouts(monkeypatch):
     x, w, off = torch.randn(8, 12, dtype=torch.bfloat16), torch.randn(2, 12, 16, dtype=torch.bfloat16), \
         torch.tensor([3, 8], dtype=torch.int32)
     assert not gt.tma_layout_ok(x, w, False)  # 12 bf16 = 24-byte rows
@@ -139,6 +139,10 @@ def test_tma_rejects_unaligned_layouts():
         gt.grouped_mm_fwd_tma(x, w, off)
     assert gt.tma_layout_ok(x[:, :8], w[:, :8], False) is False  # the slice keeps the 24-byte rows
     assert gt.tma_layout_ok(x[:, :8].contiguous(), w[:, :8].contiguous(), False)
+    # compiled (not interpreted), TMA is for CUDA devices of sm_90 and later only
+    assert gt.tma_available(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not gt.tma_available(torch.device("cpu"))
 
 
 def test_grouped_gemm_zero_tokens():
