@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_evomoe.kernels.grouped_gemm_tiles import e_pow2, grouped_order, num_row_tiles, row_tile
+from megatron_evomoe.kernels.grouped_gemm_tiles import e_pow2, expert_rows, grouped_order, num_row_tiles, row_tile
 
 # Tile configurations the autotuner chooses among (also compiled ahead of time by kernels/aot.py).
 # Every one keeps BLOCK_M a multiple of 64 rows per warpgroup and num_warps a multiple of 4, so that
@@ -134,10 +134,7 @@ def _grouped_mm_wgrad_kernel(
     """dw[e, tile] = x[rows_e]^T @ dy[rows_e]; BLOCK_M runs over K, BLOCK_N over N, BLOCK_K over rows."""
     expert = tl.program_id(0)
     tile_m, tile_n = grouped_order(tl.program_id(1), tl.cdiv(K, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
-    row_end = tl.load(offsets_ptr + expert).to(tl.int32)
-    row_start = tl.minimum(tl.maximum(row_start, 0), num_rows)  # memory safety against bad offsets
-    row_end = tl.minimum(tl.maximum(row_end, 0), num_rows)
+    row_start, row_end = expert_rows(offsets_ptr, expert, num_rows)
 
     ks = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of dw[e]
     ns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)   # cols of dw[e]
@@ -240,6 +237,15 @@ def check_dgrad(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> Non
     _check_ab("dy", dy, w, offsets, 2, "dy: [T, N] and w: [E, K, N]")
 
 
+def check_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> None:
+    check_float("x", x)
+    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"expected x: [T, K] and dy: [T, N], got {tuple(x.shape)} and {tuple(dy.shape)}")
+    if x.dtype != dy.dtype:
+        raise ValueError(f"x and dy must share a dtype, got {x.dtype} and {dy.dtype}")
+    check_offsets(offsets, x.device)
+
+
 def ab_output(a: torch.Tensor, n: int, k: int, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """(c: [T, n] to write, whether it is already complete): nothing to compute without rows or
     columns, zeros without a reduction dim."""
@@ -288,12 +294,7 @@ def grouped_mm_dgrad(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
 def grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """dw[e] = x[rows_e]^T @ dy[rows_e]. x: [T, K], dy: [T, N] -> dw: [E, K, N] (x.dtype)."""
-    check_float("x", x)
-    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
-        raise ValueError(f"expected x: [T, K] and dy: [T, N], got {tuple(x.shape)} and {tuple(dy.shape)}")
-    if x.dtype != dy.dtype:
-        raise ValueError(f"x and dy must share a dtype, got {x.dtype} and {dy.dtype}")
-    check_offsets(offsets, x.device)
+    check_wgrad(x, dy, offsets)
     T, K = x.shape
     N = dy.shape[1]
     E = offsets.shape[0]

@@ -45,6 +45,14 @@ def row_tile(offsets_ptr, num_experts, num_rows, tile_id, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def expert_rows(offsets_ptr, expert, num_rows):
+    """[first row, end row) of ``expert`` (wgrad), clamped into [0, T] for memory safety."""
+    row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
+    row_end = tl.load(offsets_ptr + expert).to(tl.int32)
+    return tl.minimum(tl.maximum(row_start, 0), num_rows), tl.minimum(tl.maximum(row_end, 0), num_rows)
+
+
+@triton.jit
 def grouped_order(tile, num_tiles_m, num_tiles_n, GROUP_M: tl.constexpr):
     """(tile_m, tile_n) of linear tile id ``tile``: GROUP_M row tiles per column tile, column after
     column, then the next GROUP_M row tiles (a short last group where num_tiles_m is not a multiple)."""

@@ -4,8 +4,8 @@ Layers: Triton kernels (kernels/grouped_gemm.py) -> three ``torch.library`` cust
 dgrad, wgrad; each with a fake impl so that torch.compile traces them as opaque nodes; dgrad and
 wgrad are the forward op's backward, registered with ``register_autograd``) -> ``grouped_mm()``,
 which picks the backend (see ``backend.py``). Backend "measured" ("auto" on CUDA) runs, per phase
-and shape, the fastest of the Triton kernel, its TMA variant (sm_90, TMA-aligned layouts; not for
-wgrad) and ``torch._grouped_mm``, timed once (``backend_timing.py``, the choices in ``MEASURED``);
+and shape, the fastest of the Triton kernel, its TMA variant (sm_90, TMA-aligned layouts) and
+``torch._grouped_mm``, timed once (``backend_timing.py``, the choices in ``MEASURED``);
 the cp.async Triton kernel where it may not time (CUDA graph capture).
 
 Semantics (all backends): x: [T, K], w: [E, K, N], offsets: [E] int32/int64 cumulative end rows.
@@ -124,28 +124,28 @@ MEASURED = MeasuredChoice("grouped_mm")
 _DEFAULT = "triton"  # where nothing may be timed: the kernel that runs on every arch and layout
 
 
-def _measured(phase: str, a: torch.Tensor, w_shape: tuple, candidates: dict) -> str:
-    """The candidate to run for this phase at a's rows and w's [E, K, N] (timed on the first call)."""
+def _measured(phase: str, a: torch.Tensor, w_shape: tuple, run, run_torch, tma_operands: tuple) -> str:
+    """The implementation to run this phase with at a's rows and w's [E, K, N], timed on the first
+    call: ``run(backend)`` for the Triton kernels, ``run_torch()`` for torch._grouped_mm (strict)."""
     E, K, N = w_shape
     key = ShapeKey(phase, rows_bucket(a.shape[0]), K, N, E, str(a.dtype).removeprefix("torch."), str(a.device))
+    candidates = {"triton": lambda: run("triton"), "triton_tma": lambda: run("triton_tma"), "torch": run_torch}
+    if not _tma_ok(*tma_operands):
+        candidates.pop("triton_tma")
     if not hasattr(torch, "_grouped_mm"):
         candidates.pop("torch")
     return MEASURED.choose(key, candidates, _DEFAULT)
 
 
-def _tma_ok(a: torch.Tensor, w: torch.Tensor, transposed: bool) -> bool:
+def _tma_ok(*operands: torch.Tensor) -> bool:
     tma = _tma_kernels()
-    return tma.tma_available(a.device) and tma.tma_layout_ok(a, w, transposed)
+    return tma.tma_available(operands[0].device) and tma.tma_layout_ok(*operands)
 
 
 def _fwd_impl(x, w, offsets, backend):
     if backend == "measured":
-        candidates = {"triton": lambda: _fwd_impl(x, w, offsets, "triton"),
-                      "triton_tma": lambda: _fwd_impl(x, w, offsets, "triton_tma"),
-                      "torch": lambda: _torch_ab(x, w, offsets, strict=True)}
-        if not _tma_ok(x, w, False):
-            candidates.pop("triton_tma")
-        backend = _measured("fwd", x, tuple(w.shape), candidates)
+        backend = _measured("fwd", x, tuple(w.shape), lambda b: _fwd_impl(x, w, offsets, b),
+                            lambda: _torch_ab(x, w, offsets, strict=True), (x, w))
     if backend == "triton":
         return _kernels().grouped_mm_fwd(x, w, offsets)
     if backend == "triton_tma":
@@ -157,12 +157,8 @@ def _fwd_impl(x, w, offsets, backend):
 
 def _dgrad_impl(dy, w, offsets, backend):
     if backend == "measured":
-        candidates = {"triton": lambda: _dgrad_impl(dy, w, offsets, "triton"),
-                      "triton_tma": lambda: _dgrad_impl(dy, w, offsets, "triton_tma"),
-                      "torch": lambda: _torch_ab(dy, w.transpose(1, 2), offsets, strict=True)}
-        if not _tma_ok(dy, w, True):
-            candidates.pop("triton_tma")
-        backend = _measured("dgrad", dy, tuple(w.shape), candidates)
+        backend = _measured("dgrad", dy, tuple(w.shape), lambda b: _dgrad_impl(dy, w, offsets, b),
+                            lambda: _torch_ab(dy, w.transpose(1, 2), offsets, strict=True), (dy, w))
     if backend == "triton":
         return _kernels().grouped_mm_dgrad(dy, w, offsets)
     if backend == "triton_tma":
@@ -174,11 +170,13 @@ def _dgrad_impl(dy, w, offsets, backend):
 
 def _wgrad_impl(x, dy, offsets, backend):
     if backend == "measured":
-        candidates = {"triton": lambda: _wgrad_impl(x, dy, offsets, "triton"),
-                      "torch": lambda: _torch_wgrad(x, dy, offsets, strict=True)}
-        backend = _measured("wgrad", x, (offsets.shape[0], x.shape[1], dy.shape[1]), candidates)
-    if backend in ("triton", "triton_tma"):  # wgrad has no TMA variant
+        backend = _measured("wgrad", x, (offsets.shape[0], x.shape[1], dy.shape[1]),
+                            lambda b: _wgrad_impl(x, dy, offsets, b),
+                            lambda: _torch_wgrad(x, dy, offsets, strict=True), (x, dy))
+    if backend == "triton":
         return _kernels().grouped_mm_wgrad(x, dy, offsets)
+    if backend == "triton_tma":
+        return _tma_kernels().grouped_mm_wgrad_tma(x, dy, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm_wgrad(x, dy, offsets)
     return _torch_wgrad(x, dy, offsets)

@@ -25,8 +25,9 @@ from megatron_evomoe.kernels.grouped_gemm import FWD_CONFIGS, WGRAD_CONFIGS
 from megatron_evomoe.kernels.grouped_gemm_tma import TMA_CONFIGS
 
 ARCHS = (80, 90)
+TMA_KERNELS = ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma", "grouped_mm_wgrad_tma")
 OWN_KERNELS = {
-    "grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad", "grouped_mm_fwd_tma", "grouped_mm_dgrad_tma",
+    "grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad", *TMA_KERNELS,
     "expert_histogram", "permute", "permute_bwd", "unpermute", "unpermute_bwd", "unpermute_bwd_zero_rows",
 }
 
@@ -87,8 +88,7 @@ def test_no_local_memory_spills(report):
 
 
 def test_grouped_gemm_uses_hgmma_on_sm90(report):
-    for kernel in ("grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad", "grouped_mm_fwd_tma",
-                   "grouped_mm_dgrad_tma"):
+    for kernel in ("grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad", *TMA_KERNELS):
         rows = [r for r in report["rows"] if r["kernel"] == kernel and r["arch"] == 90]
         assert rows and all(r["hgmma"] for r in rows), \
             f"{kernel}: no HGMMA in {[r['config'] for r in rows if not r['hgmma']]}"
@@ -98,8 +98,8 @@ def test_grouped_gemm_uses_hgmma_on_sm90(report):
 
 
 def test_tma_variant_loads_with_utmaldg_on_sm90(report):
-    tma = [r for r in report["rows"] if r["kernel"] in ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma")]
-    assert len(tma) == 2 * len(TMA_CONFIGS) and all(r["arch"] == 90 and r["tma_expected"] for r in tma)
+    tma = [r for r in report["rows"] if r["kernel"] in TMA_KERNELS]
+    assert len(tma) == len(TMA_KERNELS) * len(TMA_CONFIGS) and all(r["arch"] == 90 and r["tma_expected"] for r in tma)
     assert all(r["tma"] for r in tma), [f"{r['kernel']} [{r['config']}]" for r in tma if not r["tma"]]
     # the cp.async kernels have no TMA load (a sanity check of the SASS scan)
     assert not any(r["tma"] for r in report["rows"] if r["kernel"] in ("grouped_mm_fwd", "grouped_mm_wgrad"))

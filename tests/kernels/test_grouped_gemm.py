@@ -27,13 +27,13 @@ def _nan(shape, dtype, device):
 
 
 CP_ASYNC = (gg.grouped_mm_fwd, gg.grouped_mm_dgrad, gg.grouped_mm_wgrad)
-TMA = (gt.grouped_mm_fwd_tma, gt.grouped_mm_dgrad_tma, None)  # wgrad has no TMA variant
+TMA = (gt.grouped_mm_fwd_tma, gt.grouped_mm_dgrad_tma, gt.grouped_mm_wgrad_tma)
 
 
 def check_all(counts, K, N, dtype, device, tail=0, config=None, offsets_dtype=torch.int32, seed=0,
               kernels=CP_ASYNC, **launch):
     """fwd, dgrad and wgrad (``kernels``; wgrad skipped where None) vs the reference, every output
-    element poisoned with NaN beforehand."""
+    element poisoned with NaN beforehand; ``launch`` goes to fwd and dgrad (the TMA variant's grid)."""
     fwd, dgrad, wgrad = kernels
     g = torch.Generator().manual_seed(seed)
     E, T = len(counts), sum(counts) + tail
@@ -47,7 +47,7 @@ def check_all(counts, K, N, dtype, device, tail=0, config=None, offsets_dtype=to
     cases = [("y", y, gg.grouped_mm_reference(x, w, offsets)),
              ("dx", dx, gg.grouped_mm_dgrad_reference(dy, w, offsets))]
     if wgrad is not None:
-        dw = wgrad(x, dy, offsets, out=_nan((E, K, N), dtype, device), config=config, **launch)
+        dw = wgrad(x, dy, offsets, out=_nan((E, K, N), dtype, device), config=config)
         cases.append(("dw", dw, gg.grouped_mm_wgrad_reference(x, dy, offsets)))
     for name, got, ref in cases:
         assert not torch.isnan(got).any(), f"{name}: some elements were never written"
@@ -116,8 +116,9 @@ TMA_LAYOUTS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", list(TMA_LAYOUTS))
 def test_tma_persistent_matches_reference(layout, dtype):
-    """Forward and dgrad of the TMA variant: descriptor loads past an expert's rows and past K / N,
-    masked epilogue, persistent programs (3 under the interpreter) looping over the grouped order."""
+    """The TMA variant: forward and dgrad (descriptor loads past an expert's rows and past K / N,
+    masked epilogue, persistent programs, 3 under the interpreter, looping over the grouped order)
+    and wgrad (per-expert descriptors: the next expert's rows read as zeros)."""
     counts, K, N, tail = TMA_LAYOUTS[layout]
     check_all(counts, K, N, dtype, "cpu", tail=tail, kernels=TMA)
 
@@ -134,11 +135,13 @@ def test_tma_persistent_configs_and_grid_sizes():
 def test_tma_rejects_unaligned_layouts(monkeypatch):
     x, w, off = torch.randn(8, 12, dtype=torch.bfloat16), torch.randn(2, 12, 16, dtype=torch.bfloat16), \
         torch.tensor([3, 8], dtype=torch.int32)
-    assert not gt.tma_layout_ok(x, w, False)  # 12 bf16 = 24-byte rows
+    assert not gt.tma_layout_ok(x, w)  # 12 bf16 = 24-byte rows
     with pytest.raises(ValueError, match="16-byte aligned"):
         gt.grouped_mm_fwd_tma(x, w, off)
-    assert gt.tma_layout_ok(x[:, :8], w[:, :8], False) is False  # the slice keeps the 24-byte rows
-    assert gt.tma_layout_ok(x[:, :8].contiguous(), w[:, :8].contiguous(), False)
+    assert gt.tma_layout_ok(x[:, :8], w[:, :8]) is False  # the slice keeps the 24-byte rows
+    assert gt.tma_layout_ok(x[:, :8].contiguous(), w[:, :8].contiguous())
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gt.grouped_mm_wgrad_tma(x, torch.randn(8, 16, dtype=torch.bfloat16), off)
     # compiled (not interpreted), TMA is for CUDA devices of sm_90 and later only
     assert gt.tma_available(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")

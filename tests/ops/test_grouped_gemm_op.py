@@ -146,8 +146,8 @@ class FakeTimer:
 
 def test_measured_backend_runs_the_choice_per_phase_and_shape(monkeypatch, caplog):
     """backend "measured" (auto on CUDA), on CPU under the interpreter with fake timings: each phase
-    times its candidates once per shape (the TMA variant only where TMA can load the operands, never
-    for wgrad), runs the fastest, logs one line per shape, and the gradients are right."""
+    times its candidates once per shape (the TMA variant only where TMA can load the operands), runs
+    the fastest, logs one line per shape, and the gradients are right."""
     monkeypatch.setattr(ggo, "resolve_backend", lambda *args: "measured")
     monkeypatch.setattr(ggo.MEASURED, "choices", {})
     monkeypatch.setattr(ggo, "_grouped_mm_rejects", set())  # the refusals below stay in this test
@@ -156,24 +156,24 @@ def test_measured_backend_runs_the_choice_per_phase_and_shape(monkeypatch, caplo
     monkeypatch.setattr(ggo.MEASURED, "forbidden", lambda: False)
     tma_calls = []
     tma = ggo._tma_kernels()
-    for name in ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma"):
+    for name in ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma", "grouped_mm_wgrad_tma"):
         real = getattr(tma, name)
         monkeypatch.setattr(tma, name,
                             lambda *a, _real=real, _name=name, **k: tma_calls.append(_name) or _real(*a, **k))
     with caplog.at_level(logging.INFO, logger="megatron_evomoe.ops"):
         for _ in range(2):  # the second step times nothing and logs nothing
             check_autograd("measured", torch.float32, "cpu", counts=[9, 0, 14, 1, 0], tail=3, K=24, N=16)
-    assert timer.calls == ["triton", "triton_tma", "torch"] * 2 + ["triton", "torch"]  # fwd, dgrad, wgrad
-    # chosen: TMA for fwd and dgrad (once timed + the 2 steps), the cp.async kernel for wgrad
-    assert sorted(tma_calls) == ["grouped_mm_dgrad_tma"] * 3 + ["grouped_mm_fwd_tma"] * 3
+    assert timer.calls == ["triton", "triton_tma", "torch"] * 3  # fwd, dgrad, wgrad
+    # chosen: TMA in each phase (once timed + the 2 steps)
+    assert sorted(tma_calls) == ["grouped_mm_dgrad_tma"] * 3 + ["grouped_mm_fwd_tma"] * 3 + ["grouped_mm_wgrad_tma"] * 3
     lines = [r.getMessage() for r in caplog.records if r.name == "megatron_evomoe.ops"]
     assert [line.split(":")[0] for line in lines] == [
         f"grouped_mm {phase} rows<=32 K=24 N=16 E=5 float32 on cpu" for phase in ("fwd", "dgrad", "wgrad")]
-    assert [line.split("using ")[1].split(" ")[0] for line in lines] == ["triton_tma", "triton_tma", "triton"]
+    assert [line.split("using ")[1].split(" ")[0] for line in lines] == ["triton_tma"] * 3
 
     # Another shape, where torch would be fastest: x rows of K=18 fp32 (72 bytes) can be loaded neither
     # by TMA nor by torch._grouped_mm (which needs 16-byte rows too): fwd times triton alone (torch
-    # fails and is named), dgrad (dy: [T, 16], w: [E, 18, 16]) may use TMA, wgrad reads x^T: [18, T].
+    # fails and is named), dgrad (dy: [T, 16], w: [E, 18, 16]) may use TMA, wgrad (x: [T, 18]) not.
     timer.seconds = {"triton_tma": 3.0, "triton": 2.0, "torch": 1.0}
     timer.calls.clear()
     caplog.clear()
