@@ -7,10 +7,13 @@ Shapes (tokens T per step, each routed to top-k experts -> T*k rows):
   Mixtral 8x7B   hidden 4096, FFN 14336, 8 experts, top-2
   Qwen3-30B-A3B  hidden 2048, FFN 768, 128 experts, top-8
   EvoMoE-scale   hidden 2048, FFN 5504 (Qwen-1.8B), 4 experts, top-2
+  EvoMoE recipe  4 experts, top-1, 16k rows: hidden 2048 / FFN 5504 (Qwen-1.8B), 2560 / 10240 (Phi-2),
+                 4096 / 14336 (a 7B)
 each as the up projection (hidden -> FFN) and the down projection (FFN -> hidden), with balanced
 and skewed expert loads (skewed: Zipf-like, the first expert takes the most rows, some get none).
 
-Methods: this package's Triton kernel (GPU), the op's PyTorch backend, torch._grouped_mm where
+Methods: this package's Triton kernel (GPU), its TMA persistent variant (sm_90), "auto" (the faster
+of these and torch._grouped_mm per shape and phase, timed once), the op's PyTorch backend, torch._grouped_mm where
 present, a loop of per-expert matmuls, megablocks' grouped_gemm where installed, and a dense GEMM of
 the same FLOPs (the roofline the grouped kernels chase). "fwd" is y = x @ w[e]; "bwd" is dx and dw
 (torch.autograd.grad), counted as twice the forward FLOPs. "vs best alt" divides by the best other
@@ -30,6 +33,9 @@ MODELS = {  # name: (hidden, ffn, experts, top-k, tokens)
     "Mixtral-8x7B": (4096, 14336, 8, 2, 8192),
     "Qwen3-30B-A3B": (2048, 768, 128, 8, 8192),
     "EvoMoE-2B": (2048, 5504, 4, 2, 8192),
+    "EvoMoE-1.8B top-1": (2048, 5504, 4, 1, 16384),
+    "EvoMoE-Phi2 top-1": (2560, 10240, 4, 1, 16384),
+    "EvoMoE-7B top-1": (4096, 14336, 4, 1, 16384),
 }
 TINY_MODELS = {
     "tiny-8e": (64, 96, 8, 2, 256),
@@ -54,7 +60,7 @@ def expert_counts(rows: int, experts: int, load: str) -> list[int]:
 
 def methods(x, w, offsets, counts, device, tiny):
     """{name: callable(x, w) -> y}; every one differentiable through autograd."""
-    from megatron_evomoe.ops.grouped_gemm import grouped_mm
+    from megatron_evomoe.ops.grouped_gemm import grouped_mm, grouped_mm_op
 
     bounds, lo = [], 0
     for c in counts:
@@ -63,6 +69,9 @@ def methods(x, w, offsets, counts, device, tiny):
     found = {}
     if device.type == "cuda" and not tiny:
         found["triton (ours)"] = lambda x, w: grouped_mm(x, w, offsets, backend="triton")
+        if torch.cuda.get_device_capability(device) >= (9, 0):
+            found["triton TMA (ours)"] = lambda x, w: grouped_mm_op(x, w, offsets, "triton_tma")
+        found["auto (measured)"] = lambda x, w: grouped_mm(x, w, offsets, backend="auto")
     found["ops torch backend"] = lambda x, w: grouped_mm(x, w, offsets, backend="torch")
     if hasattr(torch, "_grouped_mm"):
         offs32 = offsets.to(torch.int32)

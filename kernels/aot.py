@@ -6,9 +6,10 @@
 Each registered kernel is compiled at every tile configuration it autotunes over, for each arch,
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. The cubin goes through
 the ``cuobjdump`` that ships in the triton wheel: ``-res-usage`` gives registers, stack and local
-(spill) bytes, ``-sass`` tells whether HGMMA (wgmma) instructions were emitted. This is the only
-check of compiled code when no GPU is around (CI), so ``--check`` makes the exit status fail on a
-compile error, a local-memory spill, or a missing HGMMA where the kernel expects one on sm_90.
+(spill) bytes, ``-sass`` tells whether HGMMA (wgmma) and UTMALDG (TMA load) instructions were emitted. This is the
+only check of compiled code when no GPU is around (CI), so ``--check`` makes the exit status fail on a
+compile error, a local-memory spill, shared memory past the arch's per-block limit (which would fail
+only at launch), or a missing HGMMA / UTMALDG where the kernel expects one on sm_90.
 
 Registering a kernel (call at import time of the kernel's module; modules of this package are
 discovered and imported by this tool)::
@@ -20,6 +21,9 @@ discovered and imported by this tool)::
         [dict(BLOCK=128, num_warps=4, num_stages=2), dict(BLOCK=256, num_warps=8)],
         name="my_kernel", hgmma_expected=False,
     )
+
+``tma_expected``: its loads should be TMA (UTMALDG) on sm_90; ``archs``: the archs it is compiled
+for (default all of ``--arch``; e.g. ``(90,)`` for a Hopper-only variant).
 
 Each config dict gives a value to every ``tl.constexpr`` parameter (and may pin a runtime argument
 to a constant, e.g. ``stride_xk=1``, as triton's runtime specialisation does; such an argument is
@@ -59,21 +63,26 @@ class AotKernel:
     configs: list[dict]
     divisible_by_16: tuple[str, ...] | None = None
     hgmma_expected: bool = False
+    tma_expected: bool = False
+    archs: tuple[int, ...] | None = None
 
 
 _REGISTRY: dict[str, AotKernel] = {}
 
 
 def register_aot(kernel, signature: dict[str, str], constexpr_configs: list[dict], *, name: str | None = None,
-                 hgmma_expected: bool = False, divisible_by_16: tuple[str, ...] | None = None) -> None:
+                 hgmma_expected: bool = False, divisible_by_16: tuple[str, ...] | None = None,
+                 tma_expected: bool = False, archs: tuple[int, ...] | None = None) -> None:
     """Add ``kernel`` to the AOT report (see the module docstring for the argument format).
 
-    ``hgmma_expected``: the kernel's tl.dot should lower to wgmma on sm_90 (checked by --check)."""
+    ``hgmma_expected`` / ``tma_expected``: the kernel's tl.dot should lower to wgmma, its descriptor
+    loads to TMA, on sm_90 (checked by --check). ``archs``: compile only for these."""
     key = name or getattr(kernel, "__name__", None) or kernel.fn.__name__
     if not constexpr_configs:
         raise ValueError(f"register_aot({key}): constexpr_configs is empty")
     _REGISTRY[key] = AotKernel(key, kernel, dict(signature), [dict(c) for c in constexpr_configs],
-                               None if divisible_by_16 is None else tuple(divisible_by_16), hgmma_expected)
+                               None if divisible_by_16 is None else tuple(divisible_by_16), hgmma_expected,
+                               tma_expected, None if archs is None else tuple(archs))
 
 
 def registered() -> dict[str, AotKernel]:
@@ -119,11 +128,15 @@ def _tool(name: str) -> str:
     return found
 
 
+# Largest shared memory one block may use (opt-in maximum), per arch: sm_80 163 KiB, sm_86/89 99 KiB,
+# sm_90 227 KiB. Triton checks it only when loading the cubin, i.e. on the GPU.
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
 _RES_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def _inspect_cubin(cubin: bytes, arch: int) -> dict:
-    """Registers / stack / local bytes from ``cuobjdump -res-usage``; HGMMA from ``-sass`` (sm_90+
+    """Registers / stack / local bytes from ``cuobjdump -res-usage``; HGMMA, UTMALDG from ``-sass`` (sm_90+
     only: wgmma does not exist before, and the SASS dump is the slow part of the report)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -137,7 +150,7 @@ def _inspect_cubin(cubin: bytes, arch: int) -> dict:
     if not m:
         raise RuntimeError(f"cannot parse cuobjdump -res-usage output:\n{out[:2000]}")
     regs, stack, _, local = (int(g) for g in m.groups())
-    return dict(registers=regs, stack=stack, local=local, hgmma="HGMMA" in out)
+    return dict(registers=regs, stack=stack, local=local, hgmma="HGMMA" in out, tma="UTMALDG" in out)
 
 
 def compile_one(name: str, config_index: int, arch: int) -> dict:
@@ -149,7 +162,7 @@ def compile_one(name: str, config_index: int, arch: int) -> dict:
     spec = _REGISTRY[name]
     config = spec.configs[config_index]
     row = dict(kernel=name, config=config_label(config), arch=arch, ok=False, error=None,
-               hgmma_expected=spec.hgmma_expected and arch >= 90)
+               hgmma_expected=spec.hgmma_expected and arch >= 90, tma_expected=spec.tma_expected and arch >= 90)
     start = time.perf_counter()
     try:
         fn = spec.fn
@@ -191,7 +204,8 @@ def run_report(archs=(80, 90), kernels=None, jobs: int | None = None, exclude=()
         raise ValueError(f"unknown kernel(s) {unknown}; registered: {sorted(_REGISTRY)}")
     names = [n for n in names if n not in set(exclude)]
     work = [(n, i, a) for n in names
-            for i in range(len(_REGISTRY[n].configs))[:None if n in full else max_configs] for a in archs]
+            for i in range(len(_REGISTRY[n].configs))[:None if n in full else max_configs] for a in archs
+            if _REGISTRY[n].archs is None or a in _REGISTRY[n].archs]
     if not work:
         return [], import_errors
     jobs = jobs or min(len(work), os.cpu_count() or 1, 8)
@@ -207,7 +221,8 @@ def run_report(archs=(80, 90), kernels=None, jobs: int | None = None, exclude=()
 
 
 def problems(rows: list[dict], import_errors: list[str]) -> list[str]:
-    """What --check fails on: import or compile errors, local-memory spills, missing HGMMA."""
+    """What --check fails on: import or compile errors, local-memory spills, shared memory past the
+    arch's limit, missing HGMMA or UTMALDG."""
     out = [f"import failed: {e}" for e in import_errors]
     for r in rows:
         tag = f"{r['kernel']} [{r['config']}] sm_{r['arch']}"
@@ -220,23 +235,32 @@ def problems(rows: list[dict], import_errors: list[str]) -> list[str]:
             out.append(f"{tag}: {r['local']} bytes of local memory, {r['stack']} bytes of stack (register spills)")
         if r["hgmma_expected"] and not r["hgmma"]:
             out.append(f"{tag}: no HGMMA (wgmma) instruction in the SASS")
+        if r.get("tma_expected") and not r.get("tma"):
+            out.append(f"{tag}: no UTMALDG (TMA load) instruction in the SASS")
+        limit = MAX_SHARED_BYTES.get(r["arch"])
+        if limit is not None and r["shared"] > limit:
+            out.append(f"{tag}: {r['shared']} bytes of shared memory, more than sm_{r['arch']}'s {limit}")
     return out
 
 
+def _mark(row: dict, feature: str) -> str:
+    """Table cell for an sm_90 instruction family: n/a before sm_90 (wgmma and TMA start there),
+    MISSING where expected."""
+    if row["arch"] < 90:
+        return "n/a"
+    if row.get(f"{feature}_expected"):
+        return "yes" if row.get(feature) else "MISSING"
+    return "yes" if row.get(feature) else "no"
+
+
 def format_table(rows: list[dict]) -> str:
-    headers = ["kernel", "config", "arch", "regs", "stack", "local", "smem", "HGMMA"]
+    headers = ["kernel", "config", "arch", "regs", "stack", "local", "smem", "HGMMA", "TMA"]
     body = []
     for r in rows:
         r = dict(r, config=r["config"] if len(r["config"]) <= 60 else r["config"][:57] + "...")  # full text in --out
         if r["ok"]:
-            if r["arch"] < 90:
-                hg = "n/a"  # wgmma exists from sm_90 on
-            elif r["hgmma_expected"]:
-                hg = "yes" if r["hgmma"] else "MISSING"
-            else:
-                hg = "yes" if r["hgmma"] else "no"
             body.append([r["kernel"], r["config"], f"sm_{r['arch']}", str(r["registers"]), str(r["stack"]),
-                         str(r["local"]), str(r["shared"]), hg])
+                         str(r["local"]), str(r["shared"]), _mark(r, "hgmma"), _mark(r, "tma")])
         else:
             body.append([r["kernel"], r["config"], f"sm_{r['arch']}", "FAILED", "", "", "", r["error"] or ""])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
@@ -259,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", nargs="+", default=[], help="with --max-configs: these kernels still at every config")
     p.add_argument("--list", action="store_true", help="print the registered kernel names and exit")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, max 8)")
-    p.add_argument("--check", action="store_true", help="exit 1 on compile errors, spills, missing HGMMA")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 on compile errors, spills, shared memory over the limit, missing HGMMA or UTMALDG")
     args = p.parse_args(argv)
     if args.list:
         import_errors = discover()

@@ -14,16 +14,14 @@ non-decreasing and within [0, T]; that is not checked (it would need a host sync
 clamp every row range into [0, T] so that bad offsets give wrong numbers, never out-of-bounds
 memory accesses.
 
-Tile schedule (forward and dgrad). Without padding the inputs or syncing with the host, every
-program works out for itself which (expert, row tile) it owns: it loads all E offsets as one
-vector, turns them into per-expert tile counts for its own BLOCK_M (so autotuning BLOCK_M needs no
-host-side schedule), takes an inclusive cumsum, and counts how many experts end at or before its
-tile id. The launch grid is an upper bound on the number of row tiles, ``cdiv(T, BLOCK_M) + E + 1``;
-programs past the real tile count see an empty row range and do no work. An extra pseudo-expert E
-covers the tail rows past ``offsets[-1]`` so that they are zero-filled by the same code path.
+Tile schedule (forward and dgrad): see kernels/grouped_gemm_tiles.py. Each program owns one (row tile,
+column tile) pair, visited in grouped (L2-friendly) order over a 1-D grid bounded by
+``num_row_tiles(T, E, BLOCK_M) * cdiv(N, BLOCK_N)``; the tail rows past ``offsets[-1]`` are zero-filled
+by the same code path. kernels/grouped_gemm_tma.py is the same schedule, persistent, with TMA loads.
 
-wgrad maps one program to (expert, output tile of dw[e]) and reduces over that expert's rows with
-a loop whose trip count comes from the offsets (zero trips for an empty expert -> dw[e] = 0).
+wgrad maps one program to (expert, output tile of dw[e]), the tiles of one expert in grouped order,
+and reduces over that expert's rows with a loop whose trip count comes from the offsets (zero trips
+for an empty expert -> dw[e] = 0).
 
 All kernels accumulate in fp32 and store in the input dtype. fp32 inputs use IEEE fp32 products
 unless ``torch.backends.cuda.matmul.allow_tf32`` is set (the same switch torch.matmul follows).
@@ -36,30 +34,36 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_evomoe.kernels.grouped_gemm_tiles import e_pow2, expert_rows, grouped_order, num_row_tiles, row_tile
+
 # Tile configurations the autotuner chooses among (also compiled ahead of time by kernels/aot.py).
 # Every one keeps BLOCK_M a multiple of 64 rows per warpgroup and num_warps a multiple of 4, so that
-# sm_90 lowers tl.dot to wgmma (HGMMA); sm_80 uses mma.sync with the same tiles.
+# sm_90 lowers tl.dot to wgmma (HGMMA); sm_80 uses mma.sync with the same tiles. The two largest
+# (128x256 with BLOCK_K 64, 128x128 with BLOCK_K 128) are the large-expert tiles (K, N >= 2048); their
+# stages are sized to fit sm_80's 163 KiB of shared memory per block as well as sm_90's 227 KiB
+# (bf16: 48 KiB and 64 KiB per stage).
+GROUP_M = 8  # row tiles per group of the grouped tile order (kernels/grouped_gemm_tiles.py)
 FWD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=GROUP_M, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=GROUP_M, num_warps=4, num_stages=4),
 ]
-# wgrad tiles dw[e]: BLOCK_M over K (rows of dw), BLOCK_N over N, BLOCK_K over the expert's tokens.
-WGRAD_CONFIGS = [
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
-]
+# wgrad tiles dw[e]: BLOCK_M over K (rows of dw), BLOCK_N over N, BLOCK_K over the expert's tokens;
+# the same tiles, the smallest one stepping over 32 tokens at a time.
+WGRAD_CONFIGS = [*FWD_CONFIGS[:-1],
+                 dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=GROUP_M, num_warps=4, num_stages=4)]
 # Tiles used under TRITON_INTERPRET=1 when the caller gives none (the interpreter cannot autotune
-# usefully and runs each program in numpy; small tiles keep odd sizes covering several tiles).
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+# usefully and runs each program in numpy; small tiles keep odd sizes covering several tiles, and
+# GROUP_M=3 leaves a short last group at most shapes).
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=3)
 
-_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -74,42 +78,20 @@ def _triton_configs(configs):
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _row_tile(offsets_ptr, num_experts, num_rows, tile_id, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """(expert, first row, end row) of row tile ``tile_id``; expert == num_experts is the tail past
-    offsets[-1]; an id past the last tile returns an empty range."""
-    e = tl.arange(0, E_POW2)
-    ends = tl.load(offsets_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
-    ends = tl.where(e < num_experts, ends, num_rows)  # tail pseudo-expert (and padding) end at T
-    prev = tl.load(offsets_ptr + e - 1, mask=(e >= 1) & (e <= num_experts), other=0).to(tl.int32)
-    starts = tl.where(e > num_experts, num_rows, prev)  # padding lanes: empty [T, T)
-    ends = tl.minimum(tl.maximum(ends, 0), num_rows)  # memory safety against bad offsets
-    starts = tl.minimum(tl.maximum(starts, 0), num_rows)
-    counts = tl.maximum(ends - starts, 0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    cum = tl.cumsum(tiles, 0)  # inclusive
-    expert = tl.sum((cum <= tile_id).to(tl.int32), 0)
-    mine = e == expert
-    first_tile = tl.sum(tl.where(mine, cum - tiles, 0), 0)
-    row_start = tl.sum(tl.where(mine, starts, 0), 0) + (tile_id - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(mine, ends, 0), 0)  # 0 when expert >= E_POW2 (id past last tile)
-    return expert, row_start, row_end
-
-
-@triton.jit
 def _grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, offsets_ptr,
     num_rows, N, K, num_experts,
     stride_am, stride_ak,
     stride_be, stride_bk, stride_bn,
     stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """c[rows_e] = a[rows_e] @ b[e]; a: [T, K], b: [E, K, N] (any strides), c: [T, N].
-    Forward uses b = w; dgrad uses b = w.transpose(1, 2)."""
-    tile_m = tl.program_id(0)
-    tile_n = tl.program_id(1)
-    expert, row_start, row_end = _row_tile(offsets_ptr, num_experts, num_rows, tile_m, BLOCK_M, E_POW2)
+    Forward uses b = w; dgrad uses b = w.transpose(1, 2). 1-D grid over (row tile, column tile)."""
+    num_tiles_m = tl.cdiv(num_rows, BLOCK_M) + num_experts + 1  # = num_row_tiles()
+    tile_m, tile_n = grouped_order(tl.program_id(0), num_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert, row_start, row_end = row_tile(offsets_ptr, num_experts, num_rows, tile_m, BLOCK_M, E_POW2)
     # The tail pseudo-expert (and ids past the last tile) reduce over nothing -> zeros are stored.
     k_len = tl.where(expert < num_experts, K, 0)
 
@@ -128,7 +110,7 @@ def _grouped_mm_kernel(
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_UPCAST:  # interpreter only, see _dot_upcast
+        if DOT_UPCAST:  # interpreter only, see dot_upcast
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -146,19 +128,13 @@ def _grouped_mm_wgrad_kernel(
     stride_xm, stride_xk,
     stride_dym, stride_dyn,
     stride_dwe, stride_dwk, stride_dwn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """dw[e, tile] = x[rows_e]^T @ dy[rows_e]; BLOCK_M runs over K, BLOCK_N over N, BLOCK_K over rows."""
     expert = tl.program_id(0)
-    tile = tl.program_id(1)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tile_m = tile // tiles_n
-    tile_n = tile % tiles_n
-    row_start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int32)
-    row_end = tl.load(offsets_ptr + expert).to(tl.int32)
-    row_start = tl.minimum(tl.maximum(row_start, 0), num_rows)  # memory safety against bad offsets
-    row_end = tl.minimum(tl.maximum(row_end, 0), num_rows)
+    tile_m, tile_n = grouped_order(tl.program_id(1), tl.cdiv(K, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    row_start, row_end = expert_rows(offsets_ptr, expert, num_rows)
 
     ks = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of dw[e]
     ns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)   # cols of dw[e]
@@ -176,7 +152,7 @@ def _grouped_mm_wgrad_kernel(
                      mask=k_ok[:, None] & t_ok[None, :], other=0.0)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_UPCAST:  # interpreter only, see _dot_upcast
+        if DOT_UPCAST:  # interpreter only, see dot_upcast
             xt = xt.to(tl.float32)
             dy = dy.to(tl.float32)
         acc = tl.dot(xt, dy, acc, input_precision=DOT_PRECISION)
@@ -199,26 +175,21 @@ _grouped_mm_wgrad_autotuned = triton.autotune(
 # --------------------------------------------------------------------------------------------------
 # Python launchers
 # --------------------------------------------------------------------------------------------------
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+def dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"
 
 
-def _dot_upcast(dtype: torch.dtype) -> bool:
+def dot_upcast(dtype: torch.dtype) -> bool:
     """True under TRITON_INTERPRET=1 for bf16: the triton 3.9 interpreter keeps bf16 as uint16 and its
     tl.dot multiplies the raw bit patterns (triton-lang/triton#11584, not supported upstream). bf16
     operands are exact in fp32 and the product is accumulated in fp32 anyway, so upcasting first gives
     the numbers the GPU's bf16 MMA gives. Always False for compiled kernels."""
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and interpreting()
 
 
-def _e_pow2(num_experts: int) -> int:
-    # lanes for E experts + the tail pseudo-expert
-    return max(16, triton.next_power_of_2(num_experts + 1))
-
-
-def _check_offsets(offsets: torch.Tensor, device: torch.device) -> None:
+def check_offsets(offsets: torch.Tensor, device: torch.device) -> None:
     if offsets.dim() != 1 or offsets.numel() == 0:
         raise ValueError(f"offsets must be a non-empty 1-D tensor [E], got shape {tuple(offsets.shape)}")
     if offsets.dtype not in (torch.int32, torch.int64):
@@ -227,42 +198,79 @@ def _check_offsets(offsets: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"offsets is on {offsets.device} but the operands are on {device}")
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
+def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{name} must be fp32, fp16 or bf16, got {t.dtype}")
 
 
-def _launch(autotuned, raw, grid, args, meta, config):
+def launch(autotuned, raw, grid, args, meta, config):
     """Run the autotuned kernel, or `raw` at one explicit tile config (always under the interpreter,
     where autotuning would time every config in numpy). `meta` holds the fixed constexprs."""
-    if config is None and not _interpreting():
+    if config is None and not interpreting():
         autotuned[grid](*args, **meta)
         return
     cfg = dict(INTERPRET_CONFIG if config is None else config)
-    if _interpreting():  # the interpreter has no warps or pipeline stages
+    cfg.setdefault("GROUP_M", GROUP_M)
+    if interpreting():  # the interpreter has no warps or pipeline stages
         cfg.pop("num_warps", None)
         cfg.pop("num_stages", None)
     raw[grid](*args, **meta, **cfg)
+
+
+def _check_ab(name: str, a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_dim: int, shapes: str) -> None:
+    """a: [T, w.shape[w_dim]] against w: [E, K, N] and offsets: [E]; ``shapes`` names the layout."""
+    check_float(name, a)
+    if a.dim() != 2 or w.dim() != 3 or a.shape[1] != w.shape[w_dim]:
+        raise ValueError(f"expected {shapes}, got {tuple(a.shape)} and {tuple(w.shape)}")
+    if a.dtype != w.dtype:
+        raise ValueError(f"{name} and w must share a dtype, got {a.dtype} and {w.dtype}")
+    if w.shape[0] != offsets.shape[0]:
+        raise ValueError(f"w has {w.shape[0]} experts but offsets has {offsets.shape[0]} entries")
+    check_offsets(offsets, a.device)
+
+
+def check_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
+    _check_ab("x", x, w, offsets, 1, "x: [T, K] and w: [E, K, N]")
+
+
+def check_dgrad(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
+    _check_ab("dy", dy, w, offsets, 2, "dy: [T, N] and w: [E, K, N]")
+
+
+def check_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> None:
+    check_float("x", x)
+    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"expected x: [T, K] and dy: [T, N], got {tuple(x.shape)} and {tuple(dy.shape)}")
+    if x.dtype != dy.dtype:
+        raise ValueError(f"x and dy must share a dtype, got {x.dtype} and {dy.dtype}")
+    check_offsets(offsets, x.device)
+
+
+def ab_output(a: torch.Tensor, n: int, k: int, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """(c: [T, n] to write, whether it is already complete): nothing to compute without rows or
+    columns, zeros without a reduction dim."""
+    c = out if out is not None else torch.empty((a.shape[0], n), device=a.device, dtype=a.dtype)
+    if k == 0 and a.shape[0] > 0 and n > 0:
+        c.zero_()
+    return c, a.shape[0] == 0 or n == 0 or k == 0
 
 
 def _grouped_mm_ab(a, b, offsets, out, config):
     """c[rows_e] = a[rows_e] @ b[e] for b: [E, K, N] with any strides."""
     T, K = a.shape
     E, _, N = b.shape
-    c = out if out is not None else torch.empty((T, N), device=a.device, dtype=a.dtype)
-    if T == 0 or N == 0:
+    c, done = ab_output(a, N, K, out)
+    if done:
         return c
-    if K == 0:
-        return c.zero_()
     offsets = offsets.contiguous()
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]) + E + 1, triton.cdiv(N, meta["BLOCK_N"]))
+        return (num_row_tiles(T, E, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     args = (a, b, c, offsets, T, N, K, E,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1))
-    meta = dict(E_POW2=_e_pow2(E), DOT_PRECISION=_dot_precision(a.dtype), DOT_UPCAST=_dot_upcast(a.dtype))
-    _launch(_grouped_mm_autotuned, _grouped_mm_kernel, grid, args, meta, config)
+    meta = dict(E_POW2=e_pow2(E), DOT_PRECISION=dot_precision(a.dtype), DOT_UPCAST=dot_upcast(a.dtype))
+    launch(_grouped_mm_autotuned, _grouped_mm_kernel, grid, args, meta, config)
     return c
 
 
@@ -270,42 +278,23 @@ def grouped_mm_fwd(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                    out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y[rows_e] = x[rows_e] @ w[e]. x: [T, K], w: [E, K, N], offsets: [E] -> y: [T, N] (x.dtype).
 
-    ``config`` forces one tile configuration (keys BLOCK_M, BLOCK_N, BLOCK_K[, num_warps,
+    ``config`` forces one tile configuration (keys BLOCK_M, BLOCK_N, BLOCK_K[, GROUP_M, num_warps,
     num_stages]) instead of autotuning; ``out`` is written in place (every element)."""
-    _check_float("x", x)
-    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"expected x: [T, K] and w: [E, K, N], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"x and w must share a dtype, got {x.dtype} and {w.dtype}")
-    if w.shape[0] != offsets.shape[0]:
-        raise ValueError(f"w has {w.shape[0]} experts but offsets has {offsets.shape[0]} entries")
-    _check_offsets(offsets, x.device)
+    check_fwd(x, w, offsets)
     return _grouped_mm_ab(x, w, offsets, out, config)
 
 
 def grouped_mm_dgrad(dy: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """dx[rows_e] = dy[rows_e] @ w[e]^T. dy: [T, N], w: [E, K, N] -> dx: [T, K] (dy.dtype)."""
-    _check_float("dy", dy)
-    if dy.dim() != 2 or w.dim() != 3 or dy.shape[1] != w.shape[2]:
-        raise ValueError(f"expected dy: [T, N] and w: [E, K, N], got {tuple(dy.shape)} and {tuple(w.shape)}")
-    if dy.dtype != w.dtype:
-        raise ValueError(f"dy and w must share a dtype, got {dy.dtype} and {w.dtype}")
-    if w.shape[0] != offsets.shape[0]:
-        raise ValueError(f"w has {w.shape[0]} experts but offsets has {offsets.shape[0]} entries")
-    _check_offsets(offsets, dy.device)
+    check_dgrad(dy, w, offsets)
     return _grouped_mm_ab(dy, w.transpose(1, 2), offsets, out, config)
 
 
 def grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """dw[e] = x[rows_e]^T @ dy[rows_e]. x: [T, K], dy: [T, N] -> dw: [E, K, N] (x.dtype)."""
-    _check_float("x", x)
-    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
-        raise ValueError(f"expected x: [T, K] and dy: [T, N], got {tuple(x.shape)} and {tuple(dy.shape)}")
-    if x.dtype != dy.dtype:
-        raise ValueError(f"x and dy must share a dtype, got {x.dtype} and {dy.dtype}")
-    _check_offsets(offsets, x.device)
+    check_wgrad(x, dy, offsets)
     T, K = x.shape
     N = dy.shape[1]
     E = offsets.shape[0]
@@ -319,8 +308,8 @@ def grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
 
     args = (x, dy, dw, offsets, T, K, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2))
-    meta = dict(DOT_PRECISION=_dot_precision(x.dtype), DOT_UPCAST=_dot_upcast(x.dtype))
-    _launch(_grouped_mm_wgrad_autotuned, _grouped_mm_wgrad_kernel, grid, args, meta, config)
+    meta = dict(DOT_PRECISION=dot_precision(x.dtype), DOT_UPCAST=dot_upcast(x.dtype))
+    launch(_grouped_mm_wgrad_autotuned, _grouped_mm_wgrad_kernel, grid, args, meta, config)
     return dw
 
 

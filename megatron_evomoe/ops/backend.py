@@ -4,8 +4,9 @@
 
 * ``"auto"``: on CUDA inputs, the CUDA extension if it is built, loads and implements ``op``; else
   compiled Triton if triton imports (and TRITON_INTERPRET is off: the interpreter is for tests, not
-  for speed); else PyTorch. On CPU inputs, the CPU extension if it is built and implements ``op``;
-  else PyTorch. The choice is logged once per (op, choice, device type) on the
+  for speed) -- for the ops in ``MEASURED_OPS`` that is ``"measured"``: per shape, the faster of the
+  Triton kernels and PyTorch's own, timed once (backend_timing.py); else PyTorch. On CPU inputs,
+  the CPU extension if it is built and implements ``op``; else PyTorch. The choice is logged once per (op, choice, device type) on the
   ``megatron_evomoe.ops`` logger.
 * ``"cuda_ext"``, ``"cpu_ext"``, ``"triton"``, ``"torch"``: exactly that backend, or a
   ``BackendUnavailableError``
@@ -33,6 +34,10 @@ EXT_FUNCTIONS = {
     "unpermute": ("unpermute", "unpermute_backward"),
     "grouped_mm": ("grouped_mm", "grouped_mm_dgrad", "grouped_mm_wgrad"),
 }
+
+# Ops whose "auto" on CUDA times Triton against PyTorch per shape (torch._grouped_mm is a fused
+# CUTLASS kernel on sm_90: which one wins depends on the shape, so it is measured, not assumed).
+MEASURED_OPS = ("grouped_mm",)
 
 logger = logging.getLogger("megatron_evomoe.ops")
 _logged: set[tuple[str, str, str]] = set()
@@ -102,7 +107,8 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
 
 
 def resolve_backend(requested: str, op: str, device: torch.device | str | None = None) -> str:
-    """The backend ("cuda_ext" | "cpu_ext" | "triton" | "torch") to run ``op`` with for inputs on ``device``.
+    """The backend ("cuda_ext" | "cpu_ext" | "triton" | "torch", or from "auto" "measured" for the ops
+    in ``MEASURED_OPS``) to run ``op`` with for inputs on ``device``.
 
     ``device`` None means "the inputs are on the default CUDA device if there is one, else CPU"."""
     if requested not in BACKENDS:
@@ -147,6 +153,8 @@ def _auto(op: str, device: torch.device) -> tuple[str, str]:
     ok, why_triton = triton_importable()
     if ok and triton_interpreting():
         ok, why_triton = False, "TRITON_INTERPRET=1 would interpret, not compile"
+    if ok and op in MEASURED_OPS:
+        return "measured", f"cuda_ext unavailable ({why_ext}); Triton vs PyTorch timed once per shape"
     if ok:
         return "triton", f"cuda_ext unavailable ({why_ext})"
     return "torch", f"cuda_ext unavailable ({why_ext}); triton unavailable ({why_triton})"

@@ -3,7 +3,10 @@
 Layers: Triton kernels (kernels/grouped_gemm.py) -> three ``torch.library`` custom ops (forward,
 dgrad, wgrad; each with a fake impl so that torch.compile traces them as opaque nodes; dgrad and
 wgrad are the forward op's backward, registered with ``register_autograd``) -> ``grouped_mm()``,
-which picks the backend (see ``backend.py``).
+which picks the backend (see ``backend.py``). Backend "measured" ("auto" on CUDA) runs, per phase
+and shape, the fastest of the Triton kernel, its TMA variant (sm_90, TMA-aligned layouts) and
+``torch._grouped_mm``, timed once (``backend_timing.py``, the choices in ``MEASURED``);
+the cp.async Triton kernel where it may not time (CUDA graph capture).
 
 Semantics (all backends): x: [T, K], w: [E, K, N], offsets: [E] int32/int64 cumulative end rows.
 Rows at or past offsets[-1] belong to no expert and get zero output / zero dgrad; experts without
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .backend import EXT_DEVICE, ext_module, log_choice, resolve_backend
+from .backend_timing import MeasuredChoice, ShapeKey, rows_bucket
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,6 +54,11 @@ def _kernels():
     return k
 
 
+def _tma_kernels():
+    from megatron_evomoe.kernels import grouped_gemm_tma as k
+    return k
+
+
 _grouped_mm_rejects: set[tuple] = set()  # (device type, dtype, aligned) where torch._grouped_mm raised
 
 
@@ -57,7 +66,9 @@ def _try_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs32: torch.Tensor
     """torch._grouped_mm(a, b, offs) or None where this build / device / dtype / layout refuses it."""
     if not hasattr(torch, "_grouped_mm"):
         return None
-    aligned = all((s * a.element_size()) % 16 == 0 for s in (a.shape[-1], b.shape[-1]))
+    # refusals are remembered per layout class: 16-byte rows and strides or not
+    aligned = all((s * a.element_size()) % 16 == 0
+                  for s in (a.shape[-1], b.shape[-1], *a.stride(), *b.stride()) if s != 1)
     key = (a.device.type, a.dtype, aligned)
     if key in _grouped_mm_rejects:
         return None
@@ -75,17 +86,24 @@ def _zero_tail_rows(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(tail[:, None], 0)
 
 
-def _torch_ab(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _refused() -> torch.Tensor:
+    # strict (timed as a candidate): a refusal must fail the candidate, not time the per-expert loop
+    raise NotImplementedError("torch._grouped_mm does not take these inputs here")
+
+
+def _torch_ab(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, strict: bool = False) -> torch.Tensor:
     """out[rows_e] = a[rows_e] @ b[e] (b: [E, K, N], any strides)."""
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
         return a.new_zeros((a.shape[0], b.shape[2]))
     out = _try_torch_grouped_mm(a.contiguous(), b, offsets.to(torch.int32))
     if out is not None:
         return _zero_tail_rows(out, offsets)
+    if strict:
+        return _refused()
     return _kernels().grouped_mm_reference(a, b, offsets)  # the per-expert loop (host sync)
 
 
-def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, strict: bool = False) -> torch.Tensor:
     E = offsets.shape[0]
     if x.shape[0] == 0 or x.shape[1] == 0 or dy.shape[1] == 0:
         return x.new_zeros((E, x.shape[1], dy.shape[1]))
@@ -94,31 +112,71 @@ def _torch_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> to
     dw = _try_torch_grouped_mm(x.t(), dy.contiguous(), offsets.to(torch.int32))
     if dw is not None:
         return dw
+    if strict:
+        return _refused()
     return _kernels().grouped_mm_wgrad_reference(x, dy, offsets)  # the per-expert loop (host sync)
 
 
 # --------------------------------------------------------------------------------------------------
-# Backend dispatch
+# "measured": per phase and shape, the fastest implementation, timed once
 # --------------------------------------------------------------------------------------------------
+MEASURED = MeasuredChoice("grouped_mm")
+_DEFAULT = "triton"  # where nothing may be timed: the kernel that runs on every arch and layout
+
+
+def _measured(phase: str, a: torch.Tensor, w_shape: tuple, run, run_torch, tma_operands: tuple) -> str:
+    """The implementation to run this phase with at a's rows and w's [E, K, N], timed on the first
+    call: ``run(backend)`` for the Triton kernels, ``run_torch()`` for torch._grouped_mm (strict)."""
+    E, K, N = w_shape
+    key = ShapeKey(phase, rows_bucket(a.shape[0]), K, N, E, str(a.dtype).removeprefix("torch."), str(a.device))
+    candidates = {"triton": lambda: run("triton"), "triton_tma": lambda: run("triton_tma"), "torch": run_torch}
+    if not _tma_ok(*tma_operands):
+        candidates.pop("triton_tma")
+    if not hasattr(torch, "_grouped_mm"):
+        candidates.pop("torch")
+    return MEASURED.choose(key, candidates, _DEFAULT)
+
+
+def _tma_ok(*operands: torch.Tensor) -> bool:
+    tma = _tma_kernels()
+    return tma.tma_available(operands[0].device) and tma.tma_layout_ok(*operands)
+
+
 def _fwd_impl(x, w, offsets, backend):
+    if backend == "measured":
+        backend = _measured("fwd", x, tuple(w.shape), lambda b: _fwd_impl(x, w, offsets, b),
+                            lambda: _torch_ab(x, w, offsets, strict=True), (x, w))
     if backend == "triton":
         return _kernels().grouped_mm_fwd(x, w, offsets)
+    if backend == "triton_tma":
+        return _tma_kernels().grouped_mm_fwd_tma(x, w, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm(x, w, offsets)
     return _torch_ab(x, w, offsets)
 
 
 def _dgrad_impl(dy, w, offsets, backend):
+    if backend == "measured":
+        backend = _measured("dgrad", dy, tuple(w.shape), lambda b: _dgrad_impl(dy, w, offsets, b),
+                            lambda: _torch_ab(dy, w.transpose(1, 2), offsets, strict=True), (dy, w))
     if backend == "triton":
         return _kernels().grouped_mm_dgrad(dy, w, offsets)
+    if backend == "triton_tma":
+        return _tma_kernels().grouped_mm_dgrad_tma(dy, w, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm_dgrad(dy, w, offsets)
     return _torch_ab(dy.contiguous(), w.transpose(1, 2), offsets)
 
 
 def _wgrad_impl(x, dy, offsets, backend):
+    if backend == "measured":
+        backend = _measured("wgrad", x, (offsets.shape[0], x.shape[1], dy.shape[1]),
+                            lambda b: _wgrad_impl(x, dy, offsets, b),
+                            lambda: _torch_wgrad(x, dy, offsets, strict=True), (x, dy))
     if backend == "triton":
         return _kernels().grouped_mm_wgrad(x, dy, offsets)
+    if backend == "triton_tma":
+        return _tma_kernels().grouped_mm_wgrad_tma(x, dy, offsets)
     if backend in EXT_DEVICE:
         return ext_module(backend)[0].grouped_mm_wgrad(x, dy, offsets)
     return _torch_wgrad(x, dy, offsets)

@@ -2,8 +2,10 @@
 
 TRITON_INTERPRET=1 (set for the test session) turns @triton.jit functions into interpreter
 objects at import, so the compile runs in a subprocess with it unset. The report is produced once
-per module and checked here: every registered kernel compiles for both archs, no compiled config
-spills to local memory, and the grouped GEMM kernels use HGMMA (wgmma) on sm_90.
+per module and checked here: every registered kernel compiles for both archs (or the archs it is
+registered for: the TMA grouped GEMM is sm_90 only), no compiled config spills to local memory or
+exceeds the arch's shared memory, the grouped GEMM kernels use HGMMA (wgmma) on sm_90 and the TMA
+variant's loads are UTMALDG.
 
 The kernels of this test's own files (grouped GEMM, permute) are compiled at every config they
 autotune over. Kernels other files register (e.g. the router's) are compiled at their first
@@ -18,11 +20,14 @@ import sys
 
 import pytest
 
+from megatron_evomoe.kernels import aot
 from megatron_evomoe.kernels.grouped_gemm import FWD_CONFIGS, WGRAD_CONFIGS
+from megatron_evomoe.kernels.grouped_gemm_tma import TMA_CONFIGS
 
 ARCHS = (80, 90)
+TMA_KERNELS = ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma", "grouped_mm_wgrad_tma")
 OWN_KERNELS = {
-    "grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad",
+    "grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad", *TMA_KERNELS,
     "expert_histogram", "permute", "permute_bwd", "unpermute", "unpermute_bwd", "unpermute_bwd_zero_rows",
 }
 
@@ -61,11 +66,15 @@ def test_every_registered_kernel_compiles_for_sm80_and_sm90(report):
     # this file's kernels at every autotuned config
     assert len({r["config"] for r in rows if r["kernel"] == "grouped_mm_fwd"}) == len(FWD_CONFIGS)
     assert len({r["config"] for r in rows if r["kernel"] == "grouped_mm_wgrad"}) == len(WGRAD_CONFIGS)
+    assert len({r["config"] for r in rows if r["kernel"] == "grouped_mm_fwd_tma"}) == len(TMA_CONFIGS)
     failed = [f"{r['kernel']} [{r['config']}] sm_{r['arch']}: {r['error']}" for r in rows if not r["ok"]]
     assert not failed, "\n".join(failed)
+    aot.discover()  # this process's registry (interpreted kernels register the same entries)
     for kernel in kernels:
         configs = {r["config"] for r in rows if r["kernel"] == kernel}
-        for arch in ARCHS:
+        archs = aot.registered()[kernel].archs or ARCHS
+        assert {r["arch"] for r in rows if r["kernel"] == kernel} == set(archs), kernel
+        for arch in archs:
             done = {r["config"] for r in rows if r["kernel"] == kernel and r["arch"] == arch}
             assert done == configs, f"{kernel}: configs not compiled for sm_{arch}: {configs - done}"
 
@@ -79,13 +88,30 @@ def test_no_local_memory_spills(report):
 
 
 def test_grouped_gemm_uses_hgmma_on_sm90(report):
-    for kernel in ("grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad"):
+    for kernel in ("grouped_mm_fwd", "grouped_mm_dgrad", "grouped_mm_wgrad", *TMA_KERNELS):
         rows = [r for r in report["rows"] if r["kernel"] == kernel and r["arch"] == 90]
         assert rows and all(r["hgmma"] for r in rows), \
             f"{kernel}: no HGMMA in {[r['config'] for r in rows if not r['hgmma']]}"
     # and none on sm_80, where wgmma does not exist (a sanity check of the SASS scan)
     assert not any(r["hgmma"] for r in report["rows"] if r["arch"] == 80)
     assert not report["problems"], report["problems"]
+
+
+def test_tma_variant_loads_with_utmaldg_on_sm90(report):
+    tma = [r for r in report["rows"] if r["kernel"] in TMA_KERNELS]
+    assert len(tma) == len(TMA_KERNELS) * len(TMA_CONFIGS) and all(r["arch"] == 90 and r["tma_expected"] for r in tma)
+    assert all(r["tma"] for r in tma), [f"{r['kernel']} [{r['config']}]" for r in tma if not r["tma"]]
+    # the cp.async kernels have no TMA load (a sanity check of the SASS scan)
+    assert not any(r["tma"] for r in report["rows"] if r["kernel"] in ("grouped_mm_fwd", "grouped_mm_wgrad"))
+
+
+def test_check_fails_on_missing_utmaldg_and_shared_memory_over_the_limit():
+    row = dict(kernel="k", config="M128", arch=90, ok=True, local=0, stack=0, hgmma_expected=True, hgmma=True,
+               tma_expected=True, tma=False, shared=aot.MAX_SHARED_BYTES[90] + 16, registers=128)
+    found = aot.problems([row], [])
+    assert len(found) == 2 and "no UTMALDG" in found[0] and f"{row['shared']} bytes of shared memory" in found[1]
+    assert aot.problems([dict(row, tma=True, shared=aot.MAX_SHARED_BYTES[90])], []) == []
+    assert "MISSING" in aot.format_table([row]).splitlines()[-1]
 
 
 def test_register_aot_rejects_empty_configs():

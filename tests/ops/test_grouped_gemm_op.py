@@ -123,13 +123,70 @@ def test_auto_prefers_cuda_ext_then_triton(monkeypatch):
     fake = types.SimpleNamespace(permute=None, permute_backward=None)  # no grouped_mm functions
     monkeypatch.setattr(_ext, "load", lambda: fake)
     assert resolve_backend("auto", "permute", "cuda") == "cuda_ext"
-    assert resolve_backend("auto", "grouped_mm", "cuda") == "triton"
+    assert resolve_backend("auto", "grouped_mm", "cuda") == "measured"  # Triton vs torch, timed per shape
     with pytest.raises(BackendUnavailableError, match="no grouped_mm"):
         resolve_backend("cuda_ext", "grouped_mm", "cuda")
     monkeypatch.setattr(_ext, "load", lambda: None)
     assert resolve_backend("auto", "permute", "cuda") == "triton"
     monkeypatch.setattr(backend_mod, "triton_importable", lambda: (False, "no triton"))
     assert resolve_backend("auto", "permute", "cuda") == "torch"
+
+
+class FakeTimer:
+    """Fixed fake seconds per candidate name; runs each candidate once (so that it must work)."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, name, fn):
+        self.calls.append(name)
+        fn()
+        return self.seconds[name]
+
+
+def test_measured_backend_runs_the_choice_per_phase_and_shape(monkeypatch, caplog):
+    """backend "measured" (auto on CUDA), on CPU under the interpreter with fake timings: each phase
+    times its candidates once per shape (the TMA variant only where TMA can load the operands), runs
+    the fastest, logs one line per shape, and the gradients are right."""
+    monkeypatch.setattr(ggo, "resolve_backend", lambda *args: "measured")
+    monkeypatch.setattr(ggo.MEASURED, "choices", {})
+    monkeypatch.setattr(ggo, "_grouped_mm_rejects", set())  # the refusals below stay in this test
+    timer = FakeTimer({"triton_tma": 1.0, "triton": 2.0, "torch": 3.0})
+    monkeypatch.setattr(ggo.MEASURED, "timer", timer)
+    monkeypatch.setattr(ggo.MEASURED, "forbidden", lambda: False)
+    tma_calls = []
+    tma = ggo._tma_kernels()
+    for name in ("grouped_mm_fwd_tma", "grouped_mm_dgrad_tma", "grouped_mm_wgrad_tma"):
+        real = getattr(tma, name)
+        monkeypatch.setattr(tma, name,
+                            lambda *a, _real=real, _name=name, **k: tma_calls.append(_name) or _real(*a, **k))
+    with caplog.at_level(logging.INFO, logger="megatron_evomoe.ops"):
+        for _ in range(2):  # the second step times nothing and logs nothing
+            check_autograd("measured", torch.float32, "cpu", counts=[9, 0, 14, 1, 0], tail=3, K=24, N=16)
+    assert timer.calls == ["triton", "triton_tma", "torch"] * 3  # fwd, dgrad, wgrad
+    # chosen: TMA in each phase (once timed + the 2 steps)
+    assert sorted(tma_calls) == ["grouped_mm_dgrad_tma"] * 3 + ["grouped_mm_fwd_tma"] * 3 + ["grouped_mm_wgrad_tma"] * 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "megatron_evomoe.ops"]
+    assert [line.split(":")[0] for line in lines] == [
+        f"grouped_mm {phase} rows<=32 K=24 N=16 E=5 float32 on cpu" for phase in ("fwd", "dgrad", "wgrad")]
+    assert [line.split("using ")[1].split(" ")[0] for line in lines] == ["triton_tma"] * 3
+
+    # Another shape, where torch would be fastest: x rows of K=18 fp32 (72 bytes) can be loaded neither
+    # by TMA nor by torch._grouped_mm (which needs 16-byte rows too): fwd times triton alone (torch
+    # fails and is named), dgrad (dy: [T, 16], w: [E, 18, 16]) may use TMA, wgrad (x: [T, 18]) not.
+    timer.seconds = {"triton_tma": 3.0, "triton": 2.0, "torch": 1.0}
+    timer.calls.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megatron_evomoe.ops"):
+        check_autograd("measured", torch.float32, "cpu", counts=[40, 30], tail=0, K=18, N=16)
+    assert timer.calls == ["triton", "torch", "triton", "triton_tma", "torch", "triton", "torch"]
+    assert {k.phase: v for k, v in ggo.MEASURED.choices.items() if k.rows == 128} == dict(
+        fwd="triton", dgrad="triton", wgrad="triton")
+    assert all("torch failed (NotImplementedError" in r.getMessage() for r in caplog.records)
+    # and where every candidate runs, the fastest (torch here) serves all three phases
+    check_autograd("measured", torch.float32, "cpu", counts=[40, 32], tail=0, K=16, N=16)
+    assert {k.phase: v for k, v in ggo.MEASURED.choices.items() if k.k == 16} == dict(
+        fwd="torch", dgrad="torch", wgrad="torch")
 
 
 def test_choice_is_logged_once(caplog):
