@@ -227,6 +227,27 @@ def print_roofline(a, rates: dict) -> float:
     return rates["square"]
 
 
+def print_sweep(a, hf_version) -> None:
+    """Forward+backward and optimizer time at each expert count (top-k fixed: equal active
+    parameters), ours (and ours compiled with --compiled-sweep) beside Mixtral, each relative to 8."""
+    counts = sweep_counts(a)
+    columns = [("ours", False, "ours")] + [("ours", True, "compiled")] * a.compiled_sweep
+    columns += [("hf", False, "HF")] * bool(hf_version)
+    runs = [(impl, e, "auto", "caching", comp) for e in counts for impl, comp, _ in columns]
+    best = dict(zip(runs, best_of_interleaved(a, runs, key=lambda r: r.get("fwd_bwd_s", float("inf")))))
+    ref_count = 8 if 8 in counts else counts[0]
+    print(f"\nexpert scaling, top-{a.top_k} (equal active parameters): forward+backward and optimizer step apart")
+    print(f"{'experts':>8}" + "".join(f"  {label + ' fwd+bwd':>17}{'x vs ' + str(ref_count):>8}{label + ' optim':>15}"
+                                      for *_, label in columns))
+    for e in counts:
+        cells = []
+        for impl, comp, _ in columns:
+            r, ref = best[(impl, e, "auto", "caching", comp)], best[(impl, ref_count, "auto", "caching", comp)]
+            cells.append(f"  {r['fwd_bwd_s']:>17.3f}{r['fwd_bwd_s'] / ref['fwd_bwd_s']:>8.2f}{r['optim_s']:>15.3f}"
+                         if "error" not in r and "error" not in ref else f"  {r.get('error', ref.get('error')):>40}")
+        print(f"{e:>8}" + "".join(cells))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -250,6 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="processes per configuration (fastest reported)")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps, 1 repeat")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled rows")
+    p.add_argument("--compiled-sweep", action="store_true", help="add ours compiled to the expert scaling table")
     p.add_argument("--compile-timeout", type=float, default=1200, help="seconds a compiled row's process may take")
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # worker: compile the layers
     p.add_argument("--mode", choices=("step", "roofline", "flops"), default="step", help=argparse.SUPPRESS)
@@ -308,21 +330,7 @@ def main(argv=None) -> int:
     print("(GFLOP/s: the step's model FLOPs above / step time; of peak: that over the square-GEMM rate; "
           "compile s: the first step's excess over the median step, not in step s)")
     if a.sweep:
-        counts = sweep_counts(a)
-        print(f"\nexpert scaling, top-{a.top_k} (equal active parameters): forward+backward and optimizer step apart")
-        print(f"{'experts':>8}  {'ours fwd+bwd':>13}{'x vs 8':>8}{'ours optim':>11}  "
-              f"{'HF fwd+bwd':>11}{'x vs 8':>8}{'HF optim':>9}")
-        impls = ["ours", "hf"] if hf_version else ["ours"]
-        runs = [(impl, e, "auto", "caching", False) for e in counts for impl in impls]
-        best = dict(zip(runs, best_of_interleaved(a, runs, key=lambda r: r["fwd_bwd_s"])))
-        res = {e: (best[("ours", e, "auto", "caching", False)], best.get(("hf", e, "auto", "caching", False)))
-               for e in counts}
-        ref = res.get(8, res[counts[0]])
-        for e in counts:
-            o, h = res[e]
-            hf_txt = (f"{h['fwd_bwd_s']:>11.3f}{h['fwd_bwd_s'] / ref[1]['fwd_bwd_s']:>8.2f}{h['optim_s']:>9.3f}"
-                      if h else f"{'-':>11}{'-':>8}{'-':>9}")
-            print(f"{e:>8}  {o['fwd_bwd_s']:>13.3f}{o['fwd_bwd_s'] / ref[0]['fwd_bwd_s']:>8.2f}{o['optim_s']:>11.3f}  {hf_txt}")
+        print_sweep(a, hf_version)
     return 0
 
 
