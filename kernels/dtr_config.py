@@ -168,11 +168,11 @@ KERNELS = ("fwd", "token", "dz", "dw_w2down", "dw_w1")
 # sm_80: narrower C tiles, accumulators and h chunks there. The bf16 token kernel holds P, gu and the (d, r)
 # tiles at once: 32-wide C tiles keep it under 255 registers at rank 16 on sm_80.
 TILES = {
-    ("fwd", False): dict(block_c=64, acc_cols=64), ("fwd", True): dict(block_c=16, acc_cols=32, h_cols=32),
+    ("fwd", False): dict(block_c=64, acc_cols=64), ("fwd", True): dict(block_c=16, acc_cols=32, h_cols=16),
     ("token", False): dict(block_c=32, acc_cols=64), ("token", True): dict(block_c=16, acc_cols=32),
     ("dz", False): dict(block_c=64, acc_cols=64), ("dz", True): dict(block_c=32, acc_cols=32, h_cols=32),
     ("dw_w2down", False): dict(block_c=64), ("dw_w2down", True): dict(block_c=16),
-    ("dw_w1", False): dict(block_c=32), ("dw_w1", True): dict(block_c=32, h_cols=32),
+    ("dw_w1", False): dict(block_c=32), ("dw_w1", True): dict(block_c=16, h_cols=32),
 }
 
 
