@@ -174,13 +174,16 @@ TILES = {
     ("dw_w2down", False): dict(block_c=64), ("dw_w2down", True): dict(block_c=16),
     ("dw_w1", False): dict(block_c=32), ("dw_w1", True): dict(block_c=16, h_cols=32),
 }
+# ... except at H <= 32 (one h chunk), where the fp32 dw_w1 keeps 32-wide C tiles (16 spilled on sm_90)
+TILES_NARROW = {("dw_w1", True): dict(block_c=32, h_cols=32)}
 
 
 def default_config(kernel: str, H: int, R: int, D: int, E: int, K: int = 1, fp32: bool = False) -> DtrConfig:
     """The tiles each kernel launches with (TILES: those the AOT report checks for spills, sm_80 and sm_90)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
-    return dtr_config(H, R, D, E, K, **TILES[kernel, bool(fp32)])
+    key = (kernel, bool(fp32))
+    return dtr_config(H, R, D, E, K, **(TILES_NARROW.get(key, TILES[key]) if H <= 32 else TILES[key]))
 
 
 # ============================================================================= AOT report tables
