@@ -7,8 +7,8 @@ Kernels (all over the modality-grouped token order, gathering z rows through ``p
                          [T, 2R] and ghpre = dL/d(w1 z + b1) [T, H]; recomputes P = z @ w2_down^T
                          (NUM_J more passes over z) for the dL/dh term that needs it.
   _dtr_bwd_dz_kernel     per (token block, C tile): dz = ghpre @ w1[m] + gu @ b2_down[m] + (h (x) gu) @ w2_down[m].
-  _dtr_bwd_dw_kernel     per (modality, j chunk, C tile, token split): dw2_down, dw1, db2_down as
-                         sums over the modality's tokens of outer products with z.
+  _dtr_bwd_dw_kernel     per (modality, j chunk or h chunk, C tile, token split): dw2_down, dw1,
+                         db2_down as sums over the modality's tokens of outer products with z.
 The small parameter gradients (db1, w2_up, b2_up, phi) are GEMMs over the saved per-token
 activations ([T, M*H] x [T, D*R] at most), done in torch.
 
@@ -119,7 +119,7 @@ def _dtr_bwd_dz_kernel(
     dz_ptr, perm_ptr, off_ptr, w1_ptr, w2d_ptr, b2d_ptr, hpre_ptr, gu_ptr, ghpre_ptr,
     C,
     M: tl.constexpr, H: tl.constexpr, R: tl.constexpr, HP: tl.constexpr, HJ: tl.constexpr, NUM_J: tl.constexpr,
-    RP: tl.constexpr, RA: tl.constexpr, ACT: tl.constexpr,
+    HK: tl.constexpr, NUM_H: tl.constexpr, RP: tl.constexpr, RA: tl.constexpr, ACT: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -132,13 +132,15 @@ def _dtr_bwd_dz_kernel(
     cmask = cc < C
     w2d_m = w2d_ptr + m64 * (H * 2 * R * C)
     b2d_m = b2d_ptr + m64 * (2 * R * C)
-    hp = tl.arange(0, HP)
     ra = tl.arange(0, RA)
 
-    gh = load_rows(ghpre_ptr, tok, rmask, 0, HP, H, H)
-    w1t = tl.load(w1_ptr + m64 * (H * C) + hp[:, None] * C + cc[None, :], mask=(hp[:, None] < H) & cmask[None, :],
-                  other=0.0)                                                  # [HP, BC]
-    acc = tl.dot(gh.to(OP_DTYPE).to(DOT_DTYPE), w1t.to(OP_DTYPE).to(DOT_DTYPE), input_precision=PRECISION)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for hc in range(NUM_H):   # HK rows of w1 at a time: an [BT, HP] operand would not fit in registers
+        hk = hc * HK + tl.arange(0, HK)
+        gh = load_rows(ghpre_ptr, tok, rmask, hc * HK, HK, H, H - hc * HK)
+        w1t = tl.load(w1_ptr + m64 * (H * C) + hk[:, None] * C + cc[None, :], mask=(hk[:, None] < H) & cmask[None, :],
+                      other=0.0)                                              # [HK, BC]
+        acc = tl.dot(gh.to(OP_DTYPE).to(DOT_DTYPE), w1t.to(OP_DTYPE).to(DOT_DTYPE), acc, input_precision=PRECISION)
     bmask = (ra[:, None] < R) & cmask[None, :]
     bg = tl.load(b2d_m + ra[:, None] * C + cc[None, :], mask=bmask, other=0.0)          # [RA, BC]
     gug_a = load_rows(gu_ptr, tok, rmask, 0, RA, 2 * R, R)
@@ -182,14 +184,15 @@ def _dtr_bwd_dw_kernel(
     z_ptr, perm_ptr, off_ptr, hpre_ptr, gu_ptr, ghpre_ptr, dw2d_ptr, dw1_ptr, db2d_ptr,
     C, NUM_SPLITS,
     M: tl.constexpr, H: tl.constexpr, R: tl.constexpr, HP: tl.constexpr, HJ: tl.constexpr, NUM_J: tl.constexpr,
-    RP: tl.constexpr, RA: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr,
+    HK: tl.constexpr, NUM_H: tl.constexpr, RP: tl.constexpr, RA: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Sums over the tokens of one modality (one token split of them, one C tile). No atomics: each
     program writes its own slice of a [NUM_SPLITS, M, rows, C] fp32 partial that torch then sums.
     MODE 0 (grid axis 0 = m * NUM_J + j chunk): dw2_down[m, j, r] = sum_t h_j gu_r z.
-    MODE 1 (grid axis 0 = m):                 dw1[m] = sum_t ghpre z,  db2_down[m] = sum_t gu z."""
+    MODE 1 (grid axis 0 = m * NUM_H + h chunk): dw1[m, HK rows] = sum_t ghpre z; the h chunk 0
+                                               programs also db2_down[m] = sum_t gu z."""
     pid0 = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -197,8 +200,8 @@ def _dtr_bwd_dw_kernel(
         m = pid0 // NUM_J
         jc = pid0 % NUM_J
     else:
-        m = pid0
-        jc = 0
+        m = pid0 // NUM_H
+        jc = pid0 % NUM_H
     lo = tl.load(off_ptr + m)
     hi = tl.load(off_ptr + m + 1)
     nblk = (hi - lo + BLOCK_T - 1) // BLOCK_T
@@ -225,24 +228,26 @@ def _dtr_bwd_dw_kernel(
         tl.store(dw2d_ptr + wrow[:, None] + cc[None, :], acc_g, mask=wmask)
         tl.store(dw2d_ptr + R * C + wrow[:, None] + cc[None, :], acc_l, mask=wmask)
     else:
-        hp = tl.arange(0, HP)
+        hk = jc * HK + tl.arange(0, HK)
         ra = tl.arange(0, RA)
-        acc_w1 = tl.zeros([HP, BLOCK_C], dtype=tl.float32)
+        acc_w1 = tl.zeros([HK, BLOCK_C], dtype=tl.float32)
         acc_bg = tl.zeros([RA, BLOCK_C], dtype=tl.float32)
         acc_bl = tl.zeros([RA, BLOCK_C], dtype=tl.float32)
         for ib in range(pid_s, nblk, NUM_SPLITS):
             tok, rmask, zt = _modality_block(z_ptr, perm_ptr, lo, hi, ib, cc, cmask, C, OP_DTYPE, DOT_DTYPE, BLOCK_T)
-            gh = load_rows(ghpre_ptr, tok, rmask, 0, HP, H, H).to(OP_DTYPE).to(DOT_DTYPE)
+            gh = load_rows(ghpre_ptr, tok, rmask, jc * HK, HK, H, H - jc * HK).to(OP_DTYPE).to(DOT_DTYPE)
             acc_w1 = tl.dot(tl.trans(gh), zt, acc_w1, input_precision=PRECISION)
-            gug = load_rows(gu_ptr, tok, rmask, 0, RA, 2 * R, R).to(OP_DTYPE).to(DOT_DTYPE)
-            acc_bg = tl.dot(tl.trans(gug), zt, acc_bg, input_precision=PRECISION)
-            gul = load_rows(gu_ptr, tok, rmask, R, RA, 2 * R, R).to(OP_DTYPE).to(DOT_DTYPE)
-            acc_bl = tl.dot(tl.trans(gul), zt, acc_bl, input_precision=PRECISION)
-        tl.store(dw1_ptr + (part * H + hp[:, None]) * C + cc[None, :], acc_w1,
-                 mask=(hp[:, None] < H) & cmask[None, :])
-        bmask = (ra[:, None] < R) & cmask[None, :]
-        tl.store(db2d_ptr + (part * (2 * R) + ra[:, None]) * C + cc[None, :], acc_bg, mask=bmask)
-        tl.store(db2d_ptr + (part * (2 * R) + R + ra[:, None]) * C + cc[None, :], acc_bl, mask=bmask)
+            if jc == 0:   # uniform per program: the other h chunks skip the bias GEMMs
+                gug = load_rows(gu_ptr, tok, rmask, 0, RA, 2 * R, R).to(OP_DTYPE).to(DOT_DTYPE)
+                acc_bg = tl.dot(tl.trans(gug), zt, acc_bg, input_precision=PRECISION)
+                gul = load_rows(gu_ptr, tok, rmask, R, RA, 2 * R, R).to(OP_DTYPE).to(DOT_DTYPE)
+                acc_bl = tl.dot(tl.trans(gul), zt, acc_bl, input_precision=PRECISION)
+        tl.store(dw1_ptr + (part * H + hk[:, None]) * C + cc[None, :], acc_w1,
+                 mask=(hk[:, None] < H) & cmask[None, :])
+        if jc == 0:
+            bmask = (ra[:, None] < R) & cmask[None, :]
+            tl.store(db2d_ptr + (part * (2 * R) + ra[:, None]) * C + cc[None, :], acc_bg, mask=bmask)
+            tl.store(db2d_ptr + (part * (2 * R) + R + ra[:, None]) * C + cc[None, :], acc_bl, mask=bmask)
 
 
 # ============================================================================= launcher
@@ -292,12 +297,12 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
             c = config or default_config("dz", H, R, D, E, fp32=fp32)
             _dtr_bwd_dz_kernel[(triton.cdiv(T, c.BLOCK_T) + M - 1, triton.cdiv(C, c.BLOCK_C))](
                 dz, perm, offsets, w1, w2_down, b2_down, hpre, gu, ghpre, C,
-                M=M, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, ACT=act,
+                M=M, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, HK=c.HK, NUM_H=c.NUM_H, RP=c.RP, RA=c.RA, ACT=act,
                 BLOCK_T=c.BLOCK_T, BLOCK_C=c.BLOCK_C, num_warps=c.num_warps, num_stages=2, **dtypes)
     if not need_dparams:
         return (dz,) + (None,) * 8
 
-    # MODE 0: HJ*RP accumulator rows (64) over 4 warps; MODE 1: HP + 2 RA rows, narrower C tiles
+    # MODE 0: HJ*RP accumulator rows (64) over 4 warps; MODE 1: HK + 2 RA rows, narrower C tiles
     cw0 = config or default_config("dw_w2down", H, R, D, E, fp32=fp32)
     cw1 = config or default_config("dw_w1", H, R, D, E, fp32=fp32)
     tiles0 = M * cw0.NUM_J * triton.cdiv(C, cw0.BLOCK_C)
@@ -307,10 +312,11 @@ def dtr_backward_triton(grad_logits, z, mod, w1, b1, w2_down, b2_down, w2_up, b2
     dw1 = alloc(splits, M, H, C, **f32)
     db2d = alloc(splits, M, 2 * R, C, **f32)
     if T > 0:
-        for mode, c, axis0 in ((0, cw0, M * cw0.NUM_J), (1, cw1, M)):
+        for mode, c, axis0 in ((0, cw0, M * cw0.NUM_J), (1, cw1, M * cw1.NUM_H)):
             _dtr_bwd_dw_kernel[(axis0, triton.cdiv(C, c.BLOCK_C), splits)](
                 z, perm, offsets, hpre, gu, ghpre, dw2d, dw1, db2d, C, splits,
-                M=M, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, ACT=act, MODE=mode,
+                M=M, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, HK=c.HK, NUM_H=c.NUM_H, RP=c.RP, RA=c.RA, ACT=act,
+                MODE=mode,
                 BLOCK_T=c.BLOCK_T, BLOCK_C=c.BLOCK_C, num_warps=c.num_warps, num_stages=2, **dtypes)
 
     # Small gradients: GEMMs over the saved per-token activations, per modality through a one-hot

@@ -77,12 +77,16 @@ class DtrConfig:
 
     HP, RP, DP, EP, KP: H, R, D, E, K padded to powers of two (HP, DP, EP >= 16: tl.dot dimensions);
     RA = max(16, RP): r where it is a tl.dot dimension. HJ hypernetwork rows per pass over C
-    (NUM_J = HP / HJ passes), HJ*RP columns per bilinear accumulator. HJX, HJY, DC: chunks of j, j
-    and d in the backward's small GEMMs over (j, d) and (d, r) (at most 64 columns each).
+    (NUM_J = HP / HJ passes), HJ*RP columns per bilinear accumulator. HK hypernetwork rows per chunk
+    of the GEMMs over h itself (w1 z, ghpre @ w1, ghpre^T z; NUM_H = HP / HK chunks): an [BT, HP]
+    accumulator at HP = 256 is 128 fp32 registers per thread, which spilled. HJX, HJY, DC: chunks
+    of j, j and d in the backward's small GEMMs over (j, d) and (d, r) (at most 64 columns each).
     BLOCK_T = 16 * num_warps tokens per program."""
     HP: int
     HJ: int
     NUM_J: int
+    HK: int
+    NUM_H: int
     HJX: int
     HJY: int
     DC: int
@@ -101,12 +105,13 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
 
 
 def dtr_config(H: int, R: int, D: int, E: int, K: int = 1, *, num_warps: int = 4, block_c: int = 64,
-               acc_cols: int = 64, block_t: int | None = None) -> DtrConfig:
+               acc_cols: int = 64, h_cols: int = 64, block_t: int | None = None) -> DtrConfig:
     """``acc_cols``: columns of each bilinear accumulator (HJ*RP), i.e. fp32 registers per thread
-    at BLOCK_T = 16 * num_warps. ``block_t`` other than 16 * num_warps: interpreter tests only."""
+    at BLOCK_T = 16 * num_warps; ``h_cols``: HK. ``block_t`` other than 16 * num_warps: interpreter tests only."""
     hp, rp, dp = _pow2_at_least(H, 16), _pow2_at_least(R), _pow2_at_least(D, 16)
     hj = min(hp, max(acc_cols // rp, 16 // rp, 1))  # powers of two; HJ*RP >= 16 (a tl.dot dimension)
-    return DtrConfig(HP=hp, HJ=hj, NUM_J=hp // hj, HJX=min(hp, max(1, 64 // dp)), HJY=16,
+    hk = min(hp, max(16, h_cols))
+    return DtrConfig(HP=hp, HJ=hj, NUM_J=hp // hj, HK=hk, NUM_H=hp // hk, HJX=min(hp, max(1, 64 // dp)), HJY=16,
                      DC=min(dp, max(16 // rp, 64 // rp, 1)), RP=rp,
                      RA=max(16, rp), DP=dp, EP=_pow2_at_least(E, 16), KP=_pow2_at_least(K),
                      BLOCK_T=block_t or 16 * num_warps, BLOCK_C=block_c, num_warps=num_warps)
@@ -158,31 +163,51 @@ def contiguous_params(w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b):
 
 KERNELS = ("fwd", "token", "dz", "dw_w2down", "dw_w1")
 
+# (kernel, fp32 operands) -> dtr_config tiles: the one table the launchers pick from and the AOT report
+# compiles (at every shape of AOT_SHAPES; tests/kernels/test_dtr_kernel.py checks that the launchers
+# pick nothing else). fp32 operands run as 3xTF32, whose hi/lo operand splits live in registers on
+# sm_80: narrower C tiles, accumulators and h chunks there. The bf16 token kernel holds P, gu and the (d, r)
+# tiles at once: 32-wide C tiles keep it under 255 registers at rank 16 on sm_80.
+TILES = {
+    ("fwd", False): dict(block_c=64, acc_cols=64), ("fwd", True): dict(block_c=16, acc_cols=32, h_cols=16),
+    ("token", False): dict(block_c=32, acc_cols=64), ("token", True): dict(block_c=16, acc_cols=32),
+    ("dz", False): dict(block_c=64, acc_cols=64), ("dz", True): dict(block_c=32, acc_cols=32, h_cols=32),
+    ("dw_w2down", False): dict(block_c=64), ("dw_w2down", True): dict(block_c=16),
+    ("dw_w1", False): dict(block_c=32), ("dw_w1", True): dict(block_c=16, h_cols=32),
+}
+# ... except at H <= 32 (one h chunk), where the fp32 dw_w1 keeps 32-wide C tiles (16 spilled on sm_90)
+TILES_NARROW = {("dw_w1", True): dict(block_c=32, h_cols=32)}
+
 
 def default_config(kernel: str, H: int, R: int, D: int, E: int, K: int = 1, fp32: bool = False) -> DtrConfig:
-    """The tiles each kernel launches with (those the AOT report checks for spills, sm_80 and sm_90).
-
-    fp32 operands run as 3xTF32, whose hi/lo operand splits live in registers on sm_80: narrower
-    C tiles and accumulators there."""
+    """The tiles each kernel launches with (TILES: those the AOT report checks for spills, sm_80 and sm_90)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
-    if kernel == "dw_w2down":
-        return dtr_config(H, R, D, E, K, block_c=16 if fp32 else 64)
-    if kernel == "dw_w1":
-        return dtr_config(H, R, D, E, K, block_c=32)
-    if kernel == "dz":
-        return dtr_config(H, R, D, E, K, block_c=32 if fp32 else 64, acc_cols=32 if fp32 else 64)
-    return dtr_config(H, R, D, E, K, block_c=16 if fp32 else 64, acc_cols=32 if fp32 else 64)
+    key = (kernel, bool(fp32))
+    return dtr_config(H, R, D, E, K, **(TILES_NARROW.get(key, TILES[key]) if H <= 32 else TILES[key]))
 
 
 # ============================================================================= AOT report tables
 
-# (H, R, D, E, K): the paper's router at the benchmark sizes, and a large one (bf16); the paper's in fp32
-AOT_SHAPES = ((32, 8, 16, 4, 1), (64, 16, 64, 64, 2))
-AOT_SHAPES_FP32 = ((32, 8, 16, 4, 1),)
+# (H, R, D, E, K) the AOT report compiles, in fp32 and in bf16: the recipe's routers (hypernetwork
+# width 16/64/128/256, rank 8/16, D = 16, E = 4, top-2 and top-1), then the benchmark's (H = 32 and a
+# large D, E). The hidden size C (2048/2560/4096 in the recipe) is a runtime loop bound: it adds no
+# compiled variant; K is a constexpr of the forward only (aot_configs drops repeated configs). The
+# first AOT_CI_CONFIGS configs of each kernel (the widest H at rank 16, the narrowest at rank 8, top-2:
+# the most registers, and the paper's A100 router) are what CI compiles (``--max-configs``);
+# ``--check`` without it compiles them all.
+RECIPE_HIDDEN = (2048, 2560, 4096)
+RECIPE_WIDTHS = (16, 64, 128, 256)
+RECIPE_RANKS = (8, 16)
+RECIPE_SHAPES = tuple((H, R, 16, 4, K) for H in RECIPE_WIDTHS for R in RECIPE_RANKS for K in (2, 1))
+_CI_SHAPES = ((256, 16, 16, 4, 2), (16, 8, 16, 4, 2))
+AOT_SHAPES = _CI_SHAPES + tuple(s for s in RECIPE_SHAPES if s not in _CI_SHAPES) + ((32, 8, 16, 4, 1),
+                                                                                   (64, 16, 64, 64, 2))
+AOT_CI_CONFIGS = len(_CI_SHAPES)
 
 
 def aot_configs(shapes, fp32):
+    """kernel -> its distinct constexpr configs over ``shapes`` (first occurrence order)."""
     dt = tl.float32 if fp32 else tl.bfloat16
     common = dict(M=NUM_MODALITIES, ACT=0, OP_DTYPE=dt, DOT_DTYPE=dt, PRECISION="tf32x3" if fp32 else "tf32",
                   num_stages=2)
@@ -190,22 +215,24 @@ def aot_configs(shapes, fp32):
     for H, R, D, E, K in shapes:
         cfg = {k: default_config(k, H, R, D, E, K, fp32) for k in KERNELS}
 
-        def tiles(c):
+        def tiles(c, *extra):
             return dict(common, H=H, R=R, HP=c.HP, HJ=c.HJ, NUM_J=c.NUM_J, RP=c.RP, RA=c.RA, BLOCK_T=c.BLOCK_T,
-                        BLOCK_C=c.BLOCK_C, num_warps=c.num_warps)
+                        BLOCK_C=c.BLOCK_C, num_warps=c.num_warps, **{n: getattr(c, n) for n in extra})
 
         c = cfg["fwd"]
-        out["fwd"].append(dict(tiles(c), D=D, E=E, K=K, DP=c.DP, EP=c.EP, KP=c.KP, RENORM=True))
-        c = cfg["token"]
-        out["token"].append(dict(tiles(c), D=D, HJX=c.HJX, HJY=c.HJY, DC=c.DC, DP=c.DP))
-        out["dz"].append(tiles(cfg["dz"]))
-        out["dw_w2down"].append(dict(tiles(cfg["dw_w2down"]), MODE=0))
-        out["dw_w1"].append(dict(tiles(cfg["dw_w1"]), MODE=1))
+        found = dict(fwd=dict(tiles(c, "HK", "NUM_H", "DP", "EP", "KP"), D=D, E=E, K=K, RENORM=True),
+                     token=dict(tiles(cfg["token"], "HJX", "HJY", "DC", "DP"), D=D),
+                     dz=tiles(cfg["dz"], "HK", "NUM_H"),
+                     dw_w2down=dict(tiles(cfg["dw_w2down"], "HK", "NUM_H"), MODE=0),
+                     dw_w1=dict(tiles(cfg["dw_w1"], "HK", "NUM_H"), MODE=1))
+        for k, config in found.items():
+            if config not in out[k]:
+                out[k].append(config)
     return out
 
 
 # (name suffix, fp32 operands, shapes) of each registered variant
-AOT_VARIANTS = (("", False, AOT_SHAPES), ("_fp32", True, AOT_SHAPES_FP32))
+AOT_VARIANTS = (("", False, AOT_SHAPES), ("_fp32", True, AOT_SHAPES))
 
 
 def aot_signatures(fp32: bool) -> dict[str, dict[str, str]]:

@@ -7,10 +7,11 @@ at 16k tokens, R=8, C=2048): the kernel computes P = z @ w2_down[m].reshape(H*2R
 block of tokens, tile by tile over C, and contracts P with h in registers (a bilinear form).
 
 _dtr_fwd_kernel, per block of the modality-grouped token order (z rows gathered through ``perm``):
-one pass over C for h = w1 z + b1 and b2_down z, then NUM_J passes for the bilinear u (HJ
-hypernetwork rows j each; the z block is re-read from L2, the price of keeping the accumulators in
-registers), SwiGLU, e, logits, softmax, top-k and per-block expert statistics. Saves hpre [T, H],
-u [T, 2R], e [T, D] (small per-token activations, never per-token weights) for the backward.
+NUM_H passes over C for h = w1 z + b1 (HK rows of w1 each; b2_down z in the first), then NUM_J
+passes for the bilinear u (HJ hypernetwork rows j each; the z block is re-read from L2, the price of
+keeping the accumulators in registers), SwiGLU, e, logits, softmax, top-k and per-block expert
+statistics. Saves hpre [T, H], u [T, 2R], e [T, D] (small per-token activations, never per-token
+weights) for the backward.
 
 Determinism: no atomics. The per-block expert statistics are written to scratch buffers and summed
 by torch in a fixed order, so results are bitwise reproducible run to run.
@@ -34,16 +35,16 @@ def _empty(*shape, **kwargs):
 
 
 @triton.jit
-def _rows_h_and_bias(z_rows, rmask, w1_m, b2d_m, C,
-                     H: tl.constexpr, R: tl.constexpr, HP: tl.constexpr, RA: tl.constexpr,
+def _rows_h_and_bias(z_rows, rmask, w1_m, b2d_m, C, h0,
+                     H: tl.constexpr, R: tl.constexpr, HK: tl.constexpr, RA: tl.constexpr, WITH_BIAS: tl.constexpr,
                      OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One pass over C: acc_h [BT, HP] = z @ w1[m]^T and acc_bg / acc_bl [BT, RA] = z @ b2_down[m, :R / R:]^T
-    (RA >= 16 columns, the first R real)."""
+    """One pass over C: acc_h [BT, HK] = z @ w1[m, h0:h0+HK]^T and, if WITH_BIAS, acc_bg / acc_bl [BT, RA] =
+    z @ b2_down[m, :R / R:]^T (RA >= 16 columns, the first R real; zeros otherwise)."""
     cb = tl.arange(0, BLOCK_C)
-    hp = tl.arange(0, HP)
+    hk = h0 + tl.arange(0, HK)
     ra = tl.arange(0, RA)
-    acc_h = tl.zeros([BLOCK_T, HP], dtype=tl.float32)
+    acc_h = tl.zeros([BLOCK_T, HK], dtype=tl.float32)
     acc_bg = tl.zeros([BLOCK_T, RA], dtype=tl.float32)
     acc_bl = tl.zeros([BLOCK_T, RA], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -51,13 +52,14 @@ def _rows_h_and_bias(z_rows, rmask, w1_m, b2d_m, C,
         cmask = cc < C
         zt = tl.load(z_rows + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         zt = zt.to(OP_DTYPE).to(DOT_DTYPE)
-        w1t = tl.load(w1_m + hp[None, :] * C + cc[:, None], mask=(hp[None, :] < H) & cmask[:, None], other=0.0)
+        w1t = tl.load(w1_m + hk[None, :] * C + cc[:, None], mask=(hk[None, :] < H) & cmask[:, None], other=0.0)
         acc_h = tl.dot(zt, w1t.to(OP_DTYPE).to(DOT_DTYPE), acc_h, input_precision=PRECISION)
-        bmask = (ra[None, :] < R) & cmask[:, None]
-        bg = tl.load(b2d_m + ra[None, :] * C + cc[:, None], mask=bmask, other=0.0)
-        acc_bg = tl.dot(zt, bg.to(OP_DTYPE).to(DOT_DTYPE), acc_bg, input_precision=PRECISION)
-        bl = tl.load(b2d_m + (R + ra[None, :]) * C + cc[:, None], mask=bmask, other=0.0)
-        acc_bl = tl.dot(zt, bl.to(OP_DTYPE).to(DOT_DTYPE), acc_bl, input_precision=PRECISION)
+        if WITH_BIAS:
+            bmask = (ra[None, :] < R) & cmask[:, None]
+            bg = tl.load(b2d_m + ra[None, :] * C + cc[:, None], mask=bmask, other=0.0)
+            acc_bg = tl.dot(zt, bg.to(OP_DTYPE).to(DOT_DTYPE), acc_bg, input_precision=PRECISION)
+            bl = tl.load(b2d_m + (R + ra[None, :]) * C + cc[:, None], mask=bmask, other=0.0)
+            acc_bl = tl.dot(zt, bl.to(OP_DTYPE).to(DOT_DTYPE), acc_bl, input_precision=PRECISION)
     return acc_h, acc_bg, acc_bl
 
 
@@ -68,8 +70,9 @@ def _dtr_fwd_kernel(
     logits_ptr, probs_ptr, idx_ptr, gates_ptr, psum_ptr, cnt_ptr, hpre_ptr, u_ptr, e_ptr,
     C,
     M: tl.constexpr, H: tl.constexpr, R: tl.constexpr, D: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
-    HP: tl.constexpr, HJ: tl.constexpr, NUM_J: tl.constexpr, RP: tl.constexpr, RA: tl.constexpr,
-    DP: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, ACT: tl.constexpr, RENORM: tl.constexpr,
+    HP: tl.constexpr, HJ: tl.constexpr, NUM_J: tl.constexpr, HK: tl.constexpr, NUM_H: tl.constexpr,
+    RP: tl.constexpr, RA: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, ACT: tl.constexpr,
+    RENORM: tl.constexpr,
     OP_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -78,15 +81,22 @@ def _dtr_fwd_kernel(
     m64 = m.to(tl.int64)
     z_rows = z_ptr + tok[:, None] * C
     w2u_m = w2u_ptr + m64 * (H * D * R)
-    hp = tl.arange(0, HP)
+    hk = tl.arange(0, HK)
     ecol = tl.arange(0, EP)
     emask = ecol < E
+    w1_m = w1_ptr + m64 * (H * C)
+    b1_m = b1_ptr + m * H
 
-    # ---- h = w1 z + b1 and b2_down z (one pass over C)
-    acc_h, acc_bg, acc_bl = _rows_h_and_bias(z_rows, rmask, w1_ptr + m64 * (H * C), b2d_ptr + m64 * (2 * R * C), C,
-                                             H, R, HP, RA, OP_DTYPE, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_C)
-    hpre = acc_h + tl.load(b1_ptr + m * H + hp, mask=hp < H, other=0.0).to(tl.float32)[None, :]
-    store_rows(hpre_ptr, hpre, tok, rmask, 0, HP, H, H)
+    # ---- h = w1 z + b1, HK rows of w1 per pass over C; b2_down z in the first pass
+    acc_h, acc_bg, acc_bl = _rows_h_and_bias(z_rows, rmask, w1_m, b2d_ptr + m64 * (2 * R * C), C, 0,
+                                             H, R, HK, RA, True, OP_DTYPE, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_C)
+    hpre = acc_h + tl.load(b1_m + hk, mask=hk < H, other=0.0).to(tl.float32)[None, :]
+    store_rows(hpre_ptr, hpre, tok, rmask, 0, HK, H, H)
+    for hc in range(1, NUM_H):
+        acc_h, _, _ = _rows_h_and_bias(z_rows, rmask, w1_m, b2d_ptr, C, hc * HK, H, R, HK, RA, False,
+                                       OP_DTYPE, DOT_DTYPE, PRECISION, BLOCK_T, BLOCK_C)
+        hpre = acc_h + tl.load(b1_m + hc * HK + hk, mask=hc * HK + hk < H, other=0.0).to(tl.float32)[None, :]
+        store_rows(hpre_ptr, hpre, tok, rmask, hc * HK, HK, H, H - hc * HK)
     # RA columns -> RP columns (the ones past R are zero): fold the column groups
     ug = tl.sum(tl.reshape(acc_bg, [BLOCK_T, RA // RP, RP]), axis=1)
     ul = tl.sum(tl.reshape(acc_bl, [BLOCK_T, RA // RP, RP]), axis=1)
@@ -179,9 +189,10 @@ def dtr_forward_triton(z, mod, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, ph
     _dtr_fwd_kernel[(num_blocks,)](
         z, perm, offsets, w1, b1, w2_down, b2_down, w2_up, b2_up, phi_w, phi_b,
         logits, probs, topk_idx, gates, psum, cnt, hpre, u, e, C,
-        M=M, H=H, R=R, D=D, E=E, K=K, HP=cfg.HP, HJ=cfg.HJ, NUM_J=cfg.NUM_J, RP=cfg.RP, RA=cfg.RA, DP=cfg.DP,
-        EP=cfg.EP, KP=cfg.KP, ACT=act, RENORM=bool(renormalize), OP_DTYPE=op_dtype, DOT_DTYPE=dot_dtype,
-        PRECISION=precision, BLOCK_T=cfg.BLOCK_T, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps, num_stages=2)
+        M=M, H=H, R=R, D=D, E=E, K=K, HP=cfg.HP, HJ=cfg.HJ, NUM_J=cfg.NUM_J, HK=cfg.HK, NUM_H=cfg.NUM_H,
+        RP=cfg.RP, RA=cfg.RA, DP=cfg.DP, EP=cfg.EP, KP=cfg.KP, ACT=act, RENORM=bool(renormalize), OP_DTYPE=op_dtype,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_T=cfg.BLOCK_T, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps,
+        num_stages=2)
     # fixed-order reductions of the per-block statistics: deterministic
     return logits, probs, topk_idx, gates, psum.sum(0), cnt.sum(0, dtype=torch.int64), hpre, u, e
 

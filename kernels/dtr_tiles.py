@@ -11,6 +11,8 @@ megatron_evomoe.kernels.aot`: no spills on sm_80 / sm_90 at the registered shape
 * Chunk loops are runtime loops (`range`), not `tl.static_range`: unrolled copies let the
   compiler hoist every copy's pipeline prologue (the z tile's pointers) to the top of the kernel
   and keep them all live, which spilled.
+* GEMMs as wide as the hypernetwork (w1 z, ghpre @ w1, ghpre^T z) go HK rows of w1 at a time: at
+  H = 256 an [BT, H] accumulator or operand alone is 128 fp32 registers per thread.
 * Per-token vectors needed in another chunking or another r padding are read back from their
   global-memory copy (store, barrier, load) instead of being sliced in registers.
 * The small fp32 GEMMs (phase 2 of the forward, the backward's (j, d) and (d, r) contractions) use

@@ -8,9 +8,11 @@ exceeds the arch's shared memory, the grouped GEMM kernels use HGMMA (wgmma) on 
 variant's loads are UTMALDG.
 
 The kernels of this test's own files (grouped GEMM, permute) are compiled at every config they
-autotune over. Kernels other files register (e.g. the router's) are compiled at their first
-config here, to keep this test under two minutes on a cold Triton cache; the full report over all
-configs is ``python -m megatron_evomoe.kernels.aot --check``.
+autotune over. Kernels other files register are compiled at their first config here, to keep this
+test under two minutes on a cold Triton cache, except the DTR's: its first AOT_CI_CONFIGS configs
+(kernels/dtr_config.py: the recipe's widest hypernetwork at rank 16 and narrowest at rank 8), in
+fp32 and bf16. The full report over all configs (for the DTR: every recipe shape) is
+``python -m megatron_evomoe.kernels.aot --check``.
 """
 import json
 import os
@@ -21,6 +23,7 @@ import sys
 import pytest
 
 from megatron_evomoe.kernels import aot
+from megatron_evomoe.kernels.dtr_config import AOT_CI_CONFIGS
 from megatron_evomoe.kernels.grouped_gemm import FWD_CONFIGS, WGRAD_CONFIGS
 from megatron_evomoe.kernels.grouped_gemm_tma import TMA_CONFIGS
 
@@ -48,21 +51,34 @@ def _aot(*args, timeout=400):
     return out
 
 
+assert not aot.discover()
+DTR_KERNELS = sorted(n for n in aot.registered() if n.startswith("dtr_"))
+
+
+def _report(tmp_path_factory, *args):
+    out = tmp_path_factory.mktemp("aot") / "report.json"
+    _aot("--arch", *map(str, ARCHS), *args, "--jobs", str(min(4, os.cpu_count() or 1)), "--out", str(out))
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "report.json"
-    _aot("--arch", *map(str, ARCHS), "--max-configs", "1", "--full", *sorted(OWN_KERNELS),
-         "--jobs", str(min(4, os.cpu_count() or 1)), "--out", str(out))
-    data = json.loads(out.read_text())
+    data = _report(tmp_path_factory, "--max-configs", "1", "--full", *sorted(OWN_KERNELS), "--exclude", *DTR_KERNELS)
     assert OWN_KERNELS <= set(data["registered"]), f"missing from the registry: {OWN_KERNELS - set(data['registered'])}"
     return data
+
+
+@pytest.fixture(scope="module")
+def dtr_report(tmp_path_factory):
+    return _report(tmp_path_factory, "--kernel", *DTR_KERNELS, "--max-configs", str(AOT_CI_CONFIGS))
 
 
 def test_every_registered_kernel_compiles_for_sm80_and_sm90(report):
     assert not report["import_errors"], report["import_errors"]
     rows = report["rows"]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == set(report["registered"]), f"not compiled: {set(report['registered']) - kernels}"
+    expected = set(report["registered"]) - set(DTR_KERNELS)   # the DTR's: test_dtr_kernels_compile_without_spills
+    assert kernels == expected, f"not compiled: {expected - kernels}"
     # this file's kernels at every autotuned config
     assert len({r["config"] for r in rows if r["kernel"] == "grouped_mm_fwd"}) == len(FWD_CONFIGS)
     assert len({r["config"] for r in rows if r["kernel"] == "grouped_mm_wgrad"}) == len(WGRAD_CONFIGS)
@@ -112,6 +128,21 @@ def test_check_fails_on_missing_utmaldg_and_shared_memory_over_the_limit():
     assert len(found) == 2 and "no UTMALDG" in found[0] and f"{row['shared']} bytes of shared memory" in found[1]
     assert aot.problems([dict(row, tma=True, shared=aot.MAX_SHARED_BYTES[90])], []) == []
     assert "MISSING" in aot.format_table([row]).splitlines()[-1]
+
+
+def test_dtr_kernels_compile_without_spills(dtr_report):
+    """The DTR (10 kernels: fwd and 4 backward, fp32 and bf16) at the recipe's widest (H = 256, R = 16)
+    and narrowest (H = 16, R = 8) hypernetworks: compiled for both archs, no local memory, no stack."""
+    assert len(DTR_KERNELS) == 10 and not dtr_report["problems"], dtr_report["problems"]
+    rows = dtr_report["rows"]
+    for name in DTR_KERNELS:
+        configs = aot.registered()[name].configs[:AOT_CI_CONFIGS]
+        assert {(c["H"], c["R"]) for c in configs} == {(256, 16), (16, 8)}, name
+        for arch in ARCHS:
+            done = [r for r in rows if r["kernel"] == name and r["arch"] == arch]
+            assert len(done) == len(configs) and all(r["ok"] for r in done), f"{name} sm_{arch}: {done}"
+            assert all(r["local"] == 0 and r["stack"] == 0 and r["registers"] <= 255 for r in done), \
+                f"{name} sm_{arch} spills: {[(r['config'], r['stack'], r['local']) for r in done]}"
 
 
 def test_register_aot_rejects_empty_configs():

@@ -114,9 +114,19 @@ def test_reference_matches_dumb_per_token_loop():
 # ------------------------------------------------------------------------------- forward
 
 def small_tiles(H, R, D, E, K=1):
-    """16-token blocks and narrow accumulators: several blocks per modality and several j chunks
-    (NUM_J > 1) even at test sizes. The default tiles (64-token blocks) are tested too."""
-    return kc.dtr_config(H, R, D, E, K, block_t=16, block_c=32, acc_cols=32)
+    """16-token blocks and narrow accumulators: several blocks per modality, several j chunks
+    (NUM_J > 1) and h chunks (NUM_H > 1, the last one partial or empty when H > 16) even at test sizes.
+    The default tiles (64-token blocks) are tested too."""
+    return kc.dtr_config(H, R, D, E, K, block_t=16, block_c=32, acc_cols=32, h_cols=16)
+
+
+def wide_tiles(H, R, D, E, K=1):
+    """The recipe's wide hypernetworks (H >= 128) with their production chunking (64-row h chunks,
+    64-column accumulators) and 16-token blocks (fewer interpreted programs)."""
+    return kc.dtr_config(H, R, D, E, K, block_t=16, block_c=32, acc_cols=64, h_cols=64)
+
+
+TILES = {"small": small_tiles, "wide": wide_tiles, "default": lambda *shape: None}
 
 
 FWD_CASES = [
@@ -130,15 +140,17 @@ FWD_CASES = [
     (37, 64, 16, 8, 16, 4, 1, "mixed", torch.bfloat16, "small"),
     (30, 40, 6, 3, 5, 6, 4, "alternating", torch.bfloat16, "default"),
     (21, 32, 6, 3, 5, 6, 2, "image", torch.float16, "default"),
+    (24, 32, 128, 16, 16, 4, 2, "mixed", torch.float32, "wide"),     # the recipe's widest class, rank 16
 ]
 
 
 def _fwd_check(T, C, H, R, D, E, K, layout, dtype, tiles, device, activation=None):
     ps = make_params(H, R, D, E, C, dtype, device)
     z, mod = make_inputs(T, C, layout, dtype, device)
-    config = small_tiles(H, R, D, E, K) if tiles == "small" else None
+    config = TILES[tiles](H, R, D, E, K)
     if config is not None:
         assert config.NUM_J > 1 or H <= 8, "small tiles should chunk the hypernetwork rows"
+        assert config.NUM_H > 1 or H <= 16, "and the rows of w1"
     out = kf.dtr_forward_triton(z, mod, *ps, K, True, activation, config=config)
     ref = kref.dtr_reference_bilinear(z, mod, *ps, K, True, activation)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
@@ -242,6 +254,7 @@ BWD_CASES = [
     (45, 33, 40, 2, 3, 3, "text", torch.float32, "silu", 3, "default"),
     (70, 40, 6, 3, 5, 6, "mixed", torch.float32, None, 2, "small"),
     (30, 64, 16, 4, 8, 4, "mixed", torch.bfloat16, None, 2, "small"),
+    (24, 32, 128, 16, 16, 4, "mixed", torch.float32, None, 2, "wide"),  # 2 h chunks, 32 j chunks, rank 16
 ]
 
 
@@ -257,7 +270,7 @@ def test_backward_matches_autograd(case, device, poison):
     logits = kref.dtr_logits_bilinear(zr, mod, *pr, activation)
     grad_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)).to(device)
     (logits * grad_logits).sum().backward()
-    config = small_tiles(H, R, D, E) if tiles == "small" else None
+    config = TILES[tiles](H, R, D, E)
     out = kf.dtr_forward_triton(z, mod, *ps, 1, True, activation, config=config)
     grads = kb.dtr_backward_triton(grad_logits, z, mod, *ps, out[6], out[7], out[8], activation,
                                    num_splits=splits, config=config)
@@ -301,3 +314,51 @@ def test_backward_skips_what_is_not_needed():
     assert all(x is None for x in only_dz[1:]) and torch.equal(only_dz[0], full[0])
     only_p = kb.dtr_backward_triton(g, z, mod, *ps, *out[6:], need_dz=False)
     assert only_p[0] is None and all(torch.equal(a, b) for a, b in zip(only_p[1:], full[1:]))
+
+
+# ------------------------------------------------------------------------------- launch configs vs the AOT report
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: records the constexprs and launch options of each launch."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            name = self.name if self.name != "dw" else ("dtr_bwd_dw_w2down", "dtr_bwd_dw_w1")[kwargs["MODE"]]
+            self.calls.append((name, kwargs))
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_launchers_pick_only_configs_the_aot_report_compiles(dtype, monkeypatch):
+    """At every recipe shape (hypernetwork width x rank x top-k), each DTR launch's constexprs and
+    options are exactly one of the configs registered for the AOT report (what `--check` proves
+    spill-free on sm_80 and sm_90). The hidden size is a runtime argument of every kernel, so it
+    adds no variant (C below is small; the recipe's 2048 / 2560 / 4096 compile to the same code)."""
+    from megatron_evomoe.kernels import aot
+
+    calls = []
+    monkeypatch.setattr(kf, "_dtr_fwd_kernel", _LaunchRecorder("dtr_fwd", calls))
+    for attr, name in (("_dtr_bwd_token_kernel", "dtr_bwd_token"), ("_dtr_bwd_dz_kernel", "dtr_bwd_dz"),
+                       ("_dtr_bwd_dw_kernel", "dw")):
+        monkeypatch.setattr(kb, attr, _LaunchRecorder(name, calls))
+    monkeypatch.setattr(kc, "_interpreting", lambda: False)   # the GPU's operand dtypes
+    suffix = "" if dtype == torch.bfloat16 else "_fp32"
+    registry = aot.registered()
+    for sig in kc.aot_signatures(dtype == torch.float32).values():
+        assert sig["C"] == "i32"
+    T, C = 8, 32
+    z, mod = make_inputs(T, C, "alternating", dtype)
+    for H, R, D, E, K in kc.RECIPE_SHAPES:
+        ps = [torch.zeros(s, dtype=dtype) for s in ((M, H, C), (M, H), (M, H, 2 * R, C), (M, 2 * R, C),
+                                                    (M, H, D, R), (M, D, R), (E, D), (E,))]
+        del calls[:]
+        out = kf.dtr_forward_triton(z, mod, *ps, K)
+        kb.dtr_backward_triton(torch.zeros(T, E), z, mod, *ps, *out[6:])
+        assert sorted(n for n, _ in calls) == sorted(["dtr_fwd", "dtr_bwd_token", "dtr_bwd_dz", "dtr_bwd_dw_w2down",
+                                                      "dtr_bwd_dw_w1"])
+        for name, launched in calls:
+            assert launched in registry[name + suffix].configs, \
+                f"{name}{suffix} at H={H} R={R} K={K}: launch config not in the AOT report: {launched}"
