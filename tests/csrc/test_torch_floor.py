@@ -26,6 +26,7 @@ FIRST_RELEASE = {
         torch.argsort torch.autocast torch.autograd.Function torch.autograd.backward
         torch.backends.cuda.matmul.allow_tf32 torch.bfloat16 torch.bincount torch.bool torch.cat
         torch.compiler.assume_constant_result torch.cuda.current_device torch.cuda.device_count
+        torch.cuda.get_device_capability torch.cuda.is_current_stream_capturing
         torch.cuda.Event torch.cuda.current_stream torch.distributed.P2POp torch.distributed.batch_isend_irecv
         torch.cuda.get_device_name torch.cuda.get_device_properties torch.cuda.get_rng_state_all
         torch.cuda.is_available torch.cuda.set_device torch.cuda.set_rng_state_all torch.cumsum torch.device
@@ -56,7 +57,7 @@ FIRST_RELEASE = {
         torch.where torch.zeros torch.zeros_like
         torch.Generator(device=) torch.arange(device=) torch.arange(dtype=) torch.argsort(dim=)
         torch.argsort(stable=) torch.autocast(dtype=) torch.autocast(enabled=) torch.bincount(minlength=)
-        torch.repeat_interleave(output_size=) torch.cat(dim=) torch.distributed.TCPStore(is_master=) torch.distributed.TCPStore(timeout=)
+        torch.cuda.Event(enable_timing=) torch.repeat_interleave(output_size=) torch.cat(dim=) torch.distributed.TCPStore(is_master=) torch.distributed.TCPStore(timeout=)
         torch.distributed.TCPStore(wait_for_workers=) torch.distributed.all_gather(group=)
         torch.distributed.all_gather_object(group=) torch.distributed.all_reduce(group=)
         torch.distributed.all_reduce(op=) torch.distributed.all_to_all_single(group=)
