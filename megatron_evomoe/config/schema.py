@@ -137,6 +137,18 @@ class DataConfig:
     skip_bad_samples: bool = False
     eval_split: str = "pope_test.jsonl"
     num_eval_samples: int = 200
+    # The token index (data/token_index.py): each stage file validated and tokenised once, memory-mapped
+    # by every rank; "" = <data.root>/.token_index
+    index_dir: str = ""
+    # A record longer than seq_len: stop with its file and id (error), cut its text at the end keeping the
+    # image, as LLaVA does (truncate), or drop it (skip); truncations and skips are counted and logged
+    overlong: Literal["error", "truncate", "skip"] = "error"
+    # none: one sample per row, padded to seq_len; pack: several samples per row, attention kept inside
+    # each (data/packing.py), a micro-batch is micro_batch_size packed rows
+    packing: Literal["none", "pack"] = "none"
+    num_workers: int = 0  # DataLoader worker processes decoding images (0 = in the training process)
+    prefetch_factor: int = 2  # micro-batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for the copy to the GPU (only with a CUDA device)
 
 
 @dataclass

@@ -145,7 +145,11 @@ class LlavaDataset(Dataset):
         image_std: Sequence[float] = CLIP_STD,
         pad_to_square: bool = False,
         check_images: bool = False,
+        overlong: str = "error",
+        index_dir: Optional[PathLike] = None,
     ):
+        if overlong != "error":
+            raise NotImplementedError("data.overlong other than 'error'")  # (the token index, issue 13)
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if num_image_tokens < 1:
@@ -249,23 +253,37 @@ class LlavaDataset(Dataset):
         """Unpadded length of sample i."""
         return int(self._offsets[i + 1] - self._offsets[i])
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """[N] unpadded length of every sample (image tokens included), for packing and length grouping."""
+        return np.diff(self._offsets)
+
+    def tokens(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sample i unpadded: (input_ids LongTensor [L], labels LongTensor [L]), L = lengths[i]."""
+        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        return torch.from_numpy(self._tokens[start:end]), torch.from_numpy(self._labels[start:end])
+
+    def image(self, i: int) -> Optional[torch.Tensor]:
+        """Sample i's preprocessed image [3, H, W], or None for a text-only sample; a DataError naming
+        the data file, record and image when it cannot be loaded (images are decoded only here)."""
+        if self.image_paths[i] is None:
+            return None
+        try:
+            return self.processor(self.image_paths[i])  # [3, H, W]
+        except DataError as e:
+            raise _image_error(e).with_context(file=self.json_path, index=self.record_indices[i],
+                                               record_id=self.record_ids[i]) from None
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} samples")
         i = i % len(self)
-        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        ids, labs = self.tokens(i)
         input_ids = torch.full((self.seq_len,), self.tokenizer.pad_id, dtype=torch.long)  # [S]
         labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)  # [S]
-        input_ids[: end - start] = torch.from_numpy(self._tokens[start:end])
-        labels[: end - start] = torch.from_numpy(self._labels[start:end])
-        image = None
-        if self.image_paths[i] is not None:
-            try:
-                image = self.processor(self.image_paths[i])  # [3, H, W]
-            except DataError as e:  # found only now: images are decoded lazily
-                raise _image_error(e).with_context(file=self.json_path, index=self.record_indices[i],
-                                                   record_id=self.record_ids[i]) from None
-        return {"input_ids": input_ids, "labels": labels, "image": image}
+        input_ids[: len(ids)] = ids
+        labels[: len(labs)] = labs
+        return {"input_ids": input_ids, "labels": labels, "image": self.image(i)}
 
     def collate(self, batch: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         return collate_llava(batch, self.image_size)

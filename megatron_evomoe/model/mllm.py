@@ -80,9 +80,14 @@ class MultimodalLM(nn.Module):
         return self.projector(self.vision(images))  # [N, P, C]
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> ModelOutput:
+                labels: torch.Tensor | None = None, hidden: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> ModelOutput:
         """input_ids, labels: [B, S]; images: [N, 3, H, W]; hidden: [B, S(/tp), C], the input of a
-        pipeline stage that does not hold the embedding (the previous stage's `ModelOutput.hidden`)."""
+        pipeline stage that does not hold the embedding (the previous stage's `ModelOutput.hidden`).
+        positions, segment_ids: [B, S] for packed rows (data/packing.py): attention stays inside each
+        segment and positions restart per sample; None = one sample per row."""
+        if segment_ids is not None:
+            raise NotImplementedError("packed rows")  # (issue 13: data.packing)
         modality = self.modality(input_ids)  # every stage has the ids: the mask never travels
         if is_absent(self.llm.embed):
             assert hidden is not None, "a pipeline stage without the embedding needs the previous stage's output"

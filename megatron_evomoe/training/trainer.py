@@ -338,7 +338,8 @@ class Trainer:
             for batch in micro:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                    out = self.model(batch["input_ids"], batch["images"], batch["labels"])
+                    out = self.model(batch["input_ids"], batch["images"], batch["labels"],
+                                     positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
                 lm = out.lm_loss_sum / max(num_tokens, 1)
                 aux = out.aux_loss / len(micro)
                 (lm + aux).backward()
