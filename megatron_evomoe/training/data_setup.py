@@ -50,9 +50,11 @@ def _read_stage_dataset(bundle: DataBundle, stage, cfg: Config) -> LlavaDataset:
     path = bundle.root / stage.data
     if not path.is_file():
         raise ConfigError(f"stages.{stage.name}.data: file not found: {path}")
+    index_dir = Path(cfg.data.index_dir) if cfg.data.index_dir else bundle.root / ".token_index"
     return LlavaDataset(path, bundle.root / "images", bundle.tokenizer, cfg.data.seq_len,
                         cfg.vision.num_image_tokens, cfg.vision.image_size,
-                        skip_bad_samples=cfg.data.skip_bad_samples)
+                        skip_bad_samples=cfg.data.skip_bad_samples, overlong=cfg.data.overlong,
+                        index_dir=index_dir)
 
 
 def check_stage_data(bundle: DataBundle, cfg: Config, stages) -> None:
