@@ -124,13 +124,20 @@ class Attention(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
-                kv_cache=None) -> torch.Tensor:
+                kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, C]; positions: [S] or [B, S]; attn_mask: bool [B, 1, S, S] (True = may attend),
+        for packed rows (`block_causal_mask`), or None for plain causal attention."""
         B, S, _ = x.shape
         # heads are read from the weight shapes so a TP-sharded layer (fewer local heads) just works
         q = self.wq(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
         k = self.wk(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
         v = self.wv(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = rope(q, positions), rope(k, positions)
+        gqa = q.shape[1] != k.shape[1]
+        if attn_mask is not None:
+            assert kv_cache is None, "packed rows are a training forward (no KV cache)"
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            return self.wo(y.transpose(1, 2).reshape(B, S, -1))
         causal = True
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
@@ -138,9 +145,18 @@ class Attention(nn.Module):
             # plain bool for SDPA even when torch.compile traces S as a symbol)
             if causal and k.shape[2] != S:
                 raise NotImplementedError("chunked prefill onto a non-empty KV cache")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, S] -> bool [B, 1, S, S]: token i may attend to j iff j <= i and both are in
+    the same segment. Padding (-1) is one more segment, so every row keeps its diagonal (a row
+    with nothing to attend to would make SDPA return NaN)."""
+    S = segment_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()  # [S, S]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S, S]
+    return (same & causal)[:, None]
 
 
 class FFN(nn.Module):
@@ -178,12 +194,12 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = FFN(cfg.hidden_size, cfg.ffn_hidden_size, getattr(cfg, "ffn_activation", "swiglu"),
                                   bias=getattr(cfg, "mlp_bias", False))
 
-    def forward(self, x, modality, rope, positions, kv_cache=None):
+    def forward(self, x, modality, rope, positions, kv_cache=None, attn_mask=None):
         if self.mlp_norm is None:  # x + attn(ln(x)) + mlp(ln(x))
             h = self.attn_norm(x)
             y, aux = self.mlp(h, modality)
-            return x + self.attn(h, rope, positions, kv_cache) + y, aux
-        x = x + self.attn(self.attn_norm(x), rope, positions, kv_cache)
+            return x + self.attn(h, rope, positions, kv_cache, attn_mask) + y, aux
+        x = x + self.attn(self.attn_norm(x), rope, positions, kv_cache, attn_mask)
         y, aux = self.mlp(self.mlp_norm(x), modality)
         return x + y, aux
 
@@ -217,17 +233,22 @@ class DecoderLM(nn.Module):
             nn.init.normal_(p, 0.0, out_std if last in ("wo", "w_down") else std)
 
     def forward(self, h: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_caches=None):
+                kv_caches=None, segment_ids: torch.Tensor | None = None):
         """h: [B, S, C] input embeddings (or a previous pipeline stage's output); modality: [B, S]
         -> (logits [B, S, V], aux loss scalar). Layers held by other pipeline stages are skipped; a
-        stage without the LM head returns its last hidden states [B, S, C] instead of logits."""
+        stage without the LM head returns its last hidden states [B, S, C] instead of logits.
+        positions: [S] or [B, S] (default 0..S-1); segment_ids: [B, S] for packed rows (attention
+        stays inside each segment), None = causal over the whole row. Both describe the whole
+        sequence, also when h is a sequence-parallel shard (attention sees it gathered)."""
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
+        mask = None if segment_ids is None else block_causal_mask(segment_ids)  # once, for every layer
         aux_total = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             if is_absent(layer):
                 continue
-            h, aux = layer(h, modality, self.rope, positions, None if kv_caches is None else kv_caches[i])
+            h, aux = layer(h, modality, self.rope, positions, None if kv_caches is None else kv_caches[i],
+                           mask)
             if aux is not None:
                 aux_total = aux_total + aux
         if is_absent(self.lm_head):

@@ -85,17 +85,19 @@ class MultimodalLM(nn.Module):
         """input_ids, labels: [B, S]; images: [N, 3, H, W]; hidden: [B, S(/tp), C], the input of a
         pipeline stage that does not hold the embedding (the previous stage's `ModelOutput.hidden`).
         positions, segment_ids: [B, S] for packed rows (data/packing.py): attention stays inside each
-        segment and positions restart per sample; None = one sample per row."""
-        if segment_ids is not None:
-            raise NotImplementedError("packed rows")  # (issue 13: data.packing)
+        segment and positions restart per sample; None = one sample per row. Every pipeline stage
+        gets both (like the ids, they never travel between stages)."""
+        if segment_ids is not None and positions is None:
+            raise ValueError("packed rows need positions with their segment_ids (data/packing.py)")
         modality = self.modality(input_ids)  # every stage has the ids: the mask never travels
         if is_absent(self.llm.embed):
             assert hidden is not None, "a pipeline stage without the embedding needs the previous stage's output"
             h = hidden
         else:
             h = self._embed(input_ids, images, modality == IMAGE)
-        positions = torch.arange(input_ids.shape[1], device=h.device)  # (h may be a sequence shard)
-        out, aux = self.llm(h, modality, positions)
+        if positions is None:  # from the ids, not h: h may be a sequence shard
+            positions = torch.arange(input_ids.shape[1], device=h.device)
+        out, aux = self.llm(h, modality, positions, segment_ids=segment_ids)
         if is_absent(self.llm.lm_head):
             return ModelOutput(None, None, None, aux, modality, hidden=out)
         loss_sum = num = None

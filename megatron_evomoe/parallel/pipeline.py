@@ -6,7 +6,8 @@ computes the loss). The other modules become `PipelinePlaceholder`s without para
 parameter names keep their global layer index (`llm.layers.3.mlp...` on whichever stage
 owns layer 3) and stage patterns keep working.
 
-Every stage reads the same micro-batches (token ids and labels are cheap) and runs the model's
+Every stage reads the same micro-batches (token ids, labels and a packed row's positions and
+segment ids are cheap) and runs the model's
 one forward (`MultimodalLM.forward`, which skips the modules this stage lacks and computes the
 per-token modality mask from the ids); only the hidden states [B, S(/tp), C] travel between stages.
 
@@ -223,7 +224,8 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
             h_in = h_in.to(device).requires_grad_()
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            res = model(batch["input_ids"], batch.get("images"), batch["labels"], hidden=h_in)
+            res = model(batch["input_ids"], batch.get("images"), batch["labels"], hidden=h_in,
+                        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
         out, aux, lm_sum = res.hidden, res.aux_loss / M, res.lm_loss_sum
         totals[1] += aux.detach().to(totals.device, torch.float64)
         if last:

@@ -71,6 +71,7 @@ FIRST_RELEASE = {
         torch.nn.Linear(bias=) torch.nn.Parameter(requires_grad=) torch.nn.functional.cosine_similarity(dim=)
         torch.nn.functional.cross_entropy(ignore_index=) torch.nn.functional.cross_entropy(reduction=)
         torch.nn.functional.gelu(approximate=) torch.nn.functional.scaled_dot_product_attention(is_causal=)
+        torch.nn.functional.scaled_dot_product_attention(attn_mask=)
         torch.ones(device=) torch.ones(dtype=) torch.optim.AdamW(betas=) torch.optim.AdamW(eps=)
         torch.optim.AdamW(foreach=) torch.optim.AdamW(lr=) torch.rand(dtype=) torch.rand(generator=)
         torch.randn(dtype=) torch.randn(generator=) torch.random.fork_rng(devices=) torch.randperm(generator=)
