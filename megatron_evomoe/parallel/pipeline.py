@@ -7,9 +7,9 @@ parameter names keep their global layer index (`llm.layers.3.mlp...` on whicheve
 owns layer 3) and stage patterns keep working.
 
 Every stage reads the same micro-batches (token ids, labels and a packed row's positions and
-segment ids are cheap) and runs the model's
-one forward (`MultimodalLM.forward`, which skips the modules this stage lacks and computes the
-per-token modality mask from the ids); only the hidden states [B, S(/tp), C] travel between stages.
+segment ids are cheap) and runs the model's one forward (`MultimodalLM.forward`, which skips the
+modules this stage lacks and computes the per-token modality mask and a packed row's attention
+mask from the batch); only the hidden states [B, S(/tp), C] travel between stages.
 
 Schedule (non-interleaved 1F1B, M micro-batches, stage s of P): s' = min(P-s-1, M) warm-up
 forwards, then alternate one forward / one backward, then s' cool-down backwards, so at most
