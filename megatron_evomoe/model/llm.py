@@ -125,8 +125,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
                 kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, S, C]; positions: [S] or [B, S]; attn_mask: bool [B, 1, S, S] (True = may attend),
-        for packed rows (`block_causal_mask`), or None for plain causal attention."""
+        """x: [B, S, C]; positions: [S] or [B, S]; attn_mask: [B, 1, S, S] additive (`attention_bias`)
+        or bool (True = may attend), for packed rows; None for plain causal attention."""
         B, S, _ = x.shape
         # heads are read from the weight shapes so a TP-sharded layer (fewer local heads) just works
         q = self.wq(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
@@ -136,6 +136,8 @@ class Attention(nn.Module):
         gqa = q.shape[1] != k.shape[1]
         if attn_mask is not None:
             assert kv_cache is None, "packed rows are a training forward (no KV cache)"
+            if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:  # (not what DecoderLM gives)
+                attn_mask = attn_mask.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
             return self.wo(y.transpose(1, 2).reshape(B, S, -1))
         causal = True
@@ -157,6 +159,19 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()  # [S, S]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S, S]
     return (same & causal)[:, None]
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask [B, 1, S, S] -> additive mask in the attention's dtype: 0 where allowed, -inf
+    elsewhere. Made once per forward: given a bool mask, SDPA converts it in every layer and
+    keeps each layer's copy for the backward (B*S*S elements per layer)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in: the autocast dtype when autocast is on, else h's."""
+    device_type = h.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
 
 
 class FFN(nn.Module):
@@ -242,7 +257,9 @@ class DecoderLM(nn.Module):
         sequence, also when h is a sequence-parallel shard (attention sees it gathered)."""
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
-        mask = None if segment_ids is None else block_causal_mask(segment_ids)  # once, for every layer
+        mask = None  # built once here for every layer (not per layer)
+        if segment_ids is not None:
+            mask = attention_bias(block_causal_mask(segment_ids), compute_dtype(h))
         aux_total = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             if is_absent(layer):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_evomoe.data.packing import collate_packed, pack_rows, padding_fraction
-from megatron_evomoe.model.llm import block_causal_mask
+from megatron_evomoe.model.llm import Attention, block_causal_mask
 from megatron_evomoe.model.mllm import IGNORE_INDEX
 from megatron_evomoe.moe.moe_layer import MoELayer
 
@@ -198,3 +198,26 @@ def test_positions_reach_rope():
     real, first = batch["segment_ids"] >= 0, batch["positions"] == 0
     assert diff[real & first].max() == 0  # a sample's first token sees only itself
     assert diff[real & ~first].min() > 5e-6  # the others see other distances (rounding: ~6e-8)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_one_additive_mask_per_forward_in_the_attention_dtype(autocast, monkeypatch):
+    """Every layer gets the same mask tensor, already in q's dtype: SDPA would otherwise convert
+    a bool mask in each layer and keep every copy for the backward."""
+    seen = []
+    real = Attention.forward
+
+    def spy(self, x, rope, positions, kv_cache=None, attn_mask=None):
+        seen.append(attn_mask)
+        return real(self, x, rope, positions, kv_cache, attn_mask)
+
+    monkeypatch.setattr(Attention, "forward", spy)
+    _, batch = packed_batch(make_samples())
+    model = C.build_model(C.tiny_cfg())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = run(model, batch, [])
+    assert torch.isfinite(out.logits).all()
+    want = torch.where(block_causal_mask(batch["segment_ids"]), 0.0, float("-inf"))
+    assert len(seen) == 4 and all(m is seen[0] for m in seen)
+    assert seen[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(seen[0].float(), want)
