@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_evomoe.data.llava_dataset import collate_llava
 from megatron_evomoe.data.packing import collate_packed, pack_rows, padding_fraction
 from megatron_evomoe.model.llm import Attention, block_causal_mask
 from megatron_evomoe.model.mllm import IGNORE_INDEX
@@ -44,7 +45,13 @@ def packed_batch(samples):
 
 
 def unpacked_batch(samples):
-    return collate_packed([[s] for s in samples], SEQ, PAD, 16)
+    """Today's path: each sample padded to SEQ in its own row, collated as LlavaDataset does."""
+    padded = []
+    for ids, labels, image in samples:
+        n = ids.shape[0]
+        padded.append({"input_ids": F.pad(ids, (0, SEQ - n), value=PAD),
+                       "labels": F.pad(labels, (0, SEQ - n), value=IGNORE_INDEX), "image": image})
+    return collate_llava(padded, 16)
 
 
 def token_losses(logits, labels):
@@ -67,13 +74,15 @@ def sample_spans(rows):
 
 
 def run(model, batch, routing: list):
-    hooks = [l.mlp for l in model.llm.layers if isinstance(l.mlp, MoELayer)]
-    assert len(hooks) == 2
-    for m in hooks:
+    """The model's forward on a batch (packed when it has segment_ids), appending each MoE layer's
+    (expert indices [B*S, K], gates [B*S, K]) to `routing`."""
+    moe_layers = [l.mlp for l in model.llm.layers if isinstance(l.mlp, MoELayer)]
+    assert len(moe_layers) == 2
+    for m in moe_layers:
         m.routing_hook = lambda layer, r, mod: routing.append((r.topk_idx.clone(), r.gates.detach().clone()))
     out = model(batch["input_ids"], batch["images"], batch["labels"], positions=batch.get("positions"),
                 segment_ids=batch.get("segment_ids"))
-    for m in hooks:
+    for m in moe_layers:
         m.routing_hook = None
     return out
 
@@ -84,9 +93,7 @@ def both():
     samples = make_samples()
     rows, packed = packed_batch(samples)
     res = []
-    for batch, segmented in ((packed, True), (unpacked_batch(samples), False)):
-        if not segmented:  # the plain path: one sample per row, causal over the row
-            batch = {k: v for k, v in batch.items() if k not in ("positions", "segment_ids")}
+    for batch in (packed, unpacked_batch(samples)):
         model = C.build_model(C.tiny_cfg())
         routing = []
         out = run(model, batch, routing)
