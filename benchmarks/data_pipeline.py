@@ -9,9 +9,9 @@ It writes a synthetic LLaVA-mix (synthetic_llava_mix.py) under --work-dir and me
 (a) cold start-up, one rank: building `LlavaDataset` with an empty `index_dir` (the token index is
     built), wall time and peak RSS (`ru_maxrss` at the end), each in a fresh process. Today's path
     is the package of commit b400fdc (`git archive` into the work dir, imported from there): it
-    parses and tokenises the whole file into int64 arrays, ~19 GiB at 665k records, so it runs on
-    the first --legacy-records records (default a tenth; a prefix of the same file); its row at N
-    records is a linear extrapolation, labelled as such, never a measurement;
+    parses and tokenises the whole file into int64 arrays (issue 13 measured 19.3 GiB at 665k records
+    with its word tokenizer), so it runs on the first --legacy-records records (default a tenth; a
+    prefix of the same file); its row at N records is a linear extrapolation, labelled as such;
 (b) warm start-up: the same with the index already there;
 (c) the index's size on disk and bytes per text token (image slots are not tokens on disk);
 (d) loader samples/s (`MicroBatchLoader`, 0/2/4 workers) over the index dataset at the demo's geometry
@@ -21,8 +21,10 @@ It writes a synthetic LLaVA-mix (synthetic_llava_mix.py) under --work-dir and me
     with 2 workers);
 (e) padding at seq_len 2048 on the full mix: one record per row, and `pack_rows` over windows of
     --window samples of a shuffled stream, as the trainer packs.
-A piece of issue 13 that is not in this tree yet (the token index, worker processes, packing) gives a
-row "not available: <why>" instead of figures. The work dir is deleted at the end unless --keep.
+Every start-up is checked against the records written (samples and tokens); the loader rows and the
+training step run in one further fresh process. A last table puts each of issue 13's targets beside its
+figure. A piece of issue 13 that is not in this tree yet (the token index, worker processes, packing)
+gives a row "not available: <why>" instead of figures. The work dir is deleted at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -171,7 +173,8 @@ def worker_throughput(spec: dict) -> dict:
             loaders[workers] = measure_loader(ds, spec, workers)
         except Exception as e:  # noqa: BLE001 -- a loader that fails is a row saying why, not the end of the run
             loaders[workers] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
-    return {"loaders": loaders, "train": measure_train(ds, spec)}
+    indexed = dir_bytes(Path(spec["index_dir"])) > 0
+    return {"loaders": loaders, "train": measure_train(ds, spec), "indexed": indexed}
 
 
 WORKERS = {"startup": worker_startup, "throughput": worker_throughput}
@@ -343,7 +346,9 @@ def loader_table(a, work: Path, tokenizer: Path) -> list:
              "note": train.get("error") or _step_note(train)}]
     for workers in a.workers:
         r = result["loaders"][str(workers)] if "loaders" in result else result
-        note = r.get("error", f"{a.loader_batches} batches after the first ({r.get('first_batch_s', 0):.2f} s)")
+        source = "token index" if result.get("indexed") else "parsed file: no token index in this tree"
+        note = r.get("error", f"{a.loader_batches} batches after the first ({r.get('first_batch_s', 0):.2f} s); "
+                              f"dataset: {source}")
         if "error" not in r and workers > 0 and not r["in_workers"]:
             r, note = {}, "not available: MicroBatchLoader ran in the main process (no worker processes in this tree)"
         rate, step = r.get("samples_per_s"), train.get("samples_per_s")
