@@ -17,7 +17,7 @@ def test_logged_losses_are_the_float_sums_of_the_micro_batches(make_cfg, monkeyp
         return out
 
     monkeypatch.setattr(MultimodalLM, "forward", spy)
-    trainer = Trainer(make_cfg(ONE_STAGE, "--train.grad_accum_steps=3", "--moe.init=noise"))
+    trainer = Trainer(make_cfg(ONE_STAGE, "--train.global_batch_size=12", "--moe.init=noise"))
     trainer.run()
     records = [h for h in trainer.history if "loss" in h]
     assert len(records) == 2 and len(outputs) == 6
