@@ -60,7 +60,9 @@ class PackedCollate:
 
     def __call__(self, rows):
         from ..data.packing import collate_packed
-        return collate_packed(rows, self.seq_len, self.pad_id, self.image_size)
+        batch = collate_packed(rows, self.seq_len, self.pad_id, self.image_size)
+        batch.pop("padding_tokens", None)  # (an int, not a tensor to move; the plan's stats count padding)
+        return batch
 
 
 class StageData:
@@ -120,8 +122,8 @@ class StageData:
         for index, e in bad:
             if index not in self.bad:
                 self.bad[index] = e.reason
-                log.warning("dropped a sample that cannot be loaded from its row (data.skip_bad_samples=true; "
-                            "%d skipped in all): %s", self.num_skipped, e)
+                log.warning("skipped a sample that cannot be loaded (dropped from its row; data.skip_bad_samples="
+                            "true; %d skipped in all): %s", self.num_skipped, e)
         if len(self.bad) >= int(self._fetch.offsets[-1]):  # every sample of the stage failed: nothing to train on
             raise DataError(f"no sample could be loaded: all {len(self.bad)} samples failed "
                             f"(skipped: {self.skipped_by_reason()})", file=self.dataset.json_path, reason="empty")
