@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, check_global_batches
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,6 @@ def validate_parallel(cfg, world_size: int) -> RankLayout:
     if p.pp > 1 and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings: tied embeddings are not supported with parallel.pp > 1 "
                           "(the embedding and the LM head live on different stages)")
-    # every stage's global batch splits into whole micro-batches per DP rank (under PP: the pipeline's)
-    check_global_batches(cfg, layout.dp)
     return layout
 
 

@@ -101,7 +101,8 @@ class Trainer:
         seed_everything(t.seed)
         self.save_dir = Path(t.save_dir)
         state = parallel_state if parallel_state is not None else ParallelState.single(cfg)
-        check_global_batches(cfg, state.dp_size)  # every stage's global batch splits over this layout
+        # every stage's global batch splits into whole micro-batches per DP rank (under PP: the pipeline's)
+        check_global_batches(cfg, state.dp_size)
         # one run per save_dir, before anything is written there (global rank 0 holds it for the job)
         self.run_lock = RunLock.acquire(self.save_dir) if state.rank == 0 else None
         with rank0_first(state):  # rank 0 builds the bundled dataset, the others wait for it

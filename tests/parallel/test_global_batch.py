@@ -11,7 +11,7 @@ from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.mixture import SampleStream
 from megatron_evomoe.data.tokenizer import load_tokenizer
 from megatron_evomoe.parallel import ParallelState
-from megatron_evomoe.parallel.state import validate_parallel
+from megatron_evomoe.parallel.launch import plan
 from megatron_evomoe.training.trainer import Trainer
 from tests.training.tiny_config import TINY
 
@@ -54,7 +54,7 @@ def test_a_global_batch_the_layout_cannot_split_is_refused_up_front(data_root, t
         Trainer(cfg)
     assert check_global_batches(_cfg(data_root, tmp_path, "--train.micro_batch_size=2"), 2) == {"a": 2, "b": 1}
     with pytest.raises(ConfigError, match=r"stages\.a\.global_batch_size: 8 .* = 16; .* e\.g\. 16"):
-        validate_parallel(_cfg(data_root, tmp_path), 4)  # mb 4 x dp 4 = 16 does not divide 8
+        plan(_cfg(data_root, tmp_path), 4)  # the launchers' dry run: mb 4 x dp 4 = 16 does not divide 8
     with pytest.raises(ConfigError, match="stages.b.global_batch_size: 2 is smaller than train.micro_batch_size=4"):
         _cfg(data_root, tmp_path, "--stages.b.global_batch_size=2")
 
