@@ -11,7 +11,7 @@ work starts; errors are `ConfigError` (a ValueError) naming the offending field.
 - global_batch.py: each stage's global batch and the accumulation it implies for a layout.
 """
 from .global_batch import accumulation_steps, check_global_batches, stage_global_batch
-from .loading import _from_dict, load_config
+from .loading import _from_dict, load_config, upgrade_saved_config
 from .schema import (Config, ConfigError, DataConfig, EvolutionConfig, ModelConfig, MoEConfig, ParallelConfig,
                      RouterConfig, StageConfig, TrainConfig, VisionConfig, check_choice, field_choices)
 from .validation import moe_layer_indices, validate
@@ -19,4 +19,4 @@ from .validation import moe_layer_indices, validate
 __all__ = ["Config", "ConfigError", "DataConfig", "EvolutionConfig", "ModelConfig", "MoEConfig", "ParallelConfig",
            "RouterConfig", "StageConfig", "TrainConfig", "VisionConfig", "check_choice", "field_choices",
            "load_config", "moe_layer_indices", "validate", "_from_dict", "accumulation_steps",
-           "check_global_batches", "stage_global_batch"]
+           "check_global_batches", "stage_global_batch", "upgrade_saved_config"]

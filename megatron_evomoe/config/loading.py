@@ -60,6 +60,19 @@ REPLACED = {
 }
 
 
+def upgrade_saved_config(tree: dict) -> dict:
+    """A config tree saved in a checkpoint of an earlier version, in today's keys (REPLACED): its
+    train.grad_accum_steps becomes the global batch of one process (micro_batch_size x accumulation; the
+    checkpoint does not record its world size) and parallel.num_microbatches is dropped."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    train, par = tree.get("train", {}), tree.get("parallel", {})
+    accum = train.pop("grad_accum_steps", None)
+    if accum is not None and "global_batch_size" not in train:
+        train["global_batch_size"] = 0 if accum == 1 else train.get("micro_batch_size", 16) * accum
+    par.pop("num_microbatches", None)
+    return tree
+
+
 def _from_dict(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")

@@ -12,6 +12,7 @@ from megatron_evomoe.data.mixture import SampleStream
 from megatron_evomoe.data.tokenizer import load_tokenizer
 from megatron_evomoe.parallel import ParallelState
 from megatron_evomoe.parallel.launch import plan
+from megatron_evomoe.training.restore import config_from_state
 from megatron_evomoe.training.trainer import Trainer
 from tests.training.tiny_config import TINY
 
@@ -65,6 +66,12 @@ def test_grad_accum_steps_names_what_replaced_it():
         load_config(None, ["--train.grad_accum_steps=2"])
     with pytest.raises(ConfigError, match=r"parallel\.num_microbatches: unknown key \(removed"):
         load_config(None, ["--parallel.num_microbatches=2"])
+    # a checkpoint of an earlier version still loads for evaluation: its accumulation becomes the global batch
+    saved = load_config(None, ["--train.micro_batch_size=4", "--stages=[{name: s}]"]).to_dict()
+    saved["train"]["grad_accum_steps"], saved["parallel"]["num_microbatches"] = 3, 3
+    del saved["train"]["global_batch_size"]
+    cfg = config_from_state({"config": saved})
+    assert (cfg.train.global_batch_size, check_global_batches(cfg, 1)) == (12, {"s": 3})
 
 
 def test_mixture_stage_logs_samples_per_file_and_padding(data_root, tmp_path):
