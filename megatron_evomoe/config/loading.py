@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from .schema import Config, ConfigError, StageConfig, field_types
 from .validation import validate
@@ -18,6 +18,12 @@ from .yaml_text import parse_yaml, read_yaml_file
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check (and mildly coerce: int -> float) `value` against annotation `tp`."""
+    if typing.get_origin(tp) is Union:  # e.g. a stage's data: a file name or a mixture list, taken as given
+        kinds = typing.get_args(tp)
+        if type(value) not in kinds:
+            raise ConfigError(f"{where}: expected {' or '.join(k.__name__ for k in kinds)}, got "
+                              f"{type(value).__name__} ({value!r})")
+        return value
     if typing.get_origin(tp) is Literal:  # a choice field: its type here, its values in validate()
         kinds = {type(c) for c in typing.get_args(tp)}
         assert len(kinds) == 1, f"choices of mixed types at {where}"
@@ -44,6 +50,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise AssertionError(f"unsupported config type {tp} at {where}")
 
 
+# Keys of earlier versions: the unknown-key error says what replaced them
+REPLACED = {
+    "train.grad_accum_steps": " (replaced by train.global_batch_size, samples per optimizer step over all "
+                              "data-parallel ranks, and stages.<name>.global_batch_size; the accumulation is "
+                              "derived: global_batch_size / (micro_batch_size x dp))",
+    "parallel.num_microbatches": " (removed: under pipeline parallelism the step's micro-batches, "
+                                 "train.global_batch_size / (micro_batch_size x dp), are the pipeline's)",
+}
+
+
+def upgrade_saved_config(tree: dict) -> dict:
+    """A config tree saved in a checkpoint of an earlier version, in today's keys (REPLACED): its
+    train.grad_accum_steps becomes the global batch of one process (micro_batch_size x accumulation; the
+    checkpoint does not record its world size) and parallel.num_microbatches is dropped."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    train, par = tree.get("train", {}), tree.get("parallel", {})
+    accum = train.pop("grad_accum_steps", None)
+    if accum is not None and "global_batch_size" not in train:
+        train["global_batch_size"] = 0 if accum == 1 else train.get("micro_batch_size", 16) * accum
+    par.pop("num_microbatches", None)
+    return tree
+
+
 def _from_dict(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -51,7 +80,7 @@ def _from_dict(cls, data: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        hint = _did_you_mean(unknown[0], names)
+        hint = REPLACED.get(f"{where}.{unknown[0]}") or _did_you_mean(unknown[0], names)
         raise ConfigError(f"{where}.{unknown[0]}: unknown key{hint} (valid keys: {', '.join(sorted(names))})"
                           if where else f"{unknown[0]}: unknown section{hint} (valid: {', '.join(sorted(names))})")
     kwargs = {}

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):
@@ -113,7 +113,6 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     sequence_parallel: bool = False
-    num_microbatches: int = 1
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # ZeRO-1: shard the AdamW state over the DP (dense) and expert-DP (experts) replicas
     # (parallel/data_parallel.py::ZeroAdamW). A no-op where there is nothing to shard over
@@ -149,6 +148,9 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes decoding images (0 = in the training process)
     prefetch_factor: int = 2  # micro-batches each worker prepares ahead
     pin_memory: bool = True  # page-locked batches for the copy to the GPU (only with a CUDA device)
+    # packing=pack: the sample stream is cut into windows of this many samples, each packed on its own
+    # (data/batch_plan.py); larger windows pack tighter, the packer's cost grows with it
+    pack_window: int = 256
 
 
 @dataclass
@@ -156,7 +158,11 @@ class TrainConfig:
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     micro_batch_size: int = 16
-    grad_accum_steps: int = 1
+    # Samples per optimizer step, all data-parallel ranks together (packed rows with data.packing=pack,
+    # as Megatron-LM counts them); gradient accumulation is derived: global / (micro_batch_size x dp), so
+    # the trajectory does not depend on the number of processes. 0 = micro_batch_size. Per stage:
+    # stages.<name>.global_batch_size.
+    global_batch_size: int = 0
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float = 1.0
@@ -190,7 +196,10 @@ class StageConfig:
     """One training stage (ARCHITECTURE 4.1): configuration, not code."""
     name: str = "stage"
     trainable: list = field(default_factory=lambda: ["*"])  # fnmatch patterns over parameter names
-    data: str = "instruct.json"  # file under data.root
+    # a file under data.root, or a mixture: a list of {path: file under data.root, weight: > 0}, each
+    # global sample drawn from a component with probability weight / sum of weights (data/mixture.py)
+    data: Union[str, list] = "instruct.json"
+    global_batch_size: int = 0  # samples (packed rows) per optimizer step; 0 = train.global_batch_size
     steps: int = 100
     lr: float = 1e-3
     min_lr: float = 0.0

@@ -70,7 +70,7 @@ def validate(cfg: Config) -> None:
     for name in ("hyper_hidden_size", "rank", "embed_dim"):
         _require(getattr(r, name) > 0, f"router.{name}", "must be positive")
     _validate_beta_ranges(cfg)
-    for name in ("tp", "pp", "ep", "num_microbatches"):
+    for name in ("tp", "pp", "ep"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
     _require(p.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
     _require(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
@@ -112,6 +112,7 @@ def _validate_stages(cfg: Config) -> None:
         _check_stage_name(s.name, f"{where}.name")
         names.add(s.name)
         _require(s.steps >= 0, f"{where}.steps", "must be >= 0")
+        _validate_stage_batch_and_data(cfg, s)
         _require(s.lr >= 0 and math.isfinite(s.lr), f"{where}.lr", f"must be a finite number >= 0, got {s.lr}")
         _require(0 <= s.min_lr <= s.lr, f"{where}.min_lr", f"must be in [0, lr={s.lr}], got {s.min_lr}")
         _require(0 <= s.warmup_steps <= max(s.steps, 0), f"{where}.warmup_steps", "must be in [0, steps]")
@@ -136,6 +137,29 @@ def _validate_stages(cfg: Config) -> None:
     if "evolve" in modes:
         _require("dense" not in modes[modes.index("evolve"):], "stages",
                  "a dense stage cannot follow an evolve stage")
+
+
+def _validate_stage_batch_and_data(cfg: Config, s: StageConfig) -> None:
+    """The stage's global batch, and its data: a file name or a mixture [{path, weight}, ...]."""
+    where, micro = f"stages.{s.name}", cfg.train.micro_batch_size
+    _require(s.global_batch_size >= 0, f"{where}.global_batch_size", "must be >= 0 (0 = train.global_batch_size)")
+    _require(s.global_batch_size == 0 or s.global_batch_size >= micro, f"{where}.global_batch_size",
+             f"{s.global_batch_size} is smaller than train.micro_batch_size={micro}")
+    if isinstance(s.data, str):
+        _require(bool(s.data.strip()), f"{where}.data", "must name a file under data.root")
+        return
+    _require(bool(s.data), f"{where}.data", "a mixture needs at least one {path, weight} entry")
+    for i, item in enumerate(s.data):
+        at = f"{where}.data[{i}]"
+        _require(isinstance(item, dict) and set(item) == {"path", "weight"}, at,
+                 f"expected {{path: <file under data.root>, weight: <number > 0>}}, got {item!r}")
+        _require(isinstance(item["path"], str) and bool(item["path"].strip()), f"{at}.path",
+                 f"must be a file name under data.root, got {item['path']!r}")
+        w = item["weight"]
+        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0,
+                 f"{at}.weight", f"must be a finite number > 0, got {w!r}")
+    paths = [item["path"] for item in s.data]
+    _require(len(set(paths)) == len(paths), f"{where}.data", "lists a file twice; give it one entry (weights add)")
 
 
 # A stage's name becomes part of its checkpoint folders' names (`03-<name>-step000100`)
@@ -163,7 +187,12 @@ def _validate_data_and_train(cfg: Config) -> None:
         _require(d.num_test_images >= 1, "data.num_test_images", "must be >= 1")
     _require(d.num_eval_samples >= 0, "data.num_eval_samples", "must be >= 0 (0 = no evaluation)")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _require(t.global_batch_size >= 0, "train.global_batch_size", "must be >= 0 (0 = train.micro_batch_size)")
+    _require(t.global_batch_size == 0 or t.global_batch_size >= t.micro_batch_size, "train.global_batch_size",
+             f"{t.global_batch_size} is smaller than train.micro_batch_size={t.micro_batch_size}")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0 (0 = load in the training process)")
+    _require(d.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+    _require(d.pack_window >= 1, "data.pack_window", "must be >= 1")
     _require(t.save_interval >= 0, "train.save_interval", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(t.log_interval >= 1, "train.log_interval", "must be >= 1")

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..config import ConfigError, check_global_batches, stage_global_batch
 from .pending_collectives import cuda_completion
 from .state import ParallelState, validate_parallel
 from .watchdog import collective, short_cause, start_watchdog, stop_watchdog
@@ -194,11 +194,12 @@ def plan(cfg, world_size: int) -> str:
     from .state import layout_table
     p = cfg.parallel
     lines = [f"world {world_size}: tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep} "
-             f"expert-dp={layout.edp} sequence_parallel={str(bool(p.sequence_parallel and layout.tp > 1)).lower()}"
-             f" num_microbatches={p.num_microbatches}",
-             f"global batch per optimizer step: micro_batch_size {cfg.train.micro_batch_size} x dp {layout.dp} "
-             f"x grad_accum_steps {cfg.train.grad_accum_steps} = "
-             f"{cfg.train.micro_batch_size * layout.dp * cfg.train.grad_accum_steps} samples"]
+             f"expert-dp={layout.edp} sequence_parallel={str(bool(p.sequence_parallel and layout.tp > 1)).lower()}",
+             "global batch per optimizer step = micro_batch_size x dp x accumulation:"]
+    accumulation = check_global_batches(cfg, layout.dp)
+    for stage in cfg.stages:
+        lines.append(f"  stage {stage.name}: {stage_global_batch(cfg, stage)} samples = {cfg.train.micro_batch_size} "
+                     f"x {layout.dp} x {accumulation[stage.name]}")
     table = layout_table(layout).splitlines()
     lines += table[:66] + ([f"... ({world_size - 64} more ranks)"] if world_size > 64 else [])
     return "\n".join(lines)

@@ -18,8 +18,9 @@ model, AdamW moments, step, sampler, RNG and evolution state), which
     checkpoint of its own layout loads the consolidated one and keeps its shard of every
     tensor (model and optimizer moments) - that is the resharding path.
 
-The global batch (micro_batch_size x dp x grad_accum_steps) must stay the same across a
-layout change for the data stream and the loss to continue unchanged.
+The global batch of each stage (train/stages.<name>.global_batch_size) does not depend on the
+layout, so the data stream and the loss continue unchanged across a layout change; only the derived
+accumulation, global / (micro_batch_size x dp), changes.
 """
 from __future__ import annotations
 

@@ -133,11 +133,6 @@ def validate_parallel(cfg, world_size: int) -> RankLayout:
     if p.pp > 1 and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings: tied embeddings are not supported with parallel.pp > 1 "
                           "(the embedding and the LM head live on different stages)")
-    if p.pp > 1 and p.num_microbatches not in (1, cfg.train.grad_accum_steps):
-        # the 1F1B schedule runs the step's micro-batches: there is one count, not two
-        raise ConfigError(f"parallel.num_microbatches: {p.num_microbatches} differs from train.grad_accum_steps="
-                          f"{cfg.train.grad_accum_steps}; under pipeline parallelism the step's "
-                          "train.grad_accum_steps micro-batches are the pipeline's micro-batches (set both)")
     return layout
 
 
@@ -151,19 +146,16 @@ class ParallelState:
     layout: RankLayout
     rank: int = 0
     sequence_parallel: bool = False
-    num_microbatches: int = 1
     groups: dict = field(default_factory=dict)  # kind -> ProcessGroup | None
     group_ranks: dict = field(default_factory=dict)  # kind -> list of global ranks of this rank's group
 
     # ---- construction
     @classmethod
     def single(cls, cfg=None) -> "ParallelState":
-        """The trivial state of a one-process run."""
+        """The trivial state of a one-process run (`cfg` is accepted for the callers' symmetry with build)."""
         st = cls(RankLayout(1), 0)
         for kind in GROUP_KINDS:
             st.groups[kind], st.group_ranks[kind] = None, [0]
-        if cfg is not None:
-            st.num_microbatches = cfg.parallel.num_microbatches
         return st
 
     @classmethod
@@ -174,8 +166,7 @@ class ParallelState:
         if rank is None:
             rank = dist.get_rank() if dist.is_initialized() else 0
         layout = validate_parallel(cfg, world_size)
-        st = cls(layout, rank, sequence_parallel=bool(cfg.parallel.sequence_parallel and layout.tp > 1),
-                 num_microbatches=cfg.parallel.num_microbatches)
+        st = cls(layout, rank, sequence_parallel=bool(cfg.parallel.sequence_parallel and layout.tp > 1))
         if world_size > 1 and not dist.is_initialized():
             raise RuntimeError("ParallelState.build: torch.distributed is not initialised "
                                "(use megatron_evomoe.parallel.launch.init_distributed)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, _from_dict, validate
+from ..config import Config, ConfigError, _from_dict, upgrade_saved_config, validate
 from ..model.mllm import MultimodalLM
 from .. import checkpointing as ckpt
 from ..stages.structure import build_model
@@ -30,7 +30,7 @@ def refuse_imported_save_dir(cfg: Config) -> None:
 
 
 def config_from_state(state: dict) -> Config:
-    cfg = _from_dict(Config, state["config"], "")
+    cfg = _from_dict(Config, upgrade_saved_config(state["config"]), "")  # (a checkpoint of any version)
     validate(cfg)
     return cfg
 

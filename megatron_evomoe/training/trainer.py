@@ -1,8 +1,9 @@
 """The staged trainer: runs every stage of the config in order, resumable at any step.
 
-One optimizer step = `grad_accum_steps` micro-batches; the LM loss is the sum of
-token losses divided by the number of supervised tokens in the whole step, so
-it does not depend on how the step is split. Checkpoints carry everything a
+One optimizer step = the stage's global batch (`stages.<name>.global_batch_size`, default
+`train.global_batch_size`), run as global / (micro_batch_size x dp) micro-batches per data-parallel
+rank; the LM loss is the sum of token losses divided by the number of supervised tokens in the
+whole step, so it does not depend on how the step is split. Checkpoints carry everything a
 resumed run needs to continue the same trajectory: model, optimizer, stage and
 step, sampler position, RNG states and the evolution generator.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import checkpointing as ckpt
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, check_global_batches
 from ..data.errors import DataError
 from ..model.mllm import IGNORE_INDEX
 from ..parallel.config_agreement import agree_on_config
@@ -29,13 +30,15 @@ from ..parallel.watchdog import collective, set_step
 from ..run_lock import RunLock
 from ..stages.structure import build_model, evolution_scheduler
 from .cpu_allocator import use_caching_allocator
-from .data_setup import StageData, check_stage_data, prepare_data
+from .data_log import DataLog
+from .data_setup import check_stage_data, prepare_data
 from .evaluation import evaluate_pope
 from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
 from .restore import refuse_imported_save_dir
 from .routing_log import RoutingLog
+from .stage_data import StageData
 from .stop_request import StopRequest, TrainingStopped
 
 log = logging.getLogger("megatron_evomoe")
@@ -98,6 +101,8 @@ class Trainer:
         seed_everything(t.seed)
         self.save_dir = Path(t.save_dir)
         state = parallel_state if parallel_state is not None else ParallelState.single(cfg)
+        # every stage's global batch splits into whole micro-batches per DP rank (under PP: the pipeline's)
+        check_global_batches(cfg, state.dp_size)
         # one run per save_dir, before anything is written there (global rank 0 holds it for the job)
         self.run_lock = RunLock.acquire(self.save_dir) if state.rank == 0 else None
         with rank0_first(state):  # rank 0 builds the bundled dataset, the others wait for it
@@ -194,9 +199,12 @@ class Trainer:
     # ---------------------------------------------------------------- stage
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
         run = self._begin_stage(idx, stage, resume)
-        if run.step >= stage.steps:  # resumed from the stage's end: only the move to the next is left
-            return
-        self._train_stage(run)
+        try:
+            if run.step >= stage.steps:  # resumed from the stage's end: only the move to the next is left
+                return
+            self._train_stage(run)
+        finally:
+            run.data.close()  # (the loader's workers)
         # the stage-end checkpoint comes before the evaluation: an evaluation that fails costs no training
         self._save(idx, stage.steps, run.opt, run.data, run.evo, stage_end=True)
         self._evaluate_stage(stage)
@@ -219,19 +227,22 @@ class Trainer:
             opt = build_optimizer(opt_params, stage.lr, cfg.train.weight_decay, betas, self.device)
         evo = evolution_scheduler(self.model, cfg) if stage.moe_mode == "evolve" else None
         data = StageData(self.data, stage, cfg, seed=cfg.train.seed + 1000 * idx, rank=self.par.state.dp_rank,
-                         world_size=self.par.state.dp_size)
+                         world_size=self.par.state.dp_size, device=self.device)
         run = StageRun(idx, stage, opt, params, data, evo)
         if resume is not None:
             run.step = run.saved_step = self._restore(resume, opt, data, evo)
         else:
-            log.info("=== stage %d/%d '%s': %d steps, moe_mode=%s, %d trainable tensors (%s params)",
-                     idx + 1, len(cfg.stages), stage.name, stage.steps, stage.moe_mode, len(trainable),
-                     f"{sum(p.numel() for _, p in params):,}")
+            log.info("=== stage %d/%d '%s': %d steps, moe_mode=%s, %d trainable tensors (%s params), global batch "
+                     "%d (%d x %d micro-batches x dp %d)", idx + 1, len(cfg.stages), stage.name, stage.steps,
+                     stage.moe_mode, len(trainable), f"{sum(p.numel() for _, p in params):,}", data.global_batch,
+                     cfg.train.micro_batch_size, data.accumulation, self.par.state.dp_size)
+        if self.par.is_main:
+            data.log_index_counts()
         return run
 
     def _train_stage(self, run: "StageRun") -> None:
         cfg, stage = self.cfg, run.stage
-        routing = RoutingLog(self.model)
+        routing, data_log = RoutingLog(self.model), DataLog(run.data)
         pbar = _progress(cfg.train.progress_bar and self.par.is_main, stage, run.step)
         t_last, tokens_since = time.perf_counter(), 0
         while run.step < stage.steps:
@@ -248,6 +259,7 @@ class Trainer:
                 record["bad_samples_skipped"] = run.data.num_skipped
             if record.get("skipped") and cfg.train.nonfinite == "reduce_lr":
                 run.lr_scale *= 0.5
+            record["samples"] = data_log.step()
             run.step += 1
             self.global_step += 1
             tokens_since += num_tokens
@@ -260,13 +272,17 @@ class Trainer:
                 now = time.perf_counter()
                 record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
-                self._log(record, routing, run.evo)
+                data_scalars, data_text = data_log.summary_and_reset()
+                record.update(data_scalars)
+                self._log(record, routing, run.evo, data_text)
             if cfg.train.save_interval and run.step % cfg.train.save_interval == 0 and run.step < stage.steps:
                 self._save(run.idx, run.step, run.opt, run.data, run.evo, stage_end=False)
                 run.saved_step = run.step
         if pbar is not None:
             pbar.close()
         routing.close()
+        if self.par.is_main:
+            data_log.log_stage_end(stage.name)
 
     def _next_micro_batches(self, run: "StageRun") -> list[dict]:
         """This step's micro-batches, once every rank has them and no rank was asked to stop.
@@ -278,7 +294,7 @@ class Trainer:
         start = run.data.state_dict()
         error = None
         try:
-            micro = run.data.next_batches(self.cfg.train.grad_accum_steps)
+            micro = run.data.next_batches()
         except DataError as e:  # (images are decoded lazily: a corrupt file shows here)
             error = e
         with collective("all_reduce(stop and bad-sample flags) over all ranks"):
@@ -370,9 +386,8 @@ class Trainer:
         return record, num_tokens
 
     # ------------------------------------------------------------- logging
-    def _log(self, record: dict, routing: RoutingLog, evo) -> None:
+    def _log(self, record: dict, routing: RoutingLog, evo, extra: str = "") -> None:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        extra = ""
         if evo is not None:
             dist = evo.distances()
             per_expert = np.mean(np.array(dist), axis=0)

@@ -16,7 +16,7 @@ SEQ = 16
 NUM_IMAGE_TOKENS = 4  # image 16x16, patch 8
 
 
-def tiny_cfg(tp=1, pp=1, ep=1, sp=False, microbatches=1, router="dtr", top_k=2, layers=4, extra=()):
+def tiny_cfg(tp=1, pp=1, ep=1, sp=False, router="dtr", top_k=2, layers=4, extra=()):
     o = ["--stages=[{name: s, moe_mode: sparse}]", f"--model.vocab_size={VOCAB}", "--model.hidden_size=32",
          "--model.num_heads=4", "--model.num_kv_heads=2", "--model.ffn_hidden_size=48",
          f"--model.num_layers={layers}", "--model.max_seq_len=32", "--vision.image_size=16",
@@ -25,8 +25,7 @@ def tiny_cfg(tp=1, pp=1, ep=1, sp=False, microbatches=1, router="dtr", top_k=2, 
          "--moe.layers=alternate", "--moe.init=noise", "--moe.noise_std=0.5", "--moe.aux_loss_coeff=0.1",
          "--moe.z_loss_coeff=0.01", "--moe.expert_backend=torch", f"--router.type={router}",
          "--router.backend=torch", f"--parallel.tp={tp}", f"--parallel.pp={pp}", f"--parallel.ep={ep}",
-         f"--parallel.sequence_parallel={str(sp).lower()}", f"--parallel.num_microbatches={microbatches}",
-         f"--train.grad_accum_steps={microbatches}"]
+         f"--parallel.sequence_parallel={str(sp).lower()}"]
     return load_config(None, o + list(extra))
 
 

@@ -36,12 +36,12 @@ LAYOUTS = {
     "tp2_sp": (dict(tp=2, sp=True), 2),
     "ep2": (dict(ep=2), 2),
     "dp2": (dict(), 2),
-    "pp2": (dict(pp=2, microbatches=4), 4),
+    "pp2": (dict(pp=2), 4),
     "tp2_ep2": (dict(tp=2, ep=2), 2),
     "dp4_ep2": (dict(ep=2), 2),  # dp 4, ep 2: experts reduced over expert-DP groups of 2
-    "pp2_dp2": (dict(pp=2, microbatches=4), 4),
-    "tp2_pp2_sp": (dict(tp=2, pp=2, sp=True, microbatches=4), 4),
-    "pp2_ep2": (dict(pp=2, ep=2, microbatches=4), 4),
+    "pp2_dp2": (dict(pp=2), 4),
+    "tp2_pp2_sp": (dict(tp=2, pp=2, sp=True), 4),
+    "pp2_ep2": (dict(pp=2, ep=2), 4),
 }
 WORLD2 = ["tp2", "tp2_sp", "ep2", "dp2", "pp2"]
 WORLD4 = ["tp2_ep2", "dp4_ep2", "pp2_dp2", "tp2_pp2_sp", "pp2_ep2"]

@@ -27,7 +27,7 @@ TIMEOUT_S, DEADLOCK_TIMEOUT_S = 15.0, 5.0
 
 
 def _step(pp: int):
-    cfg = C.tiny_cfg(pp=pp, microbatches=2 * pp)
+    cfg = C.tiny_cfg(pp=pp)
     batch = C.make_batches(1, 2 * pp)[0]  # one sample per micro-batch
     return cfg, batch, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 

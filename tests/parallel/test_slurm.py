@@ -40,11 +40,14 @@ def _dry(script, env, *args):
 
 def test_multi_node_dry_run_prints_layout_and_exact_command(tmp_path):
     env = _fake_env(tmp_path, (2, "gpu[07-08]"), SLURM_GPUS_ON_NODE="8")
-    out = _dry("train_multi_node.sbatch", env, "--parallel.tp=2", "--parallel.pp=2", "--parallel.ep=2")
+    # dp 4 x tiny_cpu's micro-batch 32: the global batch is set to a multiple of 128
+    out = _dry("train_multi_node.sbatch", env, "--parallel.tp=2", "--parallel.pp=2", "--parallel.ep=2",
+               "--train.global_batch_size=128")
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "world size: 16" in text and "rendezvous: gpu07:29500 (job 4242)" in text
     assert "world 16: tp=2 pp=2 dp=4 ep=2 expert-dp=2" in text
+    assert "  stage projector: 128 samples = 32 x 4 x 1" in text  # the global batch and its accumulation
     assert "|   15 |  1 |  3 |  1 |  1 |   1 |" in text  # the last rank of the table
     cmd = next(line for line in text.splitlines() if line.startswith("command:"))
     for piece in ("srun --nodes=2 --ntasks=2 --ntasks-per-node=1", "torchrun --nnodes=2 --nproc_per_node=8",
@@ -57,7 +60,8 @@ def test_multi_node_dry_run_prints_layout_and_exact_command(tmp_path):
 def test_single_node_dry_run_without_scontrol(tmp_path):
     env = _fake_env(tmp_path, (1, "node3"), with_scontrol=False, GPUS_PER_NODE="4", DRY_RUN="1")
     out = subprocess.run(["bash", str(SLURM / "train_single_node.sbatch"), "--config",
-                          "examples/configs/tiny_cpu.yaml", "--parallel.tp=2"], cwd=ROOT, env=env,
+                          "examples/configs/tiny_cpu.yaml", "--parallel.tp=2", "--train.global_batch_size=64"],
+                         cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "rendezvous: node3:29500" in out.stdout and "world 4: tp=2 pp=1 dp=2" in out.stdout

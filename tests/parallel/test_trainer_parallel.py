@@ -70,14 +70,14 @@ def _compare(name, got, ref, skip_before: int = 0):
 def references(data_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     refs = {}
-    for key, extra in (("plain", ()), ("accum2", ("--train.grad_accum_steps=2",))):
+    for key, extra in (("plain", ()), ("accum2", ("--train.global_batch_size=8",))):
         refs[key] = run_distributed(_single, 1, str(data_root), str(tmp / key), list(extra))[0]
     return refs
 
 
 def test_trainer_world2_tp_sp_resume_and_pp(references, data_root, tmp_path):
     runs = [("tp2_sp", ["--parallel.tp=2", "--parallel.sequence_parallel=true"], 7),  # crash in evolution
-            ("pp2", ["--parallel.pp=2", "--train.grad_accum_steps=2"], 0),
+            ("pp2", ["--parallel.pp=2", "--train.global_batch_size=8"], 0),
             # crash after the mid-stage checkpoint of evolution step 2 (global step 7), not resumed here
             ("tp2_crash", ["--parallel.tp=2"], 8, False)]
     per_rank = run_distributed(_parallel, 2, str(data_root), str(tmp_path), runs, timeout=400)

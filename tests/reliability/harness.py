@@ -39,11 +39,11 @@ class Layout:
 
     def flags(self) -> list[str]:
         # the global batch stays GLOBAL_BATCH so that every layout trains on the same data:
-        # DP ranks split it; PP runs it as 2 micro-batches, so that 1F1B has one in flight per stage
+        # DP ranks split it; PP runs it as 2 micro-batches (under PP the step's micro-batches are the
+        # pipeline's), so that 1F1B has one in flight per stage
         accum = 2 if self.pp > 1 else 1
         out = [f"--parallel.{k}={v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep)) if v > 1]
-        if accum > 1:  # (parallel/state.py: under PP the step's micro-batches are the pipeline's)
-            out += [f"--train.grad_accum_steps={accum}", f"--parallel.num_microbatches={accum}"]
+        # (TINY's train.global_batch_size is GLOBAL_BATCH: the accumulation follows from the micro-batch)
         micro = GLOBAL_BATCH // (self.ranks.dp * accum)
         return out + ([f"--train.micro_batch_size={micro}"] if micro != GLOBAL_BATCH else [])
 

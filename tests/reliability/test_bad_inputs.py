@@ -21,7 +21,8 @@ from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.sampler import ResumableSampler
 from megatron_evomoe.data.tokenizer import load_tokenizer
 from megatron_evomoe import checkpointing as ckpt
-from megatron_evomoe.training.data_setup import DataBundle, StageData
+from megatron_evomoe.training.data_setup import DataBundle
+from megatron_evomoe.training.stage_data import StageData
 from megatron_evomoe.training.trainer import Trainer
 from tests.reliability.bad_inputs import (CONFIG_CASES, FILE_CASES, RECORD_CASES, corrupt_image, good_records,
                                           make_corpus, record_id, with_bad_record, write_records)
@@ -225,8 +226,8 @@ def test_skipping_stops_when_no_sample_can_be_loaded(corpus, tok, tmp_path):
     cfg = tiny(corpus, tmp_path / "run", "--data.skip_bad_samples=true",
                "--stages=[" + PROJECTOR.format(data="unloadable.json", steps=1) + "]")
     data = StageData(DataBundle(corpus, tok), cfg.stages[0], cfg, seed=0)
-    with pytest.raises(DataError, match=re.escape(f"{path}: no sample could be loaded in {2 * len(lazy)} draws "
-                                                  f"(skipped: {{'corrupt_image': {len(lazy)}}})")):
+    with pytest.raises(DataError, match=re.escape(f"{path}: no sample could be loaded: all {len(lazy)} samples "
+                                                  f"failed (skipped: {{'corrupt_image': {len(lazy)}}})")):
         data.next_batches(1)
     assert data.num_skipped == len(lazy) and data.state_dict()["position"] == 0  # rewound to the step's start
 

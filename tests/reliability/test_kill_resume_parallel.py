@@ -7,7 +7,7 @@ parameters. fault_campaign.py runs the same at random moments."""
 import pytest
 
 from megatron_evomoe import checkpointing as ckpt
-from megatron_evomoe.config import load_config
+from megatron_evomoe.config import check_global_batches, load_config
 from megatron_evomoe.parallel.state import validate_parallel
 from tests.reliability import harness
 
@@ -34,7 +34,9 @@ def test_every_layout_fits_the_tiny_recipe(name, data_root, tmp_path):
     got = validate_parallel(cfg, want.nproc)  # heads, FFN, layers, experts, PP micro-batches
     assert (got.tp, got.pp, got.ep, got.dp) == (want.tp, want.pp, want.ep, 2 // (want.tp * want.pp))
     # the same global batch in every layout: the reference runs of all layouts see the same data
-    assert cfg.train.micro_batch_size * got.dp * cfg.train.grad_accum_steps == harness.GLOBAL_BATCH
+    accum = 2 if want.pp > 1 else 1
+    assert cfg.train.global_batch_size == harness.GLOBAL_BATCH == cfg.train.micro_batch_size * got.dp * accum
+    assert set(check_global_batches(cfg, got.dp).values()) == {accum}
 
 
 def test_stage_end_evaluation_runs_except_under_pp(reference, layout):

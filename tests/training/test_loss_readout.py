@@ -10,14 +10,14 @@ def test_logged_losses_are_the_float_sums_of_the_micro_batches(make_cfg, monkeyp
     outputs = []  # (lm loss sum, aux loss, supervised tokens) per micro-batch forward
     real = MultimodalLM.forward
 
-    def spy(self, input_ids, images=None, labels=None, hidden=None):
-        out = real(self, input_ids, images, labels, hidden)
+    def spy(self, input_ids, images=None, labels=None, hidden=None, **packed_rows):  # (positions, segment_ids)
+        out = real(self, input_ids, images, labels, hidden, **packed_rows)
         outputs.append((out.lm_loss_sum.detach(), out.aux_loss.detach(),
                         int((labels[:, 1:] != IGNORE_INDEX).sum())))
         return out
 
     monkeypatch.setattr(MultimodalLM, "forward", spy)
-    trainer = Trainer(make_cfg(ONE_STAGE, "--train.grad_accum_steps=3", "--moe.init=noise"))
+    trainer = Trainer(make_cfg(ONE_STAGE, "--train.global_batch_size=12", "--moe.init=noise"))
     trainer.run()
     records = [h for h in trainer.history if "loss" in h]
     assert len(records) == 2 and len(outputs) == 6

@@ -179,8 +179,9 @@ def test_nonfinite_reduce_lr_halves_the_lr_after_a_bad_step(make_cfg):
 def test_gradient_accumulation_equals_one_big_batch(make_cfg, tmp_path):
     one_stage = ("--stages=[{name: w, trainable: ['llm.*', 'projector.*'], steps: 2, eval: false, "
                  "schedule: constant}]")
-    big = Trainer(make_cfg(one_stage, "--train.micro_batch_size=8", save_dir=tmp_path / "a")).run()
-    acc = Trainer(make_cfg(one_stage, "--train.micro_batch_size=4", "--train.grad_accum_steps=2",
+    big = Trainer(make_cfg(one_stage, "--train.micro_batch_size=8", "--train.global_batch_size=8",
+                           save_dir=tmp_path / "a")).run()
+    acc = Trainer(make_cfg(one_stage, "--train.micro_batch_size=4", "--train.global_batch_size=8",
                            save_dir=tmp_path / "b")).run()
     for a, b in zip(big, acc):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"]) and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4

@@ -17,7 +17,7 @@ SHORT_STAGES = ("--stages=["
 
 
 def stage_losses(make_cfg, tmp_path, name, *extra):
-    trainer = Trainer(make_cfg(SHORT_STAGES, "--train.grad_accum_steps=2", "--train.save_interval=0",
+    trainer = Trainer(make_cfg(SHORT_STAGES, "--train.global_batch_size=8", "--train.save_interval=0",
                                "--moe.expert_backend=auto", "--router.backend=auto", *extra,
                                save_dir=tmp_path / name))
     trainer.run()

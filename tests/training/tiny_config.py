@@ -7,7 +7,7 @@ TINY = [
     "--vision.num_layers=1", "--vision.ffn_hidden_size=32",
     "--moe.layers=1", "--moe.expert_backend=torch", "--router.backend=torch",
     "--data.seq_len=56", "--data.num_images=48", "--data.num_test_images=8", "--data.num_eval_samples=8",
-    "--train.micro_batch_size=4", "--train.log_interval=1", "--train.progress_bar=false",
+    "--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.log_interval=1", "--train.progress_bar=false",
     "--train.tensorboard=false", "--train.save_interval=2",
 ]
 
