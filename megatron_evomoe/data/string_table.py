@@ -1,0 +1,116 @@
+"""Compact tables of the token index: many short strings as one UTF-8 blob and their end offsets,
+and list-like views of them and of integer arrays that build no Python object per entry.
+
+Record ids keep their JSON type (a string id and an integer id are different ids): each is stored
+as its JSON text (`"r1"`, `7`, `null`) and decoded on access.  Image paths repeat (many records
+per image): `dedup` stores each distinct path once and one small index per record.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds 0..max_value."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def encode_strings(strings: Iterable[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """(blob uint8 [total bytes], ends [N]: end offset of each string in the blob)."""
+    encoded = [s.encode("utf-8") for s in strings]
+    ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+    dtype = smallest_uint(int(ends[-1]) if len(ends) else 0)
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends.astype(dtype)
+
+
+class StringView(Sequence):
+    """The strings of a table, decoded on access (`decode` turns each text into its value)."""
+
+    def __init__(self, blob: np.ndarray, ends: np.ndarray, decode: Callable[[str], Any] = str):
+        self._blob, self._ends, self._decode = blob, ends, decode
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} strings")
+        i %= len(self)
+        start = int(self._ends[i - 1]) if i else 0
+        return self._decode(bytes(self._blob[start:int(self._ends[i])]).decode("utf-8"))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(x) for x in self[:5])
+        return f"[{head}{', ...' if len(self) > 5 else ''}] ({len(self)} strings)"
+
+
+def json_view(blob: np.ndarray, ends: np.ndarray) -> StringView:
+    """Values stored as JSON text (record ids: str, int or None)."""
+    return StringView(blob, ends, json.loads)
+
+
+class IndexedView(Sequence):
+    """table[codes[i]] for every i; code 0 is None (a record without an image)."""
+
+    def __init__(self, table: StringView, codes: np.ndarray):
+        self._table, self._codes = table, codes
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        code = int(self._codes[i])
+        return None if code == 0 else self._table[code - 1]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+
+class Dedup:
+    """Codes for strings as they come: 0 for None, 1 + position in the table of distinct strings."""
+
+    def __init__(self):
+        self.codes: Dict[str, int] = {}
+
+    def code(self, s: Optional[str]) -> int:
+        if s is None:
+            return 0
+        return self.codes.setdefault(s, len(self.codes) + 1)
+
+    def table(self) -> List[str]:
+        return list(self.codes)  # dicts keep insertion order: position k has code k + 1
+
+
+class IntView(Sequence):
+    """Python ints of a numpy array (a memory map), compared with lists as lists are."""
+
+    def __init__(self, values: np.ndarray):
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [int(v) for v in self._values[i]]
+        return int(self._values[i])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self._values, dtype=dtype)
