@@ -6,11 +6,11 @@ The files (all numpy; `tokens.bin` is raw, read with np.memmap):
     num_stored.npy       [N] stored tokens per kept record (offsets are their cumsum)
     image_pos.npy        [N] stored position of the image id + 1 (0: text-only)
     span_counts.npy      [N] supervised spans per record;  spans.npy [M, 2] [start, end) stored positions
-    id_blob/id_ends      record ids as JSON text (string_table.py)
-    image_codes.npy      [N] 1 + index into the image path table (0: none); image_blob/image_ends
+    id_blob/id_lengths   record ids (string_table.py: as they are, or as JSON text: manifest id_kind)
+    image_codes.npy      [N] 1 + index into the image path table (0: none); image_blob/image_lengths
     truncated.npy        kept-record positions that data.overlong=truncate cut
     skipped_index.npy    file indices of skipped records; skipped_reason.npy (codes into the
-                         manifest's reasons); skipped_id_blob/ends their ids
+                         manifest's reasons); skipped_id_blob/lengths their ids
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 from .errors import DataError
 from .json_stream import read_records
 from .record_encoder import EncodedBatch, RecordEncoder, encode_in_worker, install_worker_encoder
-from .string_table import Dedup, encode_strings, smallest_uint
+from .string_table import Dedup, encode_ids, encode_strings, smallest_uint
 
 BATCH_RECORDS = 512  # records per task sent to a worker
 POOL_MIN_BYTES = 16 << 20  # smaller files are encoded in this process (a pool costs more to start)
@@ -74,11 +74,11 @@ class _Accumulator:
         self.image_pos: List[int] = []
         self.span_counts: List[int] = []
         self.spans: List[tuple] = []
-        self.ids: List[str] = []
+        self.ids: List = []
         self.image_codes: List[int] = []
         self.images = Dedup()
         self.truncated: List[int] = []
-        self.skipped: List[tuple] = []  # (record index, id JSON, reason)
+        self.skipped: List[tuple] = []  # (record index, id, reason)
         self.reasons: Counter = Counter()
         self.first_error = None
         self.num_tokens = 0
@@ -110,9 +110,15 @@ def _save(folder: str, name: str, values, dtype=None) -> None:
 
 
 def _save_strings(folder: str, name: str, strings) -> None:
-    blob, ends = encode_strings(strings)
+    blob, lengths = encode_strings(strings)
     _save(folder, name + "_blob", blob)
-    _save(folder, name + "_ends", ends)
+    _save(folder, name + "_lengths", lengths)
+
+
+def _save_ids(folder: str, name: str, ids) -> str:
+    kind, texts = encode_ids(ids)
+    _save_strings(folder, name, texts)
+    return kind
 
 
 def build_index(folder: str, json_path: str, encoder: RecordEncoder, num_workers: int = 0) -> Dict:
@@ -129,24 +135,25 @@ def build_index(folder: str, json_path: str, encoder: RecordEncoder, num_workers
             acc.add(batch, tokens_file)
         tokens_file.flush()
         os.fsync(tokens_file.fileno())
-    _write_arrays(folder, acc)
-    return _counts(acc, time.perf_counter() - t0)
+    kinds = _write_arrays(folder, acc)
+    return {**_counts(acc, time.perf_counter() - t0), **kinds}
 
 
-def _write_arrays(folder: str, acc: _Accumulator) -> None:
+def _write_arrays(folder: str, acc: _Accumulator) -> Dict[str, str]:
     max_stored = max(acc.num_stored, default=0)
     _save(folder, "num_stored", acc.num_stored, smallest_uint(max_stored))
     _save(folder, "image_pos", acc.image_pos, smallest_uint(max_stored))
     _save(folder, "span_counts", acc.span_counts, smallest_uint(max(acc.span_counts, default=0)))
     _save(folder, "spans", np.asarray(acc.spans, dtype=np.int64).reshape(-1, 2), smallest_uint(max_stored))
-    _save_strings(folder, "id", acc.ids)
+    id_kind = _save_ids(folder, "id", acc.ids)
     _save(folder, "image_codes", acc.image_codes, smallest_uint(len(acc.images.codes)))
     _save_strings(folder, "image", acc.images.table())
     _save(folder, "truncated", acc.truncated, np.int64)
     reasons = sorted(acc.reasons)
     _save(folder, "skipped_index", [s[0] for s in acc.skipped], np.int64)
     _save(folder, "skipped_reason", [reasons.index(s[2]) for s in acc.skipped], np.uint8)
-    _save_strings(folder, "skipped_id", [s[1] for s in acc.skipped])
+    skipped_id_kind = _save_ids(folder, "skipped_id", [s[1] for s in acc.skipped])
+    return {"id_kind": id_kind, "skipped_id_kind": skipped_id_kind}
 
 
 def _counts(acc: _Accumulator, seconds: float) -> Dict:

@@ -13,7 +13,6 @@ so that worker processes return a few arrays per batch, not Python objects per t
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -49,10 +48,10 @@ class EncodedBatch:
     image_pos: List[int] = field(default_factory=list)  # stored position of the image id + 1; 0: none
     spans: List[Tuple[int, int]] = field(default_factory=list)  # supervised [start, end) in stored positions
     span_counts: List[int] = field(default_factory=list)
-    ids: List[str] = field(default_factory=list)  # JSON text of each kept record's id
+    ids: List[Any] = field(default_factory=list)  # each kept record's id (str, int or None)
     images: List[Optional[str]] = field(default_factory=list)
     truncated: List[int] = field(default_factory=list)  # batch positions of kept records that were cut
-    bad: List[Tuple[int, str, str, str]] = field(default_factory=list)  # (record index, id JSON, reason, msg)
+    bad: List[Tuple[int, Any, str, str]] = field(default_factory=list)  # (record index, id, reason, message)
     error: Optional[DataError] = None  # the first bad record when it may not be skipped (stops the build)
 
 
@@ -82,32 +81,36 @@ class RecordEncoder:
                 if not skippable:
                     out.error = e
                     return out
-                out.bad.append((index, json.dumps(rid), e.reason, str(e)))
+                out.bad.append((index, rid, e.reason, str(e)))
                 continue
-            out.ids.append(json.dumps(rid))
+            out.ids.append(rid)
         return out
 
     def _encode(self, record: Any, out: EncodedBatch) -> None:
         image_path = self._check(record)
-        ids, labels = render_conversation(record["conversations"], self.tokenizer, self.num_image_tokens,
+        # Rendered with ONE image slot: the stored form (the n slots are n copies of it, expanded on read).
+        ids, labels = render_conversation(record["conversations"], self.tokenizer, 1,
                                           has_image=image_path is not None, template=self.template)
         n_img = self.num_image_tokens if image_path else 0
+        image_at = ids.index(self.tokenizer.image_token_id) if image_path else -1
+        length = len(ids) + max(n_img - 1, 0)  # expanded
         truncated = False
-        if len(ids) > self.seq_len:
-            message = (f"is {len(ids)} tokens long after tokenisation (including {n_img} image tokens), more "
+        if length > self.seq_len:
+            message = (f"is {length} tokens long after tokenisation (including {n_img} image tokens), more "
                        f"than seq_len={self.seq_len}")
             if self.overlong != "truncate":
                 raise DataError(message, field="conversations", reason="too_long")
-            image_at = ids.index(self.tokenizer.image_token_id) if image_path else 0
             if image_at + n_img > self.seq_len:  # LLaVA's cut keeps the image: here it would not fit
                 raise DataError(message + "; its image tokens do not fit in seq_len (not truncated)",
                                 field="conversations", reason="too_long")
-            ids, labels, truncated = ids[: self.seq_len], labels[: self.seq_len], True
-        stored, image_pos, spans = self._compact(ids, labels, n_img)
+            keep = self.seq_len - max(n_img - 1, 0)  # the text is cut at the end, as LLaVA's model_max_length
+            ids, labels, truncated = ids[:keep], labels[:keep], True
         if truncated:
             out.truncated.append(len(out.tokens))
-        out.tokens.append(stored)
-        out.image_pos.append(image_pos)
+        out.tokens.append(self._stored(ids))
+        out.image_pos.append(image_at + 1)
+        spans = supervised_spans(ids, labels)
+        assert image_at < 0 or labels[image_at] == IGNORE_INDEX, "the image slot is supervised"
         out.spans += spans
         out.span_counts.append(len(spans))
         out.images.append(image_path)
@@ -140,31 +143,28 @@ class RecordEncoder:
                 raise image_error(e) from None
         return image_path
 
-    def _compact(self, ids: List[int], labels: List[int], n_img: int) -> Tuple[np.ndarray, int, List[Tuple[int, int]]]:
-        """(stored ids [L - n_img + 1 or L], image position + 1 or 0, supervised spans in stored positions)."""
-        image_pos = 0
-        if n_img:
-            at = ids.index(self.tokenizer.image_token_id)
-            assert ids[at:at + n_img] == [self.tokenizer.image_token_id] * n_img, "image slots not contiguous"
-            assert all(t == IGNORE_INDEX for t in labels[at:at + n_img]), "an image slot is supervised"
-            ids, labels = ids[:at + 1] + ids[at + n_img:], labels[:at + 1] + labels[at + n_img:]
-            image_pos = at + 1
-        spans: List[Tuple[int, int]] = []
-        start = -1
-        for k, (t, lab) in enumerate(zip(ids, labels)):
-            if lab == IGNORE_INDEX:
-                if start >= 0:
-                    spans.append((start, k))
-                    start = -1
-                continue
-            assert lab == t, "a label that is neither IGNORE_INDEX nor its input id cannot be stored as spans"
-            if start < 0:
-                start = k
-        if start >= 0:
-            spans.append((start, len(ids)))
-        stored = np.asarray(ids, dtype=np.int64)
-        assert stored.min(initial=0) >= 0 and stored.max(initial=0) <= np.iinfo(self.token_dtype).max
-        return stored.astype(self.token_dtype), image_pos, spans
+    def _stored(self, ids: List[int]) -> np.ndarray:
+        assert not ids or (min(ids) >= 0 and max(ids) <= np.iinfo(self.token_dtype).max), "token id out of range"
+        return np.asarray(ids, dtype=self.token_dtype)
+
+
+def supervised_spans(ids: Sequence[int], labels: Sequence[int]) -> List[Tuple[int, int]]:
+    """[start, end) runs of supervised positions; asserts that a supervised label is its input id (what
+    lets the index store spans instead of labels)."""
+    spans: List[Tuple[int, int]] = []
+    start = -1
+    for k, lab in enumerate(labels):
+        if lab == IGNORE_INDEX:
+            if start >= 0:
+                spans.append((start, k))
+                start = -1
+            continue
+        assert lab == ids[k], "a label that is neither IGNORE_INDEX nor its input id cannot be stored as spans"
+        if start < 0:
+            start = k
+    if start >= 0:
+        spans.append((start, len(labels)))
+    return spans
 
 
 # Worker processes: the encoder is installed once per worker (fork: inherited, no pickling).

@@ -1,8 +1,11 @@
 """Compact tables of the token index: many short strings as one UTF-8 blob and their end offsets,
 and list-like views of them and of integer arrays that build no Python object per entry.
 
-Record ids keep their JSON type (a string id and an integer id are different ids): each is stored
-as its JSON text (`"r1"`, `7`, `null`) and decoded on access.  Image paths repeat (many records
+Strings are stored as the blob and each one's byte length (in the smallest unsigned dtype, often
+one byte); the end offsets are their cumulative sum, computed when the table is opened.  Record
+ids keep their JSON type (a string id and an integer id are different ids): when every id is a
+string they are stored as they are, else each as its JSON text (`"r1"`, `7`, `null`), decoded on
+access.  Image paths repeat (many records
 per image): `dedup` stores each distinct path once and one small index per record.
 """
 from __future__ import annotations
@@ -23,11 +26,14 @@ def smallest_uint(max_value: int) -> np.dtype:
 
 
 def encode_strings(strings: Iterable[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """(blob uint8 [total bytes], ends [N]: end offset of each string in the blob)."""
+    """(blob uint8 [total bytes], lengths [N]: byte length of each string)."""
     encoded = [s.encode("utf-8") for s in strings]
-    ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
-    dtype = smallest_uint(int(ends[-1]) if len(ends) else 0)
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends.astype(dtype)
+    lengths = [len(b) for b in encoded]
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.asarray(lengths, smallest_uint(max(lengths, default=0)))
+
+
+def ends_of(lengths: np.ndarray) -> np.ndarray:
+    return np.cumsum(lengths, dtype=np.int64)  # [N]
 
 
 class StringView(Sequence):
@@ -56,9 +62,16 @@ class StringView(Sequence):
         return f"[{head}{', ...' if len(self) > 5 else ''}] ({len(self)} strings)"
 
 
-def json_view(blob: np.ndarray, ends: np.ndarray) -> StringView:
-    """Values stored as JSON text (record ids: str, int or None)."""
-    return StringView(blob, ends, json.loads)
+def encode_ids(ids: List[Any]) -> Tuple[str, List[str]]:
+    """("str", the ids) when all are strings, else ("json", their JSON texts)."""
+    if all(isinstance(i, str) for i in ids):
+        return "str", ids
+    return "json", [json.dumps(i) for i in ids]
+
+
+def id_view(kind: str, blob: np.ndarray, lengths: np.ndarray) -> StringView:
+    """The record ids (str, int or None) of a table that `encode_ids` wrote."""
+    return StringView(blob, ends_of(lengths), json.loads if kind == "json" else str)
 
 
 class IndexedView(Sequence):

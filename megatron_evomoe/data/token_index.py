@@ -38,7 +38,7 @@ from .conversation import IGNORE_INDEX, ConversationTemplate
 from .errors import DataError
 from .index_builder import build_index
 from .record_encoder import RecordEncoder
-from .string_table import IndexedView, IntView, StringView, json_view
+from .string_table import IndexedView, IntView, StringView, ends_of, id_view
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -234,11 +234,12 @@ class TokenIndex:
         self.num_records = manifest["num_records"]
         skipped_index = self._load("skipped_index")
         self.record_indices = IntView(np.delete(np.arange(self.num_records, dtype=np.int64), skipped_index))
-        self.record_ids = json_view(self._load("id_blob"), self._load("id_ends"))
-        self.image_paths = IndexedView(StringView(self._load("image_blob"), self._load("image_ends")),
+        self.record_ids = id_view(manifest["id_kind"], self._load("id_blob"), self._load("id_lengths"))
+        self.image_paths = IndexedView(StringView(self._load("image_blob"), ends_of(self._load("image_lengths"))),
                                        self._load("image_codes"))
         self.truncated_ids = IndexedIds(self.record_ids, self._load("truncated"))
-        self.skipped_ids = json_view(self._load("skipped_id_blob"), self._load("skipped_id_ends"))
+        self.skipped_ids = id_view(manifest["skipped_id_kind"], self._load("skipped_id_blob"),
+                                   self._load("skipped_id_lengths"))
         self.skipped_indices = IntView(skipped_index)
         reasons = manifest["skipped_reasons"]
         self.skipped_reasons = [reasons[c] for c in self._load("skipped_reason")]
