@@ -49,7 +49,7 @@ class EncodedBatch:
     spans: List[Tuple[int, int]] = field(default_factory=list)  # supervised [start, end) in stored positions
     span_counts: List[int] = field(default_factory=list)
     ids: List[Any] = field(default_factory=list)  # each kept record's id (str, int or None)
-    images: List[Optional[str]] = field(default_factory=list)
+    images: List[Optional[str]] = field(default_factory=list)  # the records' "image" (relative to image_root)
     truncated: List[int] = field(default_factory=list)  # batch positions of kept records that were cut
     bad: List[Tuple[int, Any, str, str]] = field(default_factory=list)  # (record index, id, reason, message)
     error: Optional[DataError] = None  # the first bad record when it may not be skipped (stops the build)
@@ -113,7 +113,7 @@ class RecordEncoder:
         assert image_at < 0 or labels[image_at] == IGNORE_INDEX, "the image slot is supervised"
         out.spans += spans
         out.span_counts.append(len(spans))
-        out.images.append(image_path)
+        out.images.append(record.get("image"))
 
     def _check(self, record: Any) -> Optional[str]:
         """The record's structure, id and image field (the conversation is checked when rendered);

@@ -175,7 +175,7 @@ def _try_lock(index_dir: str, folder: str) -> Optional[RunLock]:
 
 
 def _holder_text(folder: str) -> str:
-    held = read_holder(os.path.join(_lock_dir(folder), LOCK_NAME))
+    held = read_holder(Path(_lock_dir(folder), LOCK_NAME))
     if not held:
         return "lock holder unknown"
     return f"host {held.get('host')}, pid {held.get('pid')}, started {held.get('started')}"
@@ -235,8 +235,9 @@ class TokenIndex:
         skipped_index = self._load("skipped_index")
         self.record_indices = IntView(np.delete(np.arange(self.num_records, dtype=np.int64), skipped_index))
         self.record_ids = id_view(manifest["id_kind"], self._load("id_blob"), self._load("id_lengths"))
-        self.image_paths = IndexedView(StringView(self._load("image_blob"), ends_of(self._load("image_lengths"))),
-                                       self._load("image_codes"))
+        root = key["image_root"]  # paths stored as the records give them, relative to it
+        self.image_paths = IndexedView(StringView(self._load("image_blob"), ends_of(self._load("image_lengths")),
+                                                  lambda p: os.path.join(root, p)), self._load("image_codes"))
         self.truncated_ids = IndexedIds(self.record_ids, self._load("truncated"))
         self.skipped_ids = id_view(manifest["skipped_id_kind"], self._load("skipped_id_blob"),
                                    self._load("skipped_id_lengths"))
