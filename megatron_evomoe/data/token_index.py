@@ -136,6 +136,7 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
                     skip_bad_samples, check_images)
     folder = index_folder(index_dir, key)
     deadline = time.monotonic() + wait_timeout_s
+    built = False
     while not _is_current(folder, key):
         lock = _try_lock(index_dir, folder)
         if lock is None:
@@ -151,10 +152,13 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
                                         template=template, check_images=check_images, overlong=overlong,
                                         skip_bad_samples=skip_bad_samples, token_dtype=token_dtype(tokenizer))
                 _build(folder, key, encoder, num_workers)
+                built = True
         finally:
             lock.release()
             shutil.rmtree(_lock_dir(folder), ignore_errors=True)
-    return TokenIndex(folder)
+    index = TokenIndex(folder)
+    index.built = built
+    return index
 
 
 def token_dtype(tokenizer: Tokenizer) -> np.dtype:
@@ -216,6 +220,7 @@ class TokenIndex:
 
     def __init__(self, folder: str):
         self.folder = folder
+        self.built = False  # whether this process built it (open_index sets it)
         manifest = _read_manifest(folder)
         assert manifest is not None, f"{folder}: no manifest"
         self.manifest = manifest

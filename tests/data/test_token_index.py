@@ -257,3 +257,23 @@ def test_overlong_truncate_and_skip_counts_are_exact(long_file, caplog):
 
 def _rendered(r):
     return render_conversation(r["conversations"], TOK, 4, has_image="image" in r)[0]
+
+
+def test_prepare_cli_builds_then_reuses_and_errors_in_one_line(data_root, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from megatron_evomoe.data.prepare import main, stage_data_files
+    config = ROOT / "examples/configs/tiny_cpu.yaml"
+    args = [str(config), f"--data.root={data_root}", "--data.build_if_missing=false", f"--data.index_dir={tmp_path}"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    captions = len(json.loads((data_root / "captions.json").read_text()))
+    assert len(lines) == 2 and lines[0].startswith(f"{data_root / 'captions.json'}: {captions} records, {captions} kept")
+    assert all(", built: " + str(tmp_path) in line for line in lines)
+    assert main(args) == 0 and all(", reused: " in line for line in capsys.readouterr().out.splitlines())
+    assert main(args + ["--data.seq_len=30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "more than seq_len=30" in err[0]
+    stage = SimpleNamespace(name="s", data=[{"path": "a.json", "weight": 2}, "b.jsonl"])
+    assert stage_data_files(stage) == ["a.json", "b.jsonl"]
+    assert stage_data_files(SimpleNamespace(name="s", data="c.json")) == ["c.json"]
