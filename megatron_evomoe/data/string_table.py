@@ -36,7 +36,31 @@ def ends_of(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths, dtype=np.int64)  # [N]
 
 
-class StringView(Sequence):
+class ListView(Sequence):
+    """What the views share: a list's indexing (negative, slices, IndexError), equality with lists."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _get(self, i: int):
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(k) for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} entries")
+        return self._get(int(i) % len(self))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(x) for x in self[:5])
+        return f"[{head}{', ...' if len(self) > 5 else ''}] ({len(self)} entries)"
+
+
+class StringView(ListView):
     """The strings of a table, decoded on access (`decode` turns each text into its value)."""
 
     def __init__(self, blob: np.ndarray, ends: np.ndarray, decode: Callable[[str], Any] = str):
@@ -45,21 +69,9 @@ class StringView(Sequence):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} strings")
-        i %= len(self)
+    def _get(self, i: int):
         start = int(self._ends[i - 1]) if i else 0
         return self._decode(bytes(self._blob[start:int(self._ends[i])]).decode("utf-8"))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    def __repr__(self) -> str:
-        head = ", ".join(repr(x) for x in self[:5])
-        return f"[{head}{', ...' if len(self) > 5 else ''}] ({len(self)} strings)"
 
 
 def encode_ids(ids: List[Any]) -> Tuple[str, List[str]]:
@@ -74,23 +86,19 @@ def id_view(kind: str, blob: np.ndarray, lengths: np.ndarray) -> StringView:
     return StringView(blob, ends_of(lengths), json.loads if kind == "json" else str)
 
 
-class IndexedView(Sequence):
-    """table[codes[i]] for every i; code 0 is None (a record without an image)."""
+class IndexedView(ListView):
+    """table[codes[i] - base] for every i.  base 1: code 0 is None (a record without an image);
+    base 0: a plain gather (the ids of the truncated records)."""
 
-    def __init__(self, table: StringView, codes: np.ndarray):
-        self._table, self._codes = table, codes
+    def __init__(self, table: Sequence, codes: np.ndarray, base: int = 1):
+        self._table, self._codes, self._base = table, codes, base
 
     def __len__(self) -> int:
         return len(self._codes)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def _get(self, i: int):
         code = int(self._codes[i])
-        return None if code == 0 else self._table[code - 1]
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
+        return None if self._base and code == 0 else self._table[code - self._base]
 
 
 class Dedup:
@@ -108,8 +116,8 @@ class Dedup:
         return list(self.codes)  # dicts keep insertion order: position k has code k + 1
 
 
-class IntView(Sequence):
-    """Python ints of a numpy array (a memory map), compared with lists as lists are."""
+class IntView(ListView):
+    """Python ints of a numpy array (a memory map)."""
 
     def __init__(self, values: np.ndarray):
         self._values = values
@@ -117,13 +125,8 @@ class IntView(Sequence):
     def __len__(self) -> int:
         return len(self._values)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [int(v) for v in self._values[i]]
+    def _get(self, i: int) -> int:
         return int(self._values[i])
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
 
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self._values, dtype=dtype)

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -243,7 +242,7 @@ class TokenIndex:
         root = key["image_root"]  # paths stored as the records give them, relative to it
         self.image_paths = IndexedView(StringView(self._load("image_blob"), ends_of(self._load("image_lengths")),
                                                   lambda p: os.path.join(root, p)), self._load("image_codes"))
-        self.truncated_ids = IndexedIds(self.record_ids, self._load("truncated"))
+        self.truncated_ids = IndexedView(self.record_ids, self._load("truncated"), base=0)
         self.skipped_ids = id_view(manifest["skipped_id_kind"], self._load("skipped_id_blob"),
                                    self._load("skipped_id_lengths"))
         self.skipped_indices = IntView(skipped_index)
@@ -292,21 +291,3 @@ class TokenIndex:
             first_ids = ", ".join(repr(x) for x in self.truncated_ids[:NUM_FIRST_IDS])
             logger.warning("%s: truncated %d of %d records to seq_len=%d (data.overlong=truncate); first ids: %s",
                            path, m["num_truncated"], m["num_records"], m["key"]["seq_len"], first_ids)
-
-
-class IndexedIds(Sequence):
-    """ids[positions[k]]: the record ids of some kept records (the truncated ones)."""
-
-    def __init__(self, ids: Sequence, positions: np.ndarray):
-        self._ids, self._positions = ids, positions
-
-    def __len__(self) -> int:
-        return len(self._positions)
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self._ids[int(p)] for p in self._positions[k]]
-        return self._ids[int(self._positions[k])]
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
