@@ -102,15 +102,16 @@ def _read_manifest(folder: str) -> Optional[Dict]:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _is_current(folder: str, key: Dict) -> bool:
-    """The folder's manifest is of this key and of the data file as it is now."""
+def _is_current(folder: str, key: Dict, rehash: bool = True) -> bool:
+    """The folder's manifest is of this key and of the data file as it is now (by its size and
+    mtime_ns, else, with `rehash`, by its content)."""
     manifest = _read_manifest(folder)
     if manifest is None or manifest.get("key") != key:
         return False
     stat = _file_stat(key["data_file"])
     if manifest.get("source") == stat:
         return True
-    if manifest.get("content_hash") != file_hash(key["data_file"]):
+    if not rehash or manifest.get("content_hash") != file_hash(key["data_file"]):
         return False
     manifest["source"] = stat  # touched, not changed: next time the stat says so at once
     try:
@@ -135,8 +136,9 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
                     skip_bad_samples, check_images)
     folder = index_folder(index_dir, key)
     deadline = time.monotonic() + wait_timeout_s
-    built = False
-    while not _is_current(folder, key):
+    built, rehash = False, True
+    while not _is_current(folder, key, rehash):
+        rehash = False  # while another process builds, polls compare the stat only (not a GB of hashing)
         lock = _try_lock(index_dir, folder)
         if lock is None:
             if time.monotonic() > deadline:
@@ -146,7 +148,7 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
             time.sleep(POLL_S)
             continue
         try:
-            if not _is_current(folder, key):  # (another process may have finished just before we locked)
+            if not _is_current(folder, key, rehash=False):  # (another may have finished before we locked)
                 encoder = RecordEncoder(json_path, image_root, tokenizer, seq_len, num_image_tokens,
                                         template=template, check_images=check_images, overlong=overlong,
                                         skip_bad_samples=skip_bad_samples, token_dtype=token_dtype(tokenizer))
@@ -154,7 +156,10 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
                 built = True
         finally:
             lock.release()
-            shutil.rmtree(_lock_dir(folder), ignore_errors=True)
+            try:  # the empty lock folder; not one where another process has just taken the lock
+                os.rmdir(_lock_dir(folder))
+            except OSError:
+                pass
     index = TokenIndex(folder)
     index.built = built
     return index
@@ -172,6 +177,13 @@ def _try_lock(index_dir: str, folder: str) -> Optional[RunLock]:
     """This key's build lock, or None while another live process holds it."""
     try:
         os.makedirs(index_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the token index folder {index_dir}: {e.strerror or e} (set data.index_dir "
+                        "to a writable folder)", reason="index_dir") from None
+    if not os.access(index_dir, os.W_OK | os.X_OK):  # else the lock below fails as if held, for an hour
+        raise DataError(f"the token index folder {index_dir} is not writable and holds no current index of "
+                        "this file (set data.index_dir to a writable folder)", reason="index_dir")
+    try:
         return RunLock.acquire(_lock_dir(folder))
     except CheckpointError:  # held by a live process (or being written right now): poll again
         return None
