@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from array import array
 from collections import Counter, deque
 from typing import Dict, Iterator, List
 
@@ -66,16 +67,16 @@ def _encoded(path: str, encoder: RecordEncoder, num_workers: int) -> Iterator[En
 
 
 class _Accumulator:
-    """What stays in memory during a build: per-record numbers, not tokens."""
+    """What stays in memory during a build: per-record numbers (4 bytes each), the ids, not tokens."""
 
     def __init__(self):
         self.num_records = 0
-        self.num_stored: List[int] = []
-        self.image_pos: List[int] = []
-        self.span_counts: List[int] = []
-        self.spans: List[tuple] = []
+        self.num_stored = array("I")
+        self.image_pos = array("I")
+        self.span_counts = array("I")
+        self.spans = array("I")  # [start, end, start, end, ...]
         self.ids: List = []
-        self.image_codes: List[int] = []
+        self.image_codes = array("I")
         self.images = Dedup()
         self.truncated: List[int] = []
         self.skipped: List[tuple] = []  # (record index, id, reason)
@@ -85,15 +86,14 @@ class _Accumulator:
 
     def add(self, b: EncodedBatch, tokens_file) -> None:
         self.truncated += [len(self.num_stored) + k for k in b.truncated]
-        for stored in b.tokens:
-            tokens_file.write(stored.tobytes())
-            self.num_stored.append(len(stored))
-        self.num_tokens += sum(len(t) for t in b.tokens)
-        self.image_pos += b.image_pos
-        self.span_counts += b.span_counts
-        self.spans += b.spans
+        tokens_file.write(b.tokens.tobytes())
+        self.num_stored.extend(b.num_stored)
+        self.num_tokens += len(b.tokens)
+        self.image_pos.extend(b.image_pos)
+        self.span_counts.extend(b.span_counts)
+        self.spans.extend(x for span in b.spans for x in span)
         self.ids += b.ids
-        self.image_codes += [self.images.code(p) for p in b.images]
+        self.image_codes.extend(self.images.code(p) for p in b.images)
         for index, rid, reason, message in b.bad:
             self.skipped.append((index, rid, reason))
             self.reasons[reason] += 1
@@ -144,7 +144,7 @@ def _write_arrays(folder: str, acc: _Accumulator) -> Dict[str, str]:
     _save(folder, "num_stored", acc.num_stored, smallest_uint(max_stored))
     _save(folder, "image_pos", acc.image_pos, smallest_uint(max_stored))
     _save(folder, "span_counts", acc.span_counts, smallest_uint(max(acc.span_counts, default=0)))
-    _save(folder, "spans", np.asarray(acc.spans, dtype=np.int64).reshape(-1, 2), smallest_uint(max_stored))
+    _save(folder, "spans", np.asarray(acc.spans).reshape(-1, 2), smallest_uint(max_stored))
     id_kind = _save_ids(folder, "id", acc.ids)
     _save(folder, "image_codes", acc.image_codes, smallest_uint(len(acc.images.codes)))
     _save_strings(folder, "image", acc.images.table())
@@ -157,7 +157,7 @@ def _write_arrays(folder: str, acc: _Accumulator) -> Dict[str, str]:
 
 
 def _counts(acc: _Accumulator, seconds: float) -> Dict:
-    num_images = sum(1 for p in acc.image_pos if p)
+    num_images = int(np.count_nonzero(np.asarray(acc.image_pos)))
     return {"num_records": acc.num_records, "num_kept": len(acc.num_stored), "skipped": dict(acc.reasons),
             "skipped_reasons": sorted(acc.reasons), "first_error": acc.first_error, "num_truncated": len(acc.truncated),
             "num_stored_tokens": acc.num_tokens, "num_text_tokens": acc.num_tokens - num_images,

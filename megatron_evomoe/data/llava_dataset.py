@@ -107,6 +107,11 @@ class LlavaDataset(Dataset):
         self._index = TokenIndex(self.index_folder)
 
     @property
+    def index(self) -> TokenIndex:
+        """The memory-mapped token index this dataset reads (its folder, manifest and counts)."""
+        return self._index
+
+    @property
     def num_records(self) -> int:
         """Records in the file, kept or not."""
         return self._index.num_records

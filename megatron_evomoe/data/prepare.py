@@ -64,7 +64,7 @@ def prepare(cfg: Config, out=sys.stdout) -> List[LlavaDataset]:
 
 
 def describe(ds: LlavaDataset, seconds: float) -> str:
-    index = ds._index
+    index = ds.index
     m = index.manifest
     skipped = ", ".join(f"{k}={v}" for k, v in m["skipped"].items()) or "none"
     num_bytes = index.file_bytes()

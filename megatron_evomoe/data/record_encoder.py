@@ -43,8 +43,9 @@ def image_error(e: DataError) -> DataError:
 
 @dataclass
 class EncodedBatch:
-    """A batch of records, encoded.  Kept records k: tokens[starts_k : starts_k + num_stored[k]]."""
-    tokens: List[np.ndarray] = field(default_factory=list)  # per kept record [num_stored] token dtype
+    """A batch of records, encoded: the kept records' stored ids one after another in `tokens`."""
+    tokens: List[int] = field(default_factory=list)  # made one array [sum num_stored] by `encode_batch`
+    num_stored: List[int] = field(default_factory=list)
     image_pos: List[int] = field(default_factory=list)  # stored position of the image id + 1; 0: none
     spans: List[Tuple[int, int]] = field(default_factory=list)  # supervised [start, end) in stored positions
     span_counts: List[int] = field(default_factory=list)
@@ -80,10 +81,11 @@ class RecordEncoder:
                 skippable = self.skip_bad_samples or (e.reason == "too_long" and self.overlong != "error")
                 if not skippable:
                     out.error = e
-                    return out
+                    break
                 out.bad.append((index, rid, e.reason, str(e)))
                 continue
             out.ids.append(rid)
+        out.tokens = self._stored(out.tokens)
         return out
 
     def _encode(self, record: Any, out: EncodedBatch) -> None:
@@ -106,8 +108,9 @@ class RecordEncoder:
             keep = self.seq_len - max(n_img - 1, 0)  # the text is cut at the end, as LLaVA's model_max_length
             ids, labels, truncated = ids[:keep], labels[:keep], True
         if truncated:
-            out.truncated.append(len(out.tokens))
-        out.tokens.append(self._stored(ids))
+            out.truncated.append(len(out.num_stored))
+        out.tokens += ids
+        out.num_stored.append(len(ids))
         out.image_pos.append(image_at + 1)
         spans = supervised_spans(ids, labels)
         assert image_at < 0 or labels[image_at] == IGNORE_INDEX, "the image slot is supervised"

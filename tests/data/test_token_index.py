@@ -57,7 +57,7 @@ def test_every_bundled_record_round_trips_exactly(data_root, tok, tmp_path, name
 
 def test_storage_is_compact(data_root, tok, tmp_path):
     ds = dataset(data_root / "captions.json", tok, tmp_path)
-    m = ds._index.manifest
+    m = ds.index.manifest
     assert m["dtype"] == "uint16" and tok.vocab_size < 1 << 16
     records = json.loads((data_root / "captions.json").read_text())
     text = sum(len(render_conversation(r["conversations"], tok, 0 if "image" not in r else 1, "image" in r)[0])
@@ -71,9 +71,9 @@ def test_storage_is_compact(data_root, tok, tmp_path):
     # (15 + 1 bytes, these images are distinct) and its code: ~32 bytes beside ~23 text tokens.
     folder = Path(ds.index_folder)
     fixed = 128 * len(list(folder.glob("*.npy"))) + (folder / MANIFEST).stat().st_size
-    per_record = (ds._index.file_bytes() - fixed - 2 * (text + m["num_images"])) / len(records)
-    print(f"bytes per text token: {ds._index.file_bytes() / text:.2f} (without the fixed part "
-          f"{(ds._index.file_bytes() - fixed) / text:.2f}); per record beside the tokens: {per_record:.1f}")
+    per_record = (ds.index.file_bytes() - fixed - 2 * (text + m["num_images"])) / len(records)
+    print(f"bytes per text token: {ds.index.file_bytes() / text:.2f} (without the fixed part "
+          f"{(ds.index.file_bytes() - fixed) / text:.2f}); per record beside the tokens: {per_record:.1f}")
     assert per_record <= 34
 
 
