@@ -245,8 +245,9 @@ class TokenIndex:
         self._image_pos = self._load("image_pos")
         self._span_offsets = np.concatenate([[0], np.cumsum(self._load("span_counts"), dtype=np.int64)])
         self._spans = self._load("spans")
-        has_image = self._image_pos > 0
-        self.lengths = num_stored.astype(np.int64) + has_image * (self.num_image_tokens - 1)  # [N]
+        self.has_image = np.asarray(self._image_pos) > 0  # [N] bool (for grouping by modality)
+        self.num_text_tokens = num_stored.astype(np.int64) - self.has_image  # [N]
+        self.lengths = self.num_text_tokens + self.has_image * self.num_image_tokens  # [N] expanded
         self.num_records = manifest["num_records"]
         skipped_index = self._load("skipped_index")
         self.record_indices = IntView(np.delete(np.arange(self.num_records, dtype=np.int64), skipped_index))

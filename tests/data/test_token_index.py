@@ -63,6 +63,7 @@ def test_storage_is_compact(data_root, tok, tmp_path):
     text = sum(len(render_conversation(r["conversations"], tok, 0 if "image" not in r else 1, "image" in r)[0])
                for r in records) - sum("image" in r for r in records)  # one stored image id per image record
     assert m["num_text_tokens"] == text and m["num_images"] == sum("image" in r for r in records)
+    assert ds.index.num_text_tokens.sum() == text and ds.index.has_image.tolist() == ["image" in r for r in records]
     # Each image is ONE stored id, not N_IMG copies: 2 bytes per stored token.
     assert os.path.getsize(Path(ds.index_folder) / "tokens.bin") == 2 * (text + m["num_images"])
     assert m["num_distinct_images"] == len({r["image"] for r in records if "image" in r})
