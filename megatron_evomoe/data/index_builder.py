@@ -7,7 +7,8 @@ The files (all numpy; `tokens.bin` is raw, read with np.memmap):
     image_pos.npy        [N] stored position of the image id + 1 (0: text-only)
     span_counts.npy      [N] supervised spans per record;  spans.npy [M, 2] [start, end) stored positions
     id_blob/id_lengths   record ids (string_table.py: as they are, or as JSON text: manifest id_kind)
-    image_codes.npy      [N] 1 + index into the image path table (0: none); image_blob/image_lengths
+    image_codes.npy      [N] 1 + index into the table of distinct image paths (0: none), which is
+                         image_name_* (file names) and image_dir_codes into image_dir_* (folders)
     truncated.npy        kept-record positions that data.overlong=truncate cut
     skipped_index.npy    file indices of skipped records; skipped_reason.npy (codes into the
                          manifest's reasons); skipped_id_blob/lengths their ids
@@ -26,7 +27,7 @@ import numpy as np
 from .errors import DataError
 from .json_stream import read_records
 from .record_encoder import EncodedBatch, RecordEncoder, encode_in_worker, install_worker_encoder
-from .string_table import Dedup, encode_ids, encode_strings, smallest_uint
+from .string_table import Dedup, encode_ids, encode_strings, smallest_uint, split_paths
 
 BATCH_RECORDS = 512  # records per task sent to a worker
 POOL_MIN_BYTES = 16 << 20  # smaller files are encoded in this process (a pool costs more to start)
@@ -147,7 +148,10 @@ def _write_arrays(folder: str, acc: _Accumulator) -> Dict[str, str]:
     _save(folder, "spans", np.asarray(acc.spans).reshape(-1, 2), smallest_uint(max_stored))
     id_kind = _save_ids(folder, "id", acc.ids)
     _save(folder, "image_codes", acc.image_codes, smallest_uint(len(acc.images.codes)))
-    _save_strings(folder, "image", acc.images.table())
+    dirs, dir_codes, names = split_paths(acc.images.table())
+    _save_strings(folder, "image_dir", dirs)
+    _save(folder, "image_dir_codes", dir_codes, smallest_uint(len(dirs)))
+    _save_strings(folder, "image_name", names)
     _save(folder, "truncated", acc.truncated, np.int64)
     reasons = sorted(acc.reasons)
     _save(folder, "skipped_index", [s[0] for s in acc.skipped], np.int64)

@@ -11,6 +11,7 @@ per image): `dedup` stores each distinct path once and one small index per recor
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -99,6 +100,27 @@ class IndexedView(ListView):
     def _get(self, i: int):
         code = int(self._codes[i])
         return None if self._base and code == 0 else self._table[code - self._base]
+
+
+class PathView(ListView):
+    """root / dirs[dir_codes[i]] / names[i]: image paths with their folders stored once (a LLaVA mix has
+    hundreds of thousands of images in a few folders)."""
+
+    def __init__(self, root: str, dirs: StringView, dir_codes: np.ndarray, names: StringView):
+        self._root, self._dirs, self._dir_codes, self._names = root, dirs, dir_codes, names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _get(self, i: int) -> str:
+        return os.path.join(self._root, self._dirs[int(self._dir_codes[i])], self._names[i])
+
+
+def split_paths(paths: Sequence[str]) -> Tuple[List[str], List[int], List[str]]:
+    """(distinct folders, each path's folder code, each path's file name): what PathView reads."""
+    dirs = Dedup()
+    codes = [dirs.code(os.path.dirname(p)) - 1 for p in paths]
+    return dirs.table(), codes, [os.path.basename(p) for p in paths]
 
 
 class Dedup:

@@ -37,7 +37,7 @@ from .conversation import IGNORE_INDEX, ConversationTemplate
 from .errors import DataError
 from .index_builder import build_index
 from .record_encoder import RecordEncoder
-from .string_table import IndexedView, IntView, StringView, ends_of, id_view
+from .string_table import IndexedView, IntView, PathView, StringView, ends_of, id_view
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -253,14 +253,17 @@ class TokenIndex:
         self.record_indices = IntView(np.delete(np.arange(self.num_records, dtype=np.int64), skipped_index))
         self.record_ids = id_view(manifest["id_kind"], self._load("id_blob"), self._load("id_lengths"))
         root = key["image_root"]  # paths stored as the records give them, relative to it
-        self.image_paths = IndexedView(StringView(self._load("image_blob"), ends_of(self._load("image_lengths")),
-                                                  lambda p: os.path.join(root, p)), self._load("image_codes"))
+        paths = PathView(root, self._strings("image_dir"), self._load("image_dir_codes"), self._strings("image_name"))
+        self.image_paths = IndexedView(paths, self._load("image_codes"))
         self.truncated_ids = IndexedView(self.record_ids, self._load("truncated"), base=0)
         self.skipped_ids = id_view(manifest["skipped_id_kind"], self._load("skipped_id_blob"),
                                    self._load("skipped_id_lengths"))
         self.skipped_indices = IntView(skipped_index)
         reasons = manifest["skipped_reasons"]
         self.skipped_reasons = [reasons[c] for c in self._load("skipped_reason")]
+
+    def _strings(self, name: str) -> StringView:
+        return StringView(self._load(name + "_blob"), ends_of(self._load(name + "_lengths")))
 
     def _load(self, name: str) -> np.ndarray:
         return np.load(os.path.join(self.folder, name + ".npy"), mmap_mode="r")
