@@ -130,8 +130,8 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
     if not os.path.isfile(json_path):
         raise DataError("data file not found", file=json_path, reason="missing_file")
     image_root = "" if image_root is None else os.fspath(image_root)
-    index_dir = os.fspath(index_dir) if index_dir is not None else os.path.join(os.path.dirname(json_path),
-                                                                              ".token_index")
+    index_dir = os.path.abspath(os.fspath(index_dir) if index_dir is not None
+                                else os.path.join(os.path.dirname(json_path), ".token_index"))
     key = index_key(json_path, image_root, tokenizer, seq_len, num_image_tokens, template, overlong,
                     skip_bad_samples, check_images)
     folder = index_folder(index_dir, key)

@@ -278,3 +278,23 @@ def test_prepare_cli_builds_then_reuses_and_errors_in_one_line(data_root, tmp_pa
     stage = SimpleNamespace(name="s", data=[{"path": "a.json", "weight": 2}, "b.jsonl"])
     assert stage_data_files(stage) == ["a.json", "b.jsonl"]
     assert stage_data_files(SimpleNamespace(name="s", data="c.json")) == ["c.json"]
+
+
+@pytest.mark.parametrize("text", [
+    '[]', ' [ ] ', '[{"a": 1}, {"b": [1, 2]}]', '[{"a": "x\\ny"},\n {"b":\n [1,\n2]}]\n', '[1 2]', '[1,]', '[1',
+    '[1,', '[1] x', '\n\n[\n{"a":1},\n{"b": tru}\n]', '[{"id": "a", "conversations": [}]', '[{"id": "a", "conv'])
+def test_the_streaming_reader_reads_and_fails_as_json_loads(tmp_path, monkeypatch, text):
+    from megatron_evomoe.data import json_stream
+    monkeypatch.setattr(json_stream, "CHUNK_CHARS", 7)  # a window far smaller than a record: it slides and grows
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    try:
+        want, want_error = json.loads(text), None
+    except json.JSONDecodeError as e:
+        want, want_error = None, str(e)
+    if want_error is None:
+        assert [r for _, r, _ in json_stream.read_records(path)] == want
+    else:
+        with pytest.raises(DataError) as info:
+            list(json_stream.read_records(path))
+        assert str(info.value) == f"{path}: not valid JSON: {want_error}"
