@@ -101,7 +101,9 @@ class _Window:
             except json.JSONDecodeError as e:
                 if self.eof:
                     raise self.error(e.msg, e.pos) from None
-                self.more(2 * len(self.text))  # (e.pos is stale now: the retry finds it again)
+                # Twice the unconsumed part (a record longer than a chunk doubles until it fits); e.pos is
+                # stale after the window moved: the retry finds the error again if it is real.
+                self.more(2 * (len(self.text) - self.pos))
                 continue
             self.pos = end
             return value

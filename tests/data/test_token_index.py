@@ -298,3 +298,23 @@ def test_the_streaming_reader_reads_and_fails_as_json_loads(tmp_path, monkeypatc
         with pytest.raises(DataError) as info:
             list(json_stream.read_records(path))
         assert str(info.value) == f"{path}: not valid JSON: {want_error}"
+
+
+def test_the_streaming_window_stays_small(tmp_path, monkeypatch):
+    """A record cut by the window's end grows the window by its unconsumed part only, so the window stays
+    near one chunk however long the file (doubling it whole kept the whole file in memory by the end)."""
+    from megatron_evomoe.data import json_stream
+    monkeypatch.setattr(json_stream, "CHUNK_CHARS", 64)
+    sizes = []
+    more = json_stream._Window.more
+
+    def recording_more(self, min_chars=64):
+        grew = more(self, min_chars)
+        sizes.append(len(self.text))
+        return grew
+    monkeypatch.setattr(json_stream._Window, "more", recording_more)
+    records = [{"id": f"r{i}", "v": "x" * (i % 50)} for i in range(3000)]
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(records))
+    assert [r for _, r, _ in json_stream.read_records(path)] == records
+    assert len(sizes) > 1000 and max(sizes) <= 4 * 64
