@@ -5,7 +5,8 @@ The files (all numpy; `tokens.bin` is raw, read with np.memmap):
     tokens.bin           [T] token ids (manifest dtype), each record's image as one image-token id
     num_stored.npy       [N] stored tokens per kept record (offsets are their cumsum)
     image_pos.npy        [N] stored position of the image id + 1 (0: text-only)
-    span_counts.npy      [N] supervised spans per record;  spans.npy [M, 2] [start, end) stored positions
+    span_counts.npy      [N] supervised spans per record;  span_runs.npy [M, 2] each span's gap after
+                         the previous one's end (or the record's start) and its length, in stored positions
     id_blob/id_lengths   record ids (string_table.py: as they are, or as JSON text: manifest id_kind)
     image_codes.npy      [N] 1 + index into the table of distinct image paths (0: none), which is
                          image_name_* (file names) and image_dir_codes into image_dir_* (folders)
@@ -75,7 +76,7 @@ class _Accumulator:
         self.num_stored = array("I")
         self.image_pos = array("I")
         self.span_counts = array("I")
-        self.spans = array("I")  # [start, end, start, end, ...]
+        self.span_runs = array("I")  # [gap, length, gap, length, ...]
         self.ids: List = []
         self.image_codes = array("I")
         self.images = Dedup()
@@ -92,7 +93,7 @@ class _Accumulator:
         self.num_tokens += len(b.tokens)
         self.image_pos.extend(b.image_pos)
         self.span_counts.extend(b.span_counts)
-        self.spans.extend(b.spans)
+        self.span_runs.extend(b.span_runs)
         self.ids += b.ids
         self.image_codes.extend(self.images.code(p) for p in b.images)
         for index, rid, reason, message in b.bad:
@@ -145,7 +146,7 @@ def _write_arrays(folder: str, acc: _Accumulator) -> Dict[str, str]:
     _save(folder, "num_stored", acc.num_stored, smallest_uint(max_stored))
     _save(folder, "image_pos", acc.image_pos, smallest_uint(max_stored))
     _save(folder, "span_counts", acc.span_counts, smallest_uint(max(acc.span_counts, default=0)))
-    _save(folder, "spans", np.asarray(acc.spans).reshape(-1, 2), smallest_uint(max_stored))
+    _save(folder, "span_runs", np.asarray(acc.span_runs).reshape(-1, 2), smallest_uint(max(acc.span_runs, default=0)))
     id_kind = _save_ids(folder, "id", acc.ids)
     _save(folder, "image_codes", acc.image_codes, smallest_uint(len(acc.images.codes)))
     dirs, dir_codes, names = split_paths(acc.images.table())

@@ -47,7 +47,7 @@ class EncodedBatch:
     tokens: List[int] = field(default_factory=list)  # made one array [sum num_stored] by `encode_batch`
     num_stored: List[int] = field(default_factory=list)
     image_pos: List[int] = field(default_factory=list)  # stored position of the image id + 1; 0: none
-    spans: List[int] = field(default_factory=list)  # supervised [start, end) in stored positions, flat
+    span_runs: List[int] = field(default_factory=list)  # per supervised span: gap before it, its length
     span_counts: List[int] = field(default_factory=list)
     ids: List[Any] = field(default_factory=list)  # each kept record's id (str, int or None)
     images: List[Optional[str]] = field(default_factory=list)  # the records' "image" (relative to image_root)
@@ -114,7 +114,8 @@ class RecordEncoder:
         out.image_pos.append(image_at + 1)
         spans = supervised_spans(ids, labels)
         assert image_at < 0 or labels[image_at] == IGNORE_INDEX, "the image slot is supervised"
-        out.spans += spans
+        # As run lengths (gap since the previous span's end, length): mostly < 256, so one byte each.
+        out.span_runs += [b - a for a, b in zip([0] + spans, spans)]
         out.span_counts.append(len(spans) // 2)
         out.images.append(record.get("image"))
 

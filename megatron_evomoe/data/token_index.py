@@ -42,7 +42,7 @@ from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 POLL_S = 0.2
 WAIT_TIMEOUT_S = 3600.0  # a LLaVA-mix build takes minutes; a waiter gives up (naming the builder) after this
@@ -244,7 +244,7 @@ class TokenIndex:
         self._offsets = np.concatenate([[0], np.cumsum(num_stored, dtype=np.int64)])  # [N + 1]
         self._image_pos = self._load("image_pos")
         self._span_offsets = np.concatenate([[0], np.cumsum(self._load("span_counts"), dtype=np.int64)])
-        self._spans = self._load("spans")
+        self._span_runs = self._load("span_runs")
         self.has_image = np.asarray(self._image_pos) > 0  # [N] bool (for grouping by modality)
         self.num_text_tokens = num_stored.astype(np.int64) - self.has_image  # [N]
         self.lengths = self.num_text_tokens + self.has_image * self.num_image_tokens  # [N] expanded
@@ -281,8 +281,9 @@ class TokenIndex:
             ids = np.concatenate([ids[:at], np.full(self.num_image_tokens, image_token_id, np.int64), ids[at + 1:]])
             shift = self.num_image_tokens - 1
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)  # [L]
-        for s, e in self._spans[self._span_offsets[i]:self._span_offsets[i + 1]]:
-            s, e = int(s), int(e)
+        runs = self._span_runs[self._span_offsets[i]:self._span_offsets[i + 1]]  # [spans, 2] (gap, length)
+        bounds = np.cumsum(runs.reshape(-1), dtype=np.int64).reshape(-1, 2)  # [spans, 2] (start, end)
+        for s, e in bounds.tolist():
             if at >= 0 and s > at:  # spans never hold the image position: after it, shifted by the expansion
                 s, e = s + shift, e + shift
             labels[s:e] = ids[s:e]
