@@ -67,15 +67,17 @@ def test_storage_is_compact(data_root, tok, tmp_path):
     # Each image is ONE stored id, not N_IMG copies: 2 bytes per stored token.
     assert os.path.getsize(Path(ds.index_folder) / "tokens.bin") == 2 * (text + m["num_images"])
     assert m["num_distinct_images"] == len({r["image"] for r in records if "image" in r})
-    # The whole folder: its fixed part (the .npy headers, the manifest) and, per record, about 2 bytes of
-    # length and image position, one span, the id "cap_00000" (9 + 1 bytes), the image "train_00000.png"
-    # (15 + 1 bytes, these images are distinct) and its code: ~32 bytes beside ~23 text tokens.
+    # The whole folder: its fixed part (the .npy headers, the manifest) and per record, beside its tokens,
+    # one byte each of length, image position, span count, its code of the image and that image's folder
+    # code (these images are distinct), 2 of span runs (gap, length), the id "cap_00000" (9 + 1 of length)
+    # and the file name "train_00000.png" (15 + 1): 33 bytes beside ~23 text tokens.  On LLaVA-sized
+    # records (~220 text tokens, ~7 answers) the same tables come to ~2.2 bytes per text token.
     folder = Path(ds.index_folder)
     fixed = 128 * len(list(folder.glob("*.npy"))) + (folder / MANIFEST).stat().st_size
     per_record = (ds.index.file_bytes() - fixed - 2 * (text + m["num_images"])) / len(records)
     print(f"bytes per text token: {ds.index.file_bytes() / text:.2f} (without the fixed part "
           f"{(ds.index.file_bytes() - fixed) / text:.2f}); per record beside the tokens: {per_record:.1f}")
-    assert per_record <= 34
+    assert abs(per_record - 33) < 0.1  # (+1 byte in all: the one, empty, folder name's length)
 
 
 def test_jsonl_and_json_and_worker_processes_give_the_same_index(data_root, tok, tmp_path):
