@@ -136,11 +136,15 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
                     skip_bad_samples, check_images)
     folder = index_folder(index_dir, key)
     deadline = time.monotonic() + wait_timeout_s
-    built, rehash = False, True
+    built, rehash, waited = False, True, False
     while not _is_current(folder, key, rehash):
         rehash = False  # while another process builds, polls compare the stat only (not a GB of hashing)
         lock = _try_lock(index_dir, folder)
         if lock is None:
+            if not waited:
+                logger.info("%s: waiting for its token index, which another process builds (%s)", json_path,
+                            _holder_text(folder))
+                waited = True
             if time.monotonic() > deadline:
                 raise DataError(f"waited {wait_timeout_s:.0f} s for the token index {folder} that another process "
                                 f"builds ({_holder_text(folder)}); if it is gone, delete {_lock_dir(folder)}",
