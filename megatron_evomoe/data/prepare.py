@@ -11,27 +11,26 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..cli import USER_ERRORS, ArgumentParser, user_error
 from ..config import Config, ConfigError, load_config
 from .build_bundled import build_bundled_dataset
 from .llava_dataset import LlavaDataset
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 
-def stage_data_files(stage) -> List[str]:
-    """The data files of a stage: `data` is one file, or a mixture [{path, weight}, ...] (or [path, ...])."""
-    data = stage.data
-    if isinstance(data, str):
-        return [data]
-    files = []
-    for k, item in enumerate(data):
-        path = item.get("path") if isinstance(item, dict) else item
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"stages.{stage.name}.data[{k}]: expected a file name or {{path, weight}}, got {item!r}")
-        files.append(path)
-    return files
+def stage_files(stage) -> List[Tuple[str, float]]:
+    """(file under data.root, weight) of each component of a stage's data: one file has weight 1 (the
+    config's validation has checked a mixture's entries)."""
+    if isinstance(stage.data, str):
+        return [(stage.data, 1.0)]
+    return [(item["path"], float(item["weight"])) for item in stage.data]
+
+
+def stage_data_field(stage, i: int) -> str:
+    """The config field that names component i of a stage's data, for error messages."""
+    return f"stages.{stage.name}.data" + ("" if isinstance(stage.data, str) else f"[{i}].path")
 
 
 def index_dir_of(cfg: Config) -> Path:
@@ -39,25 +38,41 @@ def index_dir_of(cfg: Config) -> Path:
     return Path(cfg.data.index_dir) if cfg.data.index_dir else Path(cfg.data.root) / ".token_index"
 
 
-def prepare(cfg: Config, out=sys.stdout) -> List[LlavaDataset]:
-    """Open or build the index of every distinct stage file; one line per file on `out`."""
-    root = Path(cfg.data.root)
-    if cfg.data.build_if_missing:
-        build_bundled_dataset(str(root), num_images=cfg.data.num_images, num_test_images=cfg.data.num_test_images,
-                              image_size=cfg.vision.image_size, seed=cfg.train.seed)
+def data_root_and_tokenizer(cfg: Config, log=None) -> Tuple[Path, Tokenizer]:
+    """data.root (the bundled dataset built there first if asked and missing) and the tokenizer."""
+    d = cfg.data
+    root = Path(d.root)
+    if d.build_if_missing:
+        build_bundled_dataset(str(root), num_images=d.num_images, num_test_images=d.num_test_images,
+                              image_size=cfg.vision.image_size, seed=cfg.train.seed, log=log)
     elif not root.is_dir():
         raise ConfigError(f"data.root: folder not found: {root} (set data.build_if_missing=true to build it)")
-    tokenizer = load_tokenizer(cfg.data.tokenizer or str(root / "tokenizer"))
-    files = list(dict.fromkeys(f for stage in cfg.stages for f in stage_data_files(stage)))
+    return root, load_tokenizer(d.tokenizer or str(root / "tokenizer"))
+
+
+def open_stage_dataset(root: Path, tokenizer: Tokenizer, name: str, where: str, cfg: Config) -> LlavaDataset:
+    """The dataset of one stage file (under `root`), its token index built or reused; `where` is the
+    config field naming the file."""
+    path = root / name
+    if not path.is_file():
+        raise ConfigError(f"{where}: file not found: {path}")
+    return LlavaDataset(path, root / "images", tokenizer, cfg.data.seq_len, cfg.vision.num_image_tokens,
+                        cfg.vision.image_size, skip_bad_samples=cfg.data.skip_bad_samples,
+                        overlong=cfg.data.overlong, index_dir=index_dir_of(cfg))
+
+
+def prepare(cfg: Config, out=None) -> List[LlavaDataset]:
+    """Open or build the index of every distinct stage file; one line per file on `out` (stdout)."""
+    out = out or sys.stdout  # (read now: a default bound at import would keep a replaced stdout)
+    root, tokenizer = data_root_and_tokenizer(cfg)
+    fields = {}  # each distinct file once, named by the first field that lists it
+    for stage in cfg.stages:
+        for i, (name, _) in enumerate(stage_files(stage)):
+            fields.setdefault(name, stage_data_field(stage, i))
     datasets = []
-    for name in files:
-        path = root / name
-        if not path.is_file():
-            raise ConfigError(f"stages: data file not found: {path}")
+    for name, where in fields.items():
         t0 = time.perf_counter()
-        ds = LlavaDataset(path, root / "images", tokenizer, cfg.data.seq_len, cfg.vision.num_image_tokens,
-                          cfg.vision.image_size, skip_bad_samples=cfg.data.skip_bad_samples,
-                          overlong=cfg.data.overlong, index_dir=index_dir_of(cfg))
+        ds = open_stage_dataset(root, tokenizer, name, where, cfg)
         print(describe(ds, time.perf_counter() - t0), file=out, flush=True)
         datasets.append(ds)
     return datasets

@@ -20,7 +20,8 @@ from ..data.errors import DataError
 from ..data.loader import MicroBatchLoader
 from ..data.mixture import SampleStream
 from ..model.mllm import IGNORE_INDEX
-from .data_setup import DataBundle, stage_datasets, stage_files
+from ..data.prepare import stage_files
+from .data_setup import DataBundle, stage_datasets
 
 log = logging.getLogger("megatron_evomoe")
 

@@ -265,7 +265,7 @@ def _rendered(r):
 def test_prepare_cli_builds_then_reuses_and_errors_in_one_line(data_root, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from megatron_evomoe.data.prepare import main, stage_data_files
+    from megatron_evomoe.data.prepare import main, stage_files
     config = ROOT / "examples/configs/tiny_cpu.yaml"
     args = [str(config), f"--data.root={data_root}", "--data.build_if_missing=false", f"--data.index_dir={tmp_path}"]
     assert main(args) == 0
@@ -277,9 +277,9 @@ def test_prepare_cli_builds_then_reuses_and_errors_in_one_line(data_root, tmp_pa
     assert main(args + ["--data.seq_len=30"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "more than seq_len=30" in err[0]
-    stage = SimpleNamespace(name="s", data=[{"path": "a.json", "weight": 2}, "b.jsonl"])
-    assert stage_data_files(stage) == ["a.json", "b.jsonl"]
-    assert stage_data_files(SimpleNamespace(name="s", data="c.json")) == ["c.json"]
+    stage = SimpleNamespace(name="s", data=[{"path": "a.json", "weight": 2}, {"path": "b.jsonl", "weight": 0.5}])
+    assert stage_files(stage) == [("a.json", 2.0), ("b.jsonl", 0.5)]
+    assert stage_files(SimpleNamespace(name="s", data="c.json")) == [("c.json", 1.0)]
 
 
 @pytest.mark.parametrize("text", [
