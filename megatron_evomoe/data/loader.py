@@ -17,8 +17,9 @@ be a pure function of the index (no randomness of its own), and under the spawn 
 methods `fetch` and `collate` must pickle (module-level functions, bound methods, partials); they are
 pickled once per worker, so keep what they hold cheap to pickle (e.g. memory-mapped arrays reopened).
 Workers start on the first `next()` and stop on `close()`, when the plans run out, on an exception
-other than a DataError (a bug, or Ctrl-C: the loader is then closed), or when the loader is collected;
-a new loader continues from any saved `state_after` (rewind, resume).
+other than a DataError (a bug, or Ctrl-C: the loader is then closed), at exit, or when the loader is
+collected (also in a reference cycle through its plan stream; if `fetch` or `collate` hold the loader's
+owner, it lives until `close()` or exit); a new loader continues from any saved `state_after`.
 
 Over a LlavaDataset, 32 samples per micro-batch in file order:
 
@@ -30,7 +31,9 @@ Over a LlavaDataset, 32 samples per micro-batch in file order:
 from __future__ import annotations
 
 import signal
+import weakref
 from collections import deque
+from multiprocessing.util import Finalize
 from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -77,11 +80,24 @@ class _MicroBatches(Dataset):
             return None, [], e
 
 
-def _rows_of(plans: Iterator[MicroBatchPlan], sent: deque) -> Iterator[List[List[int]]]:
-    """The DataLoader's sampler: the plans' rows, each plan kept in `sent` until its batch comes back."""
-    for plan in plans:
-        sent.append(plan)
-        yield plan.rows
+class _PlanRows:
+    """The DataLoader's sampler: the rows of the loader's plans, each plan kept in the loader's `_sent` until
+    its batch comes back. It holds the loader weakly (the loader's finalizer holds the DataLoader iterator,
+    which holds this: a strong reference would keep every loader alive until exit)."""
+
+    def __init__(self, loader: "MicroBatchLoader"):
+        self._loader = weakref.ref(loader)
+
+    def __iter__(self) -> Iterator[List[List[int]]]:
+        while (plan := self._next_plan()) is not None:
+            yield plan.rows
+
+    def _next_plan(self) -> Optional[MicroBatchPlan]:
+        loader = self._loader()
+        plan = None if loader is None else next(loader._plans, None)
+        if plan is not None:
+            loader._sent.append(plan)
+        return plan
 
 
 def _as_is(item):
@@ -91,6 +107,8 @@ def _as_is(item):
 # stop signals are the main process's (training/stop_request.py acts at a step boundary): a worker
 # killed by a Ctrl-C or a SIGTERM sent to the whole process group would make the main process fail
 # mid-step instead of finishing the step and saving; the main process shuts the workers down itself
+# (close(), or `_shut_down` at exit or collection), and a worker whose main process died exits on its
+# own (torch's watchdog in the worker loop notices within MP_STATUS_CHECK_INTERVAL, 5 s)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -104,6 +122,15 @@ def _init_worker(worker_id: int) -> None:
             signal.signal(sig, signal.SIG_DFL if sig == signal.SIGCHLD else signal.SIG_IGN)
 
 
+def _shut_down(started: list) -> None:
+    """Stop the workers of the DataLoader iterator in `started`, if any (they are joined; what they
+    prepared ahead is dropped)."""
+    while started:
+        shutdown = getattr(started.pop(), "_shutdown_workers", None)  # (multi-process iterators only)
+        if shutdown is not None:
+            shutdown()
+
+
 class MicroBatchLoader:
     def __init__(self, plans: Iterable[MicroBatchPlan], fetch: Callable[[int], Any],
                  collate: Callable[[List[List[Any]]], dict], *, skip_bad: bool = False, num_workers: int = 0,
@@ -111,9 +138,10 @@ class MicroBatchLoader:
         if num_workers < 0 or prefetch_factor < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers} and "
                              f"{prefetch_factor}")
+        self._plans = iter(plans)
         self._sent: deque = deque()  # plans handed to the DataLoader whose batches have not come back yet
         self._loader = DataLoader(
-            _MicroBatches(fetch, collate, skip_bad), batch_size=None, sampler=_rows_of(iter(plans), self._sent),
+            _MicroBatches(fetch, collate, skip_bad), batch_size=None, sampler=_PlanRows(self),
             num_workers=num_workers, collate_fn=_as_is,
             pin_memory=pin_memory and torch.cuda.is_available(),  # (DataLoader warns without a GPU)
             prefetch_factor=prefetch_factor if num_workers else None,
@@ -122,8 +150,16 @@ class MicroBatchLoader:
             # its own generator: the workers' base seed is drawn from it, not from torch's global RNG,
             # which the training trajectory owns (a resumed run makes more loaders than an uninterrupted one)
             generator=torch.Generator())
-        self._iter = None
         self._closed = False
+        # The DataLoader's iterator once started, held by this list, which the finalizer holds too, so that
+        # the iterator is never collected as part of a garbage cycle (the plan stream is often a generator
+        # of the object that owns this loader): there the queues' own finalizers would close them first,
+        # the workers would never get the stop message, and shutting down would wait for them forever. The
+        # finalizer runs on close(), on collection, and at exit in multiprocessing's exit handler, before
+        # that terminates (SIGTERM, ignored by the workers) and joins the workers, and before the queues'
+        # own exit finalizers (priority 10) close them; in this process only.
+        self._started: list = []
+        self._finalize = Finalize(self, _shut_down, args=(self._started,), exitpriority=100)
 
     def __iter__(self) -> Iterator[Tuple[MicroBatchPlan, dict, list]]:
         return self
@@ -131,10 +167,10 @@ class MicroBatchLoader:
     def __next__(self) -> Tuple[MicroBatchPlan, dict, list]:
         if self._closed:
             raise RuntimeError("the micro-batch loader is closed (make a new one to continue)")
-        if self._iter is None:
-            self._iter = iter(self._loader)  # starts the workers, which prefetch at once
+        if not self._started:
+            self._started.append(iter(self._loader))  # starts the workers, which prefetch at once
         try:
-            batch, bad, error = next(self._iter)
+            batch, bad, error = next(self._started[0])
         except BaseException:  # the plans ran out, a bug in fetch/collate (as DataLoader raises it), Ctrl-C
             self.close()
             raise
@@ -146,11 +182,4 @@ class MicroBatchLoader:
     def close(self) -> None:
         """Stop the workers (a new loader is made to continue from another position)."""
         self._closed = True
-        it, self._iter = self._iter, None
-        shutdown = getattr(it, "_shutdown_workers", None)  # (multi-process iterators only)
-        if shutdown is not None:
-            shutdown()  # joins them; what they prepared ahead is dropped
-
-    def __del__(self):
-        if getattr(self, "_iter", None) is not None:
-            self.close()
+        self._finalize()  # (once; a no-op in a forked process: the workers are the parent's)
