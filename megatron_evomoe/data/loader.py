@@ -132,6 +132,9 @@ def _shut_down(started: list) -> None:
 
 
 class MicroBatchLoader:
+    """Iterator of (plan, batch, bad) over `plans` (see the module docstring). `multiprocessing_context`:
+    the workers' start method ("fork", "spawn", "forkserver"; None: torch's default for the platform)."""
+
     def __init__(self, plans: Iterable[MicroBatchPlan], fetch: Callable[[int], Any],
                  collate: Callable[[List[List[Any]]], dict], *, skip_bad: bool = False, num_workers: int = 0,
                  prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context: Optional[str] = None):
