@@ -53,6 +53,11 @@ FIRST_RELEASE = {
         torch.tensor torch.topk torch.uint8 torch.use_deterministic_algorithms torch.utils.cpp_extension
         torch.utils.cpp_extension.BuildExtension torch.utils.cpp_extension.CUDAExtension
         torch.utils.cpp_extension.CUDA_HOME torch.utils.cpp_extension.CppExtension torch.utils.data.Dataset
+        torch.utils.data.DataLoader torch.utils.data.DataLoader(batch_size=) torch.utils.data.DataLoader(sampler=)
+        torch.utils.data.DataLoader(num_workers=) torch.utils.data.DataLoader(collate_fn=)
+        torch.utils.data.DataLoader(pin_memory=) torch.utils.data.DataLoader(prefetch_factor=)
+        torch.utils.data.DataLoader(worker_init_fn=) torch.utils.data.DataLoader(multiprocessing_context=)
+        torch.utils.data.DataLoader(generator=)
         torch.utils.data.Sampler torch.utils.tensorboard.SummaryWriter torch.version torch.version.cuda
         torch.where torch.zeros torch.zeros_like
         torch.Generator(device=) torch.arange(device=) torch.arange(dtype=) torch.argsort(dim=)

@@ -16,8 +16,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def run_training(save_dir, data_root, fault=None):
-    args = [*TINY, STAGES, f"--data.root={data_root}", f"--train.save_dir={save_dir}", "--train.num_threads=1"]
+def run_training(save_dir, data_root, fault=None, extra=()):
+    args = [*TINY, STAGES, f"--data.root={data_root}", f"--train.save_dir={save_dir}", "--train.num_threads=1",
+            *extra]
     if fault:
         cmd = [sys.executable, str(HERE / "fault_launcher.py"), *fault, "--", *args]
     else:
@@ -49,16 +50,19 @@ def reference(data_root, tmp_path_factory):
     ("save", "3"),      # mid-write of the third checkpoint file
     ("evolve", "2"),    # between two evolved tensors' updates
     ("stage", "2"),     # right after the warm-up stage's final checkpoint
+    # mid-step with 2 DataLoader workers, resumed with them: the same as the reference, which loads in-process
+    ("step", "7", "--data.num_workers=2"),
 ])
 def test_killed_run_resumes_bit_identically(reference, data_root, tmp_path, fault):
+    fault, extra = fault[:2], fault[2:]  # (mode, n, *training flags of both runs)
     save = tmp_path / "run"
-    killed = run_training(save, data_root, fault)
+    killed = run_training(save, data_root, fault, extra)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (save / "checkpoints" / "03-router-step000003").exists()
     latest = ckpt.find_latest(save)
     if latest is not None:  # whatever is 'latest' after the kill must load
         ckpt.load_checkpoint(latest)
-    resumed = run_training(save, data_root)
+    resumed = run_training(save, data_root, extra=extra)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr or latest is None
     ref, got = step_records(reference), step_records(save)

@@ -80,3 +80,16 @@ def test_torchrun_max_restarts_resumes_after_a_rank_dies_mid_step(reference, lay
     assert "exitcode: -9" in r.stderr  # torchrun saw the kill ...
     assert "resuming from" in r.stderr and "01-warmup-step000003" in r.stderr  # ... the restarted workers resumed
     assert harness.compare(reference, save, layout) == []
+
+
+@pytest.mark.parametrize("layout", ["dp2"], scope="module")  # (the DP ranks' loaders: one layout is enough)
+def test_rank_killed_mid_step_with_loader_workers_resumes(reference, layout, data_root, tmp_path):
+    # both ranks load with 2 DataLoader workers (data.num_workers=2); rank 1 dies mid-step 7; rerun with the
+    # same command, the job ends bit-identical to the reference, which loads in the training processes
+    save, workers = tmp_path / "run", ["--data.num_workers=2"]
+    killed = harness.run(harness.command(save, data_root, layout, fault=("step", "7"), extra=workers),
+                         harness.fault_env("kill", rank=1))
+    assert killed.returncode != 0 and "fault_launcher: kill on rank 1" in killed.stderr, killed.stderr[-3000:]
+    resumed = harness.run(harness.command(save, data_root, layout, extra=workers))
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    assert harness.compare(reference, save, layout) == []
