@@ -19,8 +19,8 @@ from ..data.batch_plan import BatchPlan
 from ..data.errors import DataError
 from ..data.loader import MicroBatchLoader
 from ..data.mixture import SampleStream
-from ..model.mllm import IGNORE_INDEX
 from ..data.prepare import stage_files
+from ..model.mllm import IGNORE_INDEX
 from .data_setup import DataBundle, stage_datasets
 
 log = logging.getLogger("megatron_evomoe")
@@ -167,11 +167,9 @@ class StageData:
     def log_index_counts(self) -> None:
         """The index's truncations and over-long skips of each file, once at the stage's start."""
         for name, ds in zip(self.component_names, self.datasets):
-            truncated = getattr(ds, "num_truncated", 0)
-            ids = list(getattr(ds, "truncated_ids", []) or [])
-            if truncated:
-                log.info("%s: %d over-long records truncated (data.overlong=truncate)%s", Path(name),
-                         truncated, f"; record ids {ids[:20]}{' ...' if len(ids) > 20 else ''}" if ids else "")
-            overlong = ds.skipped.get("too_long", 0) if isinstance(getattr(ds, "skipped", None), dict) else 0
-            if overlong:
-                log.info("%s: %d over-long records skipped (reason too_long)", Path(name), overlong)
+            ids = list(ds.truncated_ids)
+            if ds.num_truncated:
+                log.info("%s: %d over-long records truncated (data.overlong=truncate); record ids %s%s", Path(name),
+                         ds.num_truncated, ids[:20], " ..." if len(ids) > 20 else "")
+            if ds.skipped.get("too_long", 0):
+                log.info("%s: %d over-long records skipped (reason too_long)", Path(name), ds.skipped["too_long"])
