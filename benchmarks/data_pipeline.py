@@ -127,7 +127,7 @@ def measure_loader(ds, spec: dict, num_workers: int) -> dict:
 def measure_train(ds, spec: dict) -> dict:
     """Median time of one demo training step (micro-batch of the config, stage I's structure and trainable set)."""
     import torch
-    from megatron_evomoe.config import load_config
+    from megatron_evomoe.config import load_config, stage_global_batch
     from megatron_evomoe.data.conversation import IGNORE_INDEX
     from megatron_evomoe.stages.structure import build_model
     from megatron_evomoe.stages.trainable import set_trainable
@@ -159,7 +159,9 @@ def measure_train(ds, spec: dict) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[spec["warmup"]:])
-    return {"step_s": step_s, "samples_per_s": micro * cfg.train.grad_accum_steps / step_s, "step_times": times,
+    # one micro-batch per step: the demo's global batch is its micro-batch (train.global_batch_size)
+    assert stage_global_batch(cfg, stage) == micro, "the demo config no longer steps on one micro-batch"
+    return {"step_s": step_s, "samples_per_s": micro / step_s, "step_times": times,
             "warmup": spec["warmup"], "stage": stage.name, "moe_mode": stage.moe_mode}
 
 
@@ -319,7 +321,7 @@ def size_table(full, index: dict) -> list:
 
 def demo_geometry() -> tuple:
     """(Geometry, image size, micro-batch) of the demo's config."""
-    from megatron_evomoe.config import load_config
+    from megatron_evomoe.config import load_config, stage_global_batch
     cfg = load_config(str(DEMO_CONFIG))
     return (mix.Geometry(cfg.vision.num_image_tokens, cfg.data.seq_len), cfg.vision.image_size,
             cfg.train.micro_batch_size)
