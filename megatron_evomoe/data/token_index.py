@@ -37,7 +37,7 @@ from .conversation import IGNORE_INDEX, ConversationTemplate
 from .errors import DataError
 from .index_builder import build_index
 from .record_encoder import RecordEncoder
-from .string_table import IndexedView, IntView, PathView, StringView, ends_of, id_view
+from .string_table import IndexedView, IntView, PathView, StringView, ends_of, id_view, smallest_uint
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_im
 
 
 def token_dtype(tokenizer: Tokenizer) -> np.dtype:
-    return np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    """The smallest unsigned type that holds every id: uint16 for LLaMA/Vicuna (32k) and Phi-2 (51k),
+    uint32 for Qwen2 (151k) and StableLM-2 (100k), uint8 for a word tokenizer of < 256 words."""
+    return smallest_uint(tokenizer.vocab_size - 1)
 
 
 def _lock_dir(folder: str) -> str:

@@ -58,14 +58,14 @@ def test_every_bundled_record_round_trips_exactly(data_root, tok, tmp_path, name
 def test_storage_is_compact(data_root, tok, tmp_path):
     ds = dataset(data_root / "captions.json", tok, tmp_path)
     m = ds.index.manifest
-    assert m["dtype"] == "uint16" and tok.vocab_size < 1 << 16
+    assert m["dtype"] == "uint8" and tok.vocab_size <= 256  # the smallest type that holds the bundled ids
     records = json.loads((data_root / "captions.json").read_text())
     text = sum(len(render_conversation(r["conversations"], tok, 0 if "image" not in r else 1, "image" in r)[0])
                for r in records) - sum("image" in r for r in records)  # one stored image id per image record
     assert m["num_text_tokens"] == text and m["num_images"] == sum("image" in r for r in records)
     assert ds.index.num_text_tokens.sum() == text and ds.index.has_image.tolist() == ["image" in r for r in records]
-    # Each image is ONE stored id, not N_IMG copies: 2 bytes per stored token.
-    assert os.path.getsize(Path(ds.index_folder) / "tokens.bin") == 2 * (text + m["num_images"])
+    # Each image is ONE stored id, not N_IMG copies: 1 byte per stored token.
+    assert os.path.getsize(Path(ds.index_folder) / "tokens.bin") == text + m["num_images"]
     assert m["num_distinct_images"] == len({r["image"] for r in records if "image" in r})
     # The whole folder: its fixed part (the .npy headers, the manifest) and per record, beside its tokens,
     # one byte each of length, image position, span count, its code of the image and that image's folder
@@ -74,7 +74,7 @@ def test_storage_is_compact(data_root, tok, tmp_path):
     # records (~220 text tokens, ~7 answers) the same tables come to ~2.2 bytes per text token.
     folder = Path(ds.index_folder)
     fixed = 128 * len(list(folder.glob("*.npy"))) + (folder / MANIFEST).stat().st_size
-    per_record = (ds.index.file_bytes() - fixed - 2 * (text + m["num_images"])) / len(records)
+    per_record = (ds.index.file_bytes() - fixed - (text + m["num_images"])) / len(records)
     print(f"bytes per text token: {ds.index.file_bytes() / text:.2f} (without the fixed part "
           f"{(ds.index.file_bytes() - fixed) / text:.2f}); per record beside the tokens: {per_record:.1f}")
     assert abs(per_record - 33) < 0.1  # (+1 byte in all: the one, empty, folder name's length)
