@@ -64,7 +64,8 @@ def padding_fraction(lengths: Sequence[int], rows: Sequence[Sequence[int]], seq_
 
 def collate_packed(rows: Sequence[Sequence[PackedSample]], seq_len: int, pad_id: int, image_size: int) -> dict:
     """[B] rows of samples -> input_ids, labels, positions, segment_ids [B, S]; images [N, 3, H, W]
-    in row-major order of their image slots (what `splice_rows` fills); padding_tokens (int).
+    in row-major order of their image slots (what `splice_rows` fills). (The padding is counted by
+    the batch plan, from the lengths, for all ranks' rows: data/batch_plan.py.)
 
     Padding: pad_id, labels IGNORE_INDEX, segment -1, positions continuing from the row's last
     sample (a row holding one sample gets positions 0..S-1, as unpacked). A row may be empty."""
@@ -76,7 +77,6 @@ def collate_packed(rows: Sequence[Sequence[PackedSample]], seq_len: int, pad_id:
     positions = torch.zeros(B, seq_len, dtype=torch.long)  # [B, S]
     segment_ids = torch.full((B, seq_len), -1, dtype=torch.long)  # [B, S]
     images = []
-    num_real = 0
     for b, row in enumerate(rows):
         start = 0
         for k, (ids, labs, image) in enumerate(row):
@@ -93,7 +93,6 @@ def collate_packed(rows: Sequence[Sequence[PackedSample]], seq_len: int, pad_id:
             start += n
         last = start - row[-1][0].shape[0] if row else 0  # where the last sample's positions began
         positions[b, start:] = torch.arange(start - last, seq_len - last)
-        num_real += start
     pixel_values = torch.stack(images) if images else torch.zeros(0, 3, image_size, image_size)
     return {"input_ids": input_ids, "labels": labels, "images": pixel_values, "positions": positions,
-            "segment_ids": segment_ids, "padding_tokens": B * seq_len - num_real}
+            "segment_ids": segment_ids}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..data.batch_plan import BatchPlan
 from ..data.errors import DataError
 from ..data.loader import MicroBatchLoader
 from ..data.mixture import SampleStream
+from ..data.packing import collate_packed
 from ..data.prepare import stage_files
 from ..model.mllm import IGNORE_INDEX
 from .data_setup import DataBundle, stage_datasets
@@ -55,17 +57,6 @@ class UnpackedCollate:
         return self.dataset.collate([row[0] if row else self.padding for row in rows])
 
 
-class PackedCollate:
-    def __init__(self, seq_len: int, pad_id: int, image_size: int):
-        self.seq_len, self.pad_id, self.image_size = seq_len, pad_id, image_size
-
-    def __call__(self, rows):
-        from ..data.packing import collate_packed
-        batch = collate_packed(rows, self.seq_len, self.pad_id, self.image_size)
-        batch.pop("padding_tokens", None)  # (an int, not a tensor to move; the plan's stats count padding)
-        return batch
-
-
 class StageData:
     """A stage's infinite, resumable stream of this data-parallel rank's micro-batches."""
 
@@ -87,8 +78,10 @@ class StageData:
                               packed=self.packed, pack_window=d.pack_window)
         pad_id = bundle.tokenizer.pad_id
         self._fetch = SampleFetch(self.datasets, stream.offsets, self.packed)
-        self._collate = (PackedCollate(d.seq_len, pad_id, cfg.vision.image_size) if self.packed
-                         else UnpackedCollate(self.datasets[0], d.seq_len, pad_id))
+        if self.packed:  # (a partial of a module function pickles for the loader's workers)
+            self._collate = partial(collate_packed, seq_len=d.seq_len, pad_id=pad_id, image_size=cfg.vision.image_size)
+        else:
+            self._collate = UnpackedCollate(self.datasets[0], d.seq_len, pad_id)
         self._loader_options = dict(skip_bad=d.skip_bad_samples, num_workers=d.num_workers,
                                     prefetch_factor=d.prefetch_factor,
                                     pin_memory=d.pin_memory and device is not None and device.type == "cuda")

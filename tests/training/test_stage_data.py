@@ -1,6 +1,6 @@
 """StageData on the micro-batch loader: a bad sample with skipping is dropped from its row (an unpacked
 row then is padding), a packed stage hands the packer's rows of (ids, labels, image) to collate_packed
-(stand-ins for data/packing.py here), and a state_dict resumes the same micro-batches."""
+(data/packing.py), and a state_dict resumes the same micro-batches."""
 from __future__ import annotations
 
 import json
@@ -39,33 +39,11 @@ def test_a_bad_sample_is_dropped_from_its_row(data_root, tmp_path):
     assert data.num_skipped == 1 and data.skipped_by_reason() == {"corrupt_image": 1}
 
 
-def _first_fit(lengths, seq_len):
-    rows, used = [], []
-    for p, n in enumerate(lengths):
-        k = next((k for k, u in enumerate(used) if u + n <= seq_len), len(rows))
-        if k == len(rows):
-            rows.append([]), used.append(0)
-        rows[k].append(p)
-        used[k] += int(n)
-    return rows
-
-
-def _collate_stand_in(rows, seq_len, pad_id, image_size):
-    """What the test needs of collate_packed: each row's samples' ids, concatenated."""
-    ids = torch.full((len(rows), seq_len), pad_id)
-    for r, row in enumerate(rows):
-        flat = torch.cat([s[0] for s in row])
-        ids[r, :len(flat)] = flat
-    return {"input_ids": ids, "images": torch.stack([s[2] for row in rows for s in row]), "padding_tokens": 0}
-
-
-def test_packed_rows_reach_the_collate_and_resume(data_root, monkeypatch):
-    monkeypatch.setattr(packing, "pack_rows", _first_fit, raising=False)
-    monkeypatch.setattr(packing, "collate_packed", _collate_stand_in, raising=False)
+def test_packed_rows_reach_the_collate_and_resume(data_root):
     data = _stage_data(data_root, "--data.packing=pack", "--data.pack_window=8", "--train.micro_batch_size=2")
     ds = data.dataset
     window = SampleStream([len(ds)], 0).take(8)
-    rows = [[int(window[p]) for p in row] for row in _first_fit(ds.lengths[window], ds.seq_len)]
+    rows = [[int(window[p]) for p in row] for row in packing.pack_rows(ds.lengths[window], ds.seq_len)]
     assert max(len(r) for r in rows) >= 2  # the tiny captions do pack
     first, second = data.next_batches(2)
     for batch, pair in ((first, rows[:2]), (second, rows[2:4])):
