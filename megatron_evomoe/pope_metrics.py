@@ -1,27 +1,30 @@
-"""POPE's answer rule and metrics, as the official POPE evaluation script computes them.
+"""POPE's answer rule and metrics, as LLaVA's ``llava/eval/eval_pope.py`` computes them.
 
-Shared by the scorer (eval/pope.py, which reads question and answer files) and the trainer's
-stage-end evaluation (training/evaluation.py), so it sits below both.
+Shared by the scorer (eval/pope.py, which reads question, annotation and answer files) and the
+trainer's stage-end evaluation (training/evaluation.py), so it sits below both.
 
-- an answer is cut at its first "." (first sentence), commas are deleted, it is
-  split on single spaces, and it counts as "no" when one of the words is exactly
-  "No", "not" or "no"; anything else counts as "yes" ("NO" and "Nope" are "yes");
-- "yes" is the positive class: precision = TP/(TP+FP), recall = TP/(TP+FN),
-  F1 = 2PR/(P+R), accuracy = (TP+TN)/N, yes-ratio = share of "yes" predictions.
-Where the official script would divide by zero (no positive predictions, say)
-the metric is 0.0 here.
+The answer rule, character for character (the answer is NOT stripped: LLaVA's answer writer strips
+model outputs before they reach the file, the scorer itself does not):
+- when the answer holds a ".", only the text before the first "." is kept;
+- commas are deleted and the rest is split on single spaces (so a tab or a newline stays inside
+  its word: "No\\t" and "No\\nYes" are the words "No\\t" and "No\\nYes", neither of them "No");
+- it is "no" when one of the words is exactly "No", "not" or "no", else "yes"
+  ("NO", "Nope" and "No\\n" are "yes"; " No" is "no": its words are "" and "No").
+Metrics, "yes" the positive class: precision = TP/(TP+FP), recall = TP/(TP+FN),
+F1 = 2PR/(P+R), accuracy = (TP+TN)/N, yes-ratio = share of "yes" predictions.
+Where the official script divides by zero and stops (no "yes" prediction: TP+FP = 0; no "yes"
+label: TP+FN = 0; TP = 0 otherwise: P+R = 0) the metric is 0.0 here and `undefined_metrics` names it.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+from typing import Dict, List, Mapping, Sequence, Union
 
 _NO_WORDS = ("No", "not", "no")
 
 
 def parse_yes_no(answer: str) -> str:
-    """Map a free-form answer to "yes"/"no" with the official POPE rule."""
-    # Generation scripts strip outputs before writing answer files; do the same.
-    first_sentence = answer.strip().split(".")[0]
+    """Map an answer, as written in the answers file, to "yes"/"no" with eval_pope.py's rule."""
+    first_sentence = answer.split(".")[0]
     words = first_sentence.replace(",", "").split(" ")
     return "no" if any(w in words for w in _NO_WORDS) else "yes"
 
@@ -73,3 +76,13 @@ def pope_metrics(
         "yes_ratio": (tp + fp) / n,
         "tp": tp, "fp": fp, "tn": tn, "fn": fn, "num_questions": n,
     }
+
+
+def undefined_metrics(metrics: Mapping[str, float]) -> List[str]:
+    """The metrics of a `pope_metrics` result that divide by zero (where eval_pope.py stops with
+    ZeroDivisionError, at the first of them) and are reported as 0.0."""
+    tp, fp, fn = metrics["tp"], metrics["fp"], metrics["fn"]
+    undefined = [name for name, den in (("precision", tp + fp), ("recall", tp + fn)) if den == 0]
+    if tp == 0:  # P + R = 0 whether or not P and R themselves are defined
+        undefined.append("f1")
+    return undefined

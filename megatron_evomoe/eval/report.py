@@ -2,7 +2,8 @@
 
 Every benchmark returns a result dict ``{"benchmark", "data", "metrics", "questions",
 ...}``; `write_report` stores it as ``<out_dir>/<benchmark>.json`` and prints the
-rows it is given as a two-column table.
+rows it is given as a two-column table, followed by the result's ``metrics["notes"]`` (where a
+result departs from what the official script would do, e.g. a metric it cannot compute).
 """
 from __future__ import annotations
 
@@ -53,5 +54,7 @@ def write_report(
     """Store `result` as ``<out_dir>/<benchmark>.json``, print `rows`; return the JSON path."""
     name = result["benchmark"]
     path = write_json(os.path.join(out_dir, f"{name}.json"), result)
-    print(format_table(f"{name}  ({result.get('data', '')})", rows), file=stream or sys.stdout)
+    notes = [f"note: {n}" for n in result["metrics"].get("notes", [])]
+    print("\n".join([format_table(f"{name}  ({result.get('data', '')})", rows)] + notes),
+          file=stream or sys.stdout)
     return path

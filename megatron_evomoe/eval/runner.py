@@ -5,35 +5,45 @@ model sees anything), asks ``answer_fn(image_path, prompt) -> str`` each questio
 scores the answers like the official scripts, writes ``<out_dir>/<name>.json``
 (metrics + per-question answers and scores) and prints a table of the metrics.
 
-`score_answers` does the same with answers computed beforehand, keyed by
-question id; it backs the command line:
+`score_answers` does the same with answers computed beforehand: a ``{question_id: answer}``
+mapping, or the lines of an answers file (`answer_records.read_answer_records`); it backs the
+command line:
 
     python -m megatron_evomoe.eval.runner --benchmark pope --data FILE --images DIR \\
-        --answers-jsonl FILE [--out-dir DIR] [--limit N] [--no-circular]
+        --answers-jsonl FILE [--annotations DIR] [--textvqa-ocr] [--out-dir DIR] [--limit N] [--no-circular]
 
-The answers file has one ``{"question_id": ..., "answer": "..."}`` per line
-(``"text"`` is accepted for ``"answer"``, as in LLaVA answer files).  Question ids:
-POPE and TextVQA use the file's ``question_id``; MMBench the row ``index``, with
-rotated passes numbered ``k * 1000000 + index``; MME ``"<category>/<image>#<n>"``
-with n = 0, 1 the question's position among its image's questions.
+The answers file has one ``{"question_id": ..., "answer": "..."}`` per line (``"text"`` is
+accepted for ``"answer"``: LLaVA's answer files are read as they are, their ``prompt`` used where
+the official scripts use it).  Question ids: POPE and TextVQA use the question file's
+``question_id``; MMBench the row ``index``, with rotated passes numbered ``k * 1000000 + index``;
+MME ``"<category>/<image>#<n>"`` with n = 0, 1 the question's position among its image's
+questions.  LLaVA's own keys work too: MME ``"<category>/<image file>"`` and TextVQA's image id,
+each shared by the questions of one image and told apart by the answer's ``prompt`` (see
+`mme.match_answers`, `textvqa.match_answers`).  An answers file of which no line answers a
+question is an error naming it; lines that answer nothing (e.g. past ``--limit``) are counted in
+``num_unmatched_answers``.  `run_benchmark` strips the model's answers, as LLaVA's answer writer
+does; answers read from a file are scored as written.
 
 ``limit`` (N >= 1) keeps the first N questions of the file (MMBench: the first N base
 questions, each with all its circular passes; MME: N questions, so a cut may leave
 an image with one question, scored on that one).
 
 Benchmark options (keyword arguments / flags): ``prompt_suffix`` for all four,
-``circular`` for MMBench.  For MMBench ``image_root`` is where the TSV's images
-are decoded to (a temporary folder when None); for MME it defaults to ``data_path``.
+``circular`` for MMBench, ``annotations`` (the COCO POPE annotation folder, which holds the
+labels of LLaVA's ``llava_pope_test.jsonl``) for POPE, ``ocr_tokens`` (LLaVA-1.5's
+"Reference OCR token:" prompt) for TextVQA.  For MMBench ``image_root`` is where the TSV's
+images are decoded to (a temporary folder when None); for MME it defaults to ``data_path``.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from . import mmbench, mme, pope, textvqa
+from .answer_records import (Answers, by_question_id, check_some_matched, match_by_id,
+                             not_utf8, read_answer_records)
 from .report import write_report
 
 AnswerFn = Callable[[Optional[str], str], str]
@@ -65,9 +75,10 @@ def _load(name: str, data_path: str, image_root: Optional[str], limit: Optional[
 
 
 def _finish(name: str, data_path: str, questions: Sequence[Any], responses: Mapping[str, str],
-            out_dir: str) -> Dict[str, Any]:
+            out_dir: str, num_unmatched: int = 0) -> Dict[str, Any]:
     result = _module(name).score(questions, responses)
     result["data"] = data_path
+    result["num_unmatched_answers"] = num_unmatched
     rows = _module(name).summary_rows(result["metrics"])
     result["output_json"] = write_report(result, rows, out_dir)
     return result
@@ -89,55 +100,36 @@ def run_benchmark(
             if not isinstance(answer, str):
                 raise ValueError(f"{name}: answer_fn returned {type(answer).__name__} for question "
                                  f"{q.question_id!r}, expected str")
-            responses[str(q.question_id)] = answer
+            responses[str(q.question_id)] = answer.strip()  # as LLaVA's answer files hold it
         return _finish(name, data_path, questions, responses, out_dir)
 
 
 def score_answers(
-    name: str, data_path: str, image_root: Optional[str], answers: Mapping[Any, str],
+    name: str, data_path: str, image_root: Optional[str], answers: Answers,
     out_dir: str, limit: Optional[int] = None, **options: Any,
 ) -> Dict[str, Any]:
-    """Score answers computed beforehand (``{question_id: answer}``) like `run_benchmark`."""
-    by_id = {str(k): v for k, v in answers.items()}
+    """Score answers computed beforehand like `run_benchmark`: a ``{question_id: answer}``
+    mapping, or `AnswerRecord` lines of an answers file (matched as the module says)."""
     with contextlib.ExitStack() as stack:
         questions = _load(name, data_path, image_root, limit, options, stack)
+    num_unmatched = 0
+    if isinstance(answers, Mapping):
+        by_id = {str(k): v for k, v in answers.items()}
+    else:
+        match = getattr(_module(name), "match_answers", match_by_id)
+        by_id, unmatched = match(questions, answers)
+        check_some_matched(answers, by_id, data_path)
+        num_unmatched = len(unmatched)
     missing = [q.question_id for q in questions if str(q.question_id) not in by_id]
     if missing:
         raise ValueError(f"{name}: no answer for {len(missing)} of {len(questions)} questions, "
                          f"e.g. question_id {', '.join(repr(m) for m in missing[:5])}")
-    return _finish(name, data_path, questions, by_id, out_dir)
-
-
-def not_utf8(path, e: UnicodeDecodeError) -> str:
-    return f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"
+    return _finish(name, data_path, questions, by_id, out_dir, num_unmatched)
 
 
 def read_answers_jsonl(path: str) -> Dict[str, str]:
     """``{str(question_id): answer}`` from a JSON-lines file of precomputed answers."""
-    answers: Dict[str, str] = {}
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8").split("\n")  # (not splitlines: U+2028 may sit inside a JSON string)
-    except UnicodeDecodeError as e:  # (name the file and where: the decoder's message names neither)
-        raise ValueError(not_utf8(path, e)) from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or "question_id" not in rec:
-            raise ValueError(f"{where}: expected an object with a 'question_id'")
-        key = "answer" if "answer" in rec else "text"
-        if not isinstance(rec.get(key), str):
-            raise ValueError(f"{where}: expected a string 'answer' (or 'text')")
-        qid = str(rec["question_id"])
-        if qid in answers:
-            raise ValueError(f"{where}: duplicate question_id {rec['question_id']!r}")
-        answers[qid] = rec[key]
-    return answers
+    return by_question_id(read_answer_records(path))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -151,16 +143,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--limit", type=int_at_least(1), default=None,
                         help="score only the first N questions (N >= 1)")
     parser.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
+    parser.add_argument("--annotations", default=None,
+                        help="POPE: the folder of coco_pope_<split>.json label files (LLaVA's llava_pope_test.jsonl)")
+    parser.add_argument("--textvqa-ocr", action="store_true",
+                        help="TextVQA: LLaVA-1.5's prompt with the question's 'Reference OCR token:' line")
     args = parser.parse_args(argv)
-    if args.no_circular and args.benchmark != "mmbench":
-        parser.error("--no-circular applies to --benchmark mmbench only")
-    options = {"circular": False} if args.no_circular else {}
+    options = _options(parser, args)
     try:
         return score_answers(args.benchmark, args.data, args.images,
-                             read_answers_jsonl(args.answers_jsonl), args.out_dir,
+                             read_answer_records(args.answers_jsonl), args.out_dir,
                              limit=args.limit, **options)
     except USER_ERRORS as e:  # a bad question or answers file, a missing image
         raise SystemExit(user_error(e)) from None
+
+
+def _options(parser, args) -> Dict[str, Any]:
+    """Benchmark options from the flags; a flag of another benchmark is a usage error."""
+    flags = (("no_circular", "--no-circular", "mmbench", "circular", False),
+             ("annotations", "--annotations", "pope", "annotations", args.annotations),
+             ("textvqa_ocr", "--textvqa-ocr", "textvqa", "ocr_tokens", True))
+    options: Dict[str, Any] = {}
+    for attr, flag, benchmark, option, value in flags:
+        if getattr(args, attr) in (None, False):
+            continue
+        if args.benchmark != benchmark:
+            parser.error(f"{flag} applies to --benchmark {benchmark} only")
+        options[option] = value
+    return options
 
 
 if __name__ == "__main__":
