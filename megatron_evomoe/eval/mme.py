@@ -11,12 +11,22 @@ files) or ``image<TAB>question<TAB>Yes|No``;
 ``image_root`` defaults to ``data_path``; for the two folder layouts it replaces the
 benchmark root when looking images up.
 
-Scoring follows the official MME calculation script:
-- answers are lower-cased; exactly "yes"/"no" is taken as is, otherwise "yes" in
-  the first 4 characters means yes, else "no" in them means no, else "other"
-  (always wrong);
+Answers keyed as LLaVA writes them (``model_vqa_loader.py`` on ``llava_mme.jsonl``: ``question_id``
+``"<category>/<image file>"``, the same for an image's two questions, and the ``prompt``) are
+matched as LLaVA's ``convert_answer_to_mme.py`` matches them (`match_answers`).
+
+Scoring follows the official MME calculation script (``eval_tool/calculation.py``):
+- answers are lower-cased, not stripped; exactly "yes"/"no" is taken as is, otherwise "yes" in
+  the first 4 characters means yes, else "no" in them means no, else "other" (always wrong):
+  " Yes" is yes, "  Yes" other (its first 4 characters are "  ye");
 - per category: acc = share of questions right, acc+ = share of images with both
-  questions right, score = 100*acc + 100*acc+ (at most 200);
+  questions right, score = 100*acc + 100*acc+ (at most 200).  The official script pairs
+  consecutive lines of its per-category results file, which are an image's two questions when
+  the answers come in LLaVA's question order; here the pairs are the questions of one image,
+  whatever the order;
+- an answer with a newline or a tab breaks the official results file (one line per answer,
+  tab-separated): calculation.py then skips lines or stops on its pair assertion.  Here such an
+  answer is read as written (its first 4 characters) and ``metrics["notes"]`` counts them;
 - Perception = sum of the 10 perception category scores (at most 2000), Cognition
   = sum of the 4 cognition ones (at most 800).
 Categories present in the data but in neither list are scored and left out of the
@@ -28,7 +38,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .answer_records import AnswerRecord, claim
 from .question_images import limited_with_images
+
 NAME = "mme"
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "scene", "landmark", "artwork", "OCR")
@@ -36,6 +48,9 @@ COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation
              "code_reasoning")
 IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
 _SPLIT_QA, _SPLIT_IMAGES = "questions_answers_YN", "images"
+# What LLaVA's prompts add to MME's questions, and convert_answer_to_mme.py takes off again.
+_SHORT_ANSWER = "Answer the question using a single word or phrase."
+_YES_OR_NO = "Please answer yes or no."
 
 
 @dataclass(frozen=True)
@@ -51,9 +66,9 @@ class MMEQuestion:
 
 
 def parse_yes_no_other(answer: str) -> str:
-    """Map a free-form answer to "yes"/"no"/"other" with the official MME rule."""
-    # Generation scripts strip outputs before the results file is written.
-    text = answer.strip().lower()
+    """Map an answer, as written in the answers file, to "yes"/"no"/"other" with calculation.py's rule."""
+    # (calculation.py reads the answer with the line's "\n"; that changes neither rule below.)
+    text = answer.lower()
     if text in ("yes", "no"):
         return text
     head = text[:4]
@@ -170,6 +185,50 @@ def load_questions(
     return limited_with_images(questions, limit, lambda q: f"MME {q.source}")
 
 
+# ---------------------------------------------------------------- LLaVA's answer keys
+
+def _gt_key(category: str, image: str, question: str) -> Tuple[str, str, str]:
+    """convert_answer_to_mme.py's key of a question: category, the image name up to its first ".",
+    and the question as its (stripped) release line holds it."""
+    return category, image.split(".")[0], question.lstrip()
+
+
+def _prompt_keys(record: AnswerRecord) -> List[Tuple[str, str, str]]:
+    """The keys convert_answer_to_mme.py tries for a LLaVA answer, in its order."""
+    qid = str(record.question_id)
+    category, stem = qid.split("/")[0], qid.split("/")[-1].split(".")[0]
+    prompt = record.prompt
+    if _SHORT_ANSWER in prompt:
+        prompt = prompt.replace(_SHORT_ANSWER, "").strip()
+    if _YES_OR_NO in prompt:
+        return [(category, stem, prompt)]
+    return [(category, stem, f"{prompt} {_YES_OR_NO}"), (category, stem, f"{prompt}  {_YES_OR_NO}")]
+
+
+def match_answers(questions: Sequence[MMEQuestion], records: Sequence[AnswerRecord]
+                  ) -> Tuple[Dict[str, str], List[AnswerRecord]]:
+    """Answers by question_id, from records keyed ``"<category>/<image>#<n>"`` or, as LLaVA writes
+    them, ``"<category>/<image file>"`` + ``prompt``; -> (answers, records that match no question).
+    Questions with the same key (the same question twice on one image) take their answers in order."""
+    ours = {q.question_id for q in questions}
+    by_key: Dict[Tuple[str, str, str], List[str]] = {}
+    for q in questions:
+        by_key.setdefault(_gt_key(q.category, q.image, q.question), []).append(q.question_id)
+    answers: Dict[str, str] = {}
+    unmatched: List[AnswerRecord] = []
+    for r in records:
+        if str(r.question_id) in ours:
+            claim(answers, str(r.question_id), r)
+            continue
+        keys = [] if r.prompt is None else [k for k in _prompt_keys(r) if k in by_key]
+        if not keys:
+            unmatched.append(r)
+            continue
+        free = [qid for qid in by_key[keys[0]] if qid not in answers]
+        claim(answers, free[0] if free else by_key[keys[0]][0], r)
+    return answers, unmatched
+
+
 # ---------------------------------------------------------------- scoring
 
 def _category_score(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -182,6 +241,7 @@ def _category_score(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "acc": 100.0 * acc, "acc_plus": 100.0 * acc_plus, "score": 100.0 * (acc + acc_plus),
         "num_questions": len(records), "num_images": len(images),
         "num_other": sum(r["pred"] == "other" for r in records),
+        "num_multiline": sum(any(c in r["answer"] for c in "\n\t") for r in records),
     }
 
 
@@ -206,6 +266,10 @@ def score(questions: Sequence[MMEQuestion], responses: Mapping[str, str]) -> Dic
         metrics[total] = sum(categories[c]["score"] for c in present)
         metrics[f"{total}_num_categories"] = len(present)
     metrics["categories"] = categories
+    metrics["notes"] = [
+        f"{c}: {m['num_multiline']} answer(s) hold a newline or tab, which break calculation.py's "
+        f"results file (lines skipped or a failed pair assertion); read here as written"
+        for c, m in categories.items() if m["num_multiline"]]
     return {"benchmark": NAME, "metrics": metrics, "questions": records}
 
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 from megatron_evomoe.eval import run_benchmark
 from megatron_evomoe.eval.mme import parse_yes_no_other
+from megatron_evomoe.eval.runner import main
 
 # category -> image stem -> [(question, gt, model answer)]
 EXISTENCE = {  # flat layout, a perception category
@@ -50,9 +51,13 @@ def _answer_fn(calls=None):
     return fn
 
 
+# calculation.py: lower-cased, never stripped; exact yes/no, else "yes" / "no" within the first 4 characters.
 @pytest.mark.parametrize("answer, parsed", [
     ("Yes", "yes"), ("no", "no"), ("No, it is not.", "no"), ("yes.", "yes"),
-    ("Not sure", "no"), ("The answer is yes", "other"), ("  Yes", "yes"), ("maybe", "other"),
+    ("Not sure", "no"), ("The answer is yes", "other"), ("maybe", "other"),
+    (" Yes", "yes"), ("  Yes", "other"), ("  no", "no"), ("   No", "other"), (" yes\n", "yes"),
+    ("\nyes", "yes"), ("No\nbecause yes", "no"), ("\tNo", "no"), ("Yes!", "yes"), ("", "other"),
+    ("noyes", "no"), ("I think yes", "other"),
 ])
 def test_parse_yes_no_other(answer, parsed):
     assert parse_yes_no_other(answer) == parsed
@@ -121,3 +126,59 @@ def test_malformed_line(tmp_path):
     bad.write_text("Does it print 5?\tMaybe\n")
     with pytest.raises(ValueError, match=r"0002\.txt:1: answer is 'Maybe'"):
         run_benchmark("mme", str(root), None, _answer_fn(), str(tmp_path / "out"))
+
+
+def _llava_answers(path, rows):
+    path.write_text("".join(json.dumps({"question_id": qid, "prompt": prompt, "text": text, "answer_id": "a",
+                                        "model_id": "m", "metadata": {}}) + "\n" for qid, prompt, text in rows))
+    return path
+
+
+def test_llava_answer_file_with_shared_keys(tmp_path, capsys):
+    root = tmp_path / "MME_Benchmark_release_version"
+    for stem, lines in {"0001": "Is there a cat? Please answer yes or no.\tYes\n"
+                                "Is there a dog? Please answer yes or no.\tNo\n",
+                        "0002": "Is there a car?  Please answer yes or no.\tYes\n"   # MME's double space
+                                "Is there a bus? Please answer yes or no.\tNo\n"}.items():
+        _image(root / "existence" / f"{stem}.jpg")
+        (root / "existence" / f"{stem}.txt").write_text(lines)
+    _image(root / "code_reasoning" / "images" / "0001.png")
+    (root / "code_reasoning" / "questions_answers_YN").mkdir()
+    (root / "code_reasoning" / "questions_answers_YN" / "0001.txt").write_text(
+        "Does it print 3? Please answer yes or no.\tYes\nDoes it print 4? Please answer yes or no.\tNo\n")
+    # As LLaVA's model_vqa_loader writes them: an image's two questions share one question_id.
+    answers = _llava_answers(tmp_path / "llava-v1.5.jsonl", [
+        ("code_reasoning/0001.png", "Does it print 4? Please answer yes or no.", "Yes, it does"),  # wrong
+        ("existence/0001.jpg", "Is there a dog?\nAnswer the question using a single word or phrase.",
+         "  No"),                                                                  # no: "  no" holds "no"
+        ("existence/0002.jpg", "Is there a car?", "  Yes"),                        # other: "  ye"
+        ("existence/0001.jpg", "Is there a cat? Please answer yes or no.", " Yes"),           # yes
+        ("existence/0002.jpg", "Is there a bus? Please answer yes or no.", "No\nThere is no bus."),  # no
+        ("code_reasoning/0001.png", "Does it print 3? Please answer yes or no.", "yes"),
+    ])
+    res = main(["--benchmark", "mme", "--data", str(root), "--answers-jsonl", str(answers),
+                "--out-dir", str(tmp_path / "out")])
+    cats = res["metrics"]["categories"]
+    ex, code = cats["existence"], cats["code_reasoning"]
+    assert (ex["acc"], ex["acc_plus"], ex["score"]) == pytest.approx((75.0, 50.0, 125.0))
+    assert (ex["num_other"], ex["num_multiline"]) == (1, 1)
+    assert (code["acc"], code["acc_plus"], code["score"]) == pytest.approx((50.0, 0.0, 50.0))
+    assert (res["metrics"]["perception"], res["metrics"]["cognition"]) == pytest.approx((125.0, 50.0))
+    by_id = {q["question_id"]: q for q in res["questions"]}
+    assert by_id["existence/0002.jpg#0"]["answer"] == "  Yes" and by_id["existence/0002.jpg#0"]["pred"] == "other"
+    assert by_id["existence/0001.jpg#1"]["answer"] == "  No"
+    assert res["metrics"]["notes"] == [
+        "existence: 1 answer(s) hold a newline or tab, which break calculation.py's results file "
+        "(lines skipped or a failed pair assertion); read here as written"]
+    assert "note: existence: 1 answer(s)" in capsys.readouterr().out
+    assert res["num_unmatched_answers"] == 0
+
+
+def test_answer_file_matching_no_question(tmp_path, capsys):
+    root = tmp_path / "mme"
+    _write_release(root)
+    answers = _llava_answers(tmp_path / "a.jsonl", [("count/0001.jpg", "Are there 2? Please answer yes or no.", "Yes")])
+    with pytest.raises(SystemExit):
+        main(["--benchmark", "mme", "--data", str(root), "--answers-jsonl", str(answers), "--out-dir", str(tmp_path)])
+    assert capsys.readouterr().err == (f"error: {answers}: no answer matches a question of {root} "
+                                       f"(first unmatched: question_id 'count/0001.jpg' at line 1)\n")
