@@ -45,8 +45,6 @@ class PopeQuestion:
 
 def _read_jsonl(path: str, required: Sequence[str]) -> List[Tuple[str, Dict[str, Any]]]:
     """[(where, record)] of a JSON-lines file whose records hold the string fields `required`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"POPE: file not found: {path}")
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

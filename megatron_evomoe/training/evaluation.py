@@ -42,7 +42,8 @@ def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: i
                                max_new_tokens=POPE_ANSWER_TOKENS, eos_id=bundle.tokenizer.eos_id,
                                pad_id=bundle.tokenizer.pad_id, device=device)
         for s, ids in zip(chunk, outs):
-            preds.append(parse_yes_no(bundle.tokenizer.decode(ids, skip_special_tokens=True)))
+            # stripped as LLaVA's answer writer strips an output before eval_pope.py reads it
+            preds.append(parse_yes_no(bundle.tokenizer.decode(ids, skip_special_tokens=True).strip()))
             labels.append(s.label)
     model.train(was_training)
     return {**pope_metrics(preds, labels), "num_questions": n}

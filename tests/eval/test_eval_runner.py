@@ -6,6 +6,7 @@ from PIL import Image
 
 from megatron_evomoe.eval import run_benchmark, score_answers
 from megatron_evomoe.eval.report import format_table
+from megatron_evomoe.eval.answer_records import read_answer_records
 from megatron_evomoe.eval.runner import main, read_answers_jsonl
 
 
@@ -75,3 +76,32 @@ def test_empty_question_file(tmp_path):
     qfile.write_text("\n")
     with pytest.raises(ValueError, match="pope: no questions found in"):
         run_benchmark("pope", str(qfile), str(tmp_path), lambda i, p: "yes", str(tmp_path))
+
+
+def test_answers_file_lines_matched_and_counted(tmp_path, capsys):
+    qfile, images = _pope(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "text": a}) + "\n"
+                               for i, a in enumerate(["Yes", "No", "No", "yes", "no"])))  # id 4: no question
+    res = main(["--benchmark", "pope", "--data", str(qfile), "--images", str(images), "--limit", "2",
+                "--answers-jsonl", str(answers), "--out-dir", str(tmp_path / "out")])
+    assert res["metrics"]["num_questions"] == 2 and res["metrics"]["accuracy"] == 1.0
+    assert res["num_unmatched_answers"] == 3       # ids 2, 3 past --limit, and 4
+    answers.write_text('{"question_id": 1, "text": "x"}\n{"question_id": 1, "text": "y"}\n')
+    with pytest.raises(ValueError, match=r"answers\.jsonl:2: duplicate question_id 1"):
+        score_answers("pope", str(qfile), str(images), read_answer_records(str(answers)), str(tmp_path))
+
+
+def test_flag_of_another_benchmark_is_a_usage_error(tmp_path, capsys):
+    qfile, images = _pope(tmp_path)
+    for flag in (["--annotations", str(tmp_path)], ["--textvqa-ocr"], ["--no-circular"]):
+        with pytest.raises(SystemExit):
+            main(["--benchmark", "mme", "--data", str(qfile), "--answers-jsonl", str(qfile)] + flag)
+        assert f"{flag[0]} applies to --benchmark" in capsys.readouterr().err
+
+
+def test_run_benchmark_strips_model_answers_as_llava_writes_them(tmp_path):
+    qfile, images = _pope(tmp_path)
+    res = run_benchmark("pope", str(qfile), str(images), lambda i, p: "\tNo\n", str(tmp_path))
+    assert [q["answer"] for q in res["questions"]] == ["No"] * 4
+    assert res["metrics"]["tn"] == 2 and res["metrics"]["fn"] == 2
