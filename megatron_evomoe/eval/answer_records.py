@@ -12,6 +12,7 @@ its ``prompt``, as the official scripts read them.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -92,3 +93,17 @@ def check_some_matched(records: Sequence[AnswerRecord], matched: Mapping[str, st
         raise ValueError(f"{path}: no answer matches a question of {data_path} "
                          f"(first unmatched: question_id {first.question_id!r} at line "
                          f"{first.where.rsplit(':', 1)[1]})")
+
+
+def write_llava_answers(path: str, questions: Sequence[Any], answers: Mapping[str, str],
+                        llava_question_id, model_id: str) -> str:
+    """An answers file as LLaVA's ``model_vqa_loader.py`` writes it (``question_id`` as the
+    official scorer of the benchmark expects it, ``prompt``, ``text``, ``answer_id``, ``model_id``,
+    ``metadata``), one line per question in question order; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, q in enumerate(questions):
+            f.write(json.dumps({"question_id": llava_question_id(q), "prompt": q.prompt,
+                                "text": answers[str(q.question_id)], "answer_id": f"{model_id}-{i}",
+                                "model_id": model_id, "metadata": {}}, ensure_ascii=False) + "\n")
+    return path

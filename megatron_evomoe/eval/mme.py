@@ -245,6 +245,12 @@ def _category_score(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
+def llava_question_id(q: MMEQuestion) -> str:
+    """The question's key in a LLaVA answers file: ``"<category>/<image file>"``, shared by an
+    image's questions (convert_answer_to_mme.py tells them apart by the prompt)."""
+    return f"{q.category}/{q.image}"
+
+
 def score(questions: Sequence[MMEQuestion], responses: Mapping[str, str]) -> Dict[str, Any]:
     """Score `responses` (keyed by question_id) per category and in the two totals."""
     records = []
@@ -267,6 +273,10 @@ def score(questions: Sequence[MMEQuestion], responses: Mapping[str, str]) -> Dic
         metrics[f"{total}_num_categories"] = len(present)
     metrics["categories"] = categories
     metrics["notes"] = [
+        f"{total}: the sum over {metrics[f'{total}_num_categories']} of its {len(members)} categories "
+        f"(calculation.py stops on a missing category file)"
+        for total, members in (("perception", PERCEPTION), ("cognition", COGNITION))
+        if 0 < metrics[f"{total}_num_categories"] < len(members)] + [
         f"{c}: {m['num_multiline']} answer(s) hold a newline or tab, which break calculation.py's "
         f"results file (lines skipped or a failed pair assertion); read here as written"
         for c, m in categories.items() if m["num_multiline"]]

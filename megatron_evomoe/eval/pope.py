@@ -122,6 +122,11 @@ def _notes(scope: str, metrics: Mapping[str, Any]) -> List[str]:
             for name in undefined_metrics(metrics)]
 
 
+def llava_question_id(q: PopeQuestion) -> Any:
+    """The question's key in a LLaVA answers file (eval_pope.py: the question file's id)."""
+    return q.question_id
+
+
 def score(questions: Sequence[PopeQuestion], responses: Mapping[str, str]) -> Dict[str, Any]:
     """Score `responses` (keyed by ``str(question_id)``) against the labels, per split and pooled."""
     records, by_category = [], {}

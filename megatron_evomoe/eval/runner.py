@@ -37,13 +37,14 @@ images are decoded to (a temporary folder when None); for MME it defaults to ``d
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from . import mmbench, mme, pope, textvqa
 from .answer_records import (Answers, by_question_id, check_some_matched, match_by_id,
-                             not_utf8, read_answer_records)
+                             not_utf8, read_answer_records, write_llava_answers)
 from .report import write_report
 
 AnswerFn = Callable[[Optional[str], str], str]
@@ -75,10 +76,14 @@ def _load(name: str, data_path: str, image_root: Optional[str], limit: Optional[
 
 
 def _finish(name: str, data_path: str, questions: Sequence[Any], responses: Mapping[str, str],
-            out_dir: str, num_unmatched: int = 0) -> Dict[str, Any]:
+            out_dir: str, num_unmatched: int = 0, model_id: Optional[str] = None) -> Dict[str, Any]:
     result = _module(name).score(questions, responses)
     result["data"] = data_path
     result["num_unmatched_answers"] = num_unmatched
+    key = getattr(_module(name), "llava_question_id", None)
+    if model_id is not None and key is not None:  # the official scripts can read these answers
+        result["answers_jsonl"] = write_llava_answers(
+            os.path.join(out_dir, f"{name}_answers.jsonl"), questions, responses, key, model_id)
     rows = _module(name).summary_rows(result["metrics"])
     result["output_json"] = write_report(result, rows, out_dir)
     return result
@@ -86,10 +91,12 @@ def _finish(name: str, data_path: str, questions: Sequence[Any], responses: Mapp
 
 def run_benchmark(
     name: str, data_path: str, image_root: Optional[str], answer_fn: AnswerFn, out_dir: str,
-    limit: Optional[int] = None, **options: Any,
+    limit: Optional[int] = None, model_id: str = "megatron_evomoe", **options: Any,
 ) -> Dict[str, Any]:
     """Ask `answer_fn` every question of benchmark `name`, score, write JSON + print a table.
 
+    POPE, MME and TextVQA answers are also written as LLaVA writes them,
+    ``<out_dir>/<name>_answers.jsonl`` (``model_id`` in each line), for the official scripts.
     Returns ``{"benchmark", "data", "metrics", "questions", "output_json", ...}``.
     """
     with contextlib.ExitStack() as stack:
@@ -101,7 +108,7 @@ def run_benchmark(
                 raise ValueError(f"{name}: answer_fn returned {type(answer).__name__} for question "
                                  f"{q.question_id!r}, expected str")
             responses[str(q.question_id)] = answer.strip()  # as LLaVA's answer files hold it
-        return _finish(name, data_path, questions, responses, out_dir)
+        return _finish(name, data_path, questions, responses, out_dir, model_id=model_id)
 
 
 def score_answers(

@@ -169,6 +169,12 @@ def match_answers(questions: Sequence[TextVQAQuestion], records: Sequence[Answer
     return answers, unmatched
 
 
+def llava_question_id(q: TextVQAQuestion) -> str:
+    """The question's key in a LLaVA answers file: the image id (eval_textvqa.py matches on it and
+    the question read back from the prompt)."""
+    return q.image_id
+
+
 def score(questions: Sequence[TextVQAQuestion], responses: Mapping[str, str]) -> Dict[str, Any]:
     """Score `responses` (keyed by ``str(question_id)``) with VQA accuracy."""
     records = []

@@ -168,6 +168,8 @@ def test_llava_answer_file_with_shared_keys(tmp_path, capsys):
     assert by_id["existence/0002.jpg#0"]["answer"] == "  Yes" and by_id["existence/0002.jpg#0"]["pred"] == "other"
     assert by_id["existence/0001.jpg#1"]["answer"] == "  No"
     assert res["metrics"]["notes"] == [
+        "perception: the sum over 1 of its 10 categories (calculation.py stops on a missing category file)",
+        "cognition: the sum over 1 of its 4 categories (calculation.py stops on a missing category file)",
         "existence: 1 answer(s) hold a newline or tab, which break calculation.py's results file "
         "(lines skipped or a failed pair assertion); read here as written"]
     assert "note: existence: 1 answer(s)" in capsys.readouterr().out
@@ -182,3 +184,16 @@ def test_answer_file_matching_no_question(tmp_path, capsys):
         main(["--benchmark", "mme", "--data", str(root), "--answers-jsonl", str(answers), "--out-dir", str(tmp_path)])
     assert capsys.readouterr().err == (f"error: {answers}: no answer matches a question of {root} "
                                        f"(first unmatched: question_id 'count/0001.jpg' at line 1)\n")
+
+
+def test_llava_answers_written_by_run_benchmark_score_the_same(tmp_path):
+    root = tmp_path / "mme"
+    _write_release(root)
+    res = run_benchmark("mme", str(root), None, _answer_fn(), str(tmp_path / "out"), model_id="tiny")
+    lines = [json.loads(l) for l in open(res["answers_jsonl"])]
+    assert lines[0] == {"question_id": "existence/0001.jpg", "prompt": "Is there a cat? Please answer yes or no.",
+                        "text": "Yes", "answer_id": "tiny-0", "model_id": "tiny", "metadata": {}}
+    assert lines[1]["question_id"] == "existence/0001.jpg"      # shared by the image's two questions
+    again = main(["--benchmark", "mme", "--data", str(root), "--answers-jsonl", res["answers_jsonl"],
+                  "--out-dir", str(tmp_path / "again")])
+    assert again["metrics"]["categories"] == res["metrics"]["categories"]

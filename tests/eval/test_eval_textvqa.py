@@ -141,3 +141,14 @@ def test_llava_answer_file_keys_shared_by_an_images_questions(tmp_path):
     afile.write_text(json.dumps({"question_id": "shared0001", "prompt": "a\nb\nc\nd", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"llava-v1\.5\.jsonl:1: prompt 'a\\nb\\nc\\nd' is in none of the forms"):
         score_answers("textvqa", str(ann), str(images), read_answer_records(str(afile)), str(tmp_path))
+
+
+def test_llava_answers_written_by_run_benchmark_score_the_same(tmp_path):
+    path, images = _write(tmp_path)
+    answers = {q + DEFAULT_PROMPT_SUFFIX: a for q, _, a, _ in CASES}
+    res = run_benchmark("textvqa", str(path), str(images), lambda i, p: answers[p], str(tmp_path / "out"))
+    first = json.loads(open(res["answers_jsonl"]).readline())
+    assert (first["question_id"], first["prompt"], first["text"]) == ("abc000", "How many?" + DEFAULT_PROMPT_SUFFIX, "Two")
+    again = main(["--benchmark", "textvqa", "--data", str(path), "--images", str(images),
+                  "--answers-jsonl", res["answers_jsonl"], "--out-dir", str(tmp_path / "again")])
+    assert again["metrics"]["accuracy"] == pytest.approx(res["metrics"]["accuracy"]) == pytest.approx(2.8 / 5)
