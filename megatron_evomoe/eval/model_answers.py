@@ -18,7 +18,7 @@ import torch
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from ..generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
-from .runner import BENCHMARKS, run_benchmark
+from .runner import BENCHMARKS, add_benchmark_flags, benchmark_options, run_benchmark
 
 
 def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature: float = 0.0, seed: int = 0,
@@ -53,26 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int_at_least(1), default=None, help="only the first N questions (N >= 1)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
     p.add_argument("--prompt-suffix", default=None, help="appended to every question")
-    p.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
+    add_benchmark_flags(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--data-root", default=None, help="folder with the tokenizer/ (if the run's data moved)")
     return p
 
 
 def main(argv=None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.no_circular and args.benchmark != "mmbench":
-        build_parser().error("--no-circular applies to --benchmark mmbench only")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = benchmark_options(parser, args)
     from ..training.trainer import resolve_device
     try:
         device = resolve_device(args.device)
         model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root)
         answer_fn = make_answer_fn(model, cfg, bundle, args.max_new_tokens, state=state)
-        options: Dict[str, Any] = {}
         if args.prompt_suffix is not None:
             options["prompt_suffix"] = args.prompt_suffix
-        if args.no_circular:
-            options["circular"] = False
         return run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,
                              **options)
     except USER_ERRORS as e:  # a bad checkpoint, question file or image folder

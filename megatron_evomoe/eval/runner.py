@@ -149,13 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--out-dir", default="eval_results")
     parser.add_argument("--limit", type=int_at_least(1), default=None,
                         help="score only the first N questions (N >= 1)")
-    parser.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
-    parser.add_argument("--annotations", default=None,
-                        help="POPE: the folder of coco_pope_<split>.json label files (LLaVA's llava_pope_test.jsonl)")
-    parser.add_argument("--textvqa-ocr", action="store_true",
-                        help="TextVQA: LLaVA-1.5's prompt with the question's 'Reference OCR token:' line")
+    add_benchmark_flags(parser)
     args = parser.parse_args(argv)
-    options = _options(parser, args)
+    options = benchmark_options(parser, args)
     try:
         return score_answers(args.benchmark, args.data, args.images,
                              read_answer_records(args.answers_jsonl), args.out_dir,
@@ -164,7 +160,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(user_error(e)) from None
 
 
-def _options(parser, args) -> Dict[str, Any]:
+def add_benchmark_flags(parser) -> None:
+    """The flags of one benchmark each (shared with `model_answers`): read by `benchmark_options`."""
+    parser.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
+    parser.add_argument("--annotations", default=None,
+                        help="POPE: the folder of coco_pope_<split>.json label files (LLaVA's llava_pope_test.jsonl)")
+    parser.add_argument("--textvqa-ocr", action="store_true",
+                        help="TextVQA: LLaVA-1.5's prompt with the question's 'Reference OCR token:' line")
+
+
+def benchmark_options(parser, args) -> Dict[str, Any]:
     """Benchmark options from the flags; a flag of another benchmark is a usage error."""
     flags = (("no_circular", "--no-circular", "mmbench", "circular", False),
              ("annotations", "--annotations", "pope", "annotations", args.annotations),
