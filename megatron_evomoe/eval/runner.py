@@ -3,7 +3,9 @@
 `run_benchmark` loads and checks the benchmark (every image present before the
 model sees anything), asks ``answer_fn(image_path, prompt) -> str`` each question,
 scores the answers like the official scripts, writes ``<out_dir>/<name>.json``
-(metrics + per-question answers and scores) and prints a table of the metrics.
+(metrics + per-question answers and scores) and prints a table of the metrics; for POPE,
+MME and TextVQA it also writes the answers as LLaVA writes them, ``<out_dir>/<name>_answers.jsonl``,
+which the official scripts (and `score_answers`) read.
 
 `score_answers` does the same with answers computed beforehand: a ``{question_id: answer}``
 mapping, or the lines of an answers file (`answer_records.read_answer_records`); it backs the
