@@ -9,13 +9,13 @@ scores the answers like the official scripts, writes ``<out_dir>/<name>.json``
 question id; it backs the command line:
 
     python -m megatron_evomoe.eval.runner --benchmark pope --data FILE --images DIR \\
-        --answers-jsonl FILE [--out-dir DIR] [--limit N] [--no-circular]
+        --answers-jsonl FILE [--out-dir DIR] [--limit N] [--no-circular] [--submission FILE.xlsx]
 
 The answers file has one ``{"question_id": ..., "answer": "..."}`` per line
 (``"text"`` is accepted for ``"answer"``, as in LLaVA answer files).  Question ids:
 POPE and TextVQA use the file's ``question_id``; MMBench the row ``index``, with
-rotated passes numbered ``k * 1000000 + index``; MME ``"<category>/<image>#<n>"``
-with n = 0, 1 the question's position among its image's questions.
+rotated passes numbered ``k * 1000000 + index`` (LLaVA's ``round_id`` k is read so);
+MME ``"<category>/<image>#<n>"`` with n = 0, 1 the question's position among its image's questions.
 
 ``limit`` (N >= 1) keeps the first N questions of the file (MMBench: the first N base
 questions, each with all its circular passes; MME: N questions, so a cut may leave
@@ -33,7 +33,7 @@ import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
-from . import mmbench, mme, pope, textvqa
+from . import mmbench, mmbench_submission, mme, pope, textvqa
 from .report import write_report
 
 AnswerFn = Callable[[Optional[str], str], str]
@@ -112,8 +112,12 @@ def not_utf8(path, e: UnicodeDecodeError) -> str:
     return f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"
 
 
-def read_answers_jsonl(path: str) -> Dict[str, str]:
-    """``{str(question_id): answer}`` from a JSON-lines file of precomputed answers."""
+def read_answers_jsonl(path: str,
+                       key_fn: Optional[Callable[[Mapping[str, Any]], str]] = None) -> Dict[str, str]:
+    """``{key_fn(record): answer}`` from a JSON-lines file of precomputed answers.
+
+    `key_fn` (default ``str(record["question_id"])``) is the benchmark's ``answer_key`` where it has one.
+    """
     answers: Dict[str, str] = {}
     try:
         with open(path, "rb") as f:
@@ -133,7 +137,10 @@ def read_answers_jsonl(path: str) -> Dict[str, str]:
         key = "answer" if "answer" in rec else "text"
         if not isinstance(rec.get(key), str):
             raise ValueError(f"{where}: expected a string 'answer' (or 'text')")
-        qid = str(rec["question_id"])
+        try:
+            qid = key_fn(rec) if key_fn is not None else str(rec["question_id"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         if qid in answers:
             raise ValueError(f"{where}: duplicate question_id {rec['question_id']!r}")
         answers[qid] = rec[key]
@@ -151,14 +158,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--limit", type=int_at_least(1), default=None,
                         help="score only the first N questions (N >= 1)")
     parser.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
+    parser.add_argument("--submission", default=None, metavar="FILE.xlsx",
+                        help="MMBench: also write the evaluation server's .xlsx (the [eval] extra)")
     args = parser.parse_args(argv)
-    if args.no_circular and args.benchmark != "mmbench":
-        parser.error("--no-circular applies to --benchmark mmbench only")
+    for flag, given in (("--no-circular", args.no_circular), ("--submission", args.submission)):
+        if given and args.benchmark != "mmbench":
+            parser.error(f"{flag} applies to --benchmark mmbench only")
     options = {"circular": False} if args.no_circular else {}
     try:
-        return score_answers(args.benchmark, args.data, args.images,
-                             read_answers_jsonl(args.answers_jsonl), args.out_dir,
-                             limit=args.limit, **options)
+        if args.submission:
+            mmbench_submission.require_eval_extra()  # before scoring, not after
+        key_fn = getattr(_module(args.benchmark), "answer_key", None)   # MMBench: LLaVA's round_id
+        answers = read_answers_jsonl(args.answers_jsonl, key_fn)
+        result = score_answers(args.benchmark, args.data, args.images, answers, args.out_dir,
+                               limit=args.limit, **options)
+        if args.submission:
+            result["submission"] = mmbench_submission.write_submission(args.data, answers, args.submission)
+        return result
     except USER_ERRORS as e:  # a bad question or answers file, a missing image
         raise SystemExit(user_error(e)) from None
 

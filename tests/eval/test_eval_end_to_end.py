@@ -12,6 +12,7 @@ model's answers are mostly not yes/no or letters: "other" and text matching are 
 import base64
 import csv
 import json
+import re
 import string
 
 import pytest
@@ -95,15 +96,22 @@ def test_mme_end_to_end(trained, answer, tmp_path):
 # ------------------------------------------------------------------------------------------------ MMBench
 
 def mmbench_pred(response, options):
-    """Official rule-based matching: one option letter among the words, else one option text inside."""
+    """VLMEvalKit's exact matching: one option letter among the last four words, else the first
+    "answer is <a-d>", else one option text inside a short enough answer; "Z" for a refusal."""
+    if "Cannot determine the answer" in response:
+        return "Z"
     words = response
     for ch in ".()[],:;!*#{}":
         words = words.replace(ch, " ")
-    found = [c for c in options if c in words.split()]
-    if len(found) == 1:
+    words = words.split()
+    found = [c for c in options if c in words]
+    if len(found) == 1 and words.index(found[0]) > len(words) - 5:
         return found[0]
-    if found or "Z" in words.split():
-        return None
+    if not found and "Z" in words:
+        return "Z"
+    m = re.search(r"answer\s+is\s+\**([a-d])", response, re.I)
+    if m and m.group(1).upper() in options:
+        return m.group(1).upper()
     if len(response) > 2 * sum(len(o) for o in options.values()):
         return None
     texts = [c for c, o in options.items() if o.lower() in response.lower()]
