@@ -11,7 +11,9 @@ One row per TSV row (circular copies included), its prediction the answer
 keyed by that row's index (for a TSV of base rows only: the answer to rotation
 0).  Cells pandas reads as NaN (a missing option) stay empty.  Characters that
 an .xlsx cannot hold (control characters other than tab and newlines) are
-dropped from the predictions, and the count of predictions so changed printed.
+dropped from the predictions, and the count of predictions so changed printed;
+text starting with "=" stays text (LLaVA's script would store it as a formula,
+read back as an empty cell).
 
 Needs pandas and openpyxl: the ``[eval]`` extra (``pip install 'megatron_evomoe[eval]'``).
 """
@@ -46,6 +48,15 @@ def _xlsx_safe(texts: Sequence[str], illegal: Any) -> Tuple[List[str], int]:
     return cleaned, sum(a != b for a, b in zip(texts, cleaned))
 
 
+def _keep_as_text(sheet: Any) -> None:
+    """openpyxl stores a string starting with "=" as a formula, which a reader sees as an empty
+    cell (no cached value): an answer "=B" would be lost.  Store every cell as written."""
+    for row in sheet.iter_rows(min_row=2):
+        for cell in row:
+            if cell.data_type == "f":
+                cell.data_type = "s"
+
+
 def write_submission(tsv_path: str, answers: Mapping[str, str], out_path: str) -> str:
     """Write the submission .xlsx for `tsv_path` with `answers` ({str(row index): answer}).
 
@@ -68,9 +79,17 @@ def write_submission(tsv_path: str, answers: Mapping[str, str], out_path: str) -
     table.insert(min(PREDICTION_POSITION, len(table.columns)), "prediction", predictions)
     parent = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(parent, exist_ok=True)
-    table.to_excel(out_path, index=False, engine="openpyxl")
+    with pd.ExcelWriter(out_path, engine="openpyxl") as writer:
+        table.to_excel(writer, index=False)
+        _keep_as_text(next(iter(writer.sheets.values())))
     if num_changed:
         print(f"MMBench submission: {num_changed} prediction(s) held characters an .xlsx cannot "
               f"store; they were dropped", file=sys.stderr)
     print(f"MMBench submission: {len(keys)} rows -> {out_path}")
     return out_path
+
+
+def write_result_submission(result: Mapping[str, Any], out_path: str) -> str:
+    """The submission .xlsx of a finished MMBench run (`eval.runner.run_benchmark`'s result)."""
+    answers = {str(r["question_id"]): r["response"] for r in result["questions"]}
+    return write_submission(result["data"], answers, out_path)

@@ -2,7 +2,7 @@
 
     python -m megatron_evomoe.eval.model_answers --ckpt RUN --benchmark pope --data FILE \\
         --images DIR --out DIR [--limit N] [--max-new-tokens N] [--prompt-suffix STR]
-        [--no-circular] [--device auto|cpu|cuda] [--data-root DIR]
+        [--no-circular] [--submission FILE.xlsx] [--device auto|cpu|cuda] [--data-root DIR]
 
 writes ``DIR/<benchmark>.json`` (metrics + per-question answers) and prints the metrics
 table (see `eval.runner.run_benchmark`). Answers are greedy by default, decoded with the
@@ -18,6 +18,7 @@ import torch
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from ..generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
+from . import mmbench_submission
 from .runner import BENCHMARKS, run_benchmark
 
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=16)
     p.add_argument("--prompt-suffix", default=None, help="appended to every question")
     p.add_argument("--no-circular", action="store_true", help="MMBench: vanilla evaluation")
+    p.add_argument("--submission", default=None, metavar="FILE.xlsx",
+                   help="MMBench: also write the evaluation server's .xlsx (the [eval] extra)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--data-root", default=None, help="folder with the tokenizer/ (if the run's data moved)")
     return p
@@ -61,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.no_circular and args.benchmark != "mmbench":
-        build_parser().error("--no-circular applies to --benchmark mmbench only")
+    for flag, given in (("--no-circular", args.no_circular), ("--submission", args.submission)):
+        if given and args.benchmark != "mmbench":
+            build_parser().error(f"{flag} applies to --benchmark mmbench only")
     from ..training.trainer import resolve_device
     try:
         device = resolve_device(args.device)
@@ -73,8 +77,13 @@ def main(argv=None) -> Dict[str, Any]:
             options["prompt_suffix"] = args.prompt_suffix
         if args.no_circular:
             options["circular"] = False
-        return run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,
-                             **options)
+        if args.submission:
+            mmbench_submission.require_eval_extra()  # before the model answers, not after
+        result = run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,
+                               **options)
+        if args.submission:
+            result["submission"] = mmbench_submission.write_result_submission(result, args.submission)
+        return result
     except USER_ERRORS as e:  # a bad checkpoint, question file or image folder
         raise SystemExit(user_error(e)) from None
 

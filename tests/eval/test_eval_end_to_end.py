@@ -10,6 +10,7 @@ exactly those answers and the files get right and wrong answers whatever the mod
 model's answers are mostly not yes/no or letters: "other" and text matching are what get exercised).
 """
 import base64
+import importlib.util
 import csv
 import json
 import re
@@ -37,9 +38,9 @@ def png(trained, i):
     return trained["data"] / "images" / f"test_{i:05d}.png"
 
 
-def run(trained, benchmark, data, out, images=None):
+def run(trained, benchmark, data, out, images=None, extra=()):
     args = ["--ckpt", str(trained["run"]), "--benchmark", benchmark, "--data", str(data), "--out", str(out),
-            "--max-new-tokens", str(MAX_NEW)]
+            "--max-new-tokens", str(MAX_NEW), *extra]
     result = answers_main(args + (["--images", str(images)] if images else []))
     saved = json.loads((out / f"{benchmark}.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(result["metrics"]))  # what is printed is what is stored
@@ -149,12 +150,20 @@ def test_mmbench_circular_end_to_end(trained, answer, tmp_path):
     asked = {q.question_id: answer(q.image_path, q.prompt) for q in passes}
     first = {q.group: mmbench_pred(asked[q.question_id], dict(zip(string.ascii_uppercase, q.options)))
              for q in passes if q.rotation == 0}
-    rows[0]["answer"] = first[0] or "A"
+    rows[0]["answer"] = first[0] if first[0] in ("A", "B", "C", "D") else "A"   # (not None / "Z")
     rows[1]["answer"] = "A" if first[1] == "B" else "B"
     write_tsv(tsv, rows)
 
-    saved = run(trained, "mmbench", tsv, tmp_path / "out", images=tmp_path / "images")
+    xlsx = tmp_path / "submission.xlsx"
+    with_extra = bool(importlib.util.find_spec("pandas") and importlib.util.find_spec("openpyxl"))
+    saved = run(trained, "mmbench", tsv, tmp_path / "out", images=tmp_path / "images",
+                extra=["--submission", str(xlsx)] if with_extra else [])
     recs = saved["questions"]
+    if with_extra:  # the server's file: one row per TSV row, its rotation-0 answer as the prediction
+        import pandas as pd
+        sub = pd.read_excel(xlsx)
+        assert list(sub["index"]) == [0, 1, 2]
+        assert list(sub["prediction"].fillna("")) == [asked[i] for i in range(3)]
     assert len(recs) == 4 + 2 + 3 and {r["question_id"]: r["response"] for r in recs} == asked
     by_group = {}
     for r, q in zip(recs, passes):

@@ -264,7 +264,7 @@ ANSWERS = {
     11: "A", 1_000_011: "A",                                            # the copy is wrong: fails
     12: "D", 1_000_012: "C", 2_000_012: "B",
     3_000_012: "I am not sure what colour it is at all",                # nothing inferred: judge, wrong
-    13: "maybe", 1_000_013: "B",                                        # nothing + a wrong letter: wrong
+    13: "maybe\x07", 1_000_013: "= B",                                  # nothing + a wrong letter: wrong
 }
 
 
@@ -302,12 +302,15 @@ def test_circular_score_llava_answer_file_and_submission(tmp_path, capsys):
                 "--out-dir", str(tmp_path / "out"), "--submission", str(xlsx)])
     _expect_circular_scores(res["metrics"])
     assert [g["needs_judge"] for g in res["groups"]] == [False, False, True, False]
-    assert "num_judge_questions (wrong, no LLM judge)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "num_judge_questions (wrong, no LLM judge)" in out and "11 rows -> " in out
+    assert "1 prediction(s) held characters an .xlsx cannot store" in err   # "\x07", dropped
 
     sub = pd.read_excel(xlsx)
     assert list(sub.columns) == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]
     assert list(sub["index"]) == [r["index"] for r in CIRCULAR]
-    assert list(sub["prediction"]) == [ANSWERS[r["index"]] for r in CIRCULAR]
+    written = {**ANSWERS, 13: "maybe"}
+    assert list(sub["prediction"]) == [written[r["index"]] for r in CIRCULAR]   # "= B" as text
     assert list(sub["answer"]) == [r["answer"] for r in CIRCULAR]
     row = sub[sub["index"] == 1_000_011].iloc[0]
     assert (row["A"], row["B"], row["question"]) == ("right", "left", "Which side?")
