@@ -24,6 +24,8 @@ an image with one question, scored on that one).
 Benchmark options (keyword arguments / flags): ``prompt_suffix`` for all four,
 ``circular`` for MMBench.  For MMBench ``image_root`` is where the TSV's images
 are decoded to (a temporary folder when None); for MME it defaults to ``data_path``.
+``--submission FILE.xlsx`` (MMBench) also writes the evaluation server's file
+(`mmbench_submission`; pandas + openpyxl, the ``[eval]`` extra).
 """
 from __future__ import annotations
 
