@@ -43,7 +43,9 @@ setup(
         "safetensors",  # megatron_evomoe.convert (Hugging Face import/export)
     ],
     extras_require={
-        "test": ["pytest", "matplotlib", "tokenizers", "transformers"],
+        "test": ["pytest", "matplotlib", "tokenizers", "transformers", "pandas", "openpyxl"],
+        # The MMBench submission .xlsx (megatron_evomoe.eval.mmbench_submission).
+        "eval": ["pandas", "openpyxl"],
         # Built from source / CUDA-only. NVIDIA apex is not on PyPI (the PyPI
         # 'apex' is an unrelated project): build it from source and it is
         # detected at run time through `import apex.optimizers`.

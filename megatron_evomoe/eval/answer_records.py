@@ -25,6 +25,7 @@ class AnswerRecord:
     answer: str
     prompt: Optional[str]   # the question as the model saw it (LLaVA answer files), else None
     where: str              # "<file>:<line>", for error messages
+    round_id: Any = 0       # LLaVA's MMBench rotation (``model_vqa_mmbench --all-rounds``); 0 elsewhere
 
 
 def not_utf8(path, e: UnicodeDecodeError) -> str:
@@ -44,7 +45,7 @@ def _record(where: str, line: str) -> AnswerRecord:
     prompt = rec.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"{where}: field 'prompt' must be a string, got {prompt!r}")
-    return AnswerRecord(rec["question_id"], rec[key], prompt, where)
+    return AnswerRecord(rec["question_id"], rec[key], prompt, where, rec.get("round_id", 0))
 
 
 def read_answer_records(path: str) -> List[AnswerRecord]:

@@ -18,7 +18,8 @@ import torch
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from ..generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
-from .runner import BENCHMARKS, add_benchmark_flags, benchmark_options, run_benchmark
+from .runner import (BENCHMARKS, add_benchmark_flags, benchmark_options, finish_submission, run_benchmark,
+                     start_submission)
 
 
 def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature: float = 0.0, seed: int = 0,
@@ -66,12 +67,14 @@ def main(argv=None) -> Dict[str, Any]:
     from ..training.trainer import resolve_device
     try:
         device = resolve_device(args.device)
+        submission = start_submission(args)  # (the [eval] extra checked before the model answers)
         model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root)
         answer_fn = make_answer_fn(model, cfg, bundle, args.max_new_tokens, state=state)
         if args.prompt_suffix is not None:
             options["prompt_suffix"] = args.prompt_suffix
-        return run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,
-                             **options)
+        result = run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,
+                               **options)
+        return finish_submission(result, submission)
     except USER_ERRORS as e:  # a bad checkpoint, question file or image folder
         raise SystemExit(user_error(e)) from None
 

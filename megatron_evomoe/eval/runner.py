@@ -12,7 +12,8 @@ mapping, or the lines of an answers file (`answer_records.read_answer_records`);
 command line:
 
     python -m megatron_evomoe.eval.runner --benchmark pope --data FILE --images DIR \\
-        --answers-jsonl FILE [--annotations DIR] [--textvqa-ocr] [--out-dir DIR] [--limit N] [--no-circular]
+        --answers-jsonl FILE [--annotations DIR] [--textvqa-ocr] [--out-dir DIR] [--limit N] [--no-circular] \\
+        [--submission FILE.xlsx]
 
 The answers file has one ``{"question_id": ..., "answer": "..."}`` per line (``"text"`` is
 accepted for ``"answer"``: LLaVA's answer files are read as they are, their ``prompt`` used where
@@ -35,6 +36,8 @@ Benchmark options (keyword arguments / flags): ``prompt_suffix`` for all four,
 labels of LLaVA's ``llava_pope_test.jsonl``) for POPE, ``ocr_tokens`` (LLaVA-1.5's
 "Reference OCR token:" prompt) for TextVQA.  For MMBench ``image_root`` is where the TSV's
 images are decoded to (a temporary folder when None); for MME it defaults to ``data_path``.
+``--submission FILE.xlsx`` (MMBench) also writes the evaluation server's file
+(`mmbench_submission`; pandas + openpyxl, the ``[eval]`` extra).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
-from . import mmbench, mme, pope, textvqa
+from . import mmbench, mmbench_submission, mme, pope, textvqa
 from .answer_records import (Answers, by_question_id, check_some_matched, match_by_id,
                              not_utf8, read_answer_records, write_llava_answers)
 from .report import write_report
@@ -155,9 +158,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parser.parse_args(argv)
     options = benchmark_options(parser, args)
     try:
-        return score_answers(args.benchmark, args.data, args.images,
-                             read_answer_records(args.answers_jsonl), args.out_dir,
-                             limit=args.limit, **options)
+        submission = start_submission(args)
+        result = score_answers(args.benchmark, args.data, args.images,
+                               read_answer_records(args.answers_jsonl), args.out_dir,
+                               limit=args.limit, **options)
+        return finish_submission(result, submission)
     except USER_ERRORS as e:  # a bad question or answers file, a missing image
         raise SystemExit(user_error(e)) from None
 
@@ -169,21 +174,39 @@ def add_benchmark_flags(parser) -> None:
                         help="POPE: the folder of coco_pope_<split>.json label files (LLaVA's llava_pope_test.jsonl)")
     parser.add_argument("--textvqa-ocr", action="store_true",
                         help="TextVQA: LLaVA-1.5's prompt with the question's 'Reference OCR token:' line")
+    parser.add_argument("--submission", default=None, metavar="FILE.xlsx",
+                        help="MMBench: also write the evaluation server's .xlsx (the [eval] extra)")
 
 
 def benchmark_options(parser, args) -> Dict[str, Any]:
     """Benchmark options from the flags; a flag of another benchmark is a usage error."""
     flags = (("no_circular", "--no-circular", "mmbench", "circular", False),
              ("annotations", "--annotations", "pope", "annotations", args.annotations),
-             ("textvqa_ocr", "--textvqa-ocr", "textvqa", "ocr_tokens", True))
+             ("textvqa_ocr", "--textvqa-ocr", "textvqa", "ocr_tokens", True),
+             ("submission", "--submission", "mmbench", None, None))
     options: Dict[str, Any] = {}
     for attr, flag, benchmark, option, value in flags:
         if getattr(args, attr) in (None, False):
             continue
         if args.benchmark != benchmark:
             parser.error(f"{flag} applies to --benchmark {benchmark} only")
-        options[option] = value
+        if option is not None:  # (--submission is a file written after scoring, not a load option)
+            options[option] = value
     return options
+
+
+def start_submission(args) -> Optional[str]:
+    """The ``--submission`` path, its [eval] extra checked before any scoring or model call."""
+    if args.submission:
+        mmbench_submission.require_eval_extra()
+    return args.submission
+
+
+def finish_submission(result: Dict[str, Any], submission: Optional[str]) -> Dict[str, Any]:
+    """Write the MMBench server's file of a scored run when ``--submission`` asked for it."""
+    if submission:
+        result["submission"] = mmbench_submission.write_result_submission(result, submission)
+    return result
 
 
 if __name__ == "__main__":

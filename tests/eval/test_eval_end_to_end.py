@@ -10,8 +10,10 @@ exactly those answers and the files get right and wrong answers whatever the mod
 model's answers are mostly not yes/no or letters: "other" and text matching are what get exercised).
 """
 import base64
+import importlib.util
 import csv
 import json
+import re
 import string
 
 import pytest
@@ -36,9 +38,9 @@ def png(trained, i):
     return trained["data"] / "images" / f"test_{i:05d}.png"
 
 
-def run(trained, benchmark, data, out, images=None):
+def run(trained, benchmark, data, out, images=None, extra=()):
     args = ["--ckpt", str(trained["run"]), "--benchmark", benchmark, "--data", str(data), "--out", str(out),
-            "--max-new-tokens", str(MAX_NEW)]
+            "--max-new-tokens", str(MAX_NEW), *extra]
     result = answers_main(args + (["--images", str(images)] if images else []))
     saved = json.loads((out / f"{benchmark}.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(result["metrics"]))  # what is printed is what is stored
@@ -95,15 +97,22 @@ def test_mme_end_to_end(trained, answer, tmp_path):
 # ------------------------------------------------------------------------------------------------ MMBench
 
 def mmbench_pred(response, options):
-    """Official rule-based matching: one option letter among the words, else one option text inside."""
+    """VLMEvalKit's exact matching: one option letter among the last four words, else the first
+    "answer is <a-d>", else one option text inside a short enough answer; "Z" for a refusal."""
+    if "Cannot determine the answer" in response:
+        return "Z"
     words = response
     for ch in ".()[],:;!*#{}":
         words = words.replace(ch, " ")
-    found = [c for c in options if c in words.split()]
-    if len(found) == 1:
+    words = words.split()
+    found = [c for c in options if c in words]
+    if len(found) == 1 and words.index(found[0]) > len(words) - 5:
         return found[0]
-    if found or "Z" in words.split():
-        return None
+    if not found and "Z" in words:
+        return "Z"
+    m = re.search(r"answer\s+is\s+\**([a-d])", response, re.I)
+    if m and m.group(1).upper() in options:
+        return m.group(1).upper()
     if len(response) > 2 * sum(len(o) for o in options.values()):
         return None
     texts = [c for c, o in options.items() if o.lower() in response.lower()]
@@ -141,12 +150,20 @@ def test_mmbench_circular_end_to_end(trained, answer, tmp_path):
     asked = {q.question_id: answer(q.image_path, q.prompt) for q in passes}
     first = {q.group: mmbench_pred(asked[q.question_id], dict(zip(string.ascii_uppercase, q.options)))
              for q in passes if q.rotation == 0}
-    rows[0]["answer"] = first[0] or "A"
+    rows[0]["answer"] = first[0] if first[0] in ("A", "B", "C", "D") else "A"   # (not None / "Z")
     rows[1]["answer"] = "A" if first[1] == "B" else "B"
     write_tsv(tsv, rows)
 
-    saved = run(trained, "mmbench", tsv, tmp_path / "out", images=tmp_path / "images")
+    xlsx = tmp_path / "submission.xlsx"
+    with_extra = bool(importlib.util.find_spec("pandas") and importlib.util.find_spec("openpyxl"))
+    saved = run(trained, "mmbench", tsv, tmp_path / "out", images=tmp_path / "images",
+                extra=["--submission", str(xlsx)] if with_extra else [])
     recs = saved["questions"]
+    if with_extra:  # the server's file: one row per TSV row, its rotation-0 answer as the prediction
+        import pandas as pd
+        sub = pd.read_excel(xlsx)
+        assert list(sub["index"]) == [0, 1, 2]
+        assert list(sub["prediction"].fillna("")) == [asked[i] for i in range(3)]
     assert len(recs) == 4 + 2 + 3 and {r["question_id"]: r["response"] for r in recs} == asked
     by_group = {}
     for r, q in zip(recs, passes):
