@@ -16,9 +16,8 @@ modeling_qwen.py / configuration_qwen.py:
   exact on every length it allows.
 
 The tokenizer is tiktoken-based (``qwen.tiktoken`` + remote ``tokenization_qwen.py``), not a
-``tokenizer.json``; the import does not copy it (our tokenizer loader reads tokenizer.json or a
-WordTokenizer) and says so in a note: pass ``--tokenizer`` with a tokenizer.json made from it
-(a tokenizer.json already in the folder is copied as for every family).
+``tokenizer.json``: the import writes an equivalent tokenizer.json (qwen_tokenizer.py) unless the
+folder already has one or ``--tokenizer`` names another.
 """
 from __future__ import annotations
 
@@ -28,11 +27,6 @@ from .config_fields import config_float, config_int
 from .errors import unsupported
 from .llm_spec import LLMSpec
 from .weight_map import Src
-
-TOKENIZER_NOTE = ("Qwen-1's own tokenizer (qwen.tiktoken + remote tokenization_qwen.py) is not copied: our "
-                  "loader reads a tokenizer.json; pass --tokenizer with a tokenizer.json built from qwen.tiktoken "
-                  "(e.g. with transformers' TikTokenConverter) before training or generation")
-
 
 def qwen_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optional[int] = None) -> LLMSpec:
     """Read a Qwen-1 config.json; ConversionError for anything our decoder cannot represent."""
@@ -65,7 +59,6 @@ def qwen_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Option
     used = [f"{k}={cfg[k]}" for k in ("emb_dropout_prob", "attn_dropout_prob") if cfg.get(k)]
     if used:
         notes.append(f"dropout ({', '.join(used)}) is not applied by our decoder: the same function at inference")
-    notes.append(TOKENIZER_NOTE)
     model = dict(
         vocab_size=config_int(cfg, "vocab_size", where), hidden_size=hidden,
         num_layers=config_int(cfg, "num_hidden_layers", where), num_heads=heads, num_kv_heads=heads,
