@@ -318,3 +318,29 @@ def test_qwen1_unsupported_config(tmp_path, changes, words):
     with pytest.raises(ConversionError) as err:
         hf_to_evomoe(src, tmp_path / "run", echo=lambda _: None)
     assert words in str(err.value) and "QWenLMHeadModel" in str(err.value)
+
+
+def test_write_mapped_inverts_fused_reads(hf, save_hf, tmp_path):
+    """Parts of one HF tensor (Qwen-1's c_attn, a fused gate_up_proj) are joined back exactly on write."""
+    from megatron_evomoe.convert.hf_checkpoint import HFCheckpoint
+    from megatron_evomoe.convert.hf_llm import llm_spec_from_hf, llm_weight_map
+    from megatron_evomoe.convert.weight_map import read_mapped, write_mapped
+    from .helpers import SMALL_QWEN, qwen_tensors, write_qwen
+    m = randomize(hf.MixtralForCausalLM(hf.MixtralConfig(**SMALL_LLM, num_local_experts=4, num_experts_per_tok=2)))
+    for src in (write_qwen(tmp_path / "qwen", SMALL_QWEN, qwen_tensors(SMALL_QWEN)),
+                fused_layout(hf, save_hf, m, "mixtral5")):
+        ck = HFCheckpoint(src)
+        wmap = llm_weight_map(llm_spec_from_hf(ck.config))
+        wmap = {k: s.alt if s.alt is not None and not ck.has(s.names[0]) else s for k, s in wmap.items()}
+        shapes = {}  # our shapes, from the HF ones the map names
+        for k, s in wmap.items():
+            shape = list(ck.shape(s.names[0]))
+            if s.op == "fused_t":
+                shape = [shape[0], shape[2], shape[1] // s.part[1]]
+            elif s.part[1] > 1:
+                shape[0] //= s.part[1]
+            shapes[k] = tuple(shape)
+        back = write_mapped(read_mapped(ck, wmap, shapes), wmap)
+        assert sorted(back) == sorted(ck.keys())
+        for name, t in back.items():
+            assert torch.equal(t, ck.get(name)), name
