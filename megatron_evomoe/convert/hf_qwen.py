@@ -28,6 +28,7 @@ from .errors import unsupported
 from .llm_spec import LLMSpec
 from .weight_map import Src
 
+
 def qwen_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optional[int] = None) -> LLMSpec:
     """Read a Qwen-1 config.json; ConversionError for anything our decoder cannot represent."""
     def fail(feature: str):
@@ -35,27 +36,9 @@ def qwen_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Option
 
     hidden = config_int(cfg, "hidden_size", where)
     heads = config_int(cfg, "num_attention_heads", where)
-    head_dim = config_int(cfg, "kv_channels", where, default=hidden // heads)
-    if hidden % heads or head_dim * heads != hidden:
-        # c_attn is split at `hidden` columns, its heads are kv_channels wide: equal only then
-        raise fail(f"kv_channels={head_dim} * num_attention_heads={heads} != hidden_size={hidden}")
-    if cfg.get("scale_attn_weights", True) is False:
-        raise fail("scale_attn_weights=false (our attention always scales scores by 1/sqrt(head_dim))")
-    if cfg.get("rope_scaling"):
-        raise fail(f"rope_scaling={cfg['rope_scaling']!r} (only plain RoPE is implemented)")
-    rotary_pct = config_float(cfg, "rotary_pct", where, 1.0)
-    if not 0.0 < rotary_pct <= 1.0:
-        raise fail(f"rotary_pct={rotary_pct} (must be in (0, 1])")
-    biases = cfg.get("no_bias", True) is False
-    # the remote code reads seq_length (the NTK / logn threshold), not max_position_embeddings
-    seq_length = config_int(cfg, "seq_length" if cfg.get("seq_length") is not None else "max_position_embeddings",
-                            where)
-    max_pos, notes = seq_length, []
-    if cfg.get("use_dynamic_ntk", True) or cfg.get("use_logn_attn", True):
-        notes.append(f"use_dynamic_ntk / use_logn_attn act only past seq_length={seq_length} tokens: "
-                     f"model.max_seq_len is {seq_length}, where both are the identity")
-    if max_seq_len:
-        max_pos = min(max_pos, int(max_seq_len))
+    rotary_pct = _check_attention(cfg, where, hidden, heads, fail)
+    biases = cfg.get("no_bias", True) is False  # c_proj and the MLP's three linears
+    max_pos, notes = _positions(cfg, where, max_seq_len)
     used = [f"{k}={cfg[k]}" for k in ("emb_dropout_prob", "attn_dropout_prob") if cfg.get(k)]
     if used:
         notes.append(f"dropout ({', '.join(used)}) is not applied by our decoder: the same function at inference")
@@ -72,6 +55,34 @@ def qwen_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Option
     # buffers some exports of the remote code wrote (masked_bias, the causal mask, RoPE inverse frequencies)
     ignorable = ("*.attn.masked_bias", "*.attn.bias", "*rotary_emb.inv_freq")
     return LLMSpec(family="qwen", model=model, notes=notes, ignorable=ignorable)
+
+
+def _check_attention(cfg: dict, where: str, hidden: int, heads: int, fail) -> float:
+    """What our attention cannot represent is an error; returns rotary_pct."""
+    head_dim = config_int(cfg, "kv_channels", where, default=hidden // heads)
+    if hidden % heads or head_dim * heads != hidden:
+        # c_attn is split at `hidden` columns, its heads are kv_channels wide: equal only then
+        raise fail(f"kv_channels={head_dim} * num_attention_heads={heads} != hidden_size={hidden}")
+    if cfg.get("scale_attn_weights", True) is False:
+        raise fail("scale_attn_weights=false (our attention always scales scores by 1/sqrt(head_dim))")
+    if cfg.get("rope_scaling"):
+        raise fail(f"rope_scaling={cfg['rope_scaling']!r} (only plain RoPE is implemented)")
+    rotary_pct = config_float(cfg, "rotary_pct", where, 1.0)
+    if not 0.0 < rotary_pct <= 1.0:
+        raise fail(f"rotary_pct={rotary_pct} (must be in (0, 1])")
+    return rotary_pct
+
+
+def _positions(cfg: dict, where: str, max_seq_len: Optional[int]):
+    """(model.max_seq_len, notes): seq_length, where dynamic NTK and logn attention start to act."""
+    # the remote code reads seq_length (the NTK / logn threshold), not max_position_embeddings
+    key = "seq_length" if cfg.get("seq_length") is not None else "max_position_embeddings"
+    seq_length = config_int(cfg, key, where)
+    notes = []
+    if cfg.get("use_dynamic_ntk", True) or cfg.get("use_logn_attn", True):
+        notes.append(f"use_dynamic_ntk / use_logn_attn act only past seq_length={seq_length} tokens: "
+                     f"model.max_seq_len capped at {seq_length}, where both are the identity")
+    return (min(seq_length, int(max_seq_len)) if max_seq_len else seq_length), notes
 
 
 def qwen_weight_map(spec: LLMSpec, prefix: str = "model.", head: str = "lm_head.",
