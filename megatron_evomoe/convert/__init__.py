@@ -3,8 +3,9 @@
     python -m megatron_evomoe.convert hf-to-evomoe --src HF_DIR --dst RUN_DIR [--vision-src CLIP_DIR]
     python -m megatron_evomoe.convert evomoe-to-hf --src RUN_OR_CKPT --dst HF_DIR [--format auto|...]
 
-- `hf_to_evomoe` (llava.py): LLaMA / Mistral / Qwen2 / Mixtral / Qwen2-MoE / Phi / StableLM decoders, CLIP and
-  SigLIP towers, LLaVA models and the project's own export format -> a run folder that
+- `hf_to_evomoe` (llava.py): LLaMA / Mistral / Qwen2 / Qwen-1 / Mixtral / Qwen2-MoE / Phi / StableLM decoders
+  (MoE experts per-expert or in transformers 5's fused layout), CLIP and SigLIP towers, LLaVA
+  models and the project's own export format -> a run folder that
   `training.restore.load_trained_model`, `python -m megatron_evomoe.generate` and the eval
   CLI load.
 - `evomoe_to_hf` (export.py): dense -> LLaMA/Qwen2/Phi/StableLM, linear-router MoE -> Mixtral/Qwen2-MoE,

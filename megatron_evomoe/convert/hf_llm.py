@@ -8,7 +8,9 @@ SwiGLU, no biases), ``qwen2`` (the same with q/k/v biases -> ``model.qkv_bias``)
 ``norm_topk_prob``; a shared expert -> ``moe.shared_expert_size``), ``phi`` (Phi-1/1.5/2:
 LayerNorm, partial rotary, parallel block, fc1 -> gelu_new -> fc2, biases everywhere) and
 ``stablelm`` (StableLM / StableLM-2: LayerNorm, partial rotary, SwiGLU, optional q/k/v biases
-and parallel residual); `FAMILY_OPTIONS` lists the `model.*` options each family sets.
+and parallel residual) and ``qwen`` (Qwen-1, remote code: fused c_attn, w1/w2/c_proj SwiGLU;
+config and weight map in hf_qwen.py); `FAMILY_OPTIONS` lists the `model.*` options each family
+sets. MoE experts are read in both the per-expert and transformers 5's fused layout (`_moe_map`).
 Not representable, each with a clear `ConversionError`: rope scaling, a head_dim other than
 hidden/heads, LLaMA's biases on the output or MLP projections, per-head q/k LayerNorm
 (``qk_layernorm``), sliding-window attention shorter than the sequence.
@@ -21,7 +23,6 @@ export (export.py) writes through it, so an export re-imports exactly (weight_ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -29,37 +30,22 @@ import torch
 from ..config import ModelConfig
 from .config_fields import config_float, config_int
 from .errors import ConversionError, unsupported
+from .hf_qwen import qwen_spec_from_hf, qwen_weight_map
+from .llm_spec import LLMSpec
 from .weight_map import Src
+
+__all__ = ["LLMSpec", "llm_spec_from_hf", "llm_weight_map", "FAMILY_OPTIONS", "family_mismatch",
+           "export_extras", "hf_llm_config", "moe_layers_string"]
 
 # model_type -> why our decoder cannot represent it (checked before anything else).
 UNSUPPORTED_LLMS = {
-    "qwen": "Qwen-1 checkpoints are remote code (fused c_attn, logn attention); convert them to the "
-            "Qwen2 layout first (model_type qwen2)",
     "gemma": "Gemma scales embeddings by sqrt(hidden) and uses (1 + weight) RMSNorm and GeGLU",
     "phi3": "Phi-3 fuses qkv_proj and gate_up_proj and may use long-rope scaling",
 }
-LLM_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm")
+LLM_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi", "stablelm", "qwen")
 
 
 # =============================================================================== config
-
-@dataclass
-class LLMSpec:
-    """What an HF LLM config means for our config (model / moe / router sections)."""
-    family: str  # llama | qwen2 | mixtral | qwen2_moe | phi | stablelm (mistral maps to llama)
-    model: dict  # ModelConfig fields
-    moe_layers: List[int] = field(default_factory=list)
-    num_experts: int = 1
-    top_k: int = 1
-    renormalize: bool = True
-    shared_expert_size: int = 0  # Qwen2-MoE's shared_expert_intermediate_size
-    notes: List[str] = field(default_factory=list)
-    ignorable: Tuple[str, ...] = ()  # fnmatch patterns of HF tensors that may stay unread
-
-    @property
-    def is_moe(self) -> bool:
-        return bool(self.moe_layers)
-
 
 def _rope(cfg: dict, fail, where: str) -> float:
     params = cfg.get("rope_parameters") or {}
@@ -80,6 +66,8 @@ def llm_spec_from_hf(cfg: dict, where: str = "config.json", max_seq_len: Optiona
 
     if mt in UNSUPPORTED_LLMS:
         raise fail(UNSUPPORTED_LLMS[mt])
+    if mt == "qwen":  # Qwen-1: its own config field names
+        return qwen_spec_from_hf(cfg, where, max_seq_len)
     if mt not in LLM_TYPES:
         raise fail(f"model_type {mt!r} is not a supported decoder (supported: {', '.join(LLM_TYPES)})")
 
@@ -247,7 +235,13 @@ def moe_layers_string(layers: List[int], num_layers: int) -> str:
 # =============================================================================== weight map
 
 def llm_weight_map(spec: LLMSpec, prefix: str = "model.", head: str = "lm_head.", ours: str = "llm.") -> Dict[str, Src]:
-    """Our state-dict name -> Src, for the decoder of `spec` (prefixes select a nested LLM)."""
+    """Our state-dict name -> Src, for the decoder of `spec` (prefixes select a nested LLM).
+
+    `prefix` is where the decoder body lives in the LLaMA-style naming (``model.``); Qwen-1 keeps
+    it at ``transformer.`` (hf_qwen.py), which then takes the place of that trailing ``model.``.
+    """
+    if spec.family == "qwen":
+        return qwen_weight_map(spec, prefix, head, ours)
     m = spec.model
     opt = {k: m.get(k, f.default) for k, f in ModelConfig.__dataclass_fields__.items()}
     phi = spec.family == "phi"
@@ -285,16 +279,32 @@ def _attention_map(hf: str, us: str, opt: dict, out_name: str) -> Dict[str, Src]
     return out
 
 
+FUSED_EXPERTS = "the fused-experts layout of transformers >= 5"
+
+
 def _moe_map(spec: LLMSpec, hf: str, us: str) -> Dict[str, Src]:
-    """Router, stacked experts and (Qwen2-MoE) the shared expert of one MoE layer."""
+    """Router, stacked experts and (Qwen2-MoE) the shared expert of one MoE layer.
+
+    Two layouts are read: the per-expert one that the released checkpoints and transformers'
+    save_pretrained write (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2, Qwen2-MoE:
+    mlp.experts.{e}.gate_proj/up_proj/down_proj), and transformers 5's in-memory layout
+    (``save_pretrained(save_original_format=False)``): the block at ``mlp.``, the router at
+    mlp.gate, experts.gate_up_proj [E, 2F, C] (gate rows first) and experts.down_proj [E, C, F].
+    Export writes the per-expert layout, which every transformers version loads.
+    """
+    fused = hf + "mlp."
     if spec.family == "mixtral":
         block, names = hf + "block_sparse_moe.", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
     else:
-        block, names = hf + "mlp.", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
-    out = {us + "mlp.router.weight": Src((block + "gate.weight",))}
+        block, names = fused, {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
+    router_alt = Src((fused + "gate.weight",)) if block != fused else None
+    out = {us + "mlp.router.weight": Src((block + "gate.weight",), alt=router_alt, alt_label=FUSED_EXPERTS)}
+    fused_srcs = {"w_gate": Src((fused + "experts.gate_up_proj",), "fused_t", part=(0, 2)),
+                  "w_up": Src((fused + "experts.gate_up_proj",), "fused_t", part=(1, 2)),
+                  "w_down": Src((fused + "experts.down_proj",), "fused_t")}
     for our, theirs in names.items():
-        out[f"{us}mlp.experts.{our}"] = Src(tuple(f"{block}experts.{e}.{theirs}.weight"
-                                                  for e in range(spec.num_experts)), "stack_t")
+        per_expert = tuple(f"{block}experts.{e}.{theirs}.weight" for e in range(spec.num_experts))
+        out[f"{us}mlp.experts.{our}"] = Src(per_expert, "stack_t", alt=fused_srcs[our], alt_label=FUSED_EXPERTS)
     if spec.shared_expert_size > 0:
         for our, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
             out[f"{us}mlp.shared_expert.{our}.weight"] = Src((f"{block}shared_expert.{theirs}.weight",))

@@ -35,6 +35,7 @@ from .errors import ConversionError, unsupported
 from .hf_checkpoint import HFCheckpoint, read_config
 from .hf_llm import LLMSpec, llm_spec_from_hf, llm_weight_map, moe_layers_string
 from .hf_vision import VISION_TYPES, VisionSpec, vision_prefix, vision_spec_from_hf, vision_weight_map
+from .qwen_tokenizer import QWEN_TOKENIZER_NOTE, QWEN_VOCAB_FILE, qwen_tokenizer_dir
 from .weight_map import Src, read_mapped
 
 log = logging.getLogger("megatron_evomoe")
@@ -327,6 +328,9 @@ def hf_to_evomoe(src, dst, *, vision_src=None, tokenizer=None, feature_layer: Op
         tok_src = None  # the source folder has no (fast) tokenizer: fine, noted below
     tok_dir = _copy_tokenizer(tok_src, dst)
     notes = plan.notes
+    if tok_dir is None and tokenizer is None and (src / QWEN_VOCAB_FILE).is_file():  # Qwen-1: tiktoken only
+        tok_dir = qwen_tokenizer_dir(src, dst / "tokenizer")
+        notes.append(QWEN_TOKENIZER_NOTE)
     if tok_dir is None:
         notes.append("no tokenizer copied: put one in DST/tokenizer (or pass --tokenizer) before loading")
     vocab = _tokenizer_vocab(tok_dir)

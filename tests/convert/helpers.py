@@ -76,3 +76,48 @@ def make_run(root, *overrides, stage_idx=-1, seed=0):
     meta = {"stage": cfg.stages[stage_idx].name, "stage_idx": stage_idx, "step": 1, "global_step": 3}
     ckpt.save_checkpoint(root / "run", "ckpt", state, meta, keep=1)
     return root / "run", model.eval(), cfg
+
+
+# --------------------------------------------------------------------------- Qwen-1 (remote code)
+
+# A tiny Qwen-1 config.json (QWenLMHeadModel's field names); its MLP is intermediate_size // 2 = 48 wide.
+SMALL_QWEN = dict(model_type="qwen", architectures=["QWenLMHeadModel"], vocab_size=64, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, kv_channels=8, intermediate_size=96,
+                  layer_norm_epsilon=1e-5, rotary_emb_base=50000, rotary_pct=1.0, seq_length=48,
+                  max_position_embeddings=64, no_bias=True, tie_word_embeddings=False, use_dynamic_ntk=True,
+                  use_logn_attn=True, scale_attn_weights=True, emb_dropout_prob=0.0, attn_dropout_prob=0.0,
+                  initializer_range=0.02)
+
+
+def qwen_tensors(cfg, seed=0):
+    """Random weights under Qwen-1's tensor names and shapes (transformer.wte / h.{i} / ln_f, lm_head)."""
+    g = torch.Generator().manual_seed(seed)
+    C, F, V = cfg["hidden_size"], cfg["intermediate_size"] // 2, cfg["vocab_size"]
+    bias = not cfg["no_bias"]
+    shapes = {"transformer.wte.weight": (V, C), "transformer.ln_f.weight": (C,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (V, C)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        shapes.update({p + "ln_1.weight": (C,), p + "ln_2.weight": (C,), p + "attn.c_attn.weight": (3 * C, C),
+                       p + "attn.c_attn.bias": (3 * C,), p + "attn.c_proj.weight": (C, C),
+                       p + "mlp.w1.weight": (F, C), p + "mlp.w2.weight": (F, C), p + "mlp.c_proj.weight": (C, F)})
+        if bias:
+            shapes.update({p + "attn.c_proj.bias": (C,), p + "mlp.w1.bias": (F,), p + "mlp.w2.bias": (F,),
+                           p + "mlp.c_proj.bias": (C,)})
+    out = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        out[name] = noise * 0.2 if len(shape) > 1 else (1.0 if "ln" in name else 0.0) + 0.1 * noise
+    return out
+
+
+def write_qwen(directory, cfg, tensors, tokenizer=True):
+    """A Qwen-1-style folder: config.json + model.safetensors (+ a word tokenizer.json)."""
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+        write_tokenizer(directory)
+    return directory

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_evomoe.convert.__main__ import main as convert_main
+from megatron_evomoe.convert import ConversionError, hf_to_evomoe
 from megatron_evomoe.moe.moe_layer import MoELayer
 from megatron_evomoe.moe.router import TopKRouter
 from megatron_evomoe.training.restore import load_trained_model
@@ -170,3 +171,176 @@ def test_qwen2_moe_shared_expert(hf, save_hf, tmp_path):
         layer.shared_expert, saved = None, layer.shared_expert
         assert float((model(text_ids()).logits - m(input_ids=text_ids()).logits).abs().max()) > 1e-2
         layer.shared_expert = saved
+
+
+# ------------------------------------------------------------------ transformers-5 fused experts
+
+def fused_layout(hf, save_hf, model, name):
+    """save_pretrained as transformers 5 holds the model in memory: experts fused, the MoE block at mlp."""
+    src = save_hf(model, name, save_original_format=False)
+    from safetensors import safe_open
+    keys = set(safe_open(str(src / "model.safetensors"), "pt").keys())
+    assert "model.layers.1.mlp.experts.gate_up_proj" in keys and "model.layers.1.mlp.gate.weight" in keys
+    assert not any(".experts.0." in k or "block_sparse_moe" in k for k in keys)
+    return src
+
+
+def test_mixtral_fused_experts_layout(hf, save_hf, tmp_path):
+    m = randomize(hf.MixtralForCausalLM(hf.MixtralConfig(**SMALL_LLM, num_local_experts=4, num_experts_per_tok=2)))
+    model, cfg, diff = import_and_compare(m, fused_layout(hf, save_hf, m, "mixtral5"), tmp_path / "run")
+    assert diff < TOL and cfg.moe.layers == "all"
+    experts = m.model.layers[1].mlp.experts  # gate_up_proj [E, 2F, C]: the gate rows first
+    assert torch.equal(model.llm.layers[1].mlp.experts.w_gate, experts.gate_up_proj[:, :48].transpose(1, 2))
+    assert torch.equal(model.llm.layers[1].mlp.experts.w_down, experts.down_proj.transpose(1, 2))
+    # the export writes the per-expert layout, which transformers 5 loads back to the same logits
+    assert convert_main(["evomoe-to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "out")]) == 0
+    from safetensors import safe_open
+    keys = set(safe_open(str(tmp_path / "out" / "model.safetensors"), "pt").keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
+    back = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert float((back(input_ids=text_ids()).logits - m(input_ids=text_ids()).logits).abs().max()) < TOL
+
+
+def test_qwen2_moe_fused_experts_layout(hf, save_hf, tmp_path):
+    cfg = hf.Qwen2MoeConfig(**dict(SMALL_LLM, num_hidden_layers=3), num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=48, shared_expert_intermediate_size=40, mlp_only_layers=[0])
+    m = randomize(hf.Qwen2MoeForCausalLM(cfg))
+    model, ours, diff = import_and_compare(m, fused_layout(hf, save_hf, m, "qwen2moe5"), tmp_path / "run")
+    assert diff < TOL and ours.moe.layers == "1,2" and ours.moe.shared_expert_size == 40
+
+
+def test_missing_router_names_both_layouts(hf, save_hf, tmp_path):
+    from safetensors.torch import load_file, save_file
+    m = randomize(hf.MixtralForCausalLM(hf.MixtralConfig(**SMALL_LLM, num_local_experts=4, num_experts_per_tok=2)))
+    src = fused_layout(hf, save_hf, m, "mixtral5")
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.mlp.gate.weight"]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError) as err:
+        hf_to_evomoe(src, tmp_path / "run", echo=lambda _: None)
+    msg = str(err.value)
+    assert "'model.layers.1.block_sparse_moe.gate.weight' not found" in msg
+    assert "nor 'model.layers.1.mlp.gate.weight' (the fused-experts layout of transformers >= 5)" in msg
+
+
+# ------------------------------------------------------------------ Qwen-1 (remote code, hand-built reference)
+
+def qwen1_reference_logits(w, cfg, ids):
+    """Qwen-1's forward as its modeling_qwen.py defines it, written out: RMSNorm (float), fused c_attn
+    split q | k | v, rotate-half RoPE on the first rotary_pct of each head, causal softmax attention
+    scaled by 1/sqrt(head_dim), out = c_proj(w1(x) * silu(w2(x))), ln_f, lm_head (or tied wte)."""
+    import torch.nn.functional as F
+    B, T = ids.shape
+    C, H, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_epsilon"]
+    D = C // H
+    rot = int(cfg["kv_channels"] * cfg["rotary_pct"])
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def lin(x, name):
+        return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+    inv = 1.0 / cfg["rotary_emb_base"] ** (torch.arange(0, rot, 2).float() / rot)
+    emb = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)  # [T, rot]
+    cos, sin = emb.cos()[None, :, None], emb.sin()[None, :, None]
+
+    def rope(t):  # [B, T, H, D]: rotate the first `rot` channels, pass the rest
+        r, rest = t[..., :rot], t[..., rot:]
+        r1, r2 = r.chunk(2, -1)
+        return torch.cat([r * cos + torch.cat([-r2, r1], -1) * sin, rest], -1)
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = w["transformer.wte.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        q, k, v = (t.reshape(B, T, H, D) for t in lin(rms(x, w[p + "ln_1.weight"]), p + "attn.c_attn").split(C, -1))
+        q, k = rope(q), rope(k)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5
+        a = torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~causal, float("-inf")).softmax(-1), v)
+        x = x + lin(a.reshape(B, T, C), p + "attn.c_proj")
+        h = rms(x, w[p + "ln_2.weight"])
+        x = x + lin(lin(h, p + "mlp.w1") * F.silu(lin(h, p + "mlp.w2")), p + "mlp.c_proj")
+    x = rms(x, w["transformer.ln_f.weight"])
+    return F.linear(x, w["lm_head.weight"] if "lm_head.weight" in w else w["transformer.wte.weight"])
+
+
+QWEN_TOL = 5e-6
+
+
+@pytest.mark.parametrize("variant", ["qwen_1_8b", "biases_partial_rotary_tied"])
+def test_qwen1_logit_parity(tmp_path, variant):
+    from .helpers import SMALL_QWEN, qwen_tensors, write_qwen
+    cfg = dict(SMALL_QWEN, **({} if variant == "qwen_1_8b" else
+                              dict(no_bias=False, rotary_pct=0.5, tie_word_embeddings=True)))
+    w = qwen_tensors(cfg)
+    src = write_qwen(tmp_path / "qwen", cfg, w)
+    assert convert_main(["hf-to-evomoe", "--src", str(src), "--dst", str(tmp_path / "run")]) == 0
+    model, ours, _, _ = load_trained_model(tmp_path / "run")
+    o = ours.model
+    assert (o.ffn_hidden_size, o.num_kv_heads, o.rope_theta, o.norm_eps, o.norm) == (48, 4, 5e4, 1e-5, "rmsnorm")
+    assert o.max_seq_len == 48 and o.qkv_bias and o.rotary_pct == cfg["rotary_pct"]
+    assert o.attn_out_bias is o.mlp_bias is (not cfg["no_bias"]) and o.tie_embeddings is cfg["tie_word_embeddings"]
+    layer = model.llm.layers[1]  # w2 is the gate, w1 the up projection; c_attn rows q | k | v
+    assert torch.equal(layer.mlp.w_gate.weight, w["transformer.h.1.mlp.w2.weight"])
+    assert torch.equal(layer.attn.wk.bias, w["transformer.h.1.attn.c_attn.bias"][32:64])
+    ids = text_ids()
+    with torch.no_grad():
+        diff = float((model(ids).logits - qwen1_reference_logits(w, cfg, ids)).abs().max())
+    assert diff < QWEN_TOL
+    meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("00-*/meta.json")).read_text())
+    assert any("seq_length=48" in n for n in meta["notes"])
+
+
+def test_qwen1_exports_as_qwen2(hf, tmp_path):
+    """Qwen-1 (no_bias, full rotary) is the Qwen2 layout: the export loads in transformers' Qwen2ForCausalLM."""
+    from .helpers import SMALL_QWEN, qwen_tensors, write_qwen
+    w = qwen_tensors(SMALL_QWEN, seed=3)
+    src = write_qwen(tmp_path / "qwen", SMALL_QWEN, w)
+    assert convert_main(["hf-to-evomoe", "--src", str(src), "--dst", str(tmp_path / "run")]) == 0
+    assert convert_main(["evomoe-to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "out")]) == 0
+    back = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    ids = text_ids()
+    with torch.no_grad():
+        assert float((back(input_ids=ids).logits - qwen1_reference_logits(w, SMALL_QWEN, ids)).abs().max()) < QWEN_TOL
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(kv_channels=16), "kv_channels=16 * num_attention_heads=4 != hidden_size=32"),
+    (dict(scale_attn_weights=False), "scale_attn_weights=false"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling="),
+])
+def test_qwen1_unsupported_config(tmp_path, changes, words):
+    from .helpers import SMALL_QWEN, qwen_tensors, write_qwen
+    src = write_qwen(tmp_path / "qwen", dict(SMALL_QWEN, **changes), qwen_tensors(SMALL_QWEN), tokenizer=False)
+    with pytest.raises(ConversionError) as err:
+        hf_to_evomoe(src, tmp_path / "run", echo=lambda _: None)
+    assert words in str(err.value) and "QWenLMHeadModel" in str(err.value)
+
+
+def test_write_mapped_inverts_fused_reads(hf, save_hf, tmp_path):
+    """Parts of one HF tensor (Qwen-1's c_attn, a fused gate_up_proj) are joined back exactly on write."""
+    from megatron_evomoe.convert.hf_checkpoint import HFCheckpoint
+    from megatron_evomoe.convert.hf_llm import llm_spec_from_hf, llm_weight_map
+    from megatron_evomoe.convert.weight_map import read_mapped, write_mapped
+    from .helpers import SMALL_QWEN, qwen_tensors, write_qwen
+    m = randomize(hf.MixtralForCausalLM(hf.MixtralConfig(**SMALL_LLM, num_local_experts=4, num_experts_per_tok=2)))
+    for src in (write_qwen(tmp_path / "qwen", SMALL_QWEN, qwen_tensors(SMALL_QWEN)),
+                fused_layout(hf, save_hf, m, "mixtral5")):
+        ck = HFCheckpoint(src)
+        wmap = llm_weight_map(llm_spec_from_hf(ck.config))
+        wmap = {k: s.alt if s.alt is not None and not ck.has(s.names[0]) else s for k, s in wmap.items()}
+        shapes = {}  # our shapes, from the HF ones the map names
+        for k, s in wmap.items():
+            shape = list(ck.shape(s.names[0]))
+            if s.op == "fused_t":
+                shape = [shape[0], shape[2], shape[1] // s.part[1]]
+            elif s.part[1] > 1:
+                shape[0] //= s.part[1]
+            shapes[k] = tuple(shape)
+        back = write_mapped(read_mapped(ck, wmap, shapes), wmap)
+        assert sorted(back) == sorted(ck.keys())
+        for name, t in back.items():
+            assert torch.equal(t, ck.get(name)), name
