@@ -30,7 +30,7 @@ def reference_answer(trained, prompt, img, max_new_tokens):
     """What the library's greedy decoder (generation.py) answers, for the same template and image."""
     model, cfg, tok = trained["model"], trained["cfg"], trained["bundle"].tokenizer
     ids = torch.tensor(render_prompt(f"<image>\n{prompt}", tok, cfg.vision.num_image_tokens))
-    pixels = image_processor_for(cfg, trained["state"])(img)[None]
+    pixels = image_processor_for(cfg)(img)[None]
     out = greedy_generate(model, [ids], pixels, max_new_tokens, tok.eos_id)[0]
     return tok.decode(out, skip_special_tokens=True).strip()
 
@@ -62,7 +62,7 @@ def test_batched_prompts_equal_one_at_a_time(trained, capsys):
 def sample(trained, seed, stop=(), temperature=2.0, n=12):
     model, cfg, tok = trained["model"], trained["cfg"], trained["bundle"].tokenizer
     ids = render_prompt(f"<image>\n{QUESTION}", tok, cfg.vision.num_image_tokens)
-    pixels = image_processor_for(cfg, trained["state"])(image(trained))[None]
+    pixels = image_processor_for(cfg)(image(trained))[None]
     return generate_texts(model, tok, [ids], pixels, max_new_tokens=n, temperature=temperature, seed=seed,
                           stop=stop)[0]
 
