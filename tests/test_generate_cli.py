@@ -96,8 +96,7 @@ def test_cli_errors_exit_2(trained, capsys):
 
 
 def test_answer_fn_and_eval_cli(trained, tmp_path, capsys):
-    fn = make_answer_fn(trained["model"], trained["cfg"], trained["bundle"], max_new_tokens=3,
-                        state=trained["state"])
+    fn = make_answer_fn(trained["model"], trained["cfg"], trained["bundle"], max_new_tokens=3)
     assert fn(image(trained), QUESTION) == reference_answer(trained, QUESTION, image(trained), 3)
     assert isinstance(fn(None, "what colour is a circle?"), str)  # text-only questions work too
     result = answers_main(["--ckpt", str(trained["run"]), "--benchmark", "pope",
