@@ -233,3 +233,25 @@ def test_old_checkpoint_mean_std_and_init_from_contradictions(hf, save_hf, tmp_p
     clip = hf_to_evomoe(save_hf(llm, "llm2"), tmp_path / "run2", vision_src=clip_folder, echo=lambda s: None)
     pad = load_config(None, ["--stages=[{name: s}]", *vision, "--vision.image_mode=pad"])
     check_init_image_processing(pad, ckpt.load_checkpoint(clip), clip)  # LLaVA-1.5's pad on a CLIP processor
+
+
+def test_llava_logits_on_a_non_square_image_through_each_sides_processor(hf, save_hf, tmp_path):
+    """An imported LLaVA fed the same picture through our processor and through transformers' gives the same
+    logits (a straight resize instead of CLIP's crop moved them by more than 1 in the issue's measurement)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from megatron_evomoe.generate import image_processor_for
+    cfg = hf.LlavaConfig(vision_config=hf.CLIPVisionConfig(**SMALL_VISION), text_config=hf.LlamaConfig(**SMALL_LLM),
+                         image_token_index=IMAGE_ID)
+    m = randomize(hf.LlavaForConditionalGeneration(cfg))
+    folder = save_hf(m, "llava")
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    proc.save_pretrained(folder)
+    hf_to_evomoe(folder, tmp_path / "run", echo=lambda s: None)
+    model, ours, _, _ = load_trained_model(tmp_path / "run")
+    img = _odd_image(29, 17)
+    ids = text_ids(batch=1)
+    ids[:, 1:5] = IMAGE_ID
+    with torch.no_grad():
+        ref = m(input_ids=ids, pixel_values=proc(img, return_tensors="pt")["pixel_values"]).logits
+        out = model(ids, image_processor_for(ours)(img)[None]).logits
+    assert float((out - ref).abs().max()) < TOL
