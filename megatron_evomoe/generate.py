@@ -7,8 +7,8 @@
 
 The prompt goes through the training template (`data.conversation.render_prompt`:
 "[BOS] USER: <image> {prompt} ASSISTANT:"; `<image>` is prepended when an image is given
-and the prompt has no tag) and the image through the project's `ImageProcessor` (with the
-mean/std an imported tower recorded, else CLIP's). Decoding is batched (prompts of equal
+and the prompt has no tag) and the image through the project's `ImageProcessor`, built from the
+checkpoint's `vision` settings (an imported tower's: its HF processor's mode, mean/std and filter). Decoding is batched (prompts of equal
 length together) with the KV cache of `generation.py`: greedy at temperature 0, else
 sampling (temperature, nucleus `--top-p`) from a generator seeded by `--seed`. An answer
 ends at EOS, at `--max-new-tokens`, or just before the first `--stop` string.
@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .data.conversation import IMAGE_TAG, render_prompt
-from .data.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
+from .data.image_processing import ImageProcessor
 from .generation import KVCache
 from .checkpointing import resolve_checkpoint
 from .cli import USER_ERRORS, ArgumentParser, finite_float, int_at_least, user_error
@@ -56,9 +56,9 @@ def load_for_inference(path, device: str = "cpu", data_root: Optional[str] = Non
     return model, cfg, bundle, state
 
 
-def image_processor_for(cfg, state: Optional[dict] = None) -> ImageProcessor:
-    ip = (state or {}).get("image_processor") or {}
-    return ImageProcessor(cfg.vision.image_size, ip.get("mean") or CLIP_MEAN, ip.get("std") or CLIP_STD)
+def image_processor_for(cfg) -> ImageProcessor:
+    """The checkpoint's image preprocessing: its config's `vision` section (mode, size, mean/std, filter)."""
+    return ImageProcessor.from_config(cfg.vision)
 
 
 def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool) -> List[int]:
@@ -194,14 +194,14 @@ def run(args) -> List[str]:
     if images and len(images) not in (1, n):
         raise ValueError(f"got {len(images)} --image for {n} --prompt: give one image, or one per prompt")
     device = resolve_device(args.device)
-    model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root,
+    model, cfg, bundle, _ = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root,
                                                    dtype=args.dtype)
     tok = bundle.tokenizer
     per_prompt = (images * n if len(images) == 1 else images) if images else [None] * n
     ids = [prompt_ids(p, tok, cfg, img is not None) for p, img in zip(args.prompt, per_prompt)]
     pixels = None
     if images:
-        proc = image_processor_for(cfg, state)
+        proc = image_processor_for(cfg)
         pixels = torch.stack([proc(path) for path in per_prompt])
     answers = generate_texts(model, tok, ids, pixels, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)

@@ -30,7 +30,7 @@ def reference_answer(trained, prompt, img, max_new_tokens):
     """What the library's greedy decoder (generation.py) answers, for the same template and image."""
     model, cfg, tok = trained["model"], trained["cfg"], trained["bundle"].tokenizer
     ids = torch.tensor(render_prompt(f"<image>\n{prompt}", tok, cfg.vision.num_image_tokens))
-    pixels = image_processor_for(cfg, trained["state"])(img)[None]
+    pixels = image_processor_for(cfg)(img)[None]
     out = greedy_generate(model, [ids], pixels, max_new_tokens, tok.eos_id)[0]
     return tok.decode(out, skip_special_tokens=True).strip()
 
@@ -62,7 +62,7 @@ def test_batched_prompts_equal_one_at_a_time(trained, capsys):
 def sample(trained, seed, stop=(), temperature=2.0, n=12):
     model, cfg, tok = trained["model"], trained["cfg"], trained["bundle"].tokenizer
     ids = render_prompt(f"<image>\n{QUESTION}", tok, cfg.vision.num_image_tokens)
-    pixels = image_processor_for(cfg, trained["state"])(image(trained))[None]
+    pixels = image_processor_for(cfg)(image(trained))[None]
     return generate_texts(model, tok, [ids], pixels, max_new_tokens=n, temperature=temperature, seed=seed,
                           stop=stop)[0]
 
@@ -96,8 +96,7 @@ def test_cli_errors_exit_2(trained, capsys):
 
 
 def test_answer_fn_and_eval_cli(trained, tmp_path, capsys):
-    fn = make_answer_fn(trained["model"], trained["cfg"], trained["bundle"], max_new_tokens=3,
-                        state=trained["state"])
+    fn = make_answer_fn(trained["model"], trained["cfg"], trained["bundle"], max_new_tokens=3)
     assert fn(image(trained), QUESTION) == reference_answer(trained, QUESTION, image(trained), 3)
     assert isinstance(fn(None, "what colour is a circle?"), str)  # text-only questions work too
     result = answers_main(["--ckpt", str(trained["run"]), "--benchmark", "pope",

@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the field."""
 
 
+# OpenAI CLIP's per-channel pixel mean/std (RGB, on the 0..1 scale): the default normalisation.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass
 class ModelConfig:
     """Decoder LLM."""
@@ -60,6 +65,14 @@ class VisionConfig:
     final_norm: bool = True  # False: features are the last block's output (LLaVA reads layer -2, no LN)
     activation: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"  # quick_gelu: CLIP; gelu_tanh: SigLIP
     norm_eps: float = 1e-5  # LayerNorm eps (SigLIP: 1e-6)
+    # Image preprocessing (data/image_processing.py), as the tower's HF processor does it; the HF
+    # importer sets these from preprocessor_config.json. crop: CLIP (shortest side -> image_size,
+    # centre crop); pad: LLaVA-1.5 (pad to a square with the mean colour, then crop); resize: SigLIP
+    # (straight to image_size x image_size). A square image of image_size is unchanged by all three.
+    image_mode: Literal["crop", "pad", "resize"] = "crop"
+    image_mean: list = field(default_factory=lambda: list(CLIP_MEAN))  # RGB, 0..1 scale
+    image_std: list = field(default_factory=lambda: list(CLIP_STD))
+    resample: Literal["bicubic", "bilinear"] = "bicubic"  # PIL filter of the resize
 
     @property
     def num_image_tokens(self) -> int:

@@ -58,6 +58,7 @@ def validate(cfg: Config) -> None:
                  f"{v.image_size} is not divisible by vision.patch_size={v.patch_size}")
         _require(v.hidden_size % v.num_heads == 0, "vision.hidden_size",
                  f"{v.hidden_size} is not divisible by vision.num_heads={v.num_heads}")
+        _validate_image_normalisation(v)
     _require(moe.num_experts >= 1, "moe.num_experts", "must be >= 1")
     _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
              f"{moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
@@ -231,6 +232,15 @@ def _validate_model_options(cfg: Config) -> None:
     if m.mlp_bias:
         raise ConfigError("moe.layers with model.mlp_bias=true: the experts of a MoE layer have no biases, so "
                           "upcycling would drop the FFN's; not supported, set moe.layers=none")
+
+
+def _validate_image_normalisation(v) -> None:
+    for name in ("image_mean", "image_std"):
+        values = getattr(v, name)
+        ok = (isinstance(values, list) and len(values) == 3
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values))
+        _require(ok, f"vision.{name}", f"must be 3 finite numbers (R, G, B on the 0..1 scale), got {values!r}")
+    _require(all(s > 0 for s in v.image_std), "vision.image_std", f"values must be > 0, got {v.image_std!r}")
 
 
 def _validate_beta_ranges(cfg: Config) -> None:

@@ -33,6 +33,7 @@ import torch
 
 from .errors import ConversionError
 from .hf_llm import FAMILY_OPTIONS, LLMSpec, export_extras, family_mismatch, hf_llm_config, llm_weight_map
+from .hf_image_processor import preprocessor_config
 from .hf_vision import clip_compatible, hf_clip_vision_config, vision_weight_map, VisionSpec
 from .weight_map import write_mapped
 
@@ -227,7 +228,7 @@ def _export_llava(state, cfg, kinds, family, extra_cfg: dict):
     tensors = write_mapped(state, llm_weight_map(spec, "language_model.model.", "language_model.lm_head."))
     tensors.update(export_extras(spec, "language_model.model.", state["llm.embed.weight"].dtype))
     vspec = VisionSpec("clip", {f: getattr(cfg.vision, f) for f in ("num_layers", "cls_token", "pre_norm",
-                                                                    "final_norm")}, [], [])
+                                                                    "final_norm")})
     tensors.update(write_mapped(state, vision_weight_map(vspec, "vision_tower.vision_model.")))
     D = cfg.vision.hidden_size
     ref = state["vision.pos_embed"]
@@ -334,12 +335,8 @@ def evomoe_to_hf(ckpt_path, dst, fmt: str = "auto", *, llm_only: bool = False, d
         else:
             tensors, hf_cfg = _export_llm(model_state, cfg, kinds, family, extra)
         _copy_hf_tokenizer(tok_dir, dst, notes)
-        if state.get("image_processor") and fmt == "llava":
-            ip = state["image_processor"]
-            size = cfg.vision.image_size
-            _write_json(dst / "preprocessor_config.json",
-                        {"image_mean": ip["mean"], "image_std": ip["std"], "size": {"shortest_edge": size},
-                         "crop_size": {"height": size, "width": size}, "image_processor_type": "CLIPImageProcessor"})
+        if fmt == "llava":
+            _write_json(dst / "preprocessor_config.json", preprocessor_config(cfg.vision))
     tensors = _cast(tensors, dtype)
     if dtype != "auto":
         for key in ("torch_dtype", "dtype"):

@@ -15,8 +15,9 @@ The features are what a LLaVA projector reads: ``hidden_states[feature_layer]`` 
 HF tower without the class token (LLaVA's ``vision_feature_select_strategy='default'``),
 so the tower is cut after the layer that ``feature_layer`` (default -2, as LLaVA-1.5 and
 MoE-LLaVA) selects and has no final LayerNorm (``final_norm=false``); SigLIP's attention
-pooling head is not used. Image mean/std of the tower (CLIP's, or SigLIP's 0.5) are
-recorded in the checkpoint for the generation and eval CLIs.
+pooling head is not used. The tower's image preprocessing (mode, mean/std, resize filter:
+`hf_image_processor.py`) becomes the `vision` image fields of the converted config, which
+training, evaluation and generation read.
 """
 from __future__ import annotations
 
@@ -26,12 +27,8 @@ from typing import Dict, List, Optional
 from .config_fields import config_float, config_int
 from .errors import ConversionError, unsupported
 from .hf_checkpoint import HFCheckpoint
+from .hf_image_processor import image_fields_from_hf
 from .weight_map import Src
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-SIGLIP_MEAN = [0.5, 0.5, 0.5]
-SIGLIP_STD = [0.5, 0.5, 0.5]
 
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh"}
@@ -41,9 +38,7 @@ VISION_TYPES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_mode
 @dataclass
 class VisionSpec:
     family: str  # clip | siglip
-    vision: dict  # VisionConfig fields
-    image_mean: List[float]
-    image_std: List[float]
+    vision: dict  # VisionConfig fields, the image preprocessing included
     notes: List[str] = field(default_factory=list)
 
 
@@ -55,7 +50,11 @@ def vision_config_of(cfg: dict) -> dict:
 
 
 def vision_spec_from_hf(cfg: dict, where: str = "config.json", feature_layer: int = -2,
-                        select_strategy: str = "default", preprocessor: Optional[dict] = None) -> VisionSpec:
+                        select_strategy: str = "default", preprocessor: Optional[dict] = None,
+                        preprocessor_file: str = "preprocessor_config.json",
+                        aspect_ratio: Optional[str] = None) -> VisionSpec:
+    """`preprocessor`: the parsed `preprocessor_file` (None: the family's defaults); `aspect_ratio`: a
+    LLaVA config's image_aspect_ratio ("pad": LLaVA-1.5's pad-to-square)."""
     cfg = vision_config_of(cfg)
     mt = cfg.get("model_type")
     archs = cfg.get("architectures") or []
@@ -90,15 +89,12 @@ def vision_spec_from_hf(cfg: dict, where: str = "config.json", feature_layer: in
                   ffn_hidden_size=config_int(cfg, "intermediate_size", where, 3072),
                   cls_token=family == "clip", pre_norm=family == "clip", final_norm=False,
                   activation=_ACTIVATIONS[act],
-                  norm_eps=config_float(cfg, "layer_norm_eps", where, 1e-5 if family == "clip" else 1e-6))
-    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
-    if preprocessor:
-        mean = [float(x) for x in preprocessor.get("image_mean", mean)]
-        std = [float(x) for x in preprocessor.get("image_std", std)]
+                  norm_eps=config_float(cfg, "layer_norm_eps", where, 1e-5 if family == "clip" else 1e-6),
+                  **image_fields_from_hf(family, image, preprocessor, preprocessor_file, aspect_ratio))
     notes = []
     if used < n:
         notes.append(f"vision tower cut after layer {used} of {n} (features = hidden_states[{feature_layer}])")
-    return VisionSpec(family, vision, list(mean), list(std), notes)
+    return VisionSpec(family, vision, notes)
 
 
 def vision_prefix(ck: HFCheckpoint, candidates: List[str]) -> str:

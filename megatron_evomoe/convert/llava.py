@@ -31,6 +31,7 @@ import torch
 from ..config import Config, ConfigError, _from_dict, validate
 from ..stages.structure import build_model
 from ..training.restore import IMPORTED_FORMAT as FORMAT  # what the trainer refuses to resume from
+from ..training.restore import legacy_image_fields
 from .errors import ConversionError, unsupported
 from .hf_checkpoint import HFCheckpoint, read_config
 from .hf_llm import LLMSpec, llm_spec_from_hf, llm_weight_map, moe_layers_string
@@ -135,9 +136,21 @@ def _preprocessor(directory: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(found, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(found).__name__}")
+    return found
+
+
+def _vision_spec(vision_cfg: dict, where: str, directory: Path, feature_layer: int, **kw) -> Tuple[VisionSpec, str]:
+    """The tower's spec with its image preprocessing from `directory`'s preprocessor_config.json, and
+    where that came from (for meta.json: what `training.restore` checks a run's vision settings against)."""
+    path = directory / "preprocessor_config.json"
+    found = _preprocessor(directory)
+    spec = vision_spec_from_hf(vision_cfg, where, feature_layer, preprocessor=found, preprocessor_file=str(path), **kw)
+    return spec, str(path) if found is not None else f"{where} (no preprocessor_config.json: {spec.family} defaults)"
 
 
 # =============================================================================== tokenizer
@@ -192,8 +205,7 @@ class _Plan:
     cfg: Config
     tensors: Dict[str, torch.Tensor]
     stage_idx: int
-    image_mean: Optional[List[float]]
-    image_std: Optional[List[float]]
+    image_processor_source: Optional[str]  # the file the vision image fields were imported from
     notes: List[str]
     ignored: List[str]
     tokenizer_src: Optional[Path]
@@ -201,12 +213,11 @@ class _Plan:
 
 def _plan_llm(ck: HFCheckpoint, dst: Path, vision_src, max_seq_len, feature_layer, projector, seed) -> _Plan:
     spec = llm_spec_from_hf(ck.config, str(ck.dir / "config.json"), max_seq_len)
-    vspec, vck = None, None
+    vspec, vck, image_source = None, None, None
     if vision_src is not None:
         vck = HFCheckpoint(vision_src)
-        vspec = vision_spec_from_hf(vck.config, str(vck.dir / "config.json"),
-                                    -2 if feature_layer is None else feature_layer,
-                                    preprocessor=_preprocessor(vck.dir))
+        vspec, image_source = _vision_spec(vck.config, str(vck.dir / "config.json"), vck.dir,
+                                           -2 if feature_layer is None else feature_layer)
     cfg = build_config(_import_tree(dst, spec, vspec, projector), str(ck.dir))
     expected = {k: s for k, (s, _) in expected_state(cfg).items()}
     head = "lm_head."
@@ -220,8 +231,7 @@ def _plan_llm(ck: HFCheckpoint, dst: Path, vision_src, max_seq_len, feature_laye
         tensors.update(_fresh_projector(projector, vspec.vision["hidden_size"], spec.model["hidden_size"], seed))
         notes += vspec.notes + [f"projector '{projector}' freshly initialised (seed {seed}): train it (stage 0)"]
     _check_complete(tensors, expected, ck.dir)
-    return _Plan(cfg, tensors, 0, vspec.image_mean if vspec else None, vspec.image_std if vspec else None,
-                 notes, ignored, ck.dir)
+    return _Plan(cfg, tensors, 0, image_source, notes, ignored, ck.dir)
 
 
 def _plan_llava(ck: HFCheckpoint, dst: Path, max_seq_len, feature_layer) -> _Plan:
@@ -240,8 +250,9 @@ def _plan_llava(ck: HFCheckpoint, dst: Path, max_seq_len, feature_layer) -> _Pla
         raise unsupported("llava", c.get("architectures"), f"projector_hidden_act={act!r} (our projector uses GELU)",
                           where)
     layer = c.get("vision_feature_layer", -2) if feature_layer is None else feature_layer
-    vspec = vision_spec_from_hf(vision, where, layer, c.get("vision_feature_select_strategy", "default"),
-                                preprocessor=_preprocessor(ck.dir))
+    vspec, image_source = _vision_spec(vision, where, ck.dir, layer,
+                                       select_strategy=c.get("vision_feature_select_strategy", "default"),
+                                       aspect_ratio=c.get("image_aspect_ratio"))
     cfg = build_config(_import_tree(dst, spec, vspec, "mlp2x_gelu"), where)
     expected = {k: s for k, (s, _) in expected_state(cfg).items()}
     # transformers < 4.52 and the files save_pretrained still writes: language_model.model.* / lm_head;
@@ -259,7 +270,7 @@ def _plan_llava(ck: HFCheckpoint, dst: Path, max_seq_len, feature_layer) -> _Pla
     notes = spec.notes + vspec.notes
     if "image_token_index" in c:
         notes.append(f"LLaVA image_token_index={c['image_token_index']} (the tokenizer's <image> is used)")
-    return _Plan(cfg, tensors, 0, vspec.image_mean, vspec.image_std, notes, ignored, ck.dir)
+    return _Plan(cfg, tensors, 0, image_source, notes, ignored, ck.dir)
 
 
 def _plan_native(ck: HFCheckpoint, dst: Path) -> _Plan:
@@ -268,7 +279,7 @@ def _plan_native(ck: HFCheckpoint, dst: Path) -> _Plan:
     tree = c.get("evomoe_config")
     if not isinstance(tree, dict):
         raise ConversionError(f"{where}: model_type 'evomoe' needs an 'evomoe_config' object")
-    tree = copy.deepcopy(tree)
+    tree = legacy_image_fields(copy.deepcopy(tree), c.get("image_processor"))  # an export of an earlier version
     base = _base_tree(dst)
     tree.setdefault("data", {}).update({k: base["data"][k] for k in ("root", "build_if_missing", "tokenizer")})
     tree.setdefault("train", {})["save_dir"] = base["train"]["save_dir"]
@@ -279,10 +290,8 @@ def _plan_native(ck: HFCheckpoint, dst: Path) -> _Plan:
     wmap = {k: Src(("llm.embed.weight",) if (tied and k == "llm.lm_head.weight") else (k,)) for k in expected}
     tensors = read_mapped(ck, wmap, expected)
     _check_all_read(ck)
-    ip = c.get("image_processor") or {}
     tok = ck.dir / "tokenizer"
-    return _Plan(cfg, tensors, stage_idx, ip.get("mean"), ip.get("std"), list(c.get("notes", [])), [],
-                 tok if tok.is_dir() else None)
+    return _Plan(cfg, tensors, stage_idx, None, list(c.get("notes", [])), [], tok if tok.is_dir() else None)
 
 
 def _check_complete(tensors: dict, expected: dict, src) -> None:
@@ -342,12 +351,12 @@ def hf_to_evomoe(src, dst, *, vision_src=None, tokenizer=None, feature_layer: Op
         "model": tensors, "stage_idx": plan.stage_idx, "step": plan.cfg.stages[plan.stage_idx].steps,
         "global_step": 0, "config": plan.cfg.to_dict(), "optimizer": None, "data": None, "rng": None,
         "structure_gen": None, "evolution": None,
-        "image_processor": {"mean": plan.image_mean, "std": plan.image_std} if plan.image_mean else None,
     }
     meta = {"stage": plan.cfg.stages[plan.stage_idx].name, "stage_idx": plan.stage_idx, "step": state["step"],
             "global_step": 0, "stage_end": True, "format": FORMAT, "source": str(src.resolve()),
             "source_model_type": mt, "source_architectures": config.get("architectures") or [],
             "vision_source": str(Path(vision_src).resolve()) if vision_src else None,
+            "image_processor_source": plan.image_processor_source,
             "notes": notes, "ignored_tensors": plan.ignored[:50], "num_ignored_tensors": len(plan.ignored)}
     path = ckpt.save_checkpoint(dst, CHECKPOINT_NAME, state, meta, keep=1)
     for n in notes:

@@ -6,7 +6,7 @@ Training loop usage (what training/stage_data.py does):
     paths = build_bundled_dataset("data/bundled")            # or a real LLaVA json + image folder
     tok = load_tokenizer(paths["tokenizer"])
     ds = LlavaDataset(paths["instruct"], paths["images"], tok, seq_len=128, num_image_tokens=16,
-                      image_size=32, index_dir="data/bundled/.token_index")   # built once, then memory-mapped
+                      image_processor=32, index_dir="data/bundled/.token_index")   # built once, then memory-mapped
     plan = BatchPlan(SampleStream([len(ds)], seed=0), ds.lengths, 128, micro_batch_size=8,
                      dp_rank=dp_rank, dp_size=dp_size)             # packed=True: rows of several samples
     collate = lambda rows: ds.collate([row[0] for row in rows])     # unpacked: one sample per row

@@ -34,13 +34,19 @@ from torch.utils.data import Dataset
 
 from .conversation import DEFAULT_TEMPLATE, IGNORE_INDEX, IMAGE_TAG, ConversationTemplate, count_image_tags, render_prompt
 from .errors import DataError
-from .image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
+from .image_processing import ImageProcessor
 from .json_stream import read_records  # noqa: F401  (exported here too, as it always was)
 from .record_encoder import image_error
 from .token_index import TokenIndex, open_index
 from .tokenizer import Tokenizer
 
 PathLike = Union[str, os.PathLike]
+
+
+def as_image_processor(image_processor: Union[ImageProcessor, int]) -> ImageProcessor:
+    """A dataset's processor: one built from the run's `vision` config (`ImageProcessor.from_config`), or an
+    image size alone for the defaults (CLIP crop and normalisation; tests, benchmarks)."""
+    return image_processor if isinstance(image_processor, ImageProcessor) else ImageProcessor(int(image_processor))
 
 
 # --------------------------------------------------------------------------- training data
@@ -61,13 +67,10 @@ class LlavaDataset(Dataset):
         tokenizer: Tokenizer,
         seq_len: int,
         num_image_tokens: int,
-        image_size: int,
+        image_processor: Union[ImageProcessor, int],
         skip_bad_samples: bool = False,
         *,
         template: ConversationTemplate = DEFAULT_TEMPLATE,
-        image_mean: Sequence[float] = CLIP_MEAN,
-        image_std: Sequence[float] = CLIP_STD,
-        pad_to_square: bool = False,
         check_images: bool = False,
         overlong: str = "error",
         index_dir: Optional[PathLike] = None,
@@ -81,12 +84,12 @@ class LlavaDataset(Dataset):
         self.tokenizer = tokenizer
         self.seq_len = int(seq_len)
         self.num_image_tokens = int(num_image_tokens)
-        self.image_size = int(image_size)
+        self.processor = as_image_processor(image_processor)
+        self.image_size = self.processor.image_size
         self.skip_bad_samples = skip_bad_samples
         self.template = template
         self.check_images = check_images
         self.overlong = overlong
-        self.processor = ImageProcessor(image_size, image_mean, image_std, pad_to_square)
         self._index = open_index(self.json_path, self.image_root, tokenizer, self.seq_len, self.num_image_tokens,
                                  template=template, overlong=overlong, skip_bad_samples=skip_bad_samples,
                                  check_images=check_images, index_dir=index_dir)
@@ -242,18 +245,15 @@ class PopeDataset(Dataset):
         image_root: Optional[PathLike],
         tokenizer: Tokenizer,
         num_image_tokens: int,
-        image_size: int,
+        image_processor: Union[ImageProcessor, int],
         *,
         template: ConversationTemplate = DEFAULT_TEMPLATE,
-        image_mean: Sequence[float] = CLIP_MEAN,
-        image_std: Sequence[float] = CLIP_STD,
-        pad_to_square: bool = False,
         require_labels: bool = False,
         max_prompt_tokens: Optional[int] = None,
     ):
         self.path = os.fspath(jsonl_path)
         self.image_root = "" if image_root is None else os.fspath(image_root)
-        self.processor = ImageProcessor(image_size, image_mean, image_std, pad_to_square)
+        self.processor = as_image_processor(image_processor)
         self.require_labels = require_labels
         self.questions: List[Dict[str, Any]] = []
         self.prompts: List[List[int]] = []

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 from ..cli import USER_ERRORS, ArgumentParser, user_error
 from ..config import Config, ConfigError, load_config
 from .build_bundled import build_bundled_dataset
+from .image_processing import ImageProcessor
 from .llava_dataset import LlavaDataset
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -57,7 +58,7 @@ def open_stage_dataset(root: Path, tokenizer: Tokenizer, name: str, where: str, 
     if not path.is_file():
         raise ConfigError(f"{where}: file not found: {path}")
     return LlavaDataset(path, root / "images", tokenizer, cfg.data.seq_len, cfg.vision.num_image_tokens,
-                        cfg.vision.image_size, skip_bad_samples=cfg.data.skip_bad_samples,
+                        ImageProcessor.from_config(cfg.vision), skip_bad_samples=cfg.data.skip_bad_samples,
                         overlong=cfg.data.overlong, index_dir=index_dir_of(cfg))
 
 

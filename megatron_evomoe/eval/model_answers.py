@@ -23,12 +23,10 @@ from .runner import (BENCHMARKS, add_benchmark_flags, benchmark_options, finish_
 
 
 def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature: float = 0.0, seed: int = 0,
-                   stop: Sequence[str] = (), state: Optional[dict] = None) -> Callable[[Optional[str], str], str]:
-    """``answer_fn(image_path or None, prompt) -> answer`` for `eval.runner.run_benchmark`.
-
-    `state` (the checkpoint dict) supplies an imported tower's image mean/std, if any.
-    """
-    processor = image_processor_for(cfg, state) if cfg.vision.enabled else None
+                   stop: Sequence[str] = ()) -> Callable[[Optional[str], str], str]:
+    """``answer_fn(image_path or None, prompt) -> answer`` for `eval.runner.run_benchmark`; images are
+    preprocessed as the checkpoint's `vision` section says."""
+    processor = image_processor_for(cfg) if cfg.vision.enabled else None
     tokenizer = bundle.tokenizer
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     dtype = next(model.parameters()).dtype
@@ -68,8 +66,8 @@ def main(argv=None) -> Dict[str, Any]:
     try:
         device = resolve_device(args.device)
         submission = start_submission(args)  # (the [eval] extra checked before the model answers)
-        model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root)
-        answer_fn = make_answer_fn(model, cfg, bundle, args.max_new_tokens, state=state)
+        model, cfg, bundle, _ = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root)
+        answer_fn = make_answer_fn(model, cfg, bundle, args.max_new_tokens)
         if args.prompt_suffix is not None:
             options["prompt_suffix"] = args.prompt_suffix
         result = run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,

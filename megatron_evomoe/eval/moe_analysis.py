@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.image_processing import ImageProcessor
 from ..data.llava_dataset import LlavaDataset
 from ..model.modality import IMAGE, TEXT
 from ..moe import metrics as M
@@ -56,7 +57,7 @@ def analyze(model, cfg, bundle, num_samples: int = 128, batch_size: int = 32, ma
             shuffle_seed: int = 0, pope: bool = True) -> dict:
     model.eval()
     data = LlavaDataset(bundle.root / "instruct.json", bundle.root / "images", bundle.tokenizer, cfg.data.seq_len,
-                        cfg.vision.num_image_tokens, cfg.vision.image_size)
+                        cfg.vision.num_image_tokens, ImageProcessor.from_config(cfg.vision))
     # the last records: the sampler may have reached the first ones less often
     idx = list(range(max(0, len(data) - num_samples), len(data)))
     batches = [data.collate([data[i] for i in idx[s:s + batch_size]]) for s in range(0, len(idx), batch_size)]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, ConfigError
+from ..data.image_processing import ImageProcessor
 from ..data.llava_dataset import LlavaDataset, PopeDataset
 from ..data.prepare import data_root_and_tokenizer, open_stage_dataset, stage_data_field, stage_files
 from ..data.tokenizer import Tokenizer
@@ -57,7 +58,7 @@ def pope_dataset(bundle: DataBundle, cfg: Config) -> PopeDataset:
     """The stage-end evaluation's questions (data.eval_split), held to what that evaluation needs: a label
     on every question, and a prompt that leaves room in model.max_seq_len for the answer."""
     return PopeDataset(bundle.root / cfg.data.eval_split, bundle.root / "images", bundle.tokenizer,
-                       cfg.vision.num_image_tokens, cfg.vision.image_size, require_labels=True,
+                       cfg.vision.num_image_tokens, ImageProcessor.from_config(cfg.vision), require_labels=True,
                        max_prompt_tokens=cfg.model.max_seq_len - POPE_ANSWER_TOKENS)
 
 

@@ -29,10 +29,50 @@ def refuse_imported_save_dir(cfg: Config) -> None:
                       f"{cfg.train.save_dir} and a new --train.save_dir")
 
 
+def legacy_image_fields(tree: dict, image_processor) -> dict:
+    """A saved config tree from before `vision.image_mean`/`image_std` existed, with the mean/std its
+    checkpoint (or native export) recorded as {"mean": [...], "std": [...]} (an imported SigLIP's 0.5)."""
+    vision = tree.get("vision")
+    if isinstance(image_processor, dict) and isinstance(vision, dict) and "image_mean" not in vision:
+        for ours, theirs in (("image_mean", "mean"), ("image_std", "std")):
+            if image_processor.get(theirs) is not None:
+                vision[ours] = list(image_processor[theirs])
+    return tree
+
+
 def config_from_state(state: dict) -> Config:
-    cfg = _from_dict(Config, upgrade_saved_config(state["config"]), "")  # (a checkpoint of any version)
+    tree = legacy_image_fields(upgrade_saved_config(state["config"]), state.get("image_processor"))
+    cfg = _from_dict(Config, tree, "")  # (a checkpoint of any version)
     validate(cfg)
     return cfg
+
+
+def _differs(a, b) -> bool:
+    return len(a) != len(b) or any(abs(float(x) - float(y)) > 1e-6 for x, y in zip(a, b))
+
+
+def check_init_image_processing(cfg: Config, state: dict, folder: Path) -> None:
+    """ConfigError when the run's `vision` image processing contradicts the HF processor that the
+    train.init_from checkpoint was imported with (meta.json "image_processor_source"): the tower would
+    be fed images it was not trained on. `pad` is LLaVA-1.5's use of a CLIP (crop) processor."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # load_checkpoint has accepted the folder; an unreadable meta records no processor
+    source = meta.get("image_processor_source") if isinstance(meta, dict) else None
+    saved = (state.get("config") or {}).get("vision") or {}
+    if not cfg.vision.enabled or not source or "image_mode" not in saved:
+        return
+    v, mode = cfg.vision, saved["image_mode"]
+    if v.image_mode != mode and not (mode == "crop" and v.image_mode == "pad"):
+        allowed = "crop or pad" if mode == "crop" else mode
+        raise ConfigError(f"vision.image_mode: {v.image_mode!r} contradicts the {mode!r} processor of the "
+                          f"train.init_from checkpoint ({source}); set {allowed}")
+    for name in ("image_mean", "image_std", "resample"):
+        ours, theirs = getattr(v, name), saved.get(name)
+        if theirs is not None and (ours != theirs if name == "resample" else _differs(ours, theirs)):
+            raise ConfigError(f"vision.{name}: {ours!r} contradicts {theirs!r} of the processor the train.init_from "
+                              f"checkpoint was imported with ({source})")
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu",

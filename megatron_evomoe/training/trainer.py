@@ -36,7 +36,7 @@ from .evaluation import evaluate_pope
 from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
-from .restore import refuse_imported_save_dir
+from .restore import check_init_image_processing, refuse_imported_save_dir
 from .routing_log import RoutingLog
 from .stage_data import StageData
 from .stop_request import StopRequest, TrainingStopped
@@ -193,7 +193,9 @@ class Trainer:
             found = ckpt.resolve_checkpoint(path)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"train.init_from: {e}") from None
-        self.par.load_full_weights(ckpt.load_checkpoint(found), f"train.init_from: {found}")
+        state = ckpt.load_checkpoint(found)
+        check_init_image_processing(self.cfg, state, found)
+        self.par.load_full_weights(state, f"train.init_from: {found}")
         log.info("initialised the model from %s", found)
 
     # ---------------------------------------------------------------- stage

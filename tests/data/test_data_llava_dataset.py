@@ -48,7 +48,7 @@ def write(root, records, name="data.json"):
 
 def make(root, records, seq_len=24, name="data.json", **kw):
     return LlavaDataset(write(root, records, name), str(root), TOK, seq_len=seq_len, num_image_tokens=N_IMG,
-                        image_size=SIZE, **kw)
+                        image_processor=SIZE, **kw)
 
 
 # ----------------------------------------------------------------------------- good data
@@ -94,10 +94,10 @@ def test_bundled_data_loads_with_its_tokenizer(tmp_path):
     paths = build_bundled_dataset(str(tmp_path / "b"), num_images=20, num_test_images=6, seed=0)
     tok = load_tokenizer(paths["tokenizer"])
     for key in ("captions", "instruct"):
-        ds = LlavaDataset(paths[key], paths["images"], tok, seq_len=96, num_image_tokens=16, image_size=32)
+        ds = LlavaDataset(paths[key], paths["images"], tok, seq_len=96, num_image_tokens=16, image_processor=32)
         assert ds.skipped == {} and len(ds) == len(json.load(open(paths[key])))
         assert all(tok.unk_id not in ds[i]["input_ids"].tolist() for i in range(len(ds)))
-    pope = PopeDataset(paths["pope_test"], paths["images"], tok, num_image_tokens=16, image_size=32)
+    pope = PopeDataset(paths["pope_test"], paths["images"], tok, num_image_tokens=16, image_processor=32)
     lines = [json.loads(x) for x in open(paths["pope_test"])]
     assert len(pope) == len(lines)
     sample = pope[0]

@@ -165,7 +165,7 @@ def test_spawned_workers_give_the_same_batches():
 
 def test_bundled_llava_dataset_batches_equal_for_0_and_2_workers(data_root):
     ds = LlavaDataset(data_root / "captions.json", data_root / "images", load_tokenizer(str(data_root / "tokenizer")),
-                      seq_len=56, num_image_tokens=4, image_size=16)
+                      seq_len=56, num_image_tokens=4, image_processor=16)
 
     def collate(rows):
         return ds.collate([s for row in rows for s in row])
@@ -190,7 +190,7 @@ def corrupt_png_dataset(tmp_path):
                                   {"from": "gpt", "value": "a red cat."}]} for i in range(4)]
     (tmp_path / "data.json").write_text(json.dumps(records))
     tok = WordTokenizer.build(["What is this ? a red cat ."], extra_words=["USER:", "ASSISTANT:"])
-    return LlavaDataset(tmp_path / "data.json", tmp_path, tok, seq_len=24, num_image_tokens=4, image_size=16)
+    return LlavaDataset(tmp_path / "data.json", tmp_path, tok, seq_len=24, num_image_tokens=4, image_processor=16)
 
 
 def test_corrupt_image_error_and_skip_match_in_process_loading(corrupt_png_dataset):

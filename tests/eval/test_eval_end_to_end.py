@@ -29,8 +29,7 @@ FILLER = "xylophone"  # not in the tiny tokenizer's vocabulary: the model can ne
 
 @pytest.fixture(scope="module")
 def answer(trained):
-    return make_answer_fn(trained["model"], trained["cfg"], trained["bundle"], max_new_tokens=MAX_NEW,
-                          state=trained["state"])
+    return make_answer_fn(trained["model"], trained["cfg"], trained["bundle"], max_new_tokens=MAX_NEW)
 
 
 def png(trained, i):

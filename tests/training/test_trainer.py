@@ -7,6 +7,7 @@ import torch
 from megatron_evomoe.moe.evolution import EvolvingFFN
 from megatron_evomoe.moe.moe_layer import MoELayer
 from megatron_evomoe import checkpointing as ckpt
+from megatron_evomoe.config import ConfigError
 from megatron_evomoe.stages.structure import apply_stage_structure
 from megatron_evomoe.training.trainer import Trainer
 
@@ -205,3 +206,10 @@ def test_init_from_loads_pretrained_weights_and_checks_shapes(make_cfg, tmp_path
                            save_dir=tmp_path / "c"))
     with pytest.raises(ckpt.CheckpointError, match=r"train.init_from: .*\(shape of llm.layers.0.mlp.w_gate.weight"):
         bad.run()
+    # a checkpoint imported with an HF image processor (meta.json names it) keeps its image settings
+    meta_path = ckpt.find_latest(tmp_path / "pre") / "meta.json"
+    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), image_processor_source="clip/p.json")))
+    other = Trainer(make_cfg(one, f"--train.init_from={tmp_path / 'pre'}", "--vision.image_mode=resize",
+                             save_dir=tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r"^vision.image_mode: 'resize' contradicts the 'crop' processor .*clip/p"):
+        other.run()
