@@ -27,6 +27,7 @@ from megatron_evomoe.eval.model_answers import make_answer_fn
 from megatron_evomoe.eval.runner import main as score_main
 from megatron_evomoe.generate import image_processor_for, load_for_inference, prompt_ids
 from megatron_evomoe.training.trainer import Trainer
+from tests.convert.test_convert_export import rendered_prompt  # our template's text, for the HF processor
 
 hf = pytest.importorskip("transformers", reason="the chain starts from Hugging Face folders (pip install .[test])")
 
@@ -204,11 +205,6 @@ def test_mme_textvqa_mmbench_on_small_release_files(chain, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ export
-
-def rendered_prompt(question):
-    """The text our template renders for a question about an image (generate.prompt_ids' ids, as text)."""
-    return f"USER: <image> {question} ASSISTANT:"
-
 
 QUESTION = "Is there a red circle in the image?"
 
