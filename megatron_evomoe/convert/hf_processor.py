@@ -5,18 +5,17 @@
 (the ``-1`` for ``vision_feature_select_strategy='default'``, which drops the class token), so its
 ``processor_config.json`` must carry the tower's patch size and whether it has a class token;
 without it the processor has no patch size and fails on its first call. The files are written in
-the layout that both transformers 4.4x and 5.x read: ``processor_config.json`` with the
-processor's own fields, ``preprocessor_config.json`` with the image processor's (5.x nests the
-latter inside the former when it saves, and still reads the separate file), and the chat
-template, if the tokenizer has one, as ``chat_template.jinja``.
+the layout transformers 4.x saves: ``processor_config.json`` with the processor's own fields,
+``preprocessor_config.json`` with the image processor's (5.x nests the latter inside the former
+when it saves, and still reads the separate file: tested with 5.24), and the chat template, if
+the tokenizer has one, as ``chat_template.jinja``.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Union
 
 from ..data.image_processing import CLIP_MEAN, CLIP_STD
-
-IMAGE_TOKEN = "<image>"
+from ..data.tokenizer import IMAGE as IMAGE_TOKEN  # every tokenizer of ours has it (added when absent)
 
 
 def llava_processor_config(vision_cfg) -> dict:
