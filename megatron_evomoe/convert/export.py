@@ -11,7 +11,8 @@ Formats (``fmt``; ``auto`` picks the first that represents the model exactly):
   rotary, ...; `hf_llm.FAMILY_OPTIONS`): PhiForCausalLM / StableLmForCausalLM;
 - ``llava``: the above inside LlavaForConditionalGeneration when the vision tower is
   CLIP-shaped (class token, pre-LN, no final LN, i.e. imported from CLIP) and the projector
-  is ``mlp2x_gelu``;
+  is ``mlp2x_gelu``; with the processor files (hf_processor.py), so ``AutoProcessor`` loads the
+  folder and expands ``<image>`` into the tower's number of image tokens;
 - ``evomoe``: the project's own format for what Hugging Face has no class for (the DTR,
   per-modality routers, the project's own ViT, evolved experts of a stage-II checkpoint):
   ``config.json`` (``model_type: evomoe`` + the full training config) and
@@ -33,7 +34,7 @@ import torch
 
 from .errors import ConversionError
 from .hf_llm import FAMILY_OPTIONS, LLMSpec, export_extras, family_mismatch, hf_llm_config, llm_weight_map
-from .hf_image_processor import preprocessor_config
+from .hf_processor import llava_processor_files
 from .hf_vision import clip_compatible, hf_clip_vision_config, vision_weight_map, VisionSpec
 from .weight_map import write_mapped
 
@@ -194,6 +195,17 @@ def _copy_hf_tokenizer(tok_dir: Optional[Path], dst: Path, notes: List[str]) -> 
         notes.append("the run's word-level tokenizer has no Hugging Face form: copied to evomoe_tokenizer/")
 
 
+def _write_processor(dst: Path, cfg) -> None:
+    """processor_config.json, preprocessor_config.json (+ chat template): AutoProcessor loads the folder."""
+    tok_cfg_path = dst / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else None
+    for name, content in llava_processor_files(cfg.vision, tok_cfg).items():
+        if isinstance(content, str):
+            (dst / name).write_text(content)
+        else:
+            _write_json(dst / name, content)
+
+
 def _cast(tensors: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:
     if dtype == "auto":
         return tensors
@@ -336,7 +348,7 @@ def evomoe_to_hf(ckpt_path, dst, fmt: str = "auto", *, llm_only: bool = False, d
             tensors, hf_cfg = _export_llm(model_state, cfg, kinds, family, extra)
         _copy_hf_tokenizer(tok_dir, dst, notes)
         if fmt == "llava":
-            _write_json(dst / "preprocessor_config.json", preprocessor_config(cfg.vision))
+            _write_processor(dst, cfg)
     tensors = _cast(tensors, dtype)
     if dtype != "auto":
         for key in ("torch_dtype", "dtype"):

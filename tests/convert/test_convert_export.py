@@ -162,3 +162,65 @@ def test_export_checks_the_family_options(tmp_path):
     evomoe_to_hf(run, tmp_path / "out", echo=lines.append)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "evomoe"
     assert any("no Hugging Face decoder class" in s for s in lines)
+
+
+# ------------------------------------------------------------------ AutoProcessor + generate parity
+
+PROMPT_WORDS = ["USER", ":", "ASSISTANT"]
+CHAT_IMAGE_ID = SMALL_LLM["vocab_size"] - 1
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+
+
+def write_chat_tokenizer(directory):
+    """A word-level tokenizer.json that knows the template's words and adds BOS as LLaMA's does; with
+    <image> (added by our wrapper) it fills the model's vocabulary, so every generated id decodes to a word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = ["<unk>", "<s>", "</s>"] + PROMPT_WORDS
+    words += [f"w{i}" for i in range(len(words), SMALL_LLM["vocab_size"] - 1)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                 "chat_template": CHAT_TEMPLATE}))
+
+
+def rendered_prompt(question):
+    """The text our template renders for a question about an image (generate.prompt_ids' ids, as text)."""
+    return f"USER: <image> {question} ASSISTANT:"
+
+
+def test_exported_llava_generates_our_tokens_through_auto_processor(hf, save_hf, tmp_path):
+    """AutoProcessor + LlavaForConditionalGeneration on the export = `python -m megatron_evomoe.generate`."""
+    import numpy as np
+    from PIL import Image
+    from megatron_evomoe.generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
+    cfg = hf.LlavaConfig(vision_config=hf.CLIPVisionConfig(**SMALL_VISION), text_config=hf.LlamaConfig(**SMALL_LLM),
+                         image_token_index=CHAT_IMAGE_ID)
+    src = save_hf(randomize(hf.LlavaForConditionalGeneration(cfg), seed=3), "llava", tokenizer=False)
+    write_chat_tokenizer(src)
+    hf_to_evomoe(src, tmp_path / "run", **quiet)
+    out = tmp_path / "out"
+    assert convert_main(["evomoe-to-hf", "--src", str(tmp_path / "run"), "--dst", str(out)]) == 0
+    proc_cfg = json.loads((out / "processor_config.json").read_text())
+    assert proc_cfg["patch_size"] == 8 and proc_cfg["num_additional_image_tokens"] == 1
+
+    question = "w20 w31 w7"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    model, ours_cfg, bundle, state = load_for_inference(tmp_path / "run")
+    ids = prompt_ids(question, bundle.tokenizer, ours_cfg, has_image=True)
+    pixels = image_processor_for(ours_cfg, state)(image)[None]
+    ours = generate_texts(model, bundle.tokenizer, [ids], pixels, max_new_tokens=10)[0]
+
+    processor = hf.AutoProcessor.from_pretrained(out)
+    assert processor.chat_template == CHAT_TEMPLATE  # the tokenizer's, carried over
+    inputs = processor(images=image, text=rendered_prompt(question), return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids  # (2 x 2 = 4 image tokens expanded from one <image>)
+    assert float((inputs["pixel_values"] - pixels).abs().max()) < 1e-5
+    back = hf.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        gen = back.generate(**inputs, max_new_tokens=10, do_sample=False, suppress_tokens=[CHAT_IMAGE_ID])
+    new = gen[0, len(ids):].tolist()
+    assert len(new) == 10 and bundle.tokenizer.eos_id not in new
+    assert bundle.tokenizer.encode(ours) == new
