@@ -210,7 +210,7 @@ def test_exported_llava_generates_our_tokens_through_auto_processor(hf, save_hf,
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     model, ours_cfg, bundle, state = load_for_inference(tmp_path / "run")
     ids = prompt_ids(question, bundle.tokenizer, ours_cfg, has_image=True)
-    pixels = image_processor_for(ours_cfg, state)(image)[None]
+    pixels = image_processor_for(ours_cfg)(image)[None]
     ours = generate_texts(model, bundle.tokenizer, [ids], pixels, max_new_tokens=10)[0]
 
     processor = hf.AutoProcessor.from_pretrained(out)

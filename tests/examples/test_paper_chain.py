@@ -177,7 +177,7 @@ def test_mme_textvqa_mmbench_on_small_release_files(chain, tmp_path):
 
     # TextVQA: ten humans gave the model's own answer to q0 and a word it cannot say to q1 -> 1.0 and 0.0
     model, cfg, bundle, state = load_for_inference(chain["run"])
-    own = make_answer_fn(model, cfg, bundle, max_new_tokens=MAX_NEW, state=state)
+    own = make_answer_fn(model, cfg, bundle, max_new_tokens=MAX_NEW)
     images = tmp_path / "textvqa"
     images.mkdir()
     Image.open(png).convert("RGB").save(images / "img0.jpg")
@@ -212,7 +212,7 @@ QUESTION = "Is there a red circle in the image?"
 def our_inputs(folder, image):
     model, cfg, bundle, state = load_for_inference(folder)
     ids = prompt_ids(QUESTION, bundle.tokenizer, cfg, has_image=True)
-    return model, torch.tensor([ids]), image_processor_for(cfg, state)(image)[None]
+    return model, torch.tensor([ids]), image_processor_for(cfg)(image)[None]
 
 
 def test_evolution_checkpoint_exports_as_llava_with_our_logits(chain, tmp_path):
