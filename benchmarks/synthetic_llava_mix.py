@@ -103,9 +103,9 @@ def bundled_tokenizer(cache_dir: Path) -> Path:
 
 def vocabulary_words(tokenizer_dir: Path) -> list[str]:
     """The tokenizer's words that tokenise to exactly themselves (no special token, no template word)."""
-    from megatron_evomoe.data.conversation import DEFAULT_TEMPLATE
+    from megatron_evomoe.data.conversation_templates import all_template_words
     from megatron_evomoe.data.tokenizer import WORD_SPECIAL_TOKENS, load_tokenizer, split_words
-    template = {w for text in DEFAULT_TEMPLATE.words() for w in split_words(text)}
+    template = {w for text in all_template_words() for w in split_words(text)}
     tokens = load_tokenizer(str(tokenizer_dir)).tokens
     return [t for t in tokens if t not in WORD_SPECIAL_TOKENS and t not in template and split_words(t) == [t]]
 

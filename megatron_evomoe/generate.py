@@ -5,9 +5,9 @@
         [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...]
         [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--data-root DIR] [--json]
 
-The prompt goes through the training template (`data.conversation.render_prompt`:
-"[BOS] USER: <image> {prompt} ASSISTANT:"; `<image>` is prepended when an image is given
-and the prompt has no tag) and the image through the project's `ImageProcessor` (with the
+The prompt goes through the conversation template of the checkpoint's stage (the one it was
+trained with: `data.conversation.render_prompt`, e.g. vicuna_v1's "{system} USER: <image>\n{prompt}
+ASSISTANT:"; `<image>` is prepended when an image is given and the prompt has no tag) and the image through the project's `ImageProcessor` (with the
 mean/std an imported tower recorded, else CLIP's). Decoding is batched (prompts of equal
 length together) with the KV cache of `generation.py`: greedy at temperature 0, else
 sampling (temperature, nucleus `--top-p`) from a generator seeded by `--seed`. An answer
@@ -25,7 +25,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .data.conversation import IMAGE_TAG, render_prompt
+from .data.conversation import render_prompt
+from .data.conversation_templates import IMAGE_TAG, stage_template
 from .data.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessor
 from .generation import KVCache
 from .checkpointing import resolve_checkpoint
@@ -61,8 +62,9 @@ def image_processor_for(cfg, state: Optional[dict] = None) -> ImageProcessor:
     return ImageProcessor(cfg.vision.image_size, ip.get("mean") or CLIP_MEAN, ip.get("std") or CLIP_STD)
 
 
-def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool) -> List[int]:
-    """Token ids of the templated prompt; the `<image>` tag is added in front when an image is given."""
+def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool, stage_idx: int = -1) -> List[int]:
+    """Token ids of the prompt in stage `stage_idx`'s template (a checkpoint's `state["stage_idx"]`: the
+    template it was trained with); the `<image>` tag is added in front when an image is given."""
     if has_image and not cfg.vision.enabled:
         raise ValueError("the checkpoint has no vision tower (vision.enabled=false): drop --image")
     if has_image and IMAGE_TAG not in prompt:
@@ -70,7 +72,7 @@ def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool) -> List[int]:
     if not has_image and IMAGE_TAG in prompt:
         raise ValueError(f"the prompt holds an {IMAGE_TAG} tag but no image was given")
     n_img = cfg.vision.num_image_tokens if cfg.vision.enabled else 0
-    return render_prompt(prompt, tokenizer, n_img)
+    return render_prompt(prompt, tokenizer, n_img, stage_template(cfg, stage_idx, tokenizer))
 
 
 # =============================================================================== decoding
@@ -198,7 +200,7 @@ def run(args) -> List[str]:
                                                    dtype=args.dtype)
     tok = bundle.tokenizer
     per_prompt = (images * n if len(images) == 1 else images) if images else [None] * n
-    ids = [prompt_ids(p, tok, cfg, img is not None) for p, img in zip(args.prompt, per_prompt)]
+    ids = [prompt_ids(p, tok, cfg, img is not None, state["stage_idx"]) for p, img in zip(args.prompt, per_prompt)]
     pixels = None
     if images:
         proc = image_processor_for(cfg, state)

@@ -25,7 +25,8 @@ def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature:
                    stop: Sequence[str] = (), state: Optional[dict] = None) -> Callable[[Optional[str], str], str]:
     """``answer_fn(image_path or None, prompt) -> answer`` for `eval.runner.run_benchmark`.
 
-    `state` (the checkpoint dict) supplies an imported tower's image mean/std, if any.
+    `state` (the checkpoint dict) supplies an imported tower's image mean/std, if any, and the stage whose
+    conversation template the prompts use (without it: the last stage's).
     """
     processor = image_processor_for(cfg, state) if cfg.vision.enabled else None
     tokenizer = bundle.tokenizer
@@ -33,7 +34,7 @@ def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature:
     dtype = next(model.parameters()).dtype
 
     def answer_fn(image_path: Optional[str], prompt: str) -> str:
-        ids = prompt_ids(prompt, tokenizer, cfg, image_path is not None)
+        ids = prompt_ids(prompt, tokenizer, cfg, image_path is not None, (state or {}).get("stage_idx", -1))
         pixels = None
         if image_path is not None:
             pixels = processor(image_path).unsqueeze(0).to(dtype)

@@ -21,6 +21,7 @@ from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.loader import MicroBatchLoader, MicroBatchPlan
 from megatron_evomoe.data.tokenizer import WordTokenizer, load_tokenizer
+from tests.data.test_data_llava_dataset import NO_SYSTEM
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = 5  # the toy dataset's unloadable index
@@ -190,7 +191,8 @@ def corrupt_png_dataset(tmp_path):
                                   {"from": "gpt", "value": "a red cat."}]} for i in range(4)]
     (tmp_path / "data.json").write_text(json.dumps(records))
     tok = WordTokenizer.build(["What is this ? a red cat ."], extra_words=["USER:", "ASSISTANT:"])
-    return LlavaDataset(tmp_path / "data.json", tmp_path, tok, seq_len=24, num_image_tokens=4, image_size=16)
+    return LlavaDataset(tmp_path / "data.json", tmp_path, tok, seq_len=24, num_image_tokens=4, image_size=16,
+                        template=NO_SYSTEM)
 
 
 def test_corrupt_image_error_and_skip_match_in_process_loading(corrupt_png_dataset):
