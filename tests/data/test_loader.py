@@ -21,6 +21,7 @@ from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.loader import MicroBatchLoader, MicroBatchPlan
 from megatron_evomoe.data.tokenizer import WordTokenizer, load_tokenizer
+from megatron_evomoe.data.conversation_templates import NAMED_TEMPLATES
 from tests.data.test_data_llava_dataset import NO_SYSTEM
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,7 +167,7 @@ def test_spawned_workers_give_the_same_batches():
 
 def test_bundled_llava_dataset_batches_equal_for_0_and_2_workers(data_root):
     ds = LlavaDataset(data_root / "captions.json", data_root / "images", load_tokenizer(str(data_root / "tokenizer")),
-                      seq_len=56, num_image_tokens=4, image_size=16)
+                      seq_len=56, num_image_tokens=4, image_size=16, template=NAMED_TEMPLATES["plain"])
 
     def collate(rows):
         return ds.collate([s for row in rows for s in row])
