@@ -6,8 +6,9 @@
         [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--data-root DIR] [--json]
 
 The prompt goes through the conversation template of the checkpoint's stage (the one it was
-trained with: `data.conversation.render_prompt`, e.g. vicuna_v1's "{system} USER: <image>\n{prompt}
-ASSISTANT:"; `<image>` is prepended when an image is given and the prompt has no tag) and the image through the project's `ImageProcessor` (with the
+trained with: `data.conversation.render_prompt`, e.g. vicuna_v1's "{system} USER: <image>\\n{prompt}
+ASSISTANT:"; `<image>` is prepended when an image is given and the prompt has no tag)
+and the image through the project's `ImageProcessor` (with the
 mean/std an imported tower recorded, else CLIP's). Decoding is batched (prompts of equal
 length together) with the KV cache of `generation.py`: greedy at temperature 0, else
 sampling (temperature, nucleus `--top-p`) from a generator seeded by `--seed`. An answer
