@@ -26,6 +26,7 @@ one with the same seed (the benchmark's smaller legacy file is a prefix of the f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -42,8 +43,9 @@ TURN_DECAY = 0.62
 CHUNK = 10_000
 POOL_SIZE = 64
 WORD_STREAM = 1 << 20  # words in the shared stream that every turn's text is a slice of
-# Per record: BOS; per turn "USER:" (2 tokens), "ASSISTANT:" (2) and the answer's EOS.
-BOS_TOKENS, TURN_TOKENS = 1, 5
+# Per record: BOS and the system prompt (prefix_tokens); per turn "USER:" (2 tokens), "ASSISTANT:" (2) and the
+# answer's EOS: the default template, vicuna_v1 (LLaVA-1.5's), through a word tokenizer.
+TURN_TOKENS = 5
 # Words per turn: lognormal (median, sigma) of (human, gpt), for image and text-only records.
 IMAGE_WORDS = ((11.0, 0.7), (29.0, 1.35))
 TEXT_WORDS = ((24.0, 1.0), (150.0, 0.9))
@@ -87,10 +89,18 @@ def turn_probabilities() -> np.ndarray:
     return p / p.sum()
 
 
+@functools.cache
+def prefix_tokens() -> int:
+    """BOS and the default template's system prompt, one token per word."""
+    from megatron_evomoe.data.conversation_templates import DEFAULT_TEMPLATE
+    from megatron_evomoe.data.tokenizer import split_words
+    return 1 + len(split_words(DEFAULT_TEMPLATE.system))
+
+
 def record_length(num_human_words, num_gpt_words, has_image: bool, geometry: Geometry) -> int:
     """Token length of a record whose turns hold these word counts (every word one token)."""
     words = int(np.sum(num_human_words)) + int(np.sum(num_gpt_words))
-    return BOS_TOKENS + TURN_TOKENS * len(num_human_words) + words + geometry.num_image_tokens * has_image
+    return prefix_tokens() + TURN_TOKENS * len(num_human_words) + words + geometry.num_image_tokens * has_image
 
 
 def bundled_tokenizer(cache_dir: Path) -> Path:
@@ -103,9 +113,9 @@ def bundled_tokenizer(cache_dir: Path) -> Path:
 
 def vocabulary_words(tokenizer_dir: Path) -> list[str]:
     """The tokenizer's words that tokenise to exactly themselves (no special token, no template word)."""
-    from megatron_evomoe.data.conversation import DEFAULT_TEMPLATE
+    from megatron_evomoe.data.conversation_templates import all_template_words
     from megatron_evomoe.data.tokenizer import WORD_SPECIAL_TOKENS, load_tokenizer, split_words
-    template = {w for text in DEFAULT_TEMPLATE.words() for w in split_words(text)}
+    template = {w for text in all_template_words() for w in split_words(text)}
     tokens = load_tokenizer(str(tokenizer_dir)).tokens
     return [t for t in tokens if t not in WORD_SPECIAL_TOKENS and t not in template and split_words(t) == [t]]
 
@@ -185,7 +195,7 @@ def _chunk(c: int, n: int, seed: int, geometry: Geometry, stream: WordStream, po
     drawn = (rng.choice(MAX_TURNS, size=CHUNK, p=turn_probabilities()) + 1)[:n]
     human = np.where(text_only[:, None], _words(rng, TEXT_WORDS[0])[:n], _words(rng, IMAGE_WORDS[0])[:n])
     gpt = np.where(text_only[:, None], _words(rng, TEXT_WORDS[1])[:n], _words(rng, IMAGE_WORDS[1])[:n])
-    budget = geometry.seq_len - BOS_TOKENS - np.where(text_only, 0, geometry.num_image_tokens)
+    budget = geometry.seq_len - prefix_tokens() - np.where(text_only, 0, geometry.num_image_tokens)
     if budget.min() < TURN_TOKENS + 2:
         raise ValueError(f"seq_len {geometry.seq_len} leaves no room for one turn after "
                          f"{geometry.num_image_tokens} image tokens")

@@ -5,10 +5,11 @@
         [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--stop STR ...]
         [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--data-root DIR] [--json]
 
-The prompt goes through the training template (`data.conversation.render_prompt`:
-"[BOS] USER: <image> {prompt} ASSISTANT:"; `<image>` is prepended when an image is given
-and the prompt has no tag) and the image through the project's `ImageProcessor`, built from the
-checkpoint's `vision` settings (an imported tower's: its HF processor's mode, mean/std and filter). Decoding is batched (prompts of equal
+The prompt goes through the conversation template of the checkpoint's stage (the one it was
+trained with: `data.conversation.render_prompt`, e.g. vicuna_v1's "{system} USER: <image>\\n{prompt}
+ASSISTANT:"; `<image>` is prepended when an image is given and the prompt has no tag)
+and the image through the project's `ImageProcessor`, built from the checkpoint's `vision`
+settings (an imported tower's: its HF processor's mode, mean/std and filter). Decoding is batched (prompts of equal
 length together) with the KV cache of `generation.py`: greedy at temperature 0, else
 sampling (temperature, nucleus `--top-p`) from a generator seeded by `--seed`. An answer
 ends at EOS, at `--max-new-tokens`, or just before the first `--stop` string.
@@ -25,7 +26,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .data.conversation import IMAGE_TAG, render_prompt
+from .data.conversation import render_prompt
+from .data.conversation_templates import IMAGE_TAG, stage_template
 from .data.image_processing import ImageProcessor
 from .generation import KVCache
 from .checkpointing import resolve_checkpoint
@@ -61,8 +63,9 @@ def image_processor_for(cfg) -> ImageProcessor:
     return ImageProcessor.from_config(cfg.vision)
 
 
-def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool) -> List[int]:
-    """Token ids of the templated prompt; the `<image>` tag is added in front when an image is given."""
+def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool, stage_idx: int = -1) -> List[int]:
+    """Token ids of the prompt in stage `stage_idx`'s template (a checkpoint's `state["stage_idx"]`: the
+    template it was trained with); the `<image>` tag is added in front when an image is given."""
     if has_image and not cfg.vision.enabled:
         raise ValueError("the checkpoint has no vision tower (vision.enabled=false): drop --image")
     if has_image and IMAGE_TAG not in prompt:
@@ -70,7 +73,7 @@ def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool) -> List[int]:
     if not has_image and IMAGE_TAG in prompt:
         raise ValueError(f"the prompt holds an {IMAGE_TAG} tag but no image was given")
     n_img = cfg.vision.num_image_tokens if cfg.vision.enabled else 0
-    return render_prompt(prompt, tokenizer, n_img)
+    return render_prompt(prompt, tokenizer, n_img, stage_template(cfg, stage_idx, tokenizer))
 
 
 # =============================================================================== decoding
@@ -194,11 +197,11 @@ def run(args) -> List[str]:
     if images and len(images) not in (1, n):
         raise ValueError(f"got {len(images)} --image for {n} --prompt: give one image, or one per prompt")
     device = resolve_device(args.device)
-    model, cfg, bundle, _ = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root,
+    model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root,
                                                    dtype=args.dtype)
     tok = bundle.tokenizer
     per_prompt = (images * n if len(images) == 1 else images) if images else [None] * n
-    ids = [prompt_ids(p, tok, cfg, img is not None) for p, img in zip(args.prompt, per_prompt)]
+    ids = [prompt_ids(p, tok, cfg, img is not None, state["stage_idx"]) for p, img in zip(args.prompt, per_prompt)]
     pixels = None
     if images:
         proc = image_processor_for(cfg)

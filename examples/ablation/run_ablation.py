@@ -54,7 +54,7 @@ QUICK = {"projector": 10, "warmup": 30, "stage2": 10, "stage3": 10, "eval": 32}
 
 def shared_stages(steps: dict) -> str:
     return (f"{{name: projector, trainable: ['projector.*', 'vision.*'], data: captions.json, steps: {steps['projector']}, "
-            f"lr: 1.0e-3, warmup_steps: 10, eval: false}},"
+            f"conversation_template: plain, lr: 1.0e-3, warmup_steps: 10, eval: false}},"
             f"{{name: warmup, trainable: ['projector.*', 'llm.*', 'vision.*'], steps: {steps['warmup']}, "
             f"lr: 1.0e-3, warmup_steps: 25, eval: false}}")
 

@@ -138,6 +138,12 @@ class ParallelConfig:
     timeout_s: float = 600.0
 
 
+# How a conversation becomes text and which of it is trained on (data/conversation_templates.py): LLaVA-1.5's
+# vicuna_v1, plain (LLaVA's stage-1 captions), chatml (Qwen2-Instruct), MoE-LLaVA's phi / stablelm / openchat,
+# or tokenizer (the tokenizer's own Jinja chat_template)
+ConversationTemplateName = Literal["vicuna_v1", "plain", "chatml", "phi", "stablelm", "openchat", "tokenizer"]
+
+
 @dataclass
 class DataConfig:
     root: str = "data/bundled"  # folder of the bundled dataset (built if missing)
@@ -146,6 +152,8 @@ class DataConfig:
     num_test_images: int = 150
     tokenizer: str = ""  # "" = the tokenizer bundled with the data; else a local HF tokenizer dir
     seq_len: int = 64
+    # the stages' template unless a stage sets its own; evaluation and generation use the last trained stage's
+    conversation_template: ConversationTemplateName = "vicuna_v1"
     skip_bad_samples: bool = False
     eval_split: str = "pope_test.jsonl"
     num_eval_samples: int = 200
@@ -219,6 +227,8 @@ class StageConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     moe_mode: Literal["dense", "evolve", "sparse"] = "dense"  # how MoE-designated layers run
+    # "" = data.conversation_template; LLaVA's projector pre-training stage uses plain
+    conversation_template: Literal["", ConversationTemplateName] = ""
     eval: bool = True
 
 
@@ -258,4 +268,4 @@ def check_choice(cls: type, name: str, value: Any, where: str) -> None:
     """ConfigError `{where}: {value!r} is not one of a, b, c` unless `value` is allowed for field `name`."""
     choices = field_choices(cls, name)
     if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(c if c else repr(c) for c in choices)}")

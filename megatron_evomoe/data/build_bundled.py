@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .conversation import DEFAULT_TEMPLATE, IMAGE_TAG
+from .conversation_templates import IMAGE_TAG, all_template_words
 from .scenes import COLOURS, SHAPES, Scene, SceneGenerator, all_categories
 from .tokenizer import WordTokenizer
 
@@ -306,7 +306,8 @@ def build_bundled_dataset(
     out_dir = os.fspath(out_dir)
     paths = _paths(out_dir)
     params = {"version": BUILDER_VERSION, "seed": int(seed), "image_size": image_size, "num_images": num_images,
-              "num_test_images": num_test_images, "num_text_records": int(num_text_records)}
+              "num_test_images": num_test_images, "num_text_records": int(num_text_records),
+              "template_words": all_template_words()}  # a template's new words: a new vocabulary
     if _matching_manifest(paths, params) is not None:
         return paths
 
@@ -338,7 +339,7 @@ def build_bundled_dataset(
     pope = pope_test_questions(test_scenes, negatives, seed)
 
     corpus = [t["value"] for r in captions + instruct for t in r["conversations"]] + [q["text"] for q in pope]
-    extra = DEFAULT_TEMPLATE.words() + ["yes", "no"] + list(COLOURS) + list(SHAPES)
+    extra = all_template_words() + ["yes", "no"] + list(COLOURS) + list(SHAPES)
     tokenizer = WordTokenizer.build(corpus, extra_words=extra)
     tokenizer.save(paths["tokenizer"])
 

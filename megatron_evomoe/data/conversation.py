@@ -1,20 +1,22 @@
-"""Render a LLaVA conversation into token ids and training labels.
+"""Render a LLaVA conversation into prompt text, then token ids and training labels.
 
-Template (Vicuna-v1 style, as LLaVA-1.5 uses), per turn:
+The template (conversation_templates.py, chosen by `data.conversation_template`) gives the
+text as pieces marked supervised or not; e.g. vicuna_v1 (LLaVA-1.5):
 
-    [BOS] USER: {human} ASSISTANT: {gpt}</s>USER: {human} ASSISTANT: {gpt}</s>...
+    {system} USER: <image>\\n{human} ASSISTANT: {gpt}</s>USER: {human} ASSISTANT: {gpt}</s>
 
-- BOS once at the start (skipped for tokenizers that have none).
-- A leading "system" turn, when present, is rendered before the first "USER:" and is
-  never supervised.
+- `conversation_text` / `question_text` return that text (LLaVA's `conv.get_prompt()`), the
+  `<image>` tag still in it; `render_conversation` / `render_prompt` tokenise it as LLaVA's
+  `tokenizer_image_token` does (split at the tag; BOS once, when the tokenizer adds one).
 - `labels` has the same length and positions as `input_ids` (NOT shifted: the loss
   compares logits[:, :-1] with labels[:, 1:]).  It equals the token id on the gpt
-  answers and their EOS, and IGNORE_INDEX (-100) everywhere else: BOS, system text,
-  "USER:", the human turns, "ASSISTANT:".
+  answers and the separator that ends each (vicuna_v1: </s>), and IGNORE_INDEX (-100)
+  everywhere else: BOS, system text, roles, the human turns.
 - The `<image>` tag may appear once, anywhere in the first human turn, and only when
-  the record has an image; it becomes `num_image_tokens` copies of
-  `tokenizer.image_token_id` so that the sequence length is known before the vision
-  tower runs (the model overwrites those positions with image embeddings).
+  the record has an image; as LLaVA does, the turn becomes "<image>\\n" + its text stripped.
+  The tag becomes `num_image_tokens` copies of `tokenizer.image_token_id` so that the
+  sequence length is known before the vision tower runs (the model overwrites those
+  positions with image embeddings).
 
 Records are validated here (structure, types, roles, tag placement); problems raise
 `DataError` naming the field, e.g. "conversations[2].from".  The dataset adds the file
@@ -26,27 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
+from .conversation_templates import DEFAULT_TEMPLATE, IMAGE_TAG, Piece
 from .errors import DataError
 from .tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
-IMAGE_TAG = "<image>"
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "assistant")
 SYSTEM_ROLE = "system"
-
-
-@dataclass(frozen=True)
-class ConversationTemplate:
-    user: str = "USER:"
-    assistant: str = "ASSISTANT:"
-
-    def words(self) -> List[str]:
-        """Strings a word-level vocabulary must cover for this template."""
-        return [self.user, self.assistant]
-
-
-DEFAULT_TEMPLATE = ConversationTemplate()
 
 
 @dataclass(frozen=True)
@@ -134,54 +123,92 @@ def count_image_tags(text: str, field: str) -> int:
     return count
 
 
-def render_prompt(
-    human: str,
-    tokenizer: Tokenizer,
-    num_image_tokens: int,
-    template: ConversationTemplate = DEFAULT_TEMPLATE,
-    system: Optional[str] = None,
-    add_bos: bool = True,
-) -> List[int]:
-    """Token ids of "[BOS] [system] USER: {human} ASSISTANT:" (what generation continues).
-
-    The `<image>` tag, if any, becomes `num_image_tokens` image tokens.
-    """
-    ids: List[int] = []
-    if add_bos and tokenizer.bos_id is not None:
-        ids.append(tokenizer.bos_id)
-    head = f"{system.strip()} {template.user}" if system and system.strip() else template.user
-    before, tag, after = human.partition(IMAGE_TAG)
-    if tag:
-        if num_image_tokens < 1:
-            raise ValueError(f"num_image_tokens must be >= 1 for a sample with an image, got {num_image_tokens}")
-        before, after = before.strip(), after.strip()
-        ids += tokenizer.encode(f"{head} {before}" if before else head)
-        ids += [tokenizer.image_token_id] * num_image_tokens
-        ids += tokenizer.encode(f" {after} {template.assistant}" if after else f" {template.assistant}")
-    else:
-        ids += tokenizer.encode(f"{head} {human.strip()} {template.assistant}")
-    return ids
+def image_first(human: str) -> str:
+    """LLaVA's preprocess_multimodal: the turn holding the tag becomes "<image>\\n" + the rest, stripped."""
+    if IMAGE_TAG not in human:
+        return human
+    return f"{IMAGE_TAG}\n{human.replace(IMAGE_TAG, '').strip()}".strip()
 
 
-def render_conversation(
-    conversations: Any,
-    tokenizer: Tokenizer,
-    num_image_tokens: int,
-    has_image: bool,
-    template: ConversationTemplate = DEFAULT_TEMPLATE,
-) -> Tuple[List[int], List[int]]:
-    """(input_ids, labels) of a whole LLaVA conversation; see the module docstring."""
+def conversation_pieces(conversations: Any, template, has_image: bool) -> List[Piece]:
+    """The template's (text, supervised) pieces of a whole record's conversation (validated here)."""
     parsed = parse_conversations(conversations)
     check_image_tags(parsed, has_image)
-    input_ids: List[int] = []
-    labels: List[int] = []
-    for k, (human, gpt) in enumerate(parsed.turns):
-        prompt = render_prompt(human, tokenizer, num_image_tokens, template,
-                               system=parsed.system if k == 0 else None, add_bos=(k == 0))
-        answer = tokenizer.encode(f" {gpt.strip()}") + [tokenizer.eos_id]
-        input_ids += prompt + answer
-        labels += [IGNORE_INDEX] * len(prompt) + answer
-    return input_ids, labels
+    turns = [(image_first(human) if k == 0 else human, gpt) for k, (human, gpt) in enumerate(parsed.turns)]
+    return template.pieces(parsed.system, turns)
+
+
+def question_pieces(question: str, template, system: Optional[str] = None) -> List[Piece]:
+    """The pieces of a prompt asking `question` (an `<image>` tag is put first, as LLaVA's data has it)."""
+    count_image_tags(question, "prompt")
+    return template.pieces(system, [(image_first(question), None)])
+
+
+def conversation_text(conversations: Any, template, has_image: bool) -> str:
+    """The prompt text of a whole conversation, `<image>` tag included (what LLaVA tokenises)."""
+    return "".join(text for text, _ in conversation_pieces(conversations, template, has_image))
+
+
+def question_text(question: str, template, system: Optional[str] = None) -> str:
+    """The prompt text that asks `question`, ending where the answer starts (LLaVA's conv.get_prompt())."""
+    return "".join(text for text, _ in question_pieces(question, template, system))
+
+
+def tokenize_pieces(pieces: Sequence[Piece], tokenizer: Tokenizer, num_image_tokens: int,
+                    template) -> Tuple[List[int], List[int]]:
+    """(input_ids, labels) of the joined text, tokenised as LLaVA's tokenizer_image_token does: split at
+    `<image>`, each chunk tokenised whole, `num_image_tokens` image ids between, BOS once at the start
+    when the tokenizer adds one.  A token is supervised iff its characters overlap a supervised piece."""
+    text, ranges, at = "", [], 0
+    for piece, supervised in pieces:
+        if supervised and piece:
+            ranges.append((at, at + len(piece)))
+        text += piece
+        at += len(piece)
+    ids: List[int] = []
+    spans: List[Tuple[int, int]] = []  # per id: its characters; image slots and BOS: empty
+    if template.uses_tokenizer_bos and tokenizer.add_bos:
+        ids.append(tokenizer.bos_id)
+        spans.append((0, 0))
+    chunks = text.split(IMAGE_TAG)
+    if len(chunks) > 1 and num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be >= 1 for a sample with an image, got {num_image_tokens}")
+    start = 0
+    for k, chunk in enumerate(chunks):
+        if k:
+            ids += [tokenizer.image_token_id] * num_image_tokens
+            spans += [(start, start)] * num_image_tokens
+            start += len(IMAGE_TAG)
+        chunk_ids, offsets = tokenizer.encode_with_offsets(chunk)
+        ids += chunk_ids
+        spans += [(start + a, start + b) for a, b in offsets]
+        start += len(chunk)
+    return ids, _labels(ids, spans, ranges)
+
+
+def _labels(ids: Sequence[int], spans: Sequence[Tuple[int, int]], ranges: Sequence[Tuple[int, int]]) -> List[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    r = 0
+    for k, (a, b) in enumerate(spans):  # both in text order: one pass
+        while r < len(ranges) and ranges[r][1] <= a:
+            r += 1
+        if r < len(ranges) and a < b and a < ranges[r][1] and b > ranges[r][0]:
+            labels[k] = ids[k]
+    return labels
+
+
+def render_prompt(question: str, tokenizer: Tokenizer, num_image_tokens: int, template=DEFAULT_TEMPLATE,
+                  system: Optional[str] = None) -> List[int]:
+    """Token ids of the prompt asking `question` (what generation continues); `<image>` becomes
+    `num_image_tokens` image tokens."""
+    return tokenize_pieces(question_pieces(question, template, system), tokenizer, num_image_tokens, template)[0]
+
+
+def render_conversation(conversations: Any, tokenizer: Tokenizer, num_image_tokens: int, has_image: bool,
+                        template=DEFAULT_TEMPLATE) -> Tuple[List[int], List[int]]:
+    """(input_ids, labels) of a whole LLaVA conversation; see the module docstring."""
+    return tokenize_pieces(conversation_pieces(conversations, template, has_image), tokenizer,
+                           num_image_tokens, template)
 
 
 def supervised_positions(labels: Sequence[int]) -> List[int]:

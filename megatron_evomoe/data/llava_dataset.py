@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .conversation import DEFAULT_TEMPLATE, IGNORE_INDEX, IMAGE_TAG, ConversationTemplate, count_image_tags, render_prompt
+from .conversation import IGNORE_INDEX, count_image_tags, render_prompt
+from .conversation_templates import DEFAULT_TEMPLATE, IMAGE_TAG
 from .errors import DataError
 from .image_processing import ImageProcessor
 from .json_stream import read_records  # noqa: F401  (exported here too, as it always was)
@@ -70,7 +71,7 @@ class LlavaDataset(Dataset):
         image_processor: Union[ImageProcessor, int],
         skip_bad_samples: bool = False,
         *,
-        template: ConversationTemplate = DEFAULT_TEMPLATE,
+        template=DEFAULT_TEMPLATE,
         check_images: bool = False,
         overlong: str = "error",
         index_dir: Optional[PathLike] = None,
@@ -222,7 +223,7 @@ POPE_LABELS = ("yes", "no")
 
 class PopeSample(NamedTuple):
     image: torch.Tensor  # [3, H, W]
-    prompt_ids: torch.Tensor  # LongTensor [P]: "[BOS] USER: <image tokens> {question} ASSISTANT:"
+    prompt_ids: torch.Tensor  # LongTensor [P]: the template's prompt, image tokens expanded, up to the answer
     label: Optional[str]  # "yes" / "no", or None when the question file carries no labels
     question_id: Union[int, str]
     text: str
@@ -232,7 +233,7 @@ class PopeDataset(Dataset):
     """POPE question file (.jsonl: {"question_id", "image", "text", "label"?, ...}).
 
     `dataset[i]` -> PopeSample(image, prompt_ids, label, question_id, text); the prompt
-    is the same template as training, stopped after "ASSISTANT:" for generation.  Every
+    is the template of the evaluated stage (`template`), stopped where the answer starts.  Every
     line is validated up front, with the rules of training records (types, at most one
     `<image>` tag, the image file present, a length limit: `max_prompt_tokens`, which leaves
     room for the answer) and, with `require_labels`, a label on every question; evaluation
@@ -247,7 +248,7 @@ class PopeDataset(Dataset):
         num_image_tokens: int,
         image_processor: Union[ImageProcessor, int],
         *,
-        template: ConversationTemplate = DEFAULT_TEMPLATE,
+        template=DEFAULT_TEMPLATE,
         require_labels: bool = False,
         max_prompt_tokens: Optional[int] = None,
     ):

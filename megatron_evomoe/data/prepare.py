@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 from ..cli import USER_ERRORS, ArgumentParser, user_error
 from ..config import Config, ConfigError, load_config
 from .build_bundled import build_bundled_dataset
+from .conversation_templates import stage_template
 from .image_processing import ImageProcessor
 from .llava_dataset import LlavaDataset
 from .tokenizer import Tokenizer, load_tokenizer
@@ -51,14 +52,15 @@ def data_root_and_tokenizer(cfg: Config, log=None) -> Tuple[Path, Tokenizer]:
     return root, load_tokenizer(d.tokenizer or str(root / "tokenizer"))
 
 
-def open_stage_dataset(root: Path, tokenizer: Tokenizer, name: str, where: str, cfg: Config) -> LlavaDataset:
-    """The dataset of one stage file (under `root`), its token index built or reused; `where` is the
-    config field naming the file."""
+def open_stage_dataset(root: Path, tokenizer: Tokenizer, name: str, where: str, cfg: Config,
+                       template) -> LlavaDataset:
+    """The dataset of one stage file (under `root`) in the stage's conversation template, its token index
+    built or reused; `where` is the config field naming the file."""
     path = root / name
     if not path.is_file():
         raise ConfigError(f"{where}: file not found: {path}")
     return LlavaDataset(path, root / "images", tokenizer, cfg.data.seq_len, cfg.vision.num_image_tokens,
-                        ImageProcessor.from_config(cfg.vision), skip_bad_samples=cfg.data.skip_bad_samples,
+                        ImageProcessor.from_config(cfg.vision), skip_bad_samples=cfg.data.skip_bad_samples, template=template,
                         overlong=cfg.data.overlong, index_dir=index_dir_of(cfg))
 
 
@@ -66,14 +68,15 @@ def prepare(cfg: Config, out=None) -> List[LlavaDataset]:
     """Open or build the index of every distinct stage file; one line per file on `out` (stdout)."""
     out = out or sys.stdout  # (read now: a default bound at import would keep a replaced stdout)
     root, tokenizer = data_root_and_tokenizer(cfg)
-    fields = {}  # each distinct file once, named by the first field that lists it
-    for stage in cfg.stages:
+    fields = {}  # each distinct (file, template) once, named by the first field that lists it
+    for idx, stage in enumerate(cfg.stages):
+        template = stage_template(cfg, idx, tokenizer)
         for i, (name, _) in enumerate(stage_files(stage)):
-            fields.setdefault(name, stage_data_field(stage, i))
+            fields.setdefault((name, template.name), (stage_data_field(stage, i), template))
     datasets = []
-    for name, where in fields.items():
+    for (name, _), (where, template) in fields.items():
         t0 = time.perf_counter()
-        ds = open_stage_dataset(root, tokenizer, name, where, cfg)
+        ds = open_stage_dataset(root, tokenizer, name, where, cfg, template)
         print(describe(ds, time.perf_counter() - t0), file=out, flush=True)
         datasets.append(ds)
     return datasets

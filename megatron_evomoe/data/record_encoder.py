@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .conversation import DEFAULT_TEMPLATE, IGNORE_INDEX, ConversationTemplate, render_conversation
+from .conversation import IGNORE_INDEX, render_conversation
+from .conversation_templates import DEFAULT_TEMPLATE
 from .errors import DataError
 from .image_processing import load_image
 from .tokenizer import Tokenizer
@@ -58,7 +59,7 @@ class EncodedBatch:
 
 class RecordEncoder:
     def __init__(self, json_path: str, image_root: str, tokenizer: Tokenizer, seq_len: int, num_image_tokens: int,
-                 *, template: ConversationTemplate = DEFAULT_TEMPLATE, check_images: bool = False,
+                 *, template=DEFAULT_TEMPLATE, check_images: bool = False,
                  overlong: str = "error", skip_bad_samples: bool = False, token_dtype=np.uint16):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"data.overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")

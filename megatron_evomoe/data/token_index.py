@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -33,7 +32,7 @@ import numpy as np
 from ..checkpointing import CheckpointError, _fsync_dir, remove_stale_temporaries, write_file_atomic
 from ..process_identity import owner_tag
 from ..run_lock import LOCK_NAME, RunLock, read_holder
-from .conversation import IGNORE_INDEX, ConversationTemplate
+from .conversation import IGNORE_INDEX
 from .errors import DataError
 from .index_builder import build_index
 from .record_encoder import RecordEncoder
@@ -54,7 +53,8 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     tokenizer's whole serialisation) and the special ids."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(tokenizer).__name__.encode())
-    special = (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_token_id)
+    special = (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_token_id,
+               tokenizer.add_bos)
     h.update(json.dumps(special).encode())
     if hasattr(tokenizer, "tokens"):
         h.update(json.dumps(tokenizer.tokens).encode())
@@ -79,10 +79,10 @@ def _file_stat(path: str) -> Dict:
 
 
 def index_key(json_path: str, image_root: str, tokenizer: Tokenizer, seq_len: int, num_image_tokens: int,
-              template: ConversationTemplate, overlong: str, skip_bad_samples: bool, check_images: bool) -> Dict:
+              template, overlong: str, skip_bad_samples: bool, check_images: bool) -> Dict:
     return {"format_version": FORMAT_VERSION, "data_file": os.path.abspath(json_path),
             "image_root": os.path.abspath(image_root) if image_root else "",
-            "tokenizer": tokenizer_fingerprint(tokenizer), "template": asdict(template), "seq_len": int(seq_len),
+            "tokenizer": tokenizer_fingerprint(tokenizer), "template": template.key(), "seq_len": int(seq_len),
             "num_image_tokens": int(num_image_tokens), "overlong": overlong,
             "skip_bad_samples": bool(skip_bad_samples), "check_images": bool(check_images)}
 
@@ -122,7 +122,7 @@ def _is_current(folder: str, key: Dict, rehash: bool = True) -> bool:
 
 
 def open_index(json_path, image_root, tokenizer: Tokenizer, seq_len: int, num_image_tokens: int, *,
-               template: ConversationTemplate, overlong: str = "error", skip_bad_samples: bool = False,
+               template, overlong: str = "error", skip_bad_samples: bool = False,
                check_images: bool = False, index_dir=None, num_workers: int = 0,
                wait_timeout_s: float = WAIT_TIMEOUT_S) -> "TokenIndex":
     """The index of this key, built here if no current one exists and no other process builds it."""

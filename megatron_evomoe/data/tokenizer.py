@@ -1,16 +1,19 @@
 """Tokenizers: one small interface, a word-level tokenizer for the bundled data, and a
 wrapper around any local Hugging Face `tokenizer.json`.
 
-`encode` never adds BOS/EOS: the conversation template (conversation.py) places them.
-Every tokenizer has an `<image>` token; the template expands the `<image>` tag of a
-LLaVA record into `num_image_tokens` copies of `image_token_id`, which the model later
-overwrites with image embeddings.
+`encode` never adds BOS/EOS: the conversation template (conversation.py) places them, BOS
+only where the tokenizer itself would add one (`add_bos`, as LLaVA's `tokenizer_image_token`).
+`encode_with_offsets` also gives each token's character span, which is how the template finds
+the supervised tokens of a text tokenised whole.  Every tokenizer has an `<image>` token; the
+template expands the `<image>` tag of a LLaVA record into `num_image_tokens` copies of
+`image_token_id`, which the model later overwrites with image embeddings.
 
 On disk:
 - WordTokenizer: `DIR/vocab.json` = {"type": "word", "version": 1, "tokens": [...]}
   (token i has id i; the special tokens come first).
 - HFTokenizer: `DIR/tokenizer.json` (+ optional `tokenizer_config.json`, read for the
-  names of the bos/eos/pad tokens).
+  names of the bos/eos/pad tokens, `add_bos_token` and the Jinja `chat_template`, which
+  transformers may also save as `DIR/chat_template.jinja`).
 `load_tokenizer(DIR)` picks the right one.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import os
 import re
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import DataError
 
@@ -29,6 +32,9 @@ WORD_SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 of every WordToken
 WORD_VOCAB_FILE = "vocab.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+Offsets = List[Tuple[int, int]]  # per token: [start, end) in the encoded text
 
 
 class Tokenizer:
@@ -39,8 +45,17 @@ class Tokenizer:
     bos_id: Optional[int]  # None for tokenizers without one (e.g. Qwen2): then no BOS is added
     eos_id: int
     image_token_id: int
+    add_bos: bool  # whether a sequence starts with BOS (what the tokenizer's own encoding does)
+    chat_template: Optional[str] = None  # the Jinja template of tokenizer_config.json, if any
 
     def encode(self, text: str) -> List[int]:
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], Offsets]:
+        raise NotImplementedError
+
+    def special_tokens(self) -> Dict[str, Optional[str]]:
+        """bos_token / eos_token / pad_token strings, for a Jinja chat template."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -81,6 +96,7 @@ class WordTokenizer(Tokenizer):
         self.token_to_id: Dict[str, int] = {t: i for i, t in enumerate(tokens)}
         self.vocab_size = len(tokens)
         self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.image_token_id = range(5)
+        self.add_bos = True
 
     @classmethod
     def build(cls, texts: Iterable[str], min_freq: int = 1, extra_words: Iterable[str] = ()) -> "WordTokenizer":
@@ -99,9 +115,13 @@ class WordTokenizer(Tokenizer):
                        key=lambda w: (-counts[w], w))
         return cls(list(WORD_SPECIAL_TOKENS) + words)
 
-    def encode(self, text: str) -> List[int]:
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], Offsets]:
         get = self.token_to_id.get
-        return [get(w, self.unk_id) for w in split_words(text)]
+        words = list(_WORD_RE.finditer(text))
+        return [get(m.group(), self.unk_id) for m in words], [m.span() for m in words]
+
+    def special_tokens(self) -> Dict[str, Optional[str]]:
+        return {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         out: List[str] = []
@@ -169,7 +189,9 @@ class HFTokenizer(Tokenizer):
     BOS/EOS/PAD are taken from `tokenizer_config.json` when it names them, else from
     well-known token strings present in the vocabulary.  No EOS is an error; no BOS
     means `bos_id = None`; no PAD falls back to EOS (pads are masked out anyway).
-    `<image>` is added as a special token when absent.
+    `<image>` is added as a special token when absent.  `add_bos`: `add_bos_token` of the
+    config when it sets one, else whether the tokenizer's post-processor starts a sequence
+    with BOS (Llama: yes; Qwen2, Phi-2, StableLM-2: no, though Phi-2 names a bos_token).
     """
 
     def __init__(self, directory: str):
@@ -203,6 +225,28 @@ class HFTokenizer(Tokenizer):
         self.eos_id = self._tok.token_to_id(self.eos_token)
         self.pad_id = self._tok.token_to_id(self.pad_token)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.add_bos = self._adds_bos()
+        self.chat_template = self._read_chat_template()
+
+    def _adds_bos(self) -> bool:
+        if self.bos_id is None:
+            return False
+        if isinstance(self.config.get("add_bos_token"), bool):
+            return self.config["add_bos_token"]
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self.bos_id
+
+    def _read_chat_template(self) -> Optional[str]:
+        """The default chat template: a string, or the one named "default" of a list of {name, template}."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        path = os.path.join(self.directory, HF_CHAT_TEMPLATE_FILE)
+        if not isinstance(template, str) and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                template = f.read()
+        return template if isinstance(template, str) and template.strip() else None
 
     def _find_token(self, key: str, candidates: Sequence[str]) -> Optional[str]:
         named = _config_token(self.config, key)
@@ -213,8 +257,13 @@ class HFTokenizer(Tokenizer):
                 return token
         return None
 
-    def encode(self, text: str) -> List[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], Offsets]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    def special_tokens(self) -> Dict[str, Optional[str]]:
+        named = {key: _config_token(self.config, key) for key in ("unk_token",)}
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token, **named}
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -223,7 +272,10 @@ class HFTokenizer(Tokenizer):
         os.makedirs(directory, exist_ok=True)
         self._tok.save(os.path.join(directory, HF_TOKENIZER_FILE))
         config = dict(self.config)
-        config.update({"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token})
+        config.update({"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                       "add_bos_token": self.add_bos})
+        if self.chat_template is not None:  # (it may have come from chat_template.jinja)
+            config["chat_template"] = self.chat_template
         _atomic_write_text(os.path.join(directory, HF_CONFIG_FILE), json.dumps(config, indent=2))
 
 

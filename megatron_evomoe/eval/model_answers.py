@@ -23,16 +23,19 @@ from .runner import (BENCHMARKS, add_benchmark_flags, benchmark_options, finish_
 
 
 def make_answer_fn(model, cfg, bundle, max_new_tokens: int = 16, *, temperature: float = 0.0, seed: int = 0,
-                   stop: Sequence[str] = ()) -> Callable[[Optional[str], str], str]:
-    """``answer_fn(image_path or None, prompt) -> answer`` for `eval.runner.run_benchmark`; images are
-    preprocessed as the checkpoint's `vision` section says."""
+                   stop: Sequence[str] = (), state: Optional[dict] = None) -> Callable[[Optional[str], str], str]:
+    """``answer_fn(image_path or None, prompt) -> answer`` for `eval.runner.run_benchmark`.
+
+    Images are preprocessed as the checkpoint's `vision` section says; `state` (the checkpoint dict)
+    gives the stage whose conversation template the prompts use (without it: the last stage's).
+    """
     processor = image_processor_for(cfg) if cfg.vision.enabled else None
     tokenizer = bundle.tokenizer
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     dtype = next(model.parameters()).dtype
 
     def answer_fn(image_path: Optional[str], prompt: str) -> str:
-        ids = prompt_ids(prompt, tokenizer, cfg, image_path is not None)
+        ids = prompt_ids(prompt, tokenizer, cfg, image_path is not None, (state or {}).get("stage_idx", -1))
         pixels = None
         if image_path is not None:
             pixels = processor(image_path).unsqueeze(0).to(dtype)
@@ -66,8 +69,8 @@ def main(argv=None) -> Dict[str, Any]:
     try:
         device = resolve_device(args.device)
         submission = start_submission(args)  # (the [eval] extra checked before the model answers)
-        model, cfg, bundle, _ = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root)
-        answer_fn = make_answer_fn(model, cfg, bundle, args.max_new_tokens)
+        model, cfg, bundle, state = load_for_inference(args.ckpt, device=str(device), data_root=args.data_root)
+        answer_fn = make_answer_fn(model, cfg, bundle, args.max_new_tokens, state=state)
         if args.prompt_suffix is not None:
             options["prompt_suffix"] = args.prompt_suffix
         result = run_benchmark(args.benchmark, args.data, args.images, answer_fn, args.out, limit=args.limit,

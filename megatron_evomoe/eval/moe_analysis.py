@@ -15,6 +15,7 @@ from ..data.llava_dataset import LlavaDataset
 from ..model.modality import IMAGE, TEXT
 from ..moe import metrics as M
 from ..moe.router_shuffle import shuffled_routers
+from ..data.conversation_templates import stage_template
 from ..training.evaluation import evaluate_pope
 from ..stages.structure import moe_layers
 
@@ -54,10 +55,12 @@ def lm_loss(model, batches) -> float:
 
 @torch.no_grad()
 def analyze(model, cfg, bundle, num_samples: int = 128, batch_size: int = 32, max_tokens: int = 512,
-            shuffle_seed: int = 0, pope: bool = True) -> dict:
+            shuffle_seed: int = 0, pope: bool = True, stage_idx: int = -1) -> dict:
+    """`stage_idx`: the checkpoint's stage, whose conversation template the data is rendered with."""
     model.eval()
     data = LlavaDataset(bundle.root / "instruct.json", bundle.root / "images", bundle.tokenizer, cfg.data.seq_len,
-                        cfg.vision.num_image_tokens, ImageProcessor.from_config(cfg.vision))
+                        cfg.vision.num_image_tokens, ImageProcessor.from_config(cfg.vision),
+                        template=stage_template(cfg, stage_idx, bundle.tokenizer))
     # the last records: the sampler may have reached the first ones less often
     idx = list(range(max(0, len(data) - num_samples), len(data)))
     batches = [data.collate([data[i] for i in idx[s:s + batch_size]]) for s in range(0, len(idx), batch_size)]
@@ -78,9 +81,9 @@ def analyze(model, cfg, bundle, num_samples: int = 128, batch_size: int = 32, ma
         result["lm_loss_router_shuffled"] = lm_loss(model, batches)
     if pope:
         device = next(model.parameters()).device
-        result["pope"] = evaluate_pope(model, bundle, cfg, device)
+        result["pope"] = evaluate_pope(model, bundle, cfg, device, stage_idx=stage_idx)
         with shuffled_routers(model, shuffle_seed):
-            result["pope_router_shuffled"] = evaluate_pope(model, bundle, cfg, device)
+            result["pope_router_shuffled"] = evaluate_pope(model, bundle, cfg, device, stage_idx=stage_idx)
         result["pope_f1_drop_under_shuffle"] = result["pope"]["f1"] - result["pope_router_shuffled"]["f1"]
         result["pope_acc_drop_under_shuffle"] = result["pope"]["accuracy"] - result["pope_router_shuffled"]["accuracy"]
     result["lm_loss_increase_under_shuffle"] = result["lm_loss_router_shuffled"] - result["lm_loss"]

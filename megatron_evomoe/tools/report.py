@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         model, cfg, bundle, state = load_trained_model(args.checkpoint, data_root=args.data_root)
-        result = analyze(model, cfg, bundle, num_samples=args.num_samples, pope=not args.no_pope)
+        result = analyze(model, cfg, bundle, num_samples=args.num_samples, pope=not args.no_pope,
+                         stage_idx=state["stage_idx"])
         out.mkdir(parents=True, exist_ok=True)
     except USER_ERRORS as e:  # a bad checkpoint folder or dataset, --out naming a file
         return user_error(e)

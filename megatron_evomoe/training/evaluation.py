@@ -11,23 +11,25 @@ from .data_setup import POPE_ANSWER_TOKENS, pope_dataset
 
 @torch.no_grad()
 def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: int = 64,
-                  blind_baseline: bool = True) -> dict:
+                  blind_baseline: bool = True, stage_idx: int = -1) -> dict:
     """Greedy answers to the held-out yes/no questions -> accuracy, precision, recall, F1, yes-ratio.
 
     With `blind_baseline`, the same questions are also asked with blank images
     (`blind_accuracy`, `blind_f1`): POPE's popular/adversarial negatives make
     category frequencies guessable from the text alone, so only the margin over
-    the blind score shows that the model looks at the image.
+    the blind score shows that the model looks at the image.  The prompts use stage `stage_idx`'s
+    conversation template (the stage just trained; negative: from the end).
     """
-    scores = _pope_scores(model, bundle, cfg, device, batch_size, blind=False)
+    scores = _pope_scores(model, bundle, cfg, device, batch_size, blind=False, stage_idx=stage_idx)
     if blind_baseline:
-        blind = _pope_scores(model, bundle, cfg, device, batch_size, blind=True)
+        blind = _pope_scores(model, bundle, cfg, device, batch_size, blind=True, stage_idx=stage_idx)
         scores.update(blind_accuracy=blind["accuracy"], blind_f1=blind["f1"])
     return scores
 
 
-def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: int, blind: bool) -> dict:
-    data = pope_dataset(bundle, cfg)
+def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: int, blind: bool,
+                 stage_idx: int) -> dict:
+    data = pope_dataset(bundle, cfg, stage_idx)
     n = min(len(data), cfg.data.num_eval_samples)
     was_training = model.training
     model.eval()

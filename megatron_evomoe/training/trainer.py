@@ -325,7 +325,7 @@ class Trainer:
             return
         try:  # under TP/EP/DP every rank evaluates in step
             with collective(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
-                scores = evaluate_pope(self.model, self.data, cfg, self.device)
+                scores = evaluate_pope(self.model, self.data, cfg, self.device, stage_idx=cfg.stages.index(stage))
         except DataError:  # e.g. an unreadable evaluation image: the stage's checkpoint is already saved
             log.error("stage '%s' evaluation failed; its checkpoint is saved and a rerun continues with "
                       "the next stage without repeating this evaluation", stage.name)

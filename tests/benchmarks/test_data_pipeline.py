@@ -67,11 +67,11 @@ def test_mix_is_deterministic_a_prefix_and_shaped_like_llava(tmp_path, tokenizer
 
 def test_every_record_is_valid_for_llava_dataset_with_its_predicted_length(tmp_path, tokenizer_dir, pool):
     images, names = pool
-    geometry = mix.Geometry(16, 72)  # the demo's: most records must be cut to fit
+    geometry = mix.Geometry(16, 96)  # the demo's: most records must be cut to fit
     stats = mix.generate(tmp_path / "demo.json", 400, 0, geometry, tokenizer_dir, names)
     tokenizer = load_tokenizer(str(tokenizer_dir))
-    ds = LlavaDataset(tmp_path / "demo.json", images, tokenizer, 72, 16, 32)  # raises on any bad record
-    assert len(ds) == 400 and ds.skipped == {} and stats.lengths.max() <= 72
+    ds = LlavaDataset(tmp_path / "demo.json", images, tokenizer, 96, 16, 32)  # raises on any bad record
+    assert len(ds) == 400 and ds.skipped == {} and stats.lengths.max() <= 96
     assert np.array_equal(ds.lengths, stats.lengths)  # record_length = the real tokenisation's length
     assert not any((ds.tokens(i)[0] == tokenizer.unk_id).any() for i in range(len(ds)))  # no unknown word
     assert stats.num_text_tokens(geometry) == int(ds.lengths.sum()) - 16 * sum(p is not None for p in ds.image_paths)

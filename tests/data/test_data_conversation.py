@@ -1,16 +1,21 @@
-"""Chat template: exact ids, exact supervised positions, image-tag expansion, validation."""
+"""The default template (vicuna_v1) through a word tokenizer: exact ids, exact supervised positions,
+image-tag expansion and placement, validation."""
 import pytest
 
 from megatron_evomoe.data.conversation import (IGNORE_INDEX, render_conversation, render_prompt,
                                                supervised_positions)
+from megatron_evomoe.data.conversation_templates import VICUNA_SYSTEM
 from megatron_evomoe.data.errors import DataError
-from megatron_evomoe.data.tokenizer import WORD_SPECIAL_TOKENS, WordTokenizer
+from megatron_evomoe.data.tokenizer import WORD_SPECIAL_TOKENS, WordTokenizer, split_words
 
 WORDS = ["USER", ":", "ASSISTANT", "What", "is", "this", "?", "a", "cat", ".", "And", "colour", "black", "Be",
          "brief"]
-TOK = WordTokenizer(list(WORD_SPECIAL_TOKENS) + WORDS)
+SYSTEM_WORDS = [w for w in dict.fromkeys(split_words(VICUNA_SYSTEM)) if w not in WORDS]
+TOK = WordTokenizer(list(WORD_SPECIAL_TOKENS) + WORDS + SYSTEM_WORDS)
 W = {w: i for i, w in enumerate(TOK.tokens)}  # USER=5, ':'=6, ASSISTANT=7, ... brief=19
 IMG = TOK.image_token_id
+SYS = TOK.encode(VICUNA_SYSTEM)  # the template's system prompt, before the first "USER:"
+S = len(SYS)
 
 # A record as LLaVA ships it: string id, image path, extra keys at record and turn level.
 RECORD = {
@@ -28,16 +33,17 @@ RECORD = {
 
 def test_two_turn_record_exact_ids_and_supervised_positions():
     ids, labels = render_conversation(RECORD["conversations"], TOK, num_image_tokens=3, has_image=True)
-    expected = [TOK.bos_id, W["USER"], W[":"], IMG, IMG, IMG, W["What"], W["is"], W["this"], W["?"],
+    expected = [TOK.bos_id] + SYS + [W["USER"], W[":"], IMG, IMG, IMG, W["What"], W["is"], W["this"], W["?"],
                 W["ASSISTANT"], W[":"], W["a"], W["cat"], W["."], TOK.eos_id,
                 W["USER"], W[":"], W["And"], W["colour"], W["?"], W["ASSISTANT"], W[":"],
                 W["black"], W["."], TOK.eos_id]
     assert ids == expected
     assert len(labels) == len(ids)
-    # Supervised: "a cat . </s>" (positions 12-15) and "black . </s>" (23-25); nothing else.
-    assert supervised_positions(labels) == [12, 13, 14, 15, 23, 24, 25]
+    # Supervised: "a cat . </s>" (positions S+12..S+15) and "black . </s>" (S+23..S+25); nothing else.
+    want = [S + p for p in (12, 13, 14, 15, 23, 24, 25)]
+    assert supervised_positions(labels) == want
     assert all(labels[p] == ids[p] for p in supervised_positions(labels))
-    assert all(labels[p] == IGNORE_INDEX for p in range(len(ids)) if p not in {12, 13, 14, 15, 23, 24, 25})
+    assert all(labels[p] == IGNORE_INDEX for p in range(len(ids)) if p not in want)
 
 
 @pytest.mark.parametrize("n", [1, 5, 24])
@@ -47,16 +53,15 @@ def test_image_tag_expands_to_num_image_tokens(n):
     first = ids.index(IMG)
     assert ids[first:first + n] == [IMG] * n  # contiguous
     assert all(labels[first + k] == IGNORE_INDEX for k in range(n))
-    assert len(ids) == 23 + n
+    assert len(ids) == 1 + S + 22 + n
 
 
-def test_image_tag_anywhere_in_first_turn():
-    middle = render_prompt("What is <image> this?", TOK, 2)
-    assert middle == [TOK.bos_id, W["USER"], W[":"], W["What"], W["is"], IMG, IMG, W["this"], W["?"],
-                      W["ASSISTANT"], W[":"]]
-    after = render_prompt("What is this?\n<image>", TOK, 2)
-    assert after == [TOK.bos_id, W["USER"], W[":"], W["What"], W["is"], W["this"], W["?"], IMG, IMG,
-                     W["ASSISTANT"], W[":"]]
+def test_image_tag_anywhere_in_first_turn_goes_first():
+    # As LLaVA's preprocess_multimodal: the tag is taken out and the turn becomes "<image>\n" + its text.
+    want = [TOK.bos_id] + SYS + [W["USER"], W[":"], IMG, IMG, W["What"], W["is"], W["this"], W["?"],
+                                 W["ASSISTANT"], W[":"]]
+    assert render_prompt("What is <image> this?", TOK, 2) == want
+    assert render_prompt("What is this?\n<image>", TOK, 2) == want
 
 
 def test_text_only_and_system_and_role_aliases():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from megatron_evomoe.data.build_bundled import build_bundled_dataset
 from megatron_evomoe.data.conversation import IGNORE_INDEX, render_prompt
+from megatron_evomoe.data.conversation_templates import RoleTemplate
 from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.data.image_processing import ImageProcessor
 from megatron_evomoe.data.llava_dataset import LlavaDataset, PopeDataset
@@ -18,6 +19,9 @@ SIZE = 16
 N_IMG = 4
 TOK = WordTokenizer.build(["What is this ? a red cat . And colour ? black . Describe it Be brief"],
                           extra_words=["USER:", "ASSISTANT:"])
+# vicuna_v1 without its system prompt: these tests are about the dataset, in short sequences
+# (the templates themselves: test_conversation_templates.py)
+NO_SYSTEM = RoleTemplate("vicuna_v1_no_system", sep2="</s>", system="")
 
 
 def rec(i, image=True, answer="a red cat.", **extra):
@@ -47,6 +51,7 @@ def write(root, records, name="data.json"):
 
 
 def make(root, records, seq_len=24, name="data.json", **kw):
+    kw.setdefault("template", NO_SYSTEM)
     return LlavaDataset(write(root, records, name), str(root), TOK, seq_len=seq_len, num_image_tokens=N_IMG,
                         image_processor=SIZE, **kw)
 
@@ -179,12 +184,12 @@ def test_bad_jsonl_line_and_bad_json_file(root):
     path = root / "data.jsonl"
     path.write_text(json.dumps(rec(0)) + "\n{not json\n" + json.dumps(rec(2)) + "\n")
     with pytest.raises(DataError, match=r"data\.jsonl: record 1: line 2 is not valid JSON"):
-        LlavaDataset(str(path), str(root), TOK, 24, N_IMG, SIZE)
-    ds = LlavaDataset(str(path), str(root), TOK, 24, N_IMG, SIZE, skip_bad_samples=True)
+        LlavaDataset(str(path), str(root), TOK, 24, N_IMG, SIZE, template=NO_SYSTEM)
+    ds = LlavaDataset(str(path), str(root), TOK, 24, N_IMG, SIZE, skip_bad_samples=True, template=NO_SYSTEM)
     assert ds.skipped == {"bad_json": 1} and len(ds) == 2
     (root / "obj.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(DataError, match=r"obj\.json: expected a JSON list"):
-        LlavaDataset(str(root / "obj.json"), str(root), TOK, 24, N_IMG, SIZE)
+        LlavaDataset(str(root / "obj.json"), str(root), TOK, 24, N_IMG, SIZE, template=NO_SYSTEM)
 
 
 def test_truncated_png(root):

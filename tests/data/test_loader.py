@@ -21,6 +21,8 @@ from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.loader import MicroBatchLoader, MicroBatchPlan
 from megatron_evomoe.data.tokenizer import WordTokenizer, load_tokenizer
+from megatron_evomoe.data.conversation_templates import NAMED_TEMPLATES
+from tests.data.test_data_llava_dataset import NO_SYSTEM
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = 5  # the toy dataset's unloadable index
@@ -165,7 +167,7 @@ def test_spawned_workers_give_the_same_batches():
 
 def test_bundled_llava_dataset_batches_equal_for_0_and_2_workers(data_root):
     ds = LlavaDataset(data_root / "captions.json", data_root / "images", load_tokenizer(str(data_root / "tokenizer")),
-                      seq_len=56, num_image_tokens=4, image_processor=16)
+                      seq_len=56, num_image_tokens=4, image_processor=16, template=NAMED_TEMPLATES["plain"])
 
     def collate(rows):
         return ds.collate([s for row in rows for s in row])
@@ -190,7 +192,8 @@ def corrupt_png_dataset(tmp_path):
                                   {"from": "gpt", "value": "a red cat."}]} for i in range(4)]
     (tmp_path / "data.json").write_text(json.dumps(records))
     tok = WordTokenizer.build(["What is this ? a red cat ."], extra_words=["USER:", "ASSISTANT:"])
-    return LlavaDataset(tmp_path / "data.json", tmp_path, tok, seq_len=24, num_image_tokens=4, image_processor=16)
+    return LlavaDataset(tmp_path / "data.json", tmp_path, tok, seq_len=24, num_image_tokens=4, image_processor=16,
+                        template=NO_SYSTEM)
 
 
 def test_corrupt_image_error_and_skip_match_in_process_loading(corrupt_png_dataset):

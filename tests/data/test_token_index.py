@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_evomoe.data.conversation import DEFAULT_TEMPLATE, IGNORE_INDEX, render_conversation
+from megatron_evomoe.data.conversation import IGNORE_INDEX, render_conversation
+from megatron_evomoe.data.conversation_templates import DEFAULT_TEMPLATE
+from tests.data.test_data_llava_dataset import NO_SYSTEM
 from megatron_evomoe.data.errors import DataError
 from megatron_evomoe.data.llava_dataset import LlavaDataset
 from megatron_evomoe.data.token_index import MANIFEST, open_index
@@ -179,7 +181,7 @@ _BUILDER = """
 import logging, sys
 sys.path.insert(0, {root!r})
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from megatron_evomoe.data.conversation import DEFAULT_TEMPLATE
+from megatron_evomoe.data.conversation_templates import DEFAULT_TEMPLATE
 from megatron_evomoe.data.token_index import open_index
 from megatron_evomoe.data.tokenizer import load_tokenizer
 index = open_index({path!r}, {images!r}, load_tokenizer({tok!r}), 96, {n}, template=DEFAULT_TEMPLATE,
@@ -203,10 +205,11 @@ def test_two_processes_share_one_index_one_builds(data_root, tmp_path):
 
 
 def _long_records():
-    """r0 and r4 fit seq_len 24; r1 and r3 are over-long in their answers; r2's image comes after 23 tokens."""
+    """r0 and r4 fit seq_len 24; r1 and r3 are over-long in their answers; r2's image comes after 23 tokens
+    (its system turn of 20 tokens first: the tag itself always leads its turn, as LLaVA puts it)."""
     def rec(i, answer, image=True, prefix=""):
-        r = {"id": f"r{i}", "conversations": [
-            {"from": "human", "value": prefix + ("<image>\n" if image else "") + "What is this?"},
+        r = {"id": f"r{i}", "conversations": [{"from": "system", "value": prefix}] * bool(prefix) + [
+            {"from": "human", "value": ("<image>\n" if image else "") + "What is this?"},
             {"from": "gpt", "value": answer}]}
         if image:
             r["image"] = "img.png"
@@ -229,7 +232,7 @@ TOK = WordTokenizer.build(["What is this ? a red cat . black"], extra_words=["US
 
 
 def _long(path, overlong, **kw):
-    return LlavaDataset(path, path.parent, TOK, 24, 4, 8, overlong=overlong, **kw)
+    return LlavaDataset(path, path.parent, TOK, 24, 4, 8, overlong=overlong, template=NO_SYSTEM, **kw)
 
 
 def test_overlong_truncate_and_skip_counts_are_exact(long_file, caplog):
@@ -243,7 +246,7 @@ def test_overlong_truncate_and_skip_counts_are_exact(long_file, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megatron_evomoe.data.token_index"):
         cut = _long(long_file, "truncate")
-    # r2: BOS USER : (3) + its prefix (20) place the image at 23; 23 + 4 slots > 24: skipped, not cut.
+    # r2: BOS + its system turn (20) + USER : (2) place the image at 23; 23 + 4 slots > 24: skipped, not cut.
     assert cut.skipped == {"too_long": 1} and list(cut.skipped_ids) == ["r2"]
     assert cut.num_truncated == 2 and list(cut.truncated_ids) == ["r1", "r3"]
     assert list(cut.record_ids) == ["r0", "r1", "r3", "r4"] and cut.record_indices == [0, 1, 3, 4]
@@ -251,7 +254,7 @@ def test_overlong_truncate_and_skip_counts_are_exact(long_file, caplog):
     records = _long_records()
     for k, i in ((1, 1), (2, 3)):  # the text cut at the end, the image kept: LLaVA's cut to model_max_length
         r = records[i]
-        ids, labels = render_conversation(r["conversations"], TOK, 4, has_image="image" in r)
+        ids, labels = render_conversation(r["conversations"], TOK, 4, has_image="image" in r, template=NO_SYSTEM)
         got_ids, got_labels = cut.tokens(k)
         assert got_ids.tolist() == ids[:24] and got_labels.tolist() == labels[:24]
         assert cut[k]["input_ids"].tolist() == ids[:24]
@@ -259,7 +262,7 @@ def test_overlong_truncate_and_skip_counts_are_exact(long_file, caplog):
 
 
 def _rendered(r):
-    return render_conversation(r["conversations"], TOK, 4, has_image="image" in r)[0]
+    return render_conversation(r["conversations"], TOK, 4, has_image="image" in r, template=NO_SYSTEM)[0]
 
 
 def test_prepare_cli_builds_then_reuses_and_errors_in_one_line(data_root, tmp_path, capsys):

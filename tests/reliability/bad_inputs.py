@@ -102,7 +102,7 @@ class RecordCase:
     lazy: bool = False  # found when the image is decoded, not when the file is read
 
 
-LONG = "<image>\n" + "circle " * 80  # > data.seq_len=56 tokens with the 4 image tokens of the tiny config
+LONG = "<image>\n" + "circle " * 80  # > data.seq_len=84 tokens with the 4 image tokens of the tiny config
 
 RECORD_CASES = [
     RecordCase("record_not_an_object", lambda r: ["not", "a", "record"],
@@ -145,7 +145,7 @@ RECORD_CASES = [
                r"field 'image': image file not found: .*no_such_image\.png", "missing_image"),
     RecordCase("over_long_conversation", lambda r: _with(r, conversations=_turns(r, human=LONG)),
                r"field 'conversations': is \d+ tokens long after tokenisation \(including 4 image tokens\), "
-               r"more than seq_len=56", "too_long"),
+               r"more than seq_len=84", "too_long"),
     RecordCase("truncated_png", lambda r: _with(r, image="truncated.png"),
                r"field 'image': .*truncated\.png: cannot decode image", "corrupt_image", lazy=True),
     RecordCase("truncated_jpeg", lambda r: _with(r, image="truncated.jpg"),

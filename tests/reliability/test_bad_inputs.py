@@ -29,7 +29,7 @@ from tests.reliability.bad_inputs import (CONFIG_CASES, FILE_CASES, RECORD_CASES
 from tests.training.tiny_config import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-SEQ_LEN, IMAGE_TOKENS, IMAGE_SIZE = 56, 4, 16  # as tests/training/tiny_config.py sets them
+SEQ_LEN, IMAGE_TOKENS, IMAGE_SIZE = 84, 4, 16  # as tests/training/tiny_config.py sets them
 PROJECTOR = "{{name: p, trainable: ['projector.*'], data: {data}, steps: {steps}, eval: false}}"
 
 

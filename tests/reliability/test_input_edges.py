@@ -411,7 +411,7 @@ def write_pope(tmp_path, data_root, edit) -> tuple:
      "field 'text': holds 2 <image> tags; one image per sample is supported"),
     (lambda r: r.pop("label"), "field 'label': is missing (the evaluation scores the answers against it)"),
     (lambda r: r.update(text=r["text"] + " red" * 60),
-     "field 'text': is 78 tokens long after tokenisation (including 4 image tokens); at most 61 leave room for the "
+     "field 'text': is 107 tokens long after tokenisation (including 4 image tokens); at most 93 leave room for the "
      "answer within model.max_seq_len"),
 ])
 def test_pope_question_checked_before_training(data_root, tmp_path, edit, error):

@@ -55,7 +55,7 @@ def test_bad_data_is_reported_before_training(data_root, tmp_path, breakage, exp
     (Path(data_root) / f"broken_{breakage}.json").write_text(json.dumps(records))
     save = tmp_path / "run"
     r = run(*TINY, STAGES, f"--data.root={data_root}", f"--train.save_dir={save}",
-            f"--stages.projector.data=broken_{breakage}.json")
+            f"--stages.warmup.data=broken_{breakage}.json")  # (stage 2: every stage's data is read first)
     assert r.returncode == 2, r.stderr
     assert f"broken_{breakage}.json: record 3" in r.stderr and expected in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

@@ -18,7 +18,8 @@ from megatron_evomoe.training.stage_data import StageData
 from tests.reliability.bad_inputs import corrupt_image
 from tests.training.tiny_config import TINY
 
-STAGE = "--stages=[{name: p, trainable: ['projector.*'], data: captions.json, steps: 1, eval: false}]"
+STAGE = ("--stages=[{name: p, trainable: ['projector.*'], data: captions.json, conversation_template: plain, steps: 1,"
+         " eval: false}]")
 
 
 def _stage_data(root, *extra, seed=0):
@@ -40,7 +41,9 @@ def test_a_bad_sample_is_dropped_from_its_row(data_root, tmp_path):
 
 
 def test_packed_rows_reach_the_collate_and_resume(data_root):
-    data = _stage_data(data_root, "--data.packing=pack", "--data.pack_window=8", "--train.micro_batch_size=2")
+    # seq_len 40: about two plain-template captions per row, so the window of 8 fills at least 4 rows
+    data = _stage_data(data_root, "--data.packing=pack", "--data.pack_window=8", "--train.micro_batch_size=2",
+                       "--data.seq_len=40")
     ds = data.dataset
     window = SampleStream([len(ds)], 0).take(8)
     rows = [[int(window[p]) for p in row] for row in packing.pack_rows(ds.lengths[window], ds.seq_len)]
@@ -51,7 +54,8 @@ def test_packed_rows_reach_the_collate_and_resume(data_root):
             expect = torch.cat([ds.tokens(i)[0] for i in row])
             assert torch.equal(batch["input_ids"][r, :len(expect)], expect)
         assert batch["images"].shape[0] == sum(len(row) for row in pair) and "padding_tokens" not in batch
-    resumed = _stage_data(data_root, "--data.packing=pack", "--data.pack_window=8", "--train.micro_batch_size=2")
+    resumed = _stage_data(data_root, "--data.packing=pack", "--data.pack_window=8", "--train.micro_batch_size=2",
+                          "--data.seq_len=40")
     state = data.state_dict()
     third = data.next_batches(1)[0]
     resumed.load_state_dict(state)

@@ -1,0 +1,245 @@
+"""The conversation templates (`data.conversation_template`, per stage `stages[].conversation_template`).
+
+A template turns a parsed conversation, (system or None, [(human, gpt), ...]), into text pieces, each
+marked supervised or not; conversation.py joins them into the prompt text and tokenises it.  A
+question to answer is the same with the last gpt turn None: the text ends where generation starts.
+Each named template is LLaVA's / MoE-LLaVA's `llava/conversation.py` definition of that name, and its
+supervised pieces are what their `preprocess_*` (llava/train/train.py) leaves unmasked: the answers
+and the end-of-answer separator after each; precisely, all that follows the prompt that asks for an
+answer (vicuna_v1: " {gpt}</s>", the space included, which a BPE tokenizer puts in the answer's first token).
+
+- vicuna_v1 (LLaVA-1.5 `--version v1`, MoE-LLaVA `v1`; LLaVA's own `llava_v1` has a "human" system
+  prompt that LLaVA-1.5 does not train with, so it is not offered under that name):
+      "{system} USER: {human} ASSISTANT: {gpt}</s>USER: {human} ASSISTANT: {gpt}</s>"
+- phi, stablelm (MoE-LLaVA conv_phi / conv_stablelm): the same with "<|endoftext|>" after each answer;
+  openchat (conv_openchat): with "<|end_of_turn|>".
+- plain (LLaVA's stage-1 captioning, preprocess_plain): "<image>{caption}\\n", the human text dropped;
+  one image and one caption per record.  A question: "<image>\\n{question}\\n" (conv.get_prompt()).
+- chatml (Qwen2-Instruct): "<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{human}<|im_end|>\\n
+  <|im_start|>assistant\\n{gpt}<|im_end|>\\n..."; supervised: each answer and its <|im_end|>.
+- tokenizer: the tokenizer's own Jinja `chat_template`, as transformers' `apply_chat_template` renders
+  it; supervised: what the template adds for an assistant message, trailing whitespace excluded.
+
+A record's leading "system" turn replaces the template's system prompt (plain has none).  BOS is the
+tokenizer's (`Tokenizer.add_bos`) for the named templates; the Jinja template writes its own.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..config.schema import ConfigError, DataConfig, field_choices
+from .errors import DataError
+from .tokenizer import Tokenizer
+
+IMAGE_TAG = "<image>"
+Piece = Tuple[str, bool]  # (text, supervised)
+Turns = Sequence[Tuple[str, Optional[str]]]  # (human, gpt); gpt None: the answer to generate
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+QWEN_SYSTEM = "You are a helpful assistant."
+TOKENIZER_TEMPLATE = "tokenizer"
+
+
+@dataclass(frozen=True)
+class RoleTemplate:
+    """LLaVA's SeparatorStyle.TWO: "{system}{sep}{user}: {human}{sep}{assistant}: {gpt}{sep2}..."."""
+    name: str
+    sep2: str
+    system: str = VICUNA_SYSTEM
+    user: str = "USER"
+    assistant: str = "ASSISTANT"
+    sep: str = " "
+    uses_tokenizer_bos = True
+
+    def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
+        out: List[Piece] = [((self.system if system is None else system) + self.sep, False)]
+        for human, gpt in turns:
+            out.append((f"{self.user}: {human}{self.sep}", False))
+            if gpt is None:  # LLaVA: an empty last message renders as "ASSISTANT:" (no space)
+                out.append((f"{self.assistant}:", False))
+                break
+            # the space too: generation continues "ASSISTANT:", so whatever token holds it is trained
+            out += [(f"{self.assistant}:", False), (f" {gpt}{self.sep2}", True)]
+        return out
+
+    def words(self) -> List[str]:
+        return [self.system, self.user, self.assistant, ":", self.sep2]
+
+    def key(self) -> Dict:
+        return {"class": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class PlainTemplate:
+    """LLaVA's stage-1 captioning (SeparatorStyle.PLAIN, preprocess_plain)."""
+    name: str = "plain"
+    sep: str = "\n"
+    uses_tokenizer_bos = True
+
+    def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
+        human, gpt = turns[0]
+        if gpt is None:  # conv.get_prompt(): the question kept, each message followed by sep
+            return [(human + self.sep, False)]
+        if len(turns) != 1 or IMAGE_TAG not in human:
+            raise DataError(f"the plain template (captioning) takes one {IMAGE_TAG} question and one caption; "
+                            f"this record has {len(turns)} turn(s)"
+                            + ("" if IMAGE_TAG in human else " and no image"), field="conversations",
+                            reason="bad_conversations")
+        return [(IMAGE_TAG, False), (gpt + self.sep, True)]
+
+    def words(self) -> List[str]:
+        return []
+
+    def key(self) -> Dict:
+        return {"class": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ChatMLTemplate:
+    """Qwen2-Instruct's ChatML turns."""
+    name: str = "chatml"
+    system: str = QWEN_SYSTEM
+    start: str = "<|im_start|>"
+    end: str = "<|im_end|>"
+    uses_tokenizer_bos = True
+
+    def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
+        s, e = self.start, self.end
+        out: List[Piece] = [(f"{s}system\n{self.system if system is None else system}{e}\n", False)]
+        for human, gpt in turns:
+            out.append((f"{s}user\n{human}{e}\n{s}assistant\n", False))
+            if gpt is None:
+                break
+            out += [(gpt + e, True), ("\n", False)]
+        return out
+
+    def words(self) -> List[str]:
+        return [self.system, self.start, self.end, "system", "user", "assistant"]
+
+    def key(self) -> Dict:
+        return {"class": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """The tokenizer's own `chat_template`, rendered as transformers' `apply_chat_template` does."""
+    source: str
+    special_tokens: Tuple[Tuple[str, str], ...]  # (name, token) passed to the template, e.g. bos_token
+    name: str = TOKENIZER_TEMPLATE
+    uses_tokenizer_bos = False  # the template writes BOS itself if it wants one
+
+    def render(self, messages: List[Dict[str, str]], add_generation_prompt: bool) -> str:
+        return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **dict(self.special_tokens))
+
+    def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
+        """Rendered prefix by prefix: the assistant piece of turn k is what the whole conversation up to
+        answer k adds to the prompt that asks for it (add_generation_prompt)."""
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        out: List[Piece] = []
+        done = ""
+        for human, gpt in turns:
+            messages.append({"role": "user", "content": human})
+            prompt = self.render(messages, add_generation_prompt=True)
+            if gpt is None:
+                return out + [(self._after(done, prompt), False)]
+            messages.append({"role": "assistant", "content": gpt})
+            full = self.render(messages, add_generation_prompt=False)
+            answer = self._after(prompt, full)
+            kept = answer.rstrip()
+            out += [(self._after(done, prompt), False), (kept, True), (answer[len(kept):], False)]
+            done = full
+        return out
+
+    @staticmethod
+    def _after(prefix: str, text: str) -> str:
+        if not text.startswith(prefix):
+            raise ConfigError(f"data.conversation_template: '{TOKENIZER_TEMPLATE}': the tokenizer's chat_template "
+                              "does not render a conversation as a growing prefix (it rewrites earlier turns), so "
+                              "its answers cannot be located; choose a named template")
+        return text[len(prefix):]
+
+    def words(self) -> List[str]:
+        return []
+
+    def key(self) -> Dict:
+        return {"class": type(self).__name__, "name": self.name,
+                "source": hashlib.blake2b(self.source.encode(), digest_size=16).hexdigest(),
+                "special_tokens": list(self.special_tokens)}
+
+
+def _raise_exception(message: str):
+    raise DataError(f"the tokenizer's chat_template refused it: {message}", field="conversations",
+                    reason="bad_conversations")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(source: str):
+    """transformers' environment: sandboxed, trim_blocks + lstrip_blocks, loop controls, its tojson and
+    raise_exception."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"data.conversation_template: '{TOKENIZER_TEMPLATE}': the tokenizer's chat_template "
+                          f"does not compile: {e}") from None
+
+
+NAMED_TEMPLATES = {t.name: t for t in (
+    RoleTemplate("vicuna_v1", sep2="</s>"),
+    PlainTemplate(),
+    ChatMLTemplate(),
+    RoleTemplate("phi", sep2="<|endoftext|>"),
+    RoleTemplate("stablelm", sep2="<|endoftext|>"),
+    RoleTemplate("openchat", sep2="<|end_of_turn|>"),
+)}
+DEFAULT_TEMPLATE = NAMED_TEMPLATES[DataConfig.conversation_template]  # data.conversation_template's default
+assert set(NAMED_TEMPLATES) | {TOKENIZER_TEMPLATE} == set(field_choices(DataConfig, "conversation_template")), \
+    "config/schema.py's conversation_template choices and the registry disagree"
+
+
+def get_template(name: str, tokenizer: Tokenizer, field: str = "data.conversation_template"):
+    """The template called `name` (`field` names the config field that chose it, for errors)."""
+    if name == TOKENIZER_TEMPLATE:
+        if tokenizer.chat_template is None:
+            raise ConfigError(f"{field}: '{TOKENIZER_TEMPLATE}' renders with the tokenizer's chat_template, but "
+                              f"this {type(tokenizer).__name__} has none (tokenizer_config.json 'chat_template' or "
+                              "chat_template.jinja); choose a named template")
+        named = tuple(sorted((k, v) for k, v in tokenizer.special_tokens().items() if v is not None))
+        template = JinjaTemplate(tokenizer.chat_template, named)
+        _compile(template.source)  # a broken template: named now, not at the first record
+        return template
+    if name not in NAMED_TEMPLATES:
+        raise ConfigError(f"{field}: {name!r} is not one of "
+                          f"{', '.join(list(NAMED_TEMPLATES) + [TOKENIZER_TEMPLATE])}")
+    return NAMED_TEMPLATES[name]
+
+
+def stage_template_field(cfg, stage_idx: int) -> Tuple[str, str]:
+    """(template name, the config field that chose it) of stage `stage_idx` (negative: from the end):
+    the stage's own `conversation_template`, else data's."""
+    stage = cfg.stages[stage_idx]
+    if stage.conversation_template:
+        return stage.conversation_template, f"stages.{stage.name}.conversation_template"
+    return cfg.data.conversation_template, "data.conversation_template"
+
+
+def stage_template(cfg, stage_idx: int, tokenizer: Tokenizer):
+    """The template training stage `stage_idx` uses; evaluation and generation of a checkpoint of that
+    stage use it too."""
+    name, field = stage_template_field(cfg, stage_idx)
+    return get_template(name, tokenizer, field)
+
+
+def all_template_words() -> List[str]:
+    """What a word-level vocabulary must cover for every named template."""
+    return [w for t in NAMED_TEMPLATES.values() for w in t.words()]
