@@ -56,11 +56,11 @@ def print_plan(cfg) -> None:
     print(f"MoE layers: {moe_layer_indices(cfg)}; {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, "
           f"init={cfg.moe.init}, router={cfg.router.type}")
     print(f"parallel: tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep}")
-    print(f"{'stage':<14}{'moe_mode':<10}{'steps':>7}{'lr':>10}  {'total':>12}{'LLM active/token':>18}"
-          f"{'vision':>10}  trainable")
+    print(f"{'stage':<14}{'moe_mode':<10}{'steps':>7}{'lr':>10}  {'total':>15} {'LLM active/token':>16}"
+          f" {'vision':>12}  trainable")
     for stage, row in zip(cfg.stages, count_parameters(cfg)):
-        print(f"{stage.name:<14}{stage.moe_mode:<10}{stage.steps:>7}{stage.lr:>10.1e}  {row['total']:>12,}"
-              f"{row['llm_active_per_token']:>18,}{row['vision']:>10,}  {', '.join(stage.trainable)}")
+        print(f"{stage.name:<14}{stage.moe_mode:<10}{stage.steps:>7}{stage.lr:>10.1e}  {row['total']:>15,}"
+              f" {row['llm_active_per_token']:>16,} {row['vision']:>12,}  {', '.join(stage.trainable)}")
 
 
 def main(argv=None) -> int:
