@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .data.conversation import render_prompt
+from .data.conversation import question_text, render_prompt
 from .data.conversation_templates import IMAGE_TAG, stage_template
 from .data.image_processing import ImageProcessor
 from .generation import KVCache
@@ -63,17 +63,28 @@ def image_processor_for(cfg) -> ImageProcessor:
     return ImageProcessor.from_config(cfg.vision)
 
 
-def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool, stage_idx: int = -1) -> List[int]:
-    """Token ids of the prompt in stage `stage_idx`'s template (a checkpoint's `state["stage_idx"]`: the
-    template it was trained with); the `<image>` tag is added in front when an image is given."""
+def _tagged(prompt: str, cfg, has_image: bool) -> str:
+    """`prompt` with the `<image>` tag in front when an image is given and the prompt has none."""
     if has_image and not cfg.vision.enabled:
         raise ValueError("the checkpoint has no vision tower (vision.enabled=false): drop --image")
     if has_image and IMAGE_TAG not in prompt:
         prompt = f"{IMAGE_TAG}\n{prompt}"
     if not has_image and IMAGE_TAG in prompt:
         raise ValueError(f"the prompt holds an {IMAGE_TAG} tag but no image was given")
+    return prompt
+
+
+def prompt_ids(prompt: str, tokenizer, cfg, has_image: bool, stage_idx: int = -1) -> List[int]:
+    """Token ids of the prompt in stage `stage_idx`'s template (a checkpoint's `state["stage_idx"]`: the
+    template it was trained with); the `<image>` tag is added in front when an image is given."""
     n_img = cfg.vision.num_image_tokens if cfg.vision.enabled else 0
-    return render_prompt(prompt, tokenizer, n_img, stage_template(cfg, stage_idx, tokenizer))
+    return render_prompt(_tagged(prompt, cfg, has_image), tokenizer, n_img, stage_template(cfg, stage_idx, tokenizer))
+
+
+def prompt_text(prompt: str, tokenizer, cfg, has_image: bool, stage_idx: int = -1) -> str:
+    """The same prompt as text, `<image>` tag kept: what an exported LLaVA's HF processor is given
+    to produce `prompt_ids`' ids."""
+    return question_text(_tagged(prompt, cfg, has_image), stage_template(cfg, stage_idx, tokenizer))
 
 
 # =============================================================================== decoding

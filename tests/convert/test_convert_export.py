@@ -186,16 +186,11 @@ def write_chat_tokenizer(directory):
                                                                  "chat_template": CHAT_TEMPLATE}))
 
 
-def rendered_prompt(question):
-    """The text our template renders for a question about an image (generate.prompt_ids' ids, as text)."""
-    return f"USER: <image> {question} ASSISTANT:"
-
-
 def test_exported_llava_generates_our_tokens_through_auto_processor(hf, save_hf, tmp_path):
     """AutoProcessor + LlavaForConditionalGeneration on the export = `python -m megatron_evomoe.generate`."""
     import numpy as np
     from PIL import Image
-    from megatron_evomoe.generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
+    from megatron_evomoe.generate import generate_texts, image_processor_for, load_for_inference, prompt_ids, prompt_text
     cfg = hf.LlavaConfig(vision_config=hf.CLIPVisionConfig(**SMALL_VISION), text_config=hf.LlamaConfig(**SMALL_LLM),
                          image_token_index=CHAT_IMAGE_ID)
     src = save_hf(randomize(hf.LlavaForConditionalGeneration(cfg), seed=3), "llava", tokenizer=False)
@@ -215,7 +210,7 @@ def test_exported_llava_generates_our_tokens_through_auto_processor(hf, save_hf,
 
     processor = hf.AutoProcessor.from_pretrained(out)
     assert processor.chat_template == CHAT_TEMPLATE  # the tokenizer's, carried over
-    inputs = processor(images=image, text=rendered_prompt(question), return_tensors="pt")
+    inputs = processor(images=image, text=prompt_text(question, bundle.tokenizer, ours_cfg, has_image=True), return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == ids  # (2 x 2 = 4 image tokens expanded from one <image>)
     assert float((inputs["pixel_values"] - pixels).abs().max()) < 1e-5
     back = hf.LlavaForConditionalGeneration.from_pretrained(out).eval()

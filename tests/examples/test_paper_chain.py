@@ -25,9 +25,8 @@ from megatron_evomoe.eval import textvqa
 from megatron_evomoe.eval.model_answers import main as answers_main
 from megatron_evomoe.eval.model_answers import make_answer_fn
 from megatron_evomoe.eval.runner import main as score_main
-from megatron_evomoe.generate import image_processor_for, load_for_inference, prompt_ids
+from megatron_evomoe.generate import image_processor_for, load_for_inference, prompt_ids, prompt_text
 from megatron_evomoe.training.trainer import Trainer
-from tests.convert.test_convert_export import rendered_prompt  # our template's text, for the HF processor
 
 hf = pytest.importorskip("transformers", reason="the chain starts from Hugging Face folders (pip install .[test])")
 
@@ -46,11 +45,12 @@ RECIPE = [
     "--vision.final_norm=false", "--vision.activation=quick_gelu",
     "--moe.num_experts=4", "--moe.top_k=1", "--moe.layers=alternate", "--moe.renormalize=false",
     "--moe.expert_backend=torch", "--router.type=dtr", "--router.backend=torch",
-    "--data.seq_len=56", "--data.num_eval_samples=8", "--data.build_if_missing=false",
+    "--data.seq_len=96", "--data.conversation_template=vicuna_v1", "--data.num_eval_samples=8", "--data.build_if_missing=false",
     "--train.micro_batch_size=4", "--train.global_batch_size=8", "--train.log_interval=1",
     "--train.progress_bar=false", "--train.tensorboard=false", "--train.save_interval=0",
     "--train.keep_checkpoints=8",
-    "--stages=[{name: projector, trainable: ['projector.*'], data: captions.json, steps: 2, lr: 1.0e-3, eval: false},"
+    "--stages=[{name: projector, trainable: ['projector.*'], data: captions.json, conversation_template: plain, steps: 2,"
+    " lr: 1.0e-3, eval: false},"
     " {name: warmup, trainable: ['llm.*', 'projector.*'], steps: 2, lr: 2.0e-5, eval: false},"
     " {name: evolution, trainable: ['llm.layers.{moe}.mlp.*'], global_batch_size: 4, steps: 2, lr: 2.0e-5,"
     " moe_mode: evolve, eval: false},"
@@ -211,8 +211,9 @@ QUESTION = "Is there a red circle in the image?"
 
 def our_inputs(folder, image):
     model, cfg, bundle, state = load_for_inference(folder)
-    ids = prompt_ids(QUESTION, bundle.tokenizer, cfg, has_image=True)
-    return model, torch.tensor([ids]), image_processor_for(cfg)(image)[None]
+    ids = prompt_ids(QUESTION, bundle.tokenizer, cfg, has_image=True, stage_idx=state["stage_idx"])
+    text = prompt_text(QUESTION, bundle.tokenizer, cfg, has_image=True, stage_idx=state["stage_idx"])
+    return model, torch.tensor([ids]), text, image_processor_for(cfg)(image)[None]
 
 
 def test_evolution_checkpoint_exports_as_llava_with_our_logits(chain, tmp_path):
@@ -221,9 +222,9 @@ def test_evolution_checkpoint_exports_as_llava_with_our_logits(chain, tmp_path):
     evolved = stage_checkpoint(chain["run"], "evolution")  # MoE layers still run FFN1: exactly a dense model
     evomoe_to_hf(evolved, tmp_path / "hf", echo=lambda s: None)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llava"
-    model, ids, pixels = our_inputs(evolved, image)
+    model, ids, text, pixels = our_inputs(evolved, image)
     processor = hf.AutoProcessor.from_pretrained(tmp_path / "hf")
-    inputs = processor(images=image, text=rendered_prompt(QUESTION), return_tensors="pt")
+    inputs = processor(images=image, text=text, return_tensors="pt")
     assert torch.equal(inputs["input_ids"], ids)  # <image> expanded to the tower's 4 tokens, BOS in front
     assert float((inputs["pixel_values"] - pixels).abs().max()) < 1e-5
     back = hf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
@@ -238,8 +239,8 @@ def test_final_model_roundtrips_through_the_own_format(chain, tmp_path):
     evomoe_to_hf(chain["run"], tmp_path / "own", echo=lambda s: None)  # DTR routers: no transformers class
     assert json.loads((tmp_path / "own" / "config.json").read_text())["model_type"] == "evomoe"
     assert convert_main(["hf-to-evomoe", "--src", str(tmp_path / "own"), "--dst", str(tmp_path / "again")]) == 0
-    model, ids, pixels = our_inputs(chain["run"], image)
-    again, ids2, pixels2 = our_inputs(tmp_path / "again", image)
+    model, ids, _, pixels = our_inputs(chain["run"], image)
+    again, ids2, _, pixels2 = our_inputs(tmp_path / "again", image)
     assert torch.equal(ids, ids2) and torch.equal(pixels, pixels2)
     with torch.no_grad():
         assert torch.equal(model(ids, pixels).logits, again(ids2, pixels2).logits)
