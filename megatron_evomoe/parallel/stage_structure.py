@@ -38,12 +38,12 @@ def apply_stage_structure(model, cfg, stage, generator: torch.Generator, state: 
 def unshard_ffn(mlp: nn.Module, state: ParallelState) -> nn.Module:
     """A TP-sharded FFN / EvolvingFFN -> the full plain module (collective over TP)."""
     full = gather_module_state(mlp, state)
-    w_gate = full["w_gate.weight"]
-    cls = type(mlp)
+    w_up = full["w_up.weight"]  # [F, C]
+    cls, options = type(mlp), dict(activation=mlp.activation, bias="w_up.bias" in full)
     with torch.device("meta"):  # no init draws from the global RNG: the weights come from `full`
-        plain = cls(w_gate.shape[1], w_gate.shape[0], mlp.num_evolved) if issubclass(cls, EvolvingFFN) \
-            else cls(w_gate.shape[1], w_gate.shape[0])
-    plain = plain.to_empty(device=w_gate.device).to(w_gate.dtype)
+        plain = cls(w_up.shape[1], w_up.shape[0], mlp.num_evolved, **options) if issubclass(cls, EvolvingFFN) \
+            else cls(w_up.shape[1], w_up.shape[0], **options)
+    plain = plain.to_empty(device=w_up.device).to(w_up.dtype)
     plain.load_state_dict(full)
     for name, p in plain.named_parameters():
         p.requires_grad_(mlp.get_parameter(name).requires_grad)
