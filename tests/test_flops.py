@@ -68,7 +68,8 @@ def test_gelu_experts_by_hand():
 
 def test_gelu_expert_parameter_count_by_hand():
     from megatron_evomoe.stages.size import count_parameters
-    dense_cfg, moe_cfg = (load_config(None, TEXT_ONLY + PHI + ["--moe.init=copy", f"--stages=[{{name: s, moe_mode: {m}}}]"])
+    dense_cfg, moe_cfg = (load_config(None, TEXT_ONLY + PHI + ["--moe.init=copy",
+                                                               f"--stages=[{{name: s, moe_mode: {m}}}]"])
                           for m in ("dense", "sparse"))
     dense, moe = count_parameters(dense_cfg)[0], count_parameters(moe_cfg)[0]
     ffn = 2 * 64 * 128 + 128 + 64  # fc1 [F, C] + fc2 [C, F] + their biases

@@ -38,6 +38,15 @@ def dense_tensors(ffn) -> dict[str, torch.Tensor]:
     return {k: getattr(getattr(ffn, FFN_SOURCE[k][0]), FFN_SOURCE[k][1]) for k in keys}
 
 
+def is_weight_matrix(name: str, p: torch.Tensor) -> bool:
+    """Whether weight decay applies to parameter `name`: a matrix (a stacked bank of expert matrices
+    too), not a norm gain or a bias. The experts' stacked biases [E, D] are 2-D but E biases, so they
+    are no more decayed than the dense FFN's biases they were made from."""
+    parts = name.split(".")
+    expert_bias = parts[-1] in ("b_gate", "b_up", "b_down") and (len(parts) == 1 or parts[-2] == "experts")
+    return p.dim() >= 2 and not expert_bias
+
+
 def intermediate_dim(key: str, stacked: bool) -> int | None:
     """The dim of the intermediate width F in a tensor (what TP splits and drop-upcycling re-draws),
     None if it has none (b_down). stacked: the experts' [E, in, out] / [E, out] layout; else the dense

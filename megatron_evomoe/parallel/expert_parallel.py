@@ -125,7 +125,8 @@ class ParallelGroupedExperts(GroupedExperts):
     a slice of the F dimension (TP).
 
     Under TP the input rows are replicated over the TP group and each rank computes a partial
-    expert output over its F slice (b_gate / b_up split with it, b_down replicated and added after); the partial outputs are summed here (before `combine`) so
+    expert output over its F slice (b_gate / b_up split with it, b_down replicated and added after the
+    sum); the partial outputs are summed here (before `combine`) so
     that the gates' gradients, computed from the full expert outputs, are exact on every rank.
     `num_experts` is the *global* count (the layer's logical size, what routing ids index);
     `num_local_experts` is what this rank holds.

@@ -120,7 +120,8 @@ def _shadow(kind: str, cfg) -> nn.Module:
         nn.Module.__init__(m)
         return m
     with torch.device("meta"):  # built without drawing from the global RNG
-        m = EvolvingFFN(C, F, len(cfg.evolution.beta_ranges), **options) if kind == "evolve" else FFN(C, F, **options)
+        m = EvolvingFFN(C, F, len(cfg.evolution.beta_ranges), **options) if kind == "evolve" else \
+            FFN(C, F, **options)
     m = m.to_empty(device="cpu")
     with torch.no_grad():
         for t in list(m.parameters()) + list(m.buffers()):

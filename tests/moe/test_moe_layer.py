@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_evomoe.moe.experts import GroupedExperts, every_expert_output, experts_loop_reference
+from megatron_evomoe.moe.experts import GroupedExperts, every_expert_output, experts_loop_reference, is_weight_matrix
 from megatron_evomoe.moe.moe_layer import MoELayer
 from megatron_evomoe.moe.router import Router, TopKRouter, load_balancing_loss, router_z_loss
+from megatron_evomoe.training.optim import build_optimizer
 
 
 class FixedLogitsRouter(Router):
@@ -165,3 +166,15 @@ def test_moe_aux_loss_is_weighted_and_differentiable():
     torch.testing.assert_close(aux, 0.01 * r.aux_loss + 0.001 * r.z_loss)
     aux.backward()
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_expert_biases_get_no_weight_decay():
+    """Like the dense FFN's biases they come from: the [E, D] stacked biases are not matrices."""
+    layer = MoELayer(TopKRouter(4, 2, 1, backend="torch"), GroupedExperts(2, 4, 6, activation="gelu_tanh", bias=True))
+    params = list(layer.named_parameters())
+    assert {n: is_weight_matrix(n, p) for n, p in params} == {
+        "router.weight": True, "experts.w_up": True, "experts.w_down": True, "experts.b_up": False,
+        "experts.b_down": False}
+    opt = build_optimizer(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device=torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {n for n, p in params if id(p) in decayed} == {"router.weight", "experts.w_up", "experts.w_down"}

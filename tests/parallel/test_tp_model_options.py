@@ -91,7 +91,8 @@ def _phi_stages(rank, world_size):
     evolve, sparse = cfg1.stages[1], cfg1.stages[2]
     apply_stage_structure(single, cfg1, evolve, torch.Generator().manual_seed(5))
     parallel_structure(sharded, cfg2, evolve, torch.Generator().manual_seed(5), state)
-    out = {"evolve": full_state_dict(sharded, state), "evolve_ref": {k: v.clone() for k, v in single.state_dict().items()}}
+    out = {"evolve": full_state_dict(sharded, state),
+           "evolve_ref": {k: v.clone() for k, v in single.state_dict().items()}}
     moved = _perturbed_evolved(out["evolve_ref"])
     single.load_state_dict(moved)
     load_full_state_dict(sharded, moved, state)
