@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig, check_choice
 from ..ops.grouped_gemm import grouped_mm
 
 # Which linear of the dense FFN each expert tensor comes from, and which of its tensors:
@@ -64,7 +65,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, ffn_hidden: int, backend: str = "auto",
                  init_std: float = 0.02, activation: str = "swiglu", bias: bool = False):
         super().__init__()
-        assert activation in ("swiglu", "gelu_tanh"), f"expert activation {activation!r} (ModelConfig.ffn_activation)"
+        check_choice(ModelConfig, "ffn_activation", activation, "model.ffn_activation")  # the FFN's
         self.backend, self.activation = backend, activation
         E, C, Fh = num_experts, hidden, ffn_hidden
         shapes = {"w_gate": (E, C, Fh), "w_up": (E, C, Fh), "w_down": (E, Fh, C),
