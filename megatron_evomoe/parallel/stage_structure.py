@@ -24,7 +24,10 @@ from .tensor_parallel_plan import is_tp_sharded_ffn
 
 def apply_stage_structure(model, cfg, stage, generator: torch.Generator, state: ParallelState) -> None:
     """`stages.structure.apply_stage_structure` for a parallelized model (collective over the stage)."""
-    before = {id(p) for p in model.parameters()}
+    # the old parameters are kept alive until the broadcast: a freed one's id could be reused by a new
+    # tensor, which would then be skipped on this rank only (and the ranks' broadcasts would mismatch)
+    old_params = list(model.parameters())
+    before = {id(p) for p in old_params}
     for i in moe_layer_indices(cfg):
         layer = model.llm.layers[i]
         if is_tp_sharded_ffn(getattr(layer, "mlp", None)):
@@ -33,6 +36,7 @@ def apply_stage_structure(model, cfg, stage, generator: torch.Generator, state: 
         apply_plain_structure(model, cfg, stage, generator)
     parallelize(model, state, cfg)
     _broadcast_new_replicated(model, state, before)
+    del old_params
 
 
 def unshard_ffn(mlp: nn.Module, state: ParallelState) -> nn.Module:

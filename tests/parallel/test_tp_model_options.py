@@ -8,7 +8,7 @@ One world-2 spawn runs every layout back to back (as test_equivalence.py does); 
     attention output, both FFN linears and the LM head (vocabulary 51: TP pads the head's bias),
     MoE on layers 1 and 3 (linear router, top-1) whose GELU experts carry per-expert fc1/fc2 biases
     (b_up split with w_up under TP, b_down added once after the sum): TP2, TP2 + SP, EP2;
-  * the Phi-like model's stage structure under TP2 (dense -> evolve -> sparse with moe.init=evolution,
+  * the Phi-like model's stage structure under TP2 and PP2 (dense -> evolve -> sparse with moe.init=evolution,
     parallel/stage_structure.py): the evolved copies of every FFN tensor, biases included, gathered back
     equal the one-process conversion, a single-process state dict loads into the sharded evolving model,
     and the experts split from it equal the one-process split.
@@ -46,6 +46,7 @@ LAYOUTS = {  # name: (model options, tiny_cfg kwargs)
     "phi_tp2_sp": (PHI, dict(tp=2, sp=True)),
     "phi_ep2": (PHI, dict(ep=2)),
 }
+PHI_STAGE_LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2)}
 PHI_STAGES = ("--moe.init=evolution", "--evolution.beta_ranges=[[0.5, 0.6], [0.7, 0.8], [0.9, 1.0]]",
               "--stages=[{name: d}, {name: e, moe_mode: evolve}, {name: s, moe_mode: sparse}]")
 
@@ -65,7 +66,7 @@ def _worker(rank, world_size):
         res["shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
         res["replicated"] = {n: p.detach().clone() for n, p in model.named_parameters() if n not in specs}
         out[name] = res
-    out["phi_stages"] = _phi_stages(rank, world_size)
+    out["phi_stages"] = {layout: _phi_stages(rank, world_size, **kw) for layout, kw in PHI_STAGE_LAYOUTS.items()}
     return out
 
 
@@ -79,9 +80,11 @@ def _perturbed_evolved(sd: dict) -> dict:
     return out
 
 
-def _phi_stages(rank, world_size):
-    """One process and TP2 side by side (the one-process run is repeated on each rank: cheap)."""
-    cfg1, cfg2 = (C.tiny_cfg(tp=tp, extra=PHI + PHI_STAGES) for tp in (1, 2))
+def _phi_stages(rank, world_size, **layout):
+    """One process and a parallel layout side by side (the one-process run is repeated on each rank:
+    cheap). Under PP each rank converts the other stage's layers as throwaway shadows, so that the
+    generator and global RNG draws stay those of one process."""
+    cfg1, cfg2 = C.tiny_cfg(extra=PHI + PHI_STAGES), C.tiny_cfg(**layout, extra=PHI + PHI_STAGES)
     torch.manual_seed(0)
     single = MultimodalLM(cfg1, C.IMAGE_TOKEN)
     sharded = MultimodalLM(cfg2, C.IMAGE_TOKEN)
@@ -171,12 +174,13 @@ def test_tp_of_phi_and_stablelm_options_and_shared_expert():
 
 
 def _check_phi_stages(per_rank):
-    for rank, res in enumerate(per_rank):
+    for rank, layout, res in ((r, layout, res[layout]) for r, res in enumerate(per_rank) for layout in res):
         for step in ("evolve", "sparse"):
             got, want = res[step], res[f"{step}_ref"]
-            assert set(got) == set(want), (rank, step, set(got) ^ set(want))
+            assert set(got) == set(want), (layout, rank, step, set(got) ^ set(want))
             for k, v in want.items():
-                torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=lambda m: f"rank {rank} {step} {k}: {m}")
+                torch.testing.assert_close(got[k], v, rtol=0, atol=0,
+                                           msg=lambda m: f"{layout} rank {rank} {step} {k}: {m}")
         evolved = {k for k in res["evolve_ref"] if ".evolved_" in k}
         assert {k.rsplit(".", 1)[1] for k in evolved} == {"evolved_w_up", "evolved_w_down", "evolved_b_up",
                                                           "evolved_b_down"}
@@ -188,5 +192,10 @@ def _check_phi_stages(per_rank):
             torch.testing.assert_close(sparse[p + "experts.b_down"][0], moved[p + "w_down.bias"], rtol=0, atol=0)
             torch.testing.assert_close(sparse[p + "experts.w_up"][3], moved[p + "evolved_w_up"][2].t(), rtol=0,
                                        atol=0)
-        assert res["shapes"]["llm.layers.1.mlp.experts.b_up"] == (4, 24)  # F = 48 over TP2
-        assert res["shapes"]["llm.layers.1.mlp.experts.b_down"] == (4, 32)  # replicated
+        if layout == "tp2":
+            assert res["shapes"]["llm.layers.1.mlp.experts.b_up"] == (4, 24)  # F = 48 over TP2
+            assert res["shapes"]["llm.layers.1.mlp.experts.b_down"] == (4, 32)  # replicated
+        else:  # pipeline stage 0 holds layers 0-1, stage 1 layers 2-3
+            mine, other = (1, 3) if rank == 0 else (3, 1)
+            assert res["shapes"][f"llm.layers.{mine}.mlp.experts.b_up"] == (4, 48)
+            assert f"llm.layers.{other}.mlp.experts.b_up" not in res["shapes"]
