@@ -55,12 +55,36 @@ VISION_MOE = ["--stages=[{name: s, moe_mode: sparse}]", "--model.vocab_size=50",
               "--moe.shared_expert_size=40"]
 
 
-@pytest.mark.parametrize("router", ["dtr", "linear", "linear_per_modality"])
-def test_matches_flop_counter_on_forward_backward(router):
-    """The multimodal model (ViT with a class token, GQA, a MoE layer with a shared expert) through a real
-    forward + backward under FlopCounterMode. Attention runs on SDPA's math path: it is made of bmm's the
-    counter sees (the CPU flash kernel is not in its table) and computes the full S x S square, as we count."""
-    cfg = load_config(None, VISION_MOE + [f"--router.type={router}"])
+# Phi-2's decoder: GELU FFN and GELU experts (two matrices each, biases), no shared expert (SwiGLU only)
+PHI = ["--model.norm=layernorm", "--model.parallel_residual=true", "--model.ffn_activation=gelu_tanh",
+       "--model.mlp_bias=true", "--moe.shared_expert_size=0"]
+
+
+def test_gelu_experts_by_hand():
+    f = step_flops(load_config(None, TEXT_ONLY + PHI), num_tokens=32, seq_len=16).terms
+    assert f["dense_ffn"] == 32 * 4 * 64 * 128  # layer 0: fc1 + fc2 = 32768 per token
+    assert f["moe_experts"] == 32 * 2 * 4 * 64 * 128  # layer 1: top-2 GELU experts
+
+
+def test_gelu_expert_parameter_count_by_hand():
+    from megatron_evomoe.stages.size import count_parameters
+    dense_cfg, moe_cfg = (load_config(None, TEXT_ONLY + PHI + ["--moe.init=copy",
+                                                               f"--stages=[{{name: s, moe_mode: {m}}}]"])
+                          for m in ("dense", "sparse"))
+    dense, moe = count_parameters(dense_cfg)[0], count_parameters(moe_cfg)[0]
+    ffn = 2 * 64 * 128 + 128 + 64  # fc1 [F, C] + fc2 [C, F] + their biases
+    assert moe["llm"] - dense["llm"] == 4 * ffn - ffn + 64 * 4  # 4 experts replace the FFN, + the router
+    assert moe["llm"] - moe["llm_active_per_token"] == 2 * ffn  # top-2 of 4: two experts idle per token
+
+
+@pytest.mark.parametrize("router,extra", [("dtr", []), ("linear", []), ("linear_per_modality", []), ("linear", PHI)],
+                         ids=["dtr", "linear", "linear_per_modality", "phi_gelu_experts"])
+def test_matches_flop_counter_on_forward_backward(router, extra):
+    """The multimodal model (ViT with a class token, GQA, a MoE layer with a shared expert, or Phi's GELU
+    experts) through a real forward + backward under FlopCounterMode. Attention runs on SDPA's math path:
+    it is made of bmm's the counter sees (the CPU flash kernel is not in its table) and computes the full
+    S x S square, as we count."""
+    cfg = load_config(None, VISION_MOE + [f"--router.type={router}", *extra])
     torch.manual_seed(0)
     model = build_model(cfg, image_token_id=49, up_to_stage=0)  # loop experts: plain matmuls, exact rows
     B, S, num_images = 2, 24, 2

@@ -225,13 +225,12 @@ def _validate_model_options(cfg: Config) -> None:
              "split over TP ranks)")
     if not moe_layer_indices(cfg):
         return
-    # MoE layers are made from the dense FFN, into SwiGLU GroupedExperts without biases
-    if m.ffn_activation != "swiglu":
-        raise ConfigError(f"moe.layers with model.ffn_activation={m.ffn_activation}: upcycling a GELU FFN into "
-                          "the SwiGLU experts of a MoE layer is not supported; set moe.layers=none")
-    if m.mlp_bias:
-        raise ConfigError("moe.layers with model.mlp_bias=true: the experts of a MoE layer have no biases, so "
-                          "upcycling would drop the FFN's; not supported, set moe.layers=none")
+    # the routed experts follow the dense FFN (activation, biases); the shared expert is Qwen2-MoE's
+    # bias-free SwiGLU FFN, which a GELU / biased model's FFN says nothing about
+    _require(moe.shared_expert_size == 0 or (m.ffn_activation == "swiglu" and not m.mlp_bias),
+             "moe.shared_expert_size", f"a shared expert is a bias-free SwiGLU FFN (Qwen2-MoE's); with "
+             f"model.ffn_activation={m.ffn_activation} and model.mlp_bias={str(m.mlp_bias).lower()} it would "
+             "not match the model's FFNs: set moe.shared_expert_size=0")
 
 
 def _validate_image_normalisation(v) -> None:

@@ -51,14 +51,14 @@ def layer_kinds(state: Dict[str, torch.Tensor], num_layers: int) -> List[str]:
     kinds = []
     for i in range(num_layers):
         p = f"llm.layers.{i}.mlp."
-        if p + "experts.w_gate" in state:
+        if p + "experts.w_up" in state:  # (w_up: every expert activation has one)
             if p + "router.w1" in state:
                 kinds.append("moe_dtr")
             elif state[p + "router.weight"].dim() == 3:
                 kinds.append("moe_per_modality")
             else:
                 kinds.append("moe_linear")
-        elif p + "evolved_w_gate" in state:
+        elif p + "evolved_w_up" in state:
             kinds.append("evolving")
         else:
             kinds.append("dense")

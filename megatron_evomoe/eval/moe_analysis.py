@@ -14,16 +14,13 @@ from ..data.image_processing import ImageProcessor
 from ..data.llava_dataset import LlavaDataset
 from ..model.modality import IMAGE, TEXT
 from ..moe import metrics as M
+from ..moe.experts import every_expert_output
 from ..moe.router_shuffle import shuffled_routers
 from ..data.conversation_templates import stage_template
 from ..training.evaluation import evaluate_pope
 from ..stages.structure import moe_layers
 
 
-def expert_outputs(experts, x: torch.Tensor) -> torch.Tensor:
-    """Every expert applied to the same tokens x: [T, C] -> [E, T, C]."""
-    h = F.silu(torch.einsum("tc,ecf->etf", x, experts.w_gate)) * torch.einsum("tc,ecf->etf", x, experts.w_up)
-    return torch.einsum("etf,efc->etc", h, experts.w_down)
 
 
 class _Recorder:
@@ -108,11 +105,13 @@ def _layer_report(layer, rec: _Recorder) -> dict:
                   "routing_entropy": M.routing_entropy(logits.softmax(-1))}
     out["js_image_text"] = (M.js_divergence(c[IMAGE].double() + 1e-12, c[TEXT].double() + 1e-12)
                             if c[IMAGE].sum() and c[TEXT].sum() else None)
-    x = torch.cat(rec.inputs)[: rec.max_tokens].to(layer.experts.w_gate.dtype)
-    outs = expert_outputs(layer.experts, x.to(layer.experts.w_gate.device)).cpu()
+    w_up = layer.experts.w_up  # (every expert activation has w_up; only SwiGLU has w_gate)
+    x = torch.cat(rec.inputs)[: rec.max_tokens].to(device=w_up.device, dtype=w_up.dtype)
+    outs = every_expert_output(layer.experts, x).cpu()
+    first_weight = w_up if layer.experts.w_gate is None else layer.experts.w_gate  # GELU: w_up; SwiGLU: w_gate
     out["expert_output_cosine"] = M.pairwise_output_cosine(outs)
     out["expert_output_cka"] = M.pairwise_cka(outs)
-    out["expert_weight_cosine"] = M.pairwise_weight_cosine(layer.experts.w_gate.detach().cpu())
+    out["expert_weight_cosine"] = M.pairwise_weight_cosine(first_weight.detach().cpu())
     out["output_cosine_matrix"] = [[float(F.cosine_similarity(outs[a].double(), outs[b].double(), dim=-1).mean())
                                     for b in range(E)] for a in range(E)]
     out["router_logits"] = {"image": logits[mod == IMAGE][:2000].tolist(), "text": logits[mod == TEXT][:2000].tolist()}

@@ -27,8 +27,7 @@ from torch import nn
 
 from ..config import EvolutionConfig, check_choice
 from ..model.llm import FFN
-
-FFN_WEIGHTS = ("w_gate", "w_up", "w_down")
+from .experts import dense_tensors
 
 
 def evolve_(evolved: torch.Tensor, theta_new: torch.Tensor, theta_old: torch.Tensor,
@@ -53,37 +52,40 @@ class EvolvingFFN(FFN):
     """FFN1 (trainable, same parameter names as the dense FFN) plus frozen evolved copies.
 
     Forward is FFN1 alone (stage II runs the layer dense). The evolved tensors
-    are buffers named `evolved_<w>` with shape [N-1, *w.shape], so they are
-    checkpointed with the model and never reach the optimizer.
+    are buffers named `evolved_<key>` with shape [N-1, *t.shape], one per tensor of FFN1 by its
+    expert key (experts.py::expert_keys: w_gate (SwiGLU only), w_up, w_down, and with
+    model.mlp_bias b_gate, b_up, b_down: biases evolve like weights), so they are checkpointed with
+    the model and never reach the optimizer.
     """
 
-    def __init__(self, hidden: int, ffn_hidden: int, num_evolved: int):
-        super().__init__(hidden, ffn_hidden)
+    def __init__(self, hidden: int, ffn_hidden: int, num_evolved: int, activation: str = "swiglu",
+                 bias: bool = False):
+        super().__init__(hidden, ffn_hidden, activation, bias)
         self.num_evolved = num_evolved
-        for name in FFN_WEIGHTS:
-            w = getattr(self, name).weight
-            self.register_buffer(f"evolved_{name}", torch.empty(num_evolved, *w.shape, dtype=w.dtype))
+        for key, t in dense_tensors(self).items():
+            self.register_buffer(f"evolved_{key}", torch.empty(num_evolved, *t.shape, dtype=t.dtype))
 
     @classmethod
     def from_ffn(cls, ffn: FFN, num_evolved: int) -> "EvolvingFFN":
         """Start of stage II: every evolved expert starts as a copy of FFN1."""
-        hidden, ffn_hidden = ffn.w_gate.in_features, ffn.w_gate.out_features
-        w = ffn.w_gate.weight
-        new = cls(hidden, ffn_hidden, num_evolved).to(device=w.device, dtype=w.dtype)
+        w = ffn.w_up.weight
+        new = cls(w.shape[1], w.shape[0], num_evolved, ffn.activation, ffn.w_up.bias is not None)
+        new = new.to(device=w.device, dtype=w.dtype)
         new.load_state_dict(ffn.state_dict(), strict=False)
         with torch.no_grad():
-            for name in FFN_WEIGHTS:
-                getattr(new, f"evolved_{name}").copy_(getattr(ffn, name).weight.expand(num_evolved, -1, -1))
+            for key, t in dense_tensors(ffn).items():
+                getattr(new, f"evolved_{key}").copy_(t.expand(num_evolved, *t.shape))
         return new
 
     def ffn1_weights(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).weight for name in FFN_WEIGHTS}
+        """FFN1's tensors (weights and biases) by expert key."""
+        return dense_tensors(self)
 
     def expert_weights(self) -> list[dict[str, torch.Tensor]]:
-        """[FFN1, evolved 1, ..., evolved N-1] as nn.Linear-layout ([out, in]) weights."""
+        """[FFN1, evolved 1, ..., evolved N-1] as nn.Linear-layout tensors ([out, in] weights)."""
         out = [{k: v.detach() for k, v in self.ffn1_weights().items()}]
         for n in range(self.num_evolved):
-            out.append({name: getattr(self, f"evolved_{name}")[n] for name in FFN_WEIGHTS})
+            out.append({key: getattr(self, f"evolved_{key}")[n] for key in self.ffn1_weights()})
         return out
 
 
@@ -132,7 +134,7 @@ class EvolutionScheduler:
             ffn1 = torch.cat([w.detach().flatten() for w in m.ffn1_weights().values()])
             row = []
             for n in range(m.num_evolved):
-                ev = torch.cat([getattr(m, f"evolved_{k}")[n].flatten() for k in FFN_WEIGHTS])
+                ev = torch.cat([getattr(m, f"evolved_{k}")[n].flatten() for k in m.ffn1_weights()])
                 row.append(float((ev - ffn1).norm() / ffn1.norm().clamp_min(1e-12)))
             out.append(row)
         return out

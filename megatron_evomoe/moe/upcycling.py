@@ -4,29 +4,29 @@
 - ``copy``: E identical copies (MoE-LLaVA's sparse upcycling)
 - ``noise``: copies plus Gaussian noise of std `noise_std` relative to each weight's std
 - ``drop``: drop-upcycling: per expert, re-initialise a random fraction r of the
-  intermediate units (rows of w_gate/w_up, columns of w_down) from N(mean, std)
-  of the entries they replace
-- ``scratch``: fresh random experts
-Weights here are nn.Linear layout ([out, in]), one dict per expert.
+  intermediate units (rows of w_gate/w_up and entries of b_gate/b_up, columns of w_down) from
+  N(mean, std) of the entries they replace; b_down has no intermediate unit and stays
+- ``scratch``: fresh random experts (weights N(0, init_std), biases zero, as a fresh dense FFN)
+Tensors here are nn.Linear layout ([out, in] weights, [out] biases), one dict per expert, keyed as
+the experts' tensors (experts.py::expert_keys): the experts have the FFN's activation (SwiGLU or
+Phi's GELU) and, with model.mlp_bias, its biases.
 With ``moe.shared_expert_size > 0`` the layer also gets a shared expert (shared_expert.py),
 fresh, with its output projection at zero so the new layer starts as the routed experts alone.
-Only a bias-free SwiGLU FFN can be upcycled (ConfigError otherwise).
 """
 from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError
 from .dtr import DynamicTokenRouter
-from .evolution import FFN_WEIGHTS, EvolvingFFN
-from .experts import GroupedExperts
+from .evolution import EvolvingFFN
+from .experts import GroupedExperts, dense_tensors, intermediate_dim
 from .moe_layer import MoELayer
 from .router import PerModalityLinearRouter, Router, TopKRouter
 from .shared_expert import SharedExpert
 
 
 def dense_weights(ffn) -> dict[str, torch.Tensor]:
-    return {name: getattr(ffn, name).weight.detach() for name in FFN_WEIGHTS}
+    return {k: t.detach() for k, t in dense_tensors(ffn).items()}
 
 
 def copy_experts(ffn, num_experts: int) -> list[dict]:
@@ -46,25 +46,25 @@ def noise_experts(ffn, num_experts: int, noise_std: float, generator: torch.Gene
 def drop_experts(ffn, num_experts: int, ratio: float, generator: torch.Generator) -> list[dict]:
     """Drop-upcycling: each expert re-draws its own random subset of intermediate units."""
     experts = copy_experts(ffn, num_experts)
-    ffn_hidden = experts[0]["w_gate"].shape[0]
+    ffn_hidden = experts[0]["w_up"].shape[0]
     num_drop = int(round(ratio * ffn_hidden))
     for ex in experts:
         units = torch.randperm(ffn_hidden, generator=generator)[:num_drop]
         for k, v in ex.items():
-            rows = v[units] if k != "w_down" else v[:, units]  # the replaced entries
+            dim = intermediate_dim(k, stacked=False)
+            if dim is None:  # b_down: one entry per output channel, none per intermediate unit
+                continue
+            rows = v.index_select(dim, units)  # the replaced entries
             mean, std = rows.float().mean(), rows.float().std() if rows.numel() > 1 else torch.tensor(0.0)
             fresh = (torch.randn(rows.shape, generator=generator) * std + mean).to(v)
-            if k == "w_down":
-                v[:, units] = fresh
-            else:
-                v[units] = fresh
+            v.index_copy_(dim, units, fresh)
     return experts
 
 
 def scratch_experts(ffn, num_experts: int, init_std: float, generator: torch.Generator) -> list[dict]:
     w = dense_weights(ffn)
-    return [{k: (torch.randn(v.shape, generator=generator) * init_std).to(v) for k, v in w.items()}
-            for _ in range(num_experts)]
+    return [{k: (torch.randn(v.shape, generator=generator) * init_std).to(v) if k.startswith("w_")
+             else torch.zeros_like(v) for k, v in w.items()} for _ in range(num_experts)]
 
 
 def make_experts(ffn, moe_cfg, init_std: float, generator: torch.Generator) -> list[dict]:
@@ -92,10 +92,10 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
     This is the 'split' of the evolution scheduler at the stage II -> III
     boundary when moe.init=evolution, and the baselines' upcycling otherwise.
     """
-    _check_upcyclable(ffn)
-    w = ffn.w_gate.weight
+    w = ffn.w_up.weight
     hidden, ffn_hidden = w.shape[1], w.shape[0]
-    experts = GroupedExperts(cfg.moe.num_experts, hidden, ffn_hidden, backend=cfg.moe.expert_backend)
+    experts = GroupedExperts(cfg.moe.num_experts, hidden, ffn_hidden, backend=cfg.moe.expert_backend,
+                             activation=ffn.activation, bias=ffn.w_up.bias is not None)
     experts.load_from_ffns(make_experts(ffn, cfg.moe, cfg.model.init_std, generator))
     router = build_router(cfg.router, cfg.moe, hidden)
     shared = None
@@ -106,17 +106,6 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
     layer = MoELayer(router, experts, aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff,
                      shared_expert=shared)
     return layer.to(device=w.device, dtype=w.dtype)
-
-
-def _check_upcyclable(ffn) -> None:
-    """Our experts are bias-free SwiGLU (GroupedExperts): a GELU FFN or one with biases has no exact image."""
-    act = getattr(ffn, "activation", "swiglu")
-    if act != "swiglu":
-        raise ConfigError(f"moe.layers with model.ffn_activation={act}: upcycling a GELU FFN into the SwiGLU "
-                          "experts of a MoE layer is not supported; set moe.layers=none")
-    if any(getattr(ffn, n).bias is not None for n in FFN_WEIGHTS):
-        raise ConfigError("moe.layers with model.mlp_bias=true: the experts of a MoE layer have no biases, so "
-                          "upcycling would drop the FFN's; not supported, set moe.layers=none")
 
 
 def build_router(router_cfg, moe_cfg, hidden: int) -> Router:

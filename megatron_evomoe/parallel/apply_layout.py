@@ -63,7 +63,7 @@ def apply_ep(model, state: ParallelState, cfg=None):
             raise ValueError(f"parallel.ep: {state.ep_size} does not divide moe.num_experts={E}")
         El = E // state.ep_size
         start = state.ep_rank * El
-        for name in ("w_gate", "w_up", "w_down"):
+        for name in ex.tensor_keys:  # weights and biases: the expert dim is dim 0 of each
             replace_param(ex, name, getattr(ex, name)[start:start + El].detach().clone())
             ex._shard_specs[name] = ShardSpec(tp_dim=ex._shard_specs[name].tp_dim,
                                               full_size=ex._shard_specs[name].full_size, ep_dim=0, expert=True)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..moe.experts import is_weight_matrix
 from .flat_collectives import all_gather_single, reduce_scatter_single
 from .state import REPLICATED, ParallelState, comm_device, named_shard_specs, replicas
 from .watchdog import collective
@@ -188,7 +189,7 @@ class ZeroAdamW:
                     master = nn.Parameter(p.detach().reshape(-1)[lo - offset:hi - offset].clone())
                     scale = replicas(specs.get(name, REPLICATED), state) / n  # copies outside this group
                     segments.append((p, lo - offset, hi - offset, master, scale))
-                    (decay if p.dim() >= 2 else no_decay).append(master)
+                    (decay if is_weight_matrix(name, p) else no_decay).append(master)
                 offset += p.numel()
             self.parts.append(dict(group=group, n=n, params=[p for _, p in items], total=total, shard=shard,
                                    lo=lo_mine, segments=segments))

@@ -125,7 +125,8 @@ class ParallelGroupedExperts(GroupedExperts):
     a slice of the F dimension (TP).
 
     Under TP the input rows are replicated over the TP group and each rank computes a partial
-    SwiGLU output over its F slice; the partial outputs are summed here (before `combine`) so
+    expert output over its F slice (b_gate / b_up split with it, b_down replicated and added after the
+    sum); the partial outputs are summed here (before `combine`) so
     that the gates' gradients, computed from the full expert outputs, are exact on every rank.
     `num_experts` is the *global* count (the layer's logical size, what routing ids index);
     `num_local_experts` is what this rank holds.
@@ -139,10 +140,10 @@ class ParallelGroupedExperts(GroupedExperts):
     def adopt(cls, experts: GroupedExperts) -> "ParallelGroupedExperts":
         """Turn a plain GroupedExperts into this class in place (same parameters and names)."""
         if not isinstance(experts, ParallelGroupedExperts):
-            n = experts.w_gate.shape[0]
+            n = experts.w_up.shape[0]
             experts.__class__ = cls
             experts.tp, experts.num_global_experts, experts.expert_offset = None, n, 0
-            experts._shard_specs = {k: ShardSpec(expert=True) for k in ("w_gate", "w_up", "w_down")}
+            experts._shard_specs = {k: ShardSpec(expert=True) for k in experts.tensor_keys}
         return experts
 
     @property
@@ -151,15 +152,15 @@ class ParallelGroupedExperts(GroupedExperts):
 
     @property
     def num_local_experts(self) -> int:
-        return self.w_gate.shape[0]
+        return self.w_up.shape[0]
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        if self.tp is not None:
-            x = copy_to_tp_region(x, self.tp.group)
-        y = super().forward(x, tokens_per_expert)
-        if self.tp is not None:
-            y = reduce_from_tp_region(y, self.tp.group)
-        return y
+        if self.tp is None:
+            return super().forward(x, tokens_per_expert)
+        y = self.partial_output(copy_to_tp_region(x, self.tp.group), tokens_per_expert)
+        # b_down (replicated over TP) once, after the sum, as RowParallelLinear's bias; the rows are
+        # whole on every TP rank, so its gradient is complete on each
+        return self.add_down_bias(reduce_from_tp_region(y, self.tp.group), tokens_per_expert)
 
 
 # --------------------------------------------------------------------------------------------------

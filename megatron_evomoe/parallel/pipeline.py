@@ -114,12 +114,14 @@ def pipeline_shadows(model, cfg):
 
 def _shadow(kind: str, cfg) -> nn.Module:
     C, F = cfg.model.hidden_size, cfg.model.ffn_hidden_size
+    options = dict(activation=cfg.model.ffn_activation, bias=cfg.model.mlp_bias)  # the layer's own FFN
     if kind == "sparse":  # nothing converts a MoE layer further; only isinstance checks see it
         m = MoELayer.__new__(MoELayer)
         nn.Module.__init__(m)
         return m
     with torch.device("meta"):  # built without drawing from the global RNG
-        m = EvolvingFFN(C, F, len(cfg.evolution.beta_ranges)) if kind == "evolve" else FFN(C, F)
+        m = EvolvingFFN(C, F, len(cfg.evolution.beta_ranges), **options) if kind == "evolve" else \
+            FFN(C, F, **options)
     m = m.to_empty(device="cpu")
     with torch.no_grad():
         for t in list(m.parameters()) + list(m.buffers()):

@@ -24,7 +24,10 @@ from .tensor_parallel_plan import is_tp_sharded_ffn
 
 def apply_stage_structure(model, cfg, stage, generator: torch.Generator, state: ParallelState) -> None:
     """`stages.structure.apply_stage_structure` for a parallelized model (collective over the stage)."""
-    before = {id(p) for p in model.parameters()}
+    # the old parameters are kept alive until the broadcast: a freed one's id could be reused by a new
+    # tensor, which would then be skipped on this rank only (and the ranks' broadcasts would mismatch)
+    old_params = list(model.parameters())
+    before = {id(p) for p in old_params}
     for i in moe_layer_indices(cfg):
         layer = model.llm.layers[i]
         if is_tp_sharded_ffn(getattr(layer, "mlp", None)):
@@ -33,17 +36,18 @@ def apply_stage_structure(model, cfg, stage, generator: torch.Generator, state: 
         apply_plain_structure(model, cfg, stage, generator)
     parallelize(model, state, cfg)
     _broadcast_new_replicated(model, state, before)
+    del old_params
 
 
 def unshard_ffn(mlp: nn.Module, state: ParallelState) -> nn.Module:
     """A TP-sharded FFN / EvolvingFFN -> the full plain module (collective over TP)."""
     full = gather_module_state(mlp, state)
-    w_gate = full["w_gate.weight"]
-    cls = type(mlp)
+    w_up = full["w_up.weight"]  # [F, C]
+    cls, options = type(mlp), dict(activation=mlp.activation, bias="w_up.bias" in full)
     with torch.device("meta"):  # no init draws from the global RNG: the weights come from `full`
-        plain = cls(w_gate.shape[1], w_gate.shape[0], mlp.num_evolved) if issubclass(cls, EvolvingFFN) \
-            else cls(w_gate.shape[1], w_gate.shape[0])
-    plain = plain.to_empty(device=w_gate.device).to(w_gate.dtype)
+        plain = cls(w_up.shape[1], w_up.shape[0], mlp.num_evolved, **options) if issubclass(cls, EvolvingFFN) \
+            else cls(w_up.shape[1], w_up.shape[0], **options)
+    plain = plain.to_empty(device=w_up.device).to(w_up.dtype)
     plain.load_state_dict(full)
     for name, p in plain.named_parameters():
         p.requires_grad_(mlp.get_parameter(name).requires_grad)

@@ -34,6 +34,7 @@ from torch import nn
 from ..model.absent import is_absent
 from ..model.llm import FFN, LayerNorm, RMSNorm, layer_norm, rms_norm
 from ..moe.evolution import EvolvingFFN
+from ..moe.experts import dense_tensors, intermediate_dim
 from ..moe.moe_layer import MoELayer
 from .expert_parallel import ParallelGroupedExperts
 from .state import ParallelState, ShardSpec
@@ -188,8 +189,10 @@ def _tp_ffn(mlp, tp: TensorParallelContext) -> None:
     mlp.w_down = RowParallelLinear.from_linear(mlp.w_down, tp)
     if isinstance(mlp, EvolvingFFN):  # the evolved copies follow FFN1's sharding: [N, *w.shape]
         mlp._shard_specs = {}
-        for name, dim in (("w_gate", 1), ("w_up", 1), ("w_down", 2)):
-            buf = f"evolved_{name}"
+        for key in dense_tensors(mlp):
+            if intermediate_dim(key, stacked=False) is None:  # b_down: replicated, as FFN1's
+                continue
+            buf, dim = f"evolved_{key}", intermediate_dim(key, stacked=False) + 1
             full = getattr(mlp, buf)
             setattr(mlp, buf, take_shard(full, dim, tp.size, tp.rank))
             mlp._shard_specs[buf] = ShardSpec(tp_dim=dim, full_size=full.shape[dim])
@@ -199,8 +202,12 @@ def _tp_ffn(mlp, tp: TensorParallelContext) -> None:
 def _tp_moe(mlp: MoELayer, tp: TensorParallelContext) -> None:
     ex = ParallelGroupedExperts.adopt(mlp.experts)
     if ex.tp is None:
-        # F is dim 2 of w_gate/w_up [E, C, F] and dim 1 of w_down [E, F, C]
-        for name, dim in (("w_gate", 2), ("w_up", 2), ("w_down", 1)):
+        # F is dim 2 of w_gate/w_up [E, C, F], dim 1 of w_down [E, F, C] and b_gate/b_up [E, F];
+        # b_down [E, C] stays whole on every TP rank (added after the partial outputs' sum)
+        for name in ex.tensor_keys:
+            dim = intermediate_dim(name, stacked=True)
+            if dim is None:
+                continue
             replace_param(ex, name, take_shard(getattr(ex, name), dim, tp.size, tp.rank))
             ex._shard_specs[name] = ShardSpec(tp_dim=dim, full_size=getattr(ex, name).shape[dim] * tp.size,
                                               ep_dim=ex._shard_specs[name].ep_dim, expert=True)

@@ -69,8 +69,7 @@ def _decoder_per_token(cfg: Config, seq_len: int, moe_mode: str) -> dict:
     ffn_mats = 3 if m.ffn_activation == "swiglu" else 2  # swiglu: gate, up, down; gelu: up, down
     dense_ffn = 2 * ffn_mats * C * F
     num_moe = len(moe_layer_indices(cfg)) if moe_mode == "sparse" else 0
-    # experts are bias-free SwiGLU of the dense FFN's width (moe/experts.py, upcycled from the FFN)
-    expert = 2 * 3 * C * F
+    expert = dense_ffn  # experts are the dense FFN they are upcycled from (moe/experts.py): same matrices
     shared = 2 * 3 * C * cfg.moe.shared_expert_size + 2 * C if cfg.moe.shared_expert_size else 0
     return {
         "attention_proj": L * 2 * C * (2 * q_width + 2 * kv_width),  # q, k, v and the output projection

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..moe.experts import is_weight_matrix
+
 log = logging.getLogger("megatron_evomoe")
 
 
@@ -15,10 +17,10 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], lr: float, wei
 
     Otherwise torch's fused AdamW (one pass over each parameter, CPU and CUDA: about 2x faster
     than the foreach kernels on CPU and the same update), foreach where fused is not supported.
-    Weight decay applies to matrices only (not norms, biases, 1-D gains).
+    Weight decay applies to matrices only (not norms, biases, 1-D gains; moe/experts.py::is_weight_matrix).
     """
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
+    decay = [p for n, p in params if is_weight_matrix(n, p)]
+    no_decay = [p for n, p in params if not is_weight_matrix(n, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if device.type == "cuda":

@@ -45,7 +45,8 @@ FIRST_RELEASE = {
         torch.nn.Module torch.nn.Module.__init__ torch.nn.ModuleList torch.nn.Parameter torch.nn.Sequential
         torch.nn.functional.cosine_similarity torch.nn.functional.cross_entropy torch.nn.functional.embedding
         torch.nn.functional.gelu torch.nn.functional.layer_norm torch.nn.functional.linear
-        torch.nn.functional.one_hot torch.nn.functional.scaled_dot_product_attention torch.nn.functional.silu
+        torch.nn.functional.one_hot torch.nn.functional.pad torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.silu torch.searchsorted torch.searchsorted(right=)
         torch.nn.init.normal_ torch.nn.init.zeros_ torch.nn.utils.clip_grad_norm_ torch.no_grad torch.ones
         torch.ones_like torch.optim.AdamW torch.optim.Optimizer torch.outer torch.promote_types torch.rand
         torch.randn torch.random.fork_rng torch.randperm torch.repeat_interleave torch.rsqrt torch.save

@@ -79,18 +79,19 @@ def test_new_biases_start_at_zero_and_options_are_validated():
         tiny_cfg(**{"moe.shared_expert_size": 30, "parallel.tp": 4})
 
 
-def test_gelu_or_biased_ffn_cannot_become_moe():
+def test_gelu_or_biased_ffn_becomes_moe_but_gets_no_shared_expert():
+    """The routed experts follow the dense FFN (tests/moe); a shared expert is Qwen2-MoE's bias-free
+    SwiGLU FFN, so a GELU or biased model is refused one, naming the field."""
     stages = "[{name: a}, {name: b, moe_mode: sparse}]"
-    with pytest.raises(ConfigError, match="moe.layers with model.ffn_activation=gelu_tanh: .* not supported"):
-        tiny_cfg(**{"model.ffn_activation": "gelu_tanh", "stages": stages, "moe.init": "copy"})
-    with pytest.raises(ConfigError, match="moe.layers with model.mlp_bias=true"):
-        tiny_cfg(**{"model.mlp_bias": "true", "moe.layers": "1"})
-    # at model-build time too, for a config that skipped validation
-    cfg = options(ffn_activation="gelu_tanh")
-    cfg.moe.layers, cfg.moe.init = "1", "copy"
+    cfg = tiny_cfg(**{"model.ffn_activation": "gelu_tanh", "model.mlp_bias": "true", "stages": stages,
+                      "moe.init": "copy", "moe.layers": "1"})
     model = MultimodalLM(cfg, 3)
-    with pytest.raises(ConfigError, match="moe.layers with model.ffn_activation=gelu_tanh"):
-        apply_stage_structure(model, cfg, StageConfig(name="s", moe_mode="sparse"), torch.Generator())
+    apply_stage_structure(model, cfg, cfg.stages[1], torch.Generator())
+    ex = model.llm.layers[1].mlp.experts
+    assert (ex.activation, ex.w_gate, tuple(ex.b_down.shape)) == ("gelu_tanh", None, (cfg.moe.num_experts, 32))
+    for kw in ({"model.ffn_activation": "gelu_tanh"}, {"model.mlp_bias": "true"}):
+        with pytest.raises(ConfigError, match=r"^moe.shared_expert_size: a shared expert is a bias-free SwiGLU FFN"):
+            tiny_cfg(**kw, **{"moe.layers": "1", "moe.shared_expert_size": 16})
 
 
 def _moe_cfg(shared: int):

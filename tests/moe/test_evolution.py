@@ -124,3 +124,114 @@ def test_copy_and_noise_upcycling():
     noisy = upcycle_to_moe(ffn, _cfg("noise"), torch.Generator().manual_seed(0))
     diff = (noisy.experts.w_gate[0] - ffn.w_gate.weight.t()).abs().max()
     assert 0 < diff < 0.1
+
+
+# ---- Phi-2's FFN (fc1 -> gelu_new -> fc2, both with biases): evolution and every upcycling baseline
+
+
+def _phi_ffn(C=8, Fh=20, seed=0):
+    torch.manual_seed(seed)
+    ffn = FFN(C, Fh, activation="gelu_tanh", bias=True)
+    with torch.no_grad():  # non-zero biases, as a converted Phi-2 has
+        ffn.w_up.bias.normal_(0.0, 0.5)
+        ffn.w_down.bias.normal_(0.0, 0.5)
+    return ffn
+
+
+GELU_KEYS = {"w_up": ("w_up", "weight"), "w_down": ("w_down", "weight"), "b_up": ("w_up", "bias"),
+             "b_down": ("w_down", "bias")}
+
+
+def _dense(ffn, key):
+    return getattr(getattr(ffn, GELU_KEYS[key][0]), GELU_KEYS[key][1]).detach()
+
+
+# FFN1 = 1 in every tensor, one step moves it to 3 (dtheta = 2); evolved copies with beta 0.5 and 0:
+GELU_STEP = {
+    "scaled_update": [2.0, 3.0],  # 1 + (1 - b) * 2
+    "ema": [2.0, 3.0],  # b * 1 + (1 - b) * 3
+    "literal": [2.5, 2.0],  # b * 3 + (1 - b) * 2
+}
+
+
+@pytest.mark.parametrize("rule", sorted(GELU_STEP))
+def test_gelu_ffn_biases_evolve_like_weights(rule):
+    ffn = FFN(4, 6, activation="gelu_tanh", bias=True)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.fill_(1.0)
+    evo = EvolvingFFN.from_ffn(ffn, num_evolved=2)
+    assert {n for n, _ in evo.named_buffers()} == {f"evolved_{k}" for k in GELU_KEYS}
+    assert not hasattr(evo, "w_gate") and not hasattr(evo, "evolved_w_gate")  # no dead gate
+    sched = EvolutionScheduler([evo], [[0.5, 0.5], [0.0, 0.0]], rule, seed=0)
+    sched.before_step()
+    with torch.no_grad():
+        for p in evo.parameters():
+            p.add_(2.0)
+    sched.after_step()
+    for key in GELU_KEYS:
+        buf = getattr(evo, f"evolved_{key}")
+        for n, value in enumerate(GELU_STEP[rule]):
+            assert torch.equal(buf[n], torch.full_like(buf[n], value)), (rule, key, n)
+
+
+def test_gelu_split_gives_ffn1_and_evolved_copies_with_their_biases():
+    evo = EvolvingFFN.from_ffn(_phi_ffn(), num_evolved=3)
+    for i, key in enumerate(GELU_KEYS):  # distinguishable copies: copy n of tensor i moved by (n + 1) * (i + 1)
+        buf = getattr(evo, f"evolved_{key}")
+        buf.add_(torch.arange(1.0, 4.0).view(3, *[1] * (buf.dim() - 1)) * (i + 1))
+    layer = upcycle_to_moe(evo, _cfg(), torch.Generator().manual_seed(0))
+    ex = layer.experts
+    assert ex.activation == "gelu_tanh" and ex.w_gate is None
+    for key in GELU_KEYS:
+        t = lambda v: v.t() if key.startswith("w_") else v  # noqa: E731 - [out, in] -> [in, out]
+        torch.testing.assert_close(getattr(ex, key)[0], t(_dense(evo, key)), rtol=0, atol=0)
+        for n in range(3):
+            torch.testing.assert_close(getattr(ex, key)[n + 1], t(getattr(evo, f"evolved_{key}")[n]), rtol=0, atol=0)
+
+
+def test_gelu_copy_upcycling_is_exact_and_the_layer_computes_the_ffn():
+    ffn = _phi_ffn()
+    cfg = _cfg("copy")
+    cfg.moe.top_k = 2  # (renormalised: the two gates sum to 1)
+    layer = upcycle_to_moe(ffn, cfg, torch.Generator())
+    for key in GELU_KEYS:
+        want = _dense(ffn, key).t() if key.startswith("w_") else _dense(ffn, key)
+        for e in range(4):
+            assert torch.equal(getattr(layer.experts, key)[e], want), (key, e)
+    x = torch.randn(2, 5, 8)
+    y, _ = layer(x, torch.zeros(2, 5, dtype=torch.long))  # top-2 renormalised copies: the dense FFN itself
+    torch.testing.assert_close(y, ffn(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_noise_upcycling_std_is_relative_to_each_tensor():
+    ffn = _phi_ffn(C=32, Fh=256)
+    experts = make_experts(ffn, _cfg("noise").moe, 0.02, torch.Generator().manual_seed(0))
+    noise_std = _cfg("noise").moe.noise_std
+    for key, tol in (("w_up", 0.05), ("w_down", 0.05), ("b_up", 0.2), ("b_down", 0.4)):
+        dense = _dense(ffn, key)
+        rel = torch.stack([e[key] - dense for e in experts]) / (noise_std * dense.std())
+        assert abs(float(rel.std()) - 1.0) < tol and abs(float(rel.mean())) < tol, (key, float(rel.std()))
+
+
+def test_gelu_drop_upcycling_redraws_the_same_units_in_w_up_b_up_and_w_down():
+    ffn = _phi_ffn(C=8, Fh=20)
+    experts = drop_experts(ffn, 3, ratio=0.25, generator=torch.Generator().manual_seed(0))
+    units = []
+    for e in experts:
+        assert set(e) == set(GELU_KEYS)
+        changed = (e["w_up"] != ffn.w_up.weight).any(1)  # [F]: nn.Linear rows = intermediate units
+        assert int(changed.sum()) == 5
+        assert torch.equal(e["b_up"] != ffn.w_up.bias, changed)
+        assert torch.equal((e["w_down"] != ffn.w_down.weight).any(0), changed)  # w_down's columns
+        assert torch.equal(e["b_down"], ffn.w_down.bias.detach())  # no unit of its own: kept
+        units.append(changed)
+    assert not torch.equal(units[0], units[1]) or not torch.equal(units[1], units[2])
+
+
+def test_gelu_scratch_upcycling_draws_weights_and_zeroes_biases():
+    ffn = _phi_ffn(C=32, Fh=256)
+    experts = make_experts(ffn, _cfg("scratch").moe, 0.02, torch.Generator().manual_seed(0))
+    for e in experts:
+        assert abs(float(e["w_up"].std()) - 0.02) < 0.002 and abs(float(e["w_down"].std()) - 0.02) < 0.002
+        assert not e["b_up"].any() and not e["b_down"].any()

@@ -20,13 +20,18 @@ B, S, C = 2, 12, 32
 NO_HOST_READS = dict(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False)
 
 
-def moe_decoder_layer(expert_backend: str):
+# Phi-2's layer: LayerNorm, parallel residual, GELU(tanh) FFN with fc1/fc2 biases -> GELU experts with biases
+PHI = ("--model.norm=layernorm", "--model.parallel_residual=true", "--model.ffn_activation=gelu_tanh",
+       "--model.mlp_bias=true", "--model.qkv_bias=true", "--model.attn_out_bias=true")
+
+
+def moe_decoder_layer(expert_backend: str, options=()):
     """A decoder layer converted to MoE the way a stage does it (upcycle_to_moe from the config)."""
     cfg = load_config(None, [f"--model.hidden_size={C}", "--model.num_heads=4", "--model.num_kv_heads=2",
                              "--model.ffn_hidden_size=48", "--model.max_seq_len=64", "--moe.num_experts=4",
                              "--moe.top_k=2", "--moe.init=noise", "--moe.aux_loss_coeff=0.1",
                              "--moe.z_loss_coeff=0.01", f"--moe.expert_backend={expert_backend}",
-                             "--router.type=dtr", "--router.backend=auto", "--stages=[{name: sparse}]"])
+                             "--router.type=dtr", "--router.backend=auto", "--stages=[{name: sparse}]", *options])
     torch.manual_seed(0)
     layer = DecoderLayer(cfg.model, 0)
     layer.mlp = upcycle_to_moe(layer.mlp, cfg, torch.Generator().manual_seed(1))
@@ -81,6 +86,16 @@ def test_decoder_layer_with_dtr_moe_is_one_graph_equal_to_eager():
     layer, rope = moe_decoder_layer("auto")
     positions = torch.arange(S)
     compile_and_check(layer, lambda x, mod: layer(x, mod, rope, positions), "aot_eager")
+
+
+def test_phi_moe_block_with_gelu_bias_experts_is_one_graph_equal_to_eager():
+    """The per-row expert biases (each row's expert found on the device) add no host read."""
+    layer, _ = moe_decoder_layer("auto", PHI)
+    assert layer.mlp.experts.activation == "gelu_tanh" and layer.mlp.experts.b_down is not None
+    with torch.no_grad():  # non-zero biases, as an upcycled Phi-2 has
+        layer.mlp.experts.b_up.normal_(0.0, 0.3)
+        layer.mlp.experts.b_down.normal_(0.0, 0.3)
+    compile_and_check(layer.mlp, layer.mlp, "aot_eager")  # (the attention half is the dense Phi's)
 
 
 def test_moe_block_compiles_with_inductor():

@@ -13,19 +13,27 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
                                 reason="Triton needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 
-def build(router_type, backend, seed=0):
+def build(router_type, backend, gelu_bias=False, seed=0):
+    """gelu_bias: Phi-2's experts (GELU(tanh), per-expert fc1/fc2 biases, made non-zero here)."""
     torch.manual_seed(seed)
     C, E, K = 32, 4, 2
     if router_type == "dtr":
         router = DynamicTokenRouter(C, E, K, hyper_hidden=4, rank=4, embed_dim=8, backend=backend)
     else:
         router = TopKRouter(C, E, K, backend=backend, init_std=0.5)
-    return MoELayer(router, GroupedExperts(E, C, 24, backend=backend, init_std=0.2), aux_loss_coeff=0.01)
+    experts = GroupedExperts(E, C, 24, backend=backend, init_std=0.2, activation="gelu_tanh" if gelu_bias else
+                             "swiglu", bias=gelu_bias)
+    if gelu_bias:
+        with torch.no_grad():
+            experts.b_up.normal_(0.0, 0.3)
+            experts.b_down.normal_(0.0, 0.3)
+    return MoELayer(router, experts, aux_loss_coeff=0.01)
 
 
-@pytest.mark.parametrize("router_type", ["linear", "dtr"])
-def test_triton_backend_matches_torch(router_type):
-    ref, tri = build(router_type, "torch"), build(router_type, "triton")
+@pytest.mark.parametrize("router_type,gelu_bias", [("linear", False), ("dtr", False), ("linear", True)],
+                         ids=["linear", "dtr", "linear_gelu_bias"])
+def test_triton_backend_matches_torch(router_type, gelu_bias):
+    ref, tri = build(router_type, "torch", gelu_bias), build(router_type, "triton", gelu_bias)
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(2, 19, 32)  # 38 tokens: not a multiple of any tile
     mod = torch.randint(0, 2, (2, 19))

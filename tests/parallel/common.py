@@ -6,6 +6,7 @@ import torch
 
 from megatron_evomoe.config import StageConfig, load_config
 from megatron_evomoe.model.mllm import IGNORE_INDEX, MultimodalLM
+from megatron_evomoe.moe.experts import is_weight_matrix
 from megatron_evomoe.parallel import (ParallelState, all_reduce_floats, apply_dp, clip_grad_norm_,
                                       forward_backward_1f1b, parallelize)
 from megatron_evomoe.stages.structure import apply_stage_structure
@@ -72,8 +73,8 @@ def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: fl
         from megatron_evomoe.parallel.data_parallel import ZeroAdamW
         opt = ZeroAdamW(model, params, state, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     elif zero == "reference":
-        opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                 {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
+        opt = torch.optim.AdamW([{"params": [p for n, p in params if is_weight_matrix(n, p)], "weight_decay": 0.1},
+                                 {"params": [p for n, p in params if not is_weight_matrix(n, p)], "weight_decay": 0.0}],
                                 lr=lr, betas=(0.9, 0.95))
     else:
         opt = torch.optim.AdamW([p for _, p in params], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
