@@ -13,6 +13,9 @@ Formats (``fmt``; ``auto`` picks the first that represents the model exactly):
   CLIP-shaped (class token, pre-LN, no final LN, i.e. imported from CLIP) and the projector
   is ``mlp2x_gelu``; with the processor files (hf_processor.py), so ``AutoProcessor`` loads the
   folder and expands ``<image>`` into the tower's number of image tokens;
+- every Hugging Face format carries the checkpoint's stage's conversation template as its chat
+  template (``chat_template.jinja``, ``tokenizer_config.json``) and its name in ``config.json``
+  (``evomoe_conversation_template``);
 - ``evomoe``: the project's own format for what Hugging Face has no class for (the DTR,
   per-modality routers, the project's own ViT, evolved experts of a stage-II checkpoint):
   ``config.json`` (``model_type: evomoe`` + the full training config) and
@@ -32,9 +35,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..data.conversation_templates import stage_chat_template
 from .errors import ConversionError
 from .hf_llm import FAMILY_OPTIONS, LLMSpec, export_extras, family_mismatch, hf_llm_config, llm_weight_map
-from .hf_processor import llava_processor_files
+from .hf_processor import chat_template_files, llava_processor_files
 from .hf_vision import clip_compatible, hf_clip_vision_config, vision_weight_map, VisionSpec
 from .weight_map import write_mapped
 
@@ -195,15 +199,22 @@ def _copy_hf_tokenizer(tok_dir: Optional[Path], dst: Path, notes: List[str]) -> 
         notes.append("the run's word-level tokenizer has no Hugging Face form: copied to evomoe_tokenizer/")
 
 
-def _write_processor(dst: Path, cfg) -> None:
-    """processor_config.json, preprocessor_config.json (+ chat template): AutoProcessor loads the folder."""
+def _write_processor(dst: Path, cfg, stage_idx: int, hf_cfg: dict, notes: List[str], llava: bool) -> None:
+    """The chat template of the checkpoint's stage (its name in config.json) and, for a LLaVA,
+    processor_config.json, preprocessor_config.json: AutoProcessor loads the folder."""
+    name, template = stage_chat_template(cfg, stage_idx)
+    hf_cfg["evomoe_conversation_template"] = name
+    notes.append(f"chat template: the tokenizer's own (stage template '{name}')" if template is None else
+                 f"chat template: the stage's conversation template '{name}', replacing the tokenizer's own")
     tok_cfg_path = dst / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else None
-    for name, content in llava_processor_files(cfg.vision, tok_cfg).items():
+    files = (llava_processor_files(cfg.vision, tok_cfg, template) if llava
+             else chat_template_files(tok_cfg, template))
+    for file_name, content in files.items():
         if isinstance(content, str):
-            (dst / name).write_text(content)
+            (dst / file_name).write_text(content)
         else:
-            _write_json(dst / name, content)
+            _write_json(dst / file_name, content)
 
 
 def _cast(tensors: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:
@@ -347,8 +358,7 @@ def evomoe_to_hf(ckpt_path, dst, fmt: str = "auto", *, llm_only: bool = False, d
         else:
             tensors, hf_cfg = _export_llm(model_state, cfg, kinds, family, extra)
         _copy_hf_tokenizer(tok_dir, dst, notes)
-        if fmt == "llava":
-            _write_processor(dst, cfg)
+        _write_processor(dst, cfg, state["stage_idx"], hf_cfg, notes, llava=fmt == "llava")
     tensors = _cast(tensors, dtype)
     if dtype != "auto":
         for key in ("torch_dtype", "dtype"):

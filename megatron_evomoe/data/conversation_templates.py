@@ -20,6 +20,11 @@ answer (vicuna_v1: " {gpt}</s>", the space included, which a BPE tokenizer puts 
 - tokenizer: the tokenizer's own Jinja `chat_template`, as transformers' `apply_chat_template` renders
   it; supervised: what the template adds for an assistant message, trailing whitespace excluded.
 
+Each named template also writes itself as a Jinja chat template (`chat_template()`, transformers'
+messages, content a string or [{"type": "image"}, {"type": "text", ...}]) that renders through
+`apply_chat_template` exactly the text above, `<image>` where LLaVA puts it; an export carries the
+stage's one (`stage_chat_template`).
+
 A record's leading "system" turn replaces the template's system prompt (plain has none).  BOS is the
 tokenizer's (`Tokenizer.add_bos`) for the named templates; the Jinja template writes its own.
 """
@@ -70,6 +75,11 @@ class RoleTemplate:
     def words(self) -> List[str]:
         return [self.system, self.user, self.assistant, ":", self.sep2]
 
+    def chat_template(self) -> str:
+        """The Jinja chat template that renders what `pieces` does (see `_jinja_chat`)."""
+        return _jinja_chat(self.system, ("", self.sep), user=(f"{self.user}: ", self.sep),
+                           assistant=(f"{self.assistant}: ", self.sep2), generation=f"{self.assistant}:")
+
     def key(self) -> Dict:
         return {"class": type(self).__name__, **asdict(self)}
 
@@ -94,6 +104,16 @@ class PlainTemplate:
 
     def words(self) -> List[str]:
         return []
+
+    def chat_template(self) -> str:
+        """No system prompt; a user turn answered by a caption is only its image tag, the last one (the
+        question) its text and `sep`; a caption is followed by `sep`."""
+        sep = _jinja_str(self.sep)
+        return (_JINJA_PROMPT_MACRO + "{%- for m in messages -%}"
+                "{%- if m.role == 'user' and loop.last -%}{{ _prompt(m.content) + " + sep + " }}"
+                "{%- elif m.role == 'user' -%}{{ " + _jinja_str(IMAGE_TAG) + " }}"
+                "{%- elif m.role == 'assistant' -%}{{ _prompt(m.content) + " + sep + " }}"
+                "{%- endif -%}{%- endfor -%}")
 
     def key(self) -> Dict:
         return {"class": type(self).__name__, **asdict(self)}
@@ -121,8 +141,56 @@ class ChatMLTemplate:
     def words(self) -> List[str]:
         return [self.system, self.start, self.end, "system", "user", "assistant"]
 
+    def chat_template(self) -> str:
+        """The Jinja chat template that renders what `pieces` does (Qwen2's own form, with our system)."""
+        s, e = self.start, self.end
+        return _jinja_chat(self.system, (f"{s}system\n", f"{e}\n"), user=(f"{s}user\n", f"{e}\n"),
+                           assistant=(f"{s}assistant\n", f"{e}\n"), generation=f"{s}assistant\n")
+
     def key(self) -> Dict:
         return {"class": type(self).__name__, **asdict(self)}
+
+
+def _jinja_str(text: str) -> str:
+    """`text` as a Jinja string literal (Jinja reads backslash escapes as Python does)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+# The text of a message's content (a string, or transformers' parts [{"type": "image"}, {"type": "text",
+# "text": ...}]) as conversation.py's `image_first` leaves it: with an image, "<image>\n" + the text
+# without the tag, stripped.  The template is written on one line, all output inside {{ }}, so that
+# transformers' trim_blocks / lstrip_blocks change nothing.
+_JINJA_PROMPT_MACRO = (
+    "{%- macro _prompt(c) -%}"
+    "{%- if c is string -%}{%- set ns = namespace(text=c, images=0) -%}"
+    "{%- else -%}{%- set ns = namespace(text='', images=0) -%}{%- for p in c -%}"
+    "{%- if p.type == 'image' -%}{%- set ns.images = ns.images + 1 -%}"
+    "{%- elif p.type == 'text' -%}{%- set ns.text = ns.text + p.text -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- set ns.images = ns.images + ns.text.count(TAG) -%}"
+    "{%- if ns.images > 1 -%}{{ raise_exception('one image per conversation is supported') }}{%- endif -%}"
+    "{%- if ns.images -%}{{ (TAG + '\\n' + ns.text|replace(TAG, '')|trim)|trim }}{%- else -%}{{ ns.text }}{%- endif -%}"
+    "{%- endmacro -%}").replace("TAG", _jinja_str(IMAGE_TAG))
+
+
+def _jinja_chat(default_system: str, system: Tuple[str, str], user: Tuple[str, str], assistant: Tuple[str, str],
+                generation: str) -> str:
+    """A Jinja chat template of turns: the system text (a leading system message, else `default_system`)
+    between system's (before, after), each user / assistant message between its (before, after), and
+    `generation` when add_generation_prompt."""
+    q = _jinja_str
+    around = {role: f"{{{{ {q(a)} + _prompt(m.content) + {q(b)} }}}}" for role, (a, b) in
+              (("user", user), ("assistant", assistant))}
+    return (_JINJA_PROMPT_MACRO +
+            "{%- if messages and messages[0].role == 'system' -%}"
+            "{%- set system = _prompt(messages[0].content) -%}{%- set turns = messages[1:] -%}"
+            f"{{%- else -%}}{{%- set system = {q(default_system)} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
+            f"{{{{ {q(system[0])} + system + {q(system[1])} }}}}"
+            "{%- for m in turns -%}"
+            f"{{%- if m.role == 'user' -%}}{around['user']}"
+            f"{{%- elif m.role == 'assistant' -%}}{around['assistant']}"
+            "{%- else -%}{{ raise_exception('roles after the first message: user and assistant') }}{%- endif -%}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {q(generation)} }}}}{{%- endif -%}}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +306,15 @@ def stage_template(cfg, stage_idx: int, tokenizer: Tokenizer):
     stage use it too."""
     name, field = stage_template_field(cfg, stage_idx)
     return get_template(name, tokenizer, field)
+
+
+def stage_chat_template(cfg, stage_idx: int) -> Tuple[str, Optional[str]]:
+    """(template name, its Jinja chat template) of stage `stage_idx`, what an export carries; None for
+    `tokenizer`: the tokenizer's own chat_template is the template then."""
+    name, field = stage_template_field(cfg, stage_idx)
+    if name == TOKENIZER_TEMPLATE:
+        return name, None
+    return name, get_template(name, None, field).chat_template()
 
 
 def all_template_words() -> List[str]:

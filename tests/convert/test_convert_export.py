@@ -8,6 +8,7 @@ import torch
 from megatron_evomoe.convert import ConversionError, evomoe_to_hf, hf_to_evomoe
 from megatron_evomoe.convert.__main__ import main as convert_main
 from megatron_evomoe import checkpointing as ckpt
+from megatron_evomoe.data.conversation_templates import NAMED_TEMPLATES
 from megatron_evomoe.training.restore import load_trained_model
 
 from .helpers import EVO_STAGES, IMAGE_ID, SMALL_LLM, SMALL_VISION, make_run, randomize, text_ids
@@ -209,8 +210,15 @@ def test_exported_llava_generates_our_tokens_through_auto_processor(hf, save_hf,
     ours = generate_texts(model, bundle.tokenizer, [ids], pixels, max_new_tokens=10)[0]
 
     processor = hf.AutoProcessor.from_pretrained(out)
-    assert processor.chat_template == CHAT_TEMPLATE  # the tokenizer's, carried over
-    inputs = processor(images=image, text=prompt_text(question, bundle.tokenizer, ours_cfg, has_image=True), return_tensors="pt")
+    # the checkpoint's stage template (data's default, vicuna_v1) replaces the tokenizer's own CHAT_TEMPLATE
+    assert json.loads((out / "config.json").read_text())["evomoe_conversation_template"] == "vicuna_v1"
+    assert processor.chat_template == processor.tokenizer.chat_template == NAMED_TEMPLATES["vicuna_v1"].chat_template()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == prompt_text(question, bundle.tokenizer, ours_cfg, has_image=True, stage_idx=state["stage_idx"])
+    tagged = [{"role": "user", "content": question + " <image>"}]  # the tag in the text: put first, as LLaVA does
+    assert processor.apply_chat_template(tagged, add_generation_prompt=True) == text
+    inputs = processor(images=image, text=text, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == ids  # (2 x 2 = 4 image tokens expanded from one <image>)
     assert float((inputs["pixel_values"] - pixels).abs().max()) < 1e-5
     back = hf.LlavaForConditionalGeneration.from_pretrained(out).eval()
