@@ -19,6 +19,13 @@ def test_defaults_and_overrides():
     assert cfg.stages[0].steps == 2 and cfg.stages[0].name == "s"
 
 
+def test_alternate_and_even_moe_layers():
+    """alternate: 1, 3, 5 (the default); even: 0, 2, 4, MoE-LLaVA's range(num_layers)[::2]."""
+    layers = {spec: moe_layer_indices(load_config(None, STAGE + ["--model.num_layers=7", f"--moe.layers={spec}"]))
+              for spec in ("alternate", "even")}
+    assert layers == {"alternate": [1, 3, 5], "even": [0, 2, 4, 6]}
+
+
 def test_stage_override_by_name_and_index(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("stages:\n  - {name: a, steps: 3}\n  - {name: b, steps: 4}\n")

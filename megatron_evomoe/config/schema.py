@@ -84,7 +84,7 @@ class MoEConfig:
     """Which decoder layers are MoE layers and how they compute."""
     num_experts: int = 4
     top_k: int = 1
-    layers: str = "alternate"  # alternate | all | none | comma list of layer indices, e.g. "1,3"
+    layers: str = "alternate"  # alternate (1, 3, ...) | even (0, 2, ...: MoE-LLaVA) | all | none | comma list, e.g. "1,3"
     aux_loss_coeff: float = 0.001
     z_loss_coeff: float = 0.0
     renormalize: bool = True  # renormalise the top-k gates to sum to 1 (k > 1)

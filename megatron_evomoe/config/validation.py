@@ -19,12 +19,14 @@ def moe_layer_indices(cfg: Config) -> list[int]:
         return []
     if spec == "all":
         return list(range(n))
-    if spec == "alternate":  # MoE-LLaVA: every other layer, starting at the second
+    if spec == "alternate":  # every other layer, starting at the second: 1, 3, 5, ...
         return list(range(1, n, 2))
+    if spec == "even":  # every other layer, starting at the first: MoE-LLaVA's sparse mode (range(n)[::2])
+        return list(range(0, n, 2))
     try:
         idx = sorted({int(s) for s in spec.split(",") if s.strip()})
     except ValueError:
-        raise ConfigError(f"moe.layers: expected alternate | all | none | a comma list of ints, got {spec!r}") from None
+        raise ConfigError(f"moe.layers: expected alternate | even | all | none | a comma list of ints, got {spec!r}") from None
     bad = [i for i in idx if not 0 <= i < n]
     if bad:
         raise ConfigError(f"moe.layers: layer {bad[0]} out of range for model.num_layers={n}")

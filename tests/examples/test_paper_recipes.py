@@ -1,6 +1,6 @@
 """The paper's recipes (examples/configs/evomoe_*.yaml) and their SLURM script.
 
-Each recipe holds the paper's settings (top-1 of 4 experts on alternate layers, the per-stage batch sizes
+Each recipe holds the paper's settings (top-1 of 4 experts on every other layer (MoE-LLaVA's even ones), the per-stage batch sizes
 and learning rates, the four stages, a template and an image mode, init_from of the converted checkpoint)
 and validates as the trainer reads it; the SLURM script converts the weights when they are missing and
 passes them as --train.init_from.
@@ -41,7 +41,7 @@ def test_recipe_holds_the_papers_settings(name):
     hf_src, template, mode = RECIPES[name]
     tree = recipe_tree(name)
     moe = tree["moe"]
-    assert (moe["num_experts"], moe["top_k"], moe["layers"], tree["router"]["type"]) == (4, 1, "alternate", "dtr")
+    assert (moe["num_experts"], moe["top_k"], moe["layers"], tree["router"]["type"]) == (4, 1, "even", "dtr")
     stages = tree["stages"]
     assert [s["name"] for s in stages] == ["projector", "warmup", "evolution", "router"]
     assert [s["moe_mode"] for s in stages] == ["dense", "dense", "evolve", "sparse"]
