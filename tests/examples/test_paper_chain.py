@@ -43,7 +43,7 @@ RECIPE = [
     "--vision.image_size=16", "--vision.patch_size=8", "--vision.hidden_size=32", "--vision.num_layers=2",
     "--vision.num_heads=4", "--vision.ffn_hidden_size=64", "--vision.cls_token=true", "--vision.pre_norm=true",
     "--vision.final_norm=false", "--vision.activation=quick_gelu",
-    "--moe.num_experts=4", "--moe.top_k=1", "--moe.layers=alternate", "--moe.renormalize=false",
+    "--moe.num_experts=4", "--moe.top_k=1", "--moe.layers=even", "--moe.renormalize=false",
     "--moe.expert_backend=torch", "--router.type=dtr", "--router.backend=torch",
     "--data.seq_len=96", "--data.conversation_template=vicuna_v1", "--data.num_eval_samples=8", "--data.build_if_missing=false",
     "--train.micro_batch_size=4", "--train.global_batch_size=8", "--train.log_interval=1",
