@@ -2,17 +2,23 @@
 
 Import (`image_fields_from_hf`): a processor that centre-crops (CLIP's, ``do_center_crop`` true, the
 default of ``CLIPImageProcessor``) -> ``image_mode: crop``; one that does not (SigLIP's) ->
-``resize``; a LLaVA config with LLaVA-1.5's ``image_aspect_ratio: pad`` -> ``pad``. The HF LLaVA
-checkpoints do not record that key, so for them ``pad`` is the user's choice: ``vision.image_mode: pad``
-in the training config (pad is compatible with a CLIP processor, `training.restore` accepts it).
+``resize``; a ``LlavaImageProcessor`` with ``do_pad`` true, or a LLaVA config with LLaVA-1.5's
+``image_aspect_ratio: pad`` -> ``pad``. The HF LLaVA-1.5 checkpoints record neither (their processor is
+CLIP's), so for them ``pad`` is the user's choice: ``vision.image_mode: pad`` in the training config
+(pad is compatible with a CLIP processor, `training.restore` accepts it).
 Mean, std and the resize filter are read as stored; without a ``preprocessor_config.json`` the
 tower family's defaults apply (CLIP: OpenAI's mean/std; SigLIP: 0.5). Settings our `ImageProcessor`
 cannot reproduce (no rescale or normalisation, a resize to one size then a crop to another, a
 filter other than bicubic/bilinear) are a ConversionError naming the file and the field.
 
 Export (`preprocessor_config`): the file HF's processors read for our settings, a
-``CLIPImageProcessor`` for crop and pad (HF has no pad-to-square step: like LLaVA's own code, the
-caller pads), a ``SiglipImageProcessor`` for resize.
+``CLIPImageProcessor`` for crop, a ``SiglipImageProcessor`` for resize and, for pad, a
+``LlavaImageProcessor`` with ``do_pad`` true: it pads to a square with ``int(255 * mean)`` per
+channel, the short side centred at offset ``(long - short) // 2`` (LLaVA's expand2square), then
+resizes and crops as CLIP's. Without torchvision, AutoProcessor / AutoImageProcessor pick its PIL
+backend (``LlavaImageProcessorPil``), whose pixels equal ours within 1e-5; with torchvision installed
+they pick the torchvision backend, which pads the same way but resizes with torchvision, not PIL, so
+its pixels may differ from ours by resampling round-off.
 """
 from __future__ import annotations
 
@@ -62,7 +68,7 @@ def _centre_crops(p: dict, family: str) -> bool:
     if "do_center_crop" in p:
         return bool(p["do_center_crop"])
     kind = str(p.get("image_processor_type") or p.get("feature_extractor_type") or "")
-    return kind.startswith("CLIP") or (not kind.startswith("Siglip") and family == "clip")
+    return kind.startswith(("CLIP", "Llava")) or (not kind.startswith("Siglip") and family == "clip")
 
 
 def image_fields_from_hf(family: str, image_size: int, preprocessor: Optional[dict], where: str,
@@ -97,20 +103,25 @@ def image_fields_from_hf(family: str, image_size: int, preprocessor: Optional[di
     fields["image_std"] = _triple(p, "image_std", fields["image_std"], where)
     if any(s <= 0 for s in fields["image_std"]):
         raise ConversionError(f"{where}: image_std={fields['image_std']!r}: values must be > 0")
-    if aspect_ratio == "pad":
+    pads = p.get("do_pad") is True  # LlavaImageProcessor's pad-to-square before the resize
+    if aspect_ratio == "pad" or pads:
         if fields["image_mode"] != "crop":
-            raise ConversionError(f"{where}: image_aspect_ratio 'pad' needs a centre-cropping (CLIP) processor")
+            what = "do_pad=true" if pads else "image_aspect_ratio 'pad'"
+            raise ConversionError(f"{where}: {what} needs a centre-cropping (CLIP) processor")
         fields["image_mode"] = "pad"
     return fields
 
 
 def preprocessor_config(vision_cfg) -> dict:
-    """The preprocessor_config.json of HF's processor for our image settings (crop/pad: CLIP, resize: SigLIP)."""
+    """The preprocessor_config.json of HF's processor for our image settings (crop: CLIP, pad: LLaVA's,
+    resize: SigLIP)."""
     v, s = vision_cfg, vision_cfg.image_size
     out = {"do_convert_rgb": True, "do_resize": True, "resample": {f: k for k, f in PIL_FILTERS.items()}[v.resample],
            "do_rescale": True, "rescale_factor": RESCALE, "do_normalize": True,
            "image_mean": [float(x) for x in v.image_mean], "image_std": [float(x) for x in v.image_std]}
     if v.image_mode == "resize":
         return {"image_processor_type": "SiglipImageProcessor", **out, "size": {"height": s, "width": s}}
-    return {"image_processor_type": "CLIPImageProcessor", **out, "size": {"shortest_edge": s},
-            "do_center_crop": True, "crop_size": {"height": s, "width": s}}
+    crop = {"size": {"shortest_edge": s}, "do_center_crop": True, "crop_size": {"height": s, "width": s}}
+    if v.image_mode == "pad":
+        return {"image_processor_type": "LlavaImageProcessor", **out, "do_pad": True, **crop}
+    return {"image_processor_type": "CLIPImageProcessor", **out, **crop}

@@ -150,6 +150,8 @@ def hf_clip_vision_config(vision_cfg) -> dict:
 def clip_compatible(vision_cfg) -> Optional[str]:
     """None if the tower is CLIP-shaped (exportable inside LLaVA), else why not."""
     v = vision_cfg
+    if not v.cls_token and not v.pre_norm and not v.final_norm:  # how a SigLIP tower imports
+        return "a SigLIP tower (no class token, no pre-LayerNorm) is not exported as LLaVA yet"
     if not v.cls_token or not v.pre_norm:
         return "the vision tower has no class token / pre-LayerNorm (the project's own ViT, not CLIP)"
     if v.final_norm:

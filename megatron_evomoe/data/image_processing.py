@@ -11,7 +11,8 @@ Modes (S = vision.image_size, the resize filter = vision.resample, PIL's):
   a centre crop S x S whose offsets are ``(side - S) // 2``;
 - ``pad`` (LLaVA-1.5's ``image_aspect_ratio: pad``): LLaVA's ``expand2square`` first, the short side
   padded symmetrically (offset ``(long - short) // 2``) with the colour ``int(255 * mean)`` per channel
-  (truncated, as LLaVA's train.py writes it), then the ``crop`` pipeline on the square;
+  (truncated, as LLaVA's train.py writes it), then the ``crop`` pipeline on the square (transformers'
+  `LlavaImageProcessor` with ``do_pad`` true does the same);
 - ``resize`` (SigLIP, `SiglipImageProcessor`): straight to S x S.
 
 A square image of S x S pixels is left as it is by all three (PIL's resize to the same size is a copy).
@@ -24,11 +25,12 @@ transparent pixel is not part of the image (encoders store anything there, often
 what the image looks like when shown, and it is what an exported model gets from transformers 5's
 `AutoProcessor`. The two agree on every pixel whose alpha is 255, so this matters only for
 translucent PNGs (rare in LLaVA's training mix: COCO, GQA, VG, OCR-VQA and TextVQA are JPEG). A
-16-bit greyscale image is scaled to 8 bits (`to_rgb`) where PIL's convert, and so both of the
-above, clip it to white.
+16-bit greyscale image ("I;16*", or 32-bit "I" with a sample above 255) is scaled to 8 bits
+(`to_rgb`) where PIL's convert, and so both of the above, clip it to white; an "I" image of 8-bit
+values keeps them, as in both.
 
 Equality with transformers 5.24's PIL-backend processors (`CLIPImageProcessorPil`,
-`SiglipImageProcessorPil`; in 5.x the plain `CLIPImageProcessor` / `SiglipImageProcessor` names and
+`SiglipImageProcessorPil`, `LlavaImageProcessorPil`; in 5.x the plain `CLIPImageProcessor` / `SiglipImageProcessor` names and
 `AutoImageProcessor`'s default are the torchvision "fast" processors): within float32 rounding
 (tests: max |difference| <= 1e-5). The fast processors resize tensors with torchvision's
 antialiased bicubic, which differs from PIL's by a few of 255 levels on downscaled images.

@@ -95,6 +95,39 @@ def test_llava_export_roundtrip(hf, save_hf, tmp_path):
     assert_same_state(before, reimport_state(tmp_path / "out", tmp_path / "again")["model"])
 
 
+
+def test_pad_llava_exports_a_padding_processor_and_reimports_as_pad(hf, save_hf, tmp_path):
+    """do_pad=true in -> image_mode pad -> an export whose AutoProcessor pads a non-square image as we do
+    (same pixels, same logits) -> re-imported as pad."""
+    from PIL import Image
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from megatron_evomoe.generate import image_processor_for
+    cfg = hf.LlavaConfig(vision_config=hf.CLIPVisionConfig(**SMALL_VISION), text_config=hf.LlamaConfig(**SMALL_LLM),
+                         image_token_index=IMAGE_ID)
+    src = save_hf(randomize(hf.LlavaForConditionalGeneration(cfg), seed=5), "llava")
+    LlavaImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                           do_pad=True).save_pretrained(src)
+    hf_to_evomoe(src, tmp_path / "run", **quiet)
+    model, ours, _, _ = load_trained_model(tmp_path / "run")
+    assert ours.vision.image_mode == "pad"
+    evomoe_to_hf(tmp_path / "run", tmp_path / "out", **quiet)
+    processor = hf.AutoProcessor.from_pretrained(tmp_path / "out")
+    assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil" and processor.image_processor.do_pad
+    arr = torch.randint(0, 256, (11, 29, 3), generator=torch.Generator().manual_seed(2)).to(torch.uint8).numpy()
+    image = Image.fromarray(arr)  # 29 x 11: padding, not cropping, keeps its left and right thirds
+    pixels = image_processor_for(ours)(image)[None]
+    hf_pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    assert float((hf_pixels - pixels).abs().max()) < 1e-5
+    back = hf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids = text_ids(batch=1)
+    ids[:, 1:5] = IMAGE_ID
+    with torch.no_grad():
+        assert float((back(input_ids=ids, pixel_values=hf_pixels).logits
+                      - model(ids, pixels).logits).abs().max()) < TOL
+    hf_to_evomoe(tmp_path / "out", tmp_path / "again", **quiet)
+    assert load_trained_model(tmp_path / "again")[1].vision.image_mode == "pad"
+
+
 def test_dtr_model_roundtrips_through_own_format(tmp_path):
     """DTR has no HF class: the project's format keeps every tensor and the training config."""
     run, model, cfg = make_run(tmp_path, EVO_STAGES)

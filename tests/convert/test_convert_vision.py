@@ -180,27 +180,49 @@ def test_processor_settings_we_cannot_reproduce_are_refused(change, field):
 
 
 @pytest.mark.parametrize("mode", ["crop", "pad", "resize"])
-def test_exported_preprocessor_config_reproduces_our_processor(hf, mode):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+def test_exported_preprocessor_config_reproduces_our_processor(hf, mode, tmp_path):
+    """The exported file, loaded the way AutoProcessor loads it (no torchvision: the PIL backend), gives our
+    pixels on a non-square image (pad: LlavaImageProcessor's do_pad, not CLIP's crop), and imports back."""
     from megatron_evomoe.config.schema import VisionConfig
     from megatron_evomoe.convert.hf_image_processor import image_fields_from_hf, preprocessor_config
     from megatron_evomoe.data.image_processing import ImageProcessor
     v = VisionConfig(image_size=24, patch_size=8, image_mode=mode, image_mean=[0.3, 0.4, 0.5],
                      image_std=[0.2, 0.25, 0.3], resample="bilinear")
     d = preprocessor_config(v)
-    cls = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil}
-    assert d["image_processor_type"] == ("SiglipImageProcessor" if mode == "resize" else "CLIPImageProcessor")
-    hf_proc = cls[d["image_processor_type"]](**{k: x for k, x in d.items() if k != "image_processor_type"})
-    img = _odd_image(37, 23)
-    if mode == "pad":  # HF processors do not pad: the caller does, as LLaVA's code does
-        img = _odd_image(37, 37)
-    ref = torch.from_numpy(hf_proc(img, return_tensors="np")["pixel_values"][0])
-    assert float((ImageProcessor.from_config(v)(img) - ref).abs().max()) <= 1e-5
-    fields = image_fields_from_hf("siglip" if mode == "resize" else "clip", 24, d, "x.json",
-                                  aspect_ratio="pad" if mode == "pad" else None)
+    kind = {"crop": "CLIPImageProcessor", "pad": "LlavaImageProcessor", "resize": "SiglipImageProcessor"}[mode]
+    assert d["image_processor_type"] == kind and d.get("do_pad", False) == (mode == "pad")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(d))
+    hf_proc = hf.AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(hf_proc).__name__ == kind + "Pil"  # torchvision is not installed here
+    for w, h in [(37, 23), (23, 37)]:
+        img = _odd_image(w, h)
+        ref = torch.from_numpy(hf_proc(img, return_tensors="np")["pixel_values"][0])
+        assert float((ImageProcessor.from_config(v)(img) - ref).abs().max()) <= 1e-5
+    fields = image_fields_from_hf("siglip" if mode == "resize" else "clip", 24, d, "x.json")
     assert fields == {"image_mode": mode, "image_mean": v.image_mean, "image_std": v.image_std,
-                      "resample": "bilinear"}  # and back
+                      "resample": "bilinear"}  # and back, pad from do_pad alone
+
+
+def test_do_pad_needs_a_centre_cropping_processor():
+    from megatron_evomoe.convert.errors import ConversionError
+    from megatron_evomoe.convert.hf_image_processor import image_fields_from_hf
+    siglip = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 16, "width": 16}, "do_pad": True}
+    with pytest.raises(ConversionError, match=r"^p.json: do_pad=true needs a centre-cropping"):
+        image_fields_from_hf("siglip", 16, siglip, "p.json")
+    off = {"image_processor_type": "LlavaImageProcessor", "size": {"shortest_edge": 16}, "do_pad": False}
+    assert image_fields_from_hf("clip", 16, off, "p.json")["image_mode"] == "crop"
+
+
+def test_llava_export_refusal_names_a_siglip_tower():
+    from megatron_evomoe.config.schema import VisionConfig
+    from megatron_evomoe.convert.hf_vision import clip_compatible
+    siglip = VisionConfig(image_size=16, patch_size=8, cls_token=False, pre_norm=False, final_norm=False,
+                          activation="gelu_tanh")
+    assert clip_compatible(siglip) == "a SigLIP tower (no class token, no pre-LayerNorm) is not exported as LLaVA yet"
+    own = VisionConfig(image_size=16, patch_size=8, cls_token=False, pre_norm=False, final_norm=True)
+    assert "the project's own ViT" in clip_compatible(own)
+    clip = VisionConfig(image_size=16, patch_size=8, cls_token=True, pre_norm=True, final_norm=False)
+    assert clip_compatible(clip) is None
 
 
 def test_old_checkpoint_mean_std_and_init_from_contradictions(hf, save_hf, tmp_path):

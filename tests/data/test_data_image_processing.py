@@ -174,6 +174,19 @@ def test_pad_equals_expand2square_then_the_clip_processor(hf_pil, w, h):
         assert float(np.abs(ref - ImageProcessor(24, "pad")(img).numpy()).max()) <= 1e-5, mode
 
 
+
+def test_32_bit_grey_with_8_bit_values_keeps_them_as_the_clip_processor(hf_pil):
+    """An "I" image holding 8-bit values (L converted to I, many TIFFs) is not scaled as 16-bit: = CLIP's."""
+    clip = hf_pil[0](size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    img = noise_image(37, 23, "L", seed=5).convert("I")
+    assert img.mode == "I" and img.getextrema()[1] > 200
+    assert max_diff(clip, img, ImageProcessor(24, "crop")) <= 1e-5
+    # with a sample above 255 the image is 16-bit: v -> round(v / 257) (documented in data/image_modes.py)
+    wide = Image.fromarray(np.array([[257 * 100]], dtype=np.int32))
+    assert wide.mode == "I"
+    assert float((unit(1, "resize")(wide) - 100 / 255).abs().max()) <= 1e-6
+
+
 def load_rgb(img):
     """RGB as transformers 5's convert_to_rgb makes it (transparency composited on white)."""
     if "A" in img.getbands() or img.info.get("transparency") is not None:
