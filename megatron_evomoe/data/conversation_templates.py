@@ -132,7 +132,7 @@ class ChatMLTemplate:
     start: str = "<|im_start|>"
     end: str = "<|im_end|>"
     uses_tokenizer_bos = True
-    image_first = True  # LLaVA's preprocess_multimodal runs whatever the conversation version (LLaVA-NeXT's qwen too)
+    image_first = True  # LLaVA's preprocess_multimodal moves the tag whatever the conversation version
 
     def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
         s, e = self.start, self.end
