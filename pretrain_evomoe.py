@@ -45,6 +45,20 @@ def resolve_vocab_for_plan(cfg) -> str:
     return "unknown until the tokenizer is built (embeddings counted as 1 row)"
 
 
+def check_stage_templates(cfg) -> None:
+    """Resolve every stage's conversation template as a run does (the same ConfigError), loading the
+    tokenizer only when a stage renders with its chat_template ('tokenizer'); the bundled dataset is
+    built then if the config asks for it, as a run would build it first."""
+    from megatron_evomoe.data.conversation_templates import TOKENIZER_TEMPLATE, stage_template, stage_template_field
+    names = [stage_template_field(cfg, i)[0] for i in range(len(cfg.stages))]
+    tokenizer = None
+    if TOKENIZER_TEMPLATE in names:
+        from megatron_evomoe.data.prepare import data_root_and_tokenizer
+        tokenizer = data_root_and_tokenizer(cfg)[1]
+    for i in range(len(cfg.stages)):
+        stage_template(cfg, i, tokenizer)
+
+
 def print_plan(cfg) -> None:
     from megatron_evomoe.config import moe_layer_indices
     from megatron_evomoe.stages.size import count_parameters
@@ -69,6 +83,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
+            check_stage_templates(cfg)
             print_plan(cfg)
             return 0
         from megatron_evomoe.parallel.launch import init_distributed

@@ -13,7 +13,9 @@ text as pieces marked supervised or not; e.g. vicuna_v1 (LLaVA-1.5):
   answers and the separator that ends each (vicuna_v1: </s>), and IGNORE_INDEX (-100)
   everywhere else: BOS, system text, roles, the human turns.
 - The `<image>` tag may appear once, anywhere in the first human turn, and only when
-  the record has an image; as LLaVA does, the turn becomes "<image>\\n" + its text stripped.
+  the record has an image.  A template with `image_first` (vicuna_v1, plain, chatml: LLaVA's
+  preprocess_multimodal) makes that turn "<image>\\n" + its text stripped; the others (phi,
+  stablelm, openchat: MoE-LLaVA's preprocess_multimodal) leave the tag and the text as they are.
   The tag becomes `num_image_tokens` copies of `tokenizer.image_token_id` so that the
   sequence length is known before the vision tower runs (the model overwrites those
   positions with image embeddings).
@@ -123,9 +125,10 @@ def count_image_tags(text: str, field: str) -> int:
     return count
 
 
-def image_first(human: str) -> str:
-    """LLaVA's preprocess_multimodal: the turn holding the tag becomes "<image>\\n" + the rest, stripped."""
-    if IMAGE_TAG not in human:
+def place_image_tag(human: str, template) -> str:
+    """The turn as the template's preprocess_multimodal leaves it: `template.image_first` (LLaVA's),
+    "<image>\\n" + the rest, stripped; else (MoE-LLaVA's) unchanged."""
+    if IMAGE_TAG not in human or not template.image_first:
         return human
     return f"{IMAGE_TAG}\n{human.replace(IMAGE_TAG, '').strip()}".strip()
 
@@ -134,14 +137,14 @@ def conversation_pieces(conversations: Any, template, has_image: bool) -> List[P
     """The template's (text, supervised) pieces of a whole record's conversation (validated here)."""
     parsed = parse_conversations(conversations)
     check_image_tags(parsed, has_image)
-    turns = [(image_first(human) if k == 0 else human, gpt) for k, (human, gpt) in enumerate(parsed.turns)]
+    turns = [(place_image_tag(human, template) if k == 0 else human, gpt) for k, (human, gpt) in enumerate(parsed.turns)]
     return template.pieces(parsed.system, turns)
 
 
 def question_pieces(question: str, template, system: Optional[str] = None) -> List[Piece]:
-    """The pieces of a prompt asking `question` (an `<image>` tag is put first, as LLaVA's data has it)."""
+    """The pieces of a prompt asking `question` (its `<image>` tag placed as in `place_image_tag`)."""
     count_image_tags(question, "prompt")
-    return template.pieces(system, [(image_first(question), None)])
+    return template.pieces(system, [(place_image_tag(question, template), None)])
 
 
 def conversation_text(conversations: Any, template, has_image: bool) -> str:

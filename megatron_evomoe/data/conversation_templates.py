@@ -12,7 +12,9 @@ answer (vicuna_v1: " {gpt}</s>", the space included, which a BPE tokenizer puts 
   prompt that LLaVA-1.5 does not train with, so it is not offered under that name):
       "{system} USER: {human} ASSISTANT: {gpt}</s>USER: {human} ASSISTANT: {gpt}</s>"
 - phi, stablelm (MoE-LLaVA conv_phi / conv_stablelm): the same with "<|endoftext|>" after each answer;
-  openchat (conv_openchat): with "<|end_of_turn|>".
+  openchat (conv_openchat): with "<|end_of_turn|>".  These leave `<image>` where the data has it
+  (MoE-LLaVA's preprocess_multimodal); the others (`image_first`) make its turn "<image>\\n" + the
+  text stripped, as LLaVA's does.
 - plain (LLaVA's stage-1 captioning, preprocess_plain): "<image>{caption}\\n", the human text dropped;
   one image and one caption per record.  A question: "<image>\\n{question}\\n" (conv.get_prompt()).
 - chatml (Qwen2-Instruct): "<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{human}<|im_end|>\\n
@@ -22,7 +24,7 @@ answer (vicuna_v1: " {gpt}</s>", the space included, which a BPE tokenizer puts 
 
 Each named template also writes itself as a Jinja chat template (`chat_template()`, transformers'
 messages, content a string or [{"type": "image"}, {"type": "text", ...}]) that renders through
-`apply_chat_template` exactly the text above, `<image>` where LLaVA puts it; an export carries the
+`apply_chat_template` exactly the text above, `<image>` placed as the template places it; an export carries the
 stage's one (`stage_chat_template`).
 
 A record's leading "system" turn replaces the template's system prompt (plain has none).  BOS is the
@@ -59,6 +61,7 @@ class RoleTemplate:
     user: str = "USER"
     assistant: str = "ASSISTANT"
     sep: str = " "
+    image_first: bool = True  # LLaVA's preprocess_multimodal; MoE-LLaVA's leaves the tag where it is
     uses_tokenizer_bos = True
 
     def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
@@ -78,7 +81,8 @@ class RoleTemplate:
     def chat_template(self) -> str:
         """The Jinja chat template that renders what `pieces` does (see `_jinja_chat`)."""
         return _jinja_chat(self.system, ("", self.sep), user=(f"{self.user}: ", self.sep),
-                           assistant=(f"{self.assistant}: ", self.sep2), generation=f"{self.assistant}:")
+                           assistant=(f"{self.assistant}: ", self.sep2), generation=f"{self.assistant}:",
+                           image_first=self.image_first)
 
     def key(self) -> Dict:
         return {"class": type(self).__name__, **asdict(self)}
@@ -90,6 +94,7 @@ class PlainTemplate:
     name: str = "plain"
     sep: str = "\n"
     uses_tokenizer_bos = True
+    image_first = True  # LLaVA's stage 1 (a question: "<image>\n{question}")
 
     def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
         human, gpt = turns[0]
@@ -109,7 +114,7 @@ class PlainTemplate:
         """No system prompt; a user turn answered by a caption is only its image tag, the last one (the
         question) its text and `sep`; a caption is followed by `sep`."""
         sep = _jinja_str(self.sep)
-        return (_JINJA_PROMPT_MACRO + "{%- for m in messages -%}"
+        return (_jinja_prompt_macro(self.image_first) + "{%- for m in messages -%}"
                 "{%- if m.role == 'user' and loop.last -%}{{ _prompt(m.content) + " + sep + " }}"
                 "{%- elif m.role == 'user' -%}{{ " + _jinja_str(IMAGE_TAG) + " }}"
                 "{%- elif m.role == 'assistant' -%}{{ _prompt(m.content) + " + sep + " }}"
@@ -127,6 +132,7 @@ class ChatMLTemplate:
     start: str = "<|im_start|>"
     end: str = "<|im_end|>"
     uses_tokenizer_bos = True
+    image_first = True  # LLaVA's preprocess_multimodal moves the tag whatever the conversation version
 
     def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
         s, e = self.start, self.end
@@ -145,7 +151,8 @@ class ChatMLTemplate:
         """The Jinja chat template that renders what `pieces` does (Qwen2's own form, with our system)."""
         s, e = self.start, self.end
         return _jinja_chat(self.system, (f"{s}system\n", f"{e}\n"), user=(f"{s}user\n", f"{e}\n"),
-                           assistant=(f"{s}assistant\n", f"{e}\n"), generation=f"{s}assistant\n")
+                           assistant=(f"{s}assistant\n", f"{e}\n"), generation=f"{s}assistant\n",
+                           image_first=self.image_first)
 
     def key(self) -> Dict:
         return {"class": type(self).__name__, **asdict(self)}
@@ -157,30 +164,34 @@ def _jinja_str(text: str) -> str:
 
 
 # The text of a message's content (a string, or transformers' parts [{"type": "image"}, {"type": "text",
-# "text": ...}]) as conversation.py's `image_first` leaves it: with an image, "<image>\n" + the text
-# without the tag, stripped.  The template is written on one line, all output inside {{ }}, so that
-# transformers' trim_blocks / lstrip_blocks change nothing.
+# "text": ...}], an image part standing for the tag where it is) as conversation.py's `place_image_tag`
+# leaves it: image_first, "<image>\n" + the text without the tag, stripped; else the text as it is.  The
+# template is written on one line, all output inside {{ }}, so that trim_blocks / lstrip_blocks change nothing.
 _JINJA_PROMPT_MACRO = (
     "{%- macro _prompt(c) -%}"
-    "{%- if c is string -%}{%- set ns = namespace(text=c, images=0) -%}"
-    "{%- else -%}{%- set ns = namespace(text='', images=0) -%}{%- for p in c -%}"
-    "{%- if p.type == 'image' -%}{%- set ns.images = ns.images + 1 -%}"
+    "{%- if c is string -%}{%- set ns = namespace(text=c) -%}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}{%- for p in c -%}"
+    "{%- if p.type == 'image' -%}{%- set ns.text = ns.text + TAG -%}"
     "{%- elif p.type == 'text' -%}{%- set ns.text = ns.text + p.text -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- set ns.images = ns.images + ns.text.count(TAG) -%}"
-    "{%- if ns.images > 1 -%}{{ raise_exception('one image per conversation is supported') }}{%- endif -%}"
-    "{%- if ns.images -%}{{ (TAG + '\\n' + ns.text|replace(TAG, '')|trim)|trim }}{%- else -%}{{ ns.text }}{%- endif -%}"
+    "{%- if ns.text.count(TAG) > 1 -%}{{ raise_exception('one image per conversation is supported') }}{%- endif -%}"
+    "{%- if FIRST and TAG in ns.text -%}{{ (TAG + '\\n' + ns.text|replace(TAG, '')|trim)|trim }}"
+    "{%- else -%}{{ ns.text }}{%- endif -%}"
     "{%- endmacro -%}").replace("TAG", _jinja_str(IMAGE_TAG))
 
 
+def _jinja_prompt_macro(image_first: bool) -> str:
+    return _JINJA_PROMPT_MACRO.replace("FIRST", "true" if image_first else "false")
+
+
 def _jinja_chat(default_system: str, system: Tuple[str, str], user: Tuple[str, str], assistant: Tuple[str, str],
-                generation: str) -> str:
+                generation: str, image_first: bool) -> str:
     """A Jinja chat template of turns: the system text (a leading system message, else `default_system`)
     between system's (before, after), each user / assistant message between its (before, after), and
-    `generation` when add_generation_prompt."""
+    `generation` when add_generation_prompt; the tag moved first iff `image_first`."""
     q = _jinja_str
     around = {role: f"{{{{ {q(a)} + _prompt(m.content) + {q(b)} }}}}" for role, (a, b) in
               (("user", user), ("assistant", assistant))}
-    return (_JINJA_PROMPT_MACRO +
+    return (_jinja_prompt_macro(image_first) +
             "{%- if messages and messages[0].role == 'system' -%}"
             "{%- set system = _prompt(messages[0].content) -%}{%- set turns = messages[1:] -%}"
             f"{{%- else -%}}{{%- set system = {q(default_system)} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
@@ -200,10 +211,18 @@ class JinjaTemplate:
     special_tokens: Tuple[Tuple[str, str], ...]  # (name, token) passed to the template, e.g. bos_token
     name: str = TOKENIZER_TEMPLATE
     uses_tokenizer_bos = False  # the template writes BOS itself if it wants one
+    image_first = True  # LLaVA's preprocess_multimodal, before the template sees the text
+    field: str = "data.conversation_template"  # the config field that chose it, and the tokenizer's
+    folder: str = "the tokenizer"  # folder: for errors only (not in `key`)
 
     def render(self, messages: List[Dict[str, str]], add_generation_prompt: bool) -> str:
-        return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **dict(self.special_tokens))
+        import jinja2
+        try:
+            return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **dict(self.special_tokens))
+        except (jinja2.TemplateError, TypeError) as e:  # UndefinedError is a TemplateError
+            raise ConfigError(f"{self.field}: '{TOKENIZER_TEMPLATE}': the chat_template of {self.folder} fails "
+                              f"to render a conversation: {type(e).__name__}: {e}") from None
 
     def pieces(self, system: Optional[str], turns: Turns) -> List[Piece]:
         """Rendered prefix by prefix: the assistant piece of turn k is what the whole conversation up to
@@ -246,15 +265,46 @@ def _raise_exception(message: str):
                     reason="bad_conversations")
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' tojson: JSON without Jinja's HTML escaping, its options exposed."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    from datetime import datetime
+    return datetime.now().strftime(format)
+
+
+def _generation_tag():
+    """transformers' `{% generation %}...{% endgeneration %}` (its AssistantTracker): renders its body.  The
+    answer's span is found by rendering prefix by prefix (JinjaTemplate.pieces), not from this tag."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class GenerationTag(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+    return GenerationTag
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(source: str):
-    """transformers' environment: sandboxed, trim_blocks + lstrip_blocks, loop controls, its tojson and
-    raise_exception."""
+    """transformers 5's environment (_cached_compile_jinja_template): sandboxed, trim_blocks + lstrip_blocks,
+    loop controls, the generation tag, its tojson, raise_exception and strftime_now."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_generation_tag(), jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(source)
     except jinja2.TemplateError as e:
@@ -266,9 +316,10 @@ NAMED_TEMPLATES = {t.name: t for t in (
     RoleTemplate("vicuna_v1", sep2="</s>"),
     PlainTemplate(),
     ChatMLTemplate(),
-    RoleTemplate("phi", sep2="<|endoftext|>"),
-    RoleTemplate("stablelm", sep2="<|endoftext|>"),
-    RoleTemplate("openchat", sep2="<|end_of_turn|>"),
+    # MoE-LLaVA's own (moellava/train/train.py preprocess_multimodal): the tag stays where the data has it
+    RoleTemplate("phi", sep2="<|endoftext|>", image_first=False),
+    RoleTemplate("stablelm", sep2="<|endoftext|>", image_first=False),
+    RoleTemplate("openchat", sep2="<|end_of_turn|>", image_first=False),
 )}
 DEFAULT_TEMPLATE = NAMED_TEMPLATES[DataConfig.conversation_template]  # data.conversation_template's default
 assert set(NAMED_TEMPLATES) | {TOKENIZER_TEMPLATE} == set(field_choices(DataConfig, "conversation_template")), \
@@ -278,12 +329,14 @@ assert set(NAMED_TEMPLATES) | {TOKENIZER_TEMPLATE} == set(field_choices(DataConf
 def get_template(name: str, tokenizer: Tokenizer, field: str = "data.conversation_template"):
     """The template called `name` (`field` names the config field that chose it, for errors)."""
     if name == TOKENIZER_TEMPLATE:
+        folder = getattr(tokenizer, "directory", None)
+        where = f"the tokenizer {folder}" if folder else "the tokenizer"
         if tokenizer.chat_template is None:
             raise ConfigError(f"{field}: '{TOKENIZER_TEMPLATE}' renders with the tokenizer's chat_template, but "
-                              f"this {type(tokenizer).__name__} has none (tokenizer_config.json 'chat_template' or "
-                              "chat_template.jinja); choose a named template")
+                              f"{where} ({type(tokenizer).__name__}) has none (tokenizer_config.json 'chat_template' "
+                              "or chat_template.jinja); choose a named template")
         named = tuple(sorted((k, v) for k, v in tokenizer.special_tokens().items() if v is not None))
-        template = JinjaTemplate(tokenizer.chat_template, named)
+        template = JinjaTemplate(tokenizer.chat_template, named, field=field, folder=where)
         _compile(template.source)  # a broken template: named now, not at the first record
         return template
     if name not in NAMED_TEMPLATES:

@@ -16,7 +16,8 @@ from .helpers import EVO_STAGES, OURS, make_run
 IMAGE = {"type": "image"}
 CONV = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is it?\n<image>"},
         {"from": "gpt", "value": "A cat."}, {"from": "human", "value": "Its colour?"}, {"from": "gpt", "value": "Black."}]
-# The same in transformers' message format; the image part after the text: LLaVA puts the tag first anyway.
+# The same in transformers' message format; the image part after the text: LLaVA's templates put the tag
+# first anyway, MoE-LLaVA's (phi, stablelm, openchat) keep it there.
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "What is it?\n"}, IMAGE]},
             {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Its colour?"},
@@ -50,8 +51,10 @@ def test_chat_template_renders_our_text(hf_tokenizer, name):
     render = lambda m, **kw: hf_tokenizer.apply_chat_template(m, chat_template=jinja, tokenize=False, **kw)
     assert render(messages) == conversation_text(conv, template, has_image=True)
     question = render(QUESTION, add_generation_prompt=True)
-    assert question == question_text("Is it a cat? <image>", template)
-    assert render([{"role": "user", "content": "<image>Is it a cat?"}], add_generation_prompt=True) == question
+    assert question == question_text("<image> Is it a cat? ", template)
+    as_string = render([{"role": "user", "content": "<image>Is it a cat?"}], add_generation_prompt=True)
+    assert as_string == question_text("<image>Is it a cat?", template)
+    assert (as_string == question) == template.image_first  # only LLaVA's strips the turn
     if name in EXPECTED_QUESTION:
         assert question == EXPECTED_QUESTION[name]
     if name == "vicuna_v1":
@@ -60,6 +63,28 @@ def test_chat_template_renders_our_text(hf_tokenizer, name):
         ours = question_text("Hi there", template)
         assert render([{"role": "user", "content": "Hi there"}], add_generation_prompt=True) == ours
         assert template.system in ours
+
+
+# Written by hand from MoE-LLaVA's conv_phi / conv_openchat (TWO separators) and its preprocess_multimodal,
+# which leaves the tag where the data puts it; LLaVA's vicuna_v1 moves a trailing tag first.
+TAG_LAST = [{"role": "user", "content": [{"type": "text", "text": "What is it?\n"}, IMAGE]}]
+EXPECTED_TAG_LAST = {"phi": VICUNA_SYSTEM + " USER: What is it?\n<image> ASSISTANT:",
+                     "openchat": VICUNA_SYSTEM + " USER: What is it?\n<image> ASSISTANT:",
+                     "vicuna_v1": VICUNA_SYSTEM + " USER: <image>\nWhat is it? ASSISTANT:"}
+EXPECTED_PHI = ("Be brief. USER: What is it?\n<image> ASSISTANT: A cat.<|endoftext|>USER: Its colour? ASSISTANT: "
+                "Black.<|endoftext|>")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TAG_LAST))
+def test_tag_last_stays_last_only_in_moe_llava_templates(hf_tokenizer, name):
+    template = NAMED_TEMPLATES[name]
+    render = lambda m, **kw: hf_tokenizer.apply_chat_template(m, chat_template=template.chat_template(),
+                                                              tokenize=False, **kw)
+    want = EXPECTED_TAG_LAST[name]
+    assert render(TAG_LAST, add_generation_prompt=True) == want == question_text("What is it?\n<image>", template)
+    assert render([{"role": "user", "content": "What is it?\n<image>"}], add_generation_prompt=True) == want
+    if name == "phi":
+        assert render(MESSAGES) == EXPECTED_PHI == conversation_text(CONV, template, has_image=True)
 
 
 def test_chat_template_refuses_two_images(hf_tokenizer):

@@ -14,18 +14,19 @@ from megatron_evomoe.data.tokenizer import WordTokenizer, load_tokenizer
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
        "detailed, and polite answers to the user's questions.")
-# As LLaVA's data has it, except the tag after the question: the template moves it in front (preprocess_multimodal).
+# As LLaVA's data has it, except the tag after the question: LLaVA's preprocess_multimodal (vicuna_v1, chatml,
+# plain) moves it in front; MoE-LLaVA's (phi, stablelm, openchat) leaves it where it is.
 CONV = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A cat."},
         {"from": "human", "value": "Its colour?"}, {"from": "gpt", "value": "Black."}]
 CAPTION = [{"from": "human", "value": "Describe the image briefly.\n<image>"}, {"from": "gpt", "value": "A cat."}]
 
 EXPECTED = {
     "vicuna_v1": f"{SYS} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Its colour? ASSISTANT: Black.</s>",
-    "phi": f"{SYS} USER: <image>\nWhat is this? ASSISTANT: A cat.<|endoftext|>USER: Its colour? ASSISTANT: "
+    "phi": f"{SYS} USER: What is this?\n<image> ASSISTANT: A cat.<|endoftext|>USER: Its colour? ASSISTANT: "
            "Black.<|endoftext|>",
-    "stablelm": f"{SYS} USER: <image>\nWhat is this? ASSISTANT: A cat.<|endoftext|>USER: Its colour? ASSISTANT: "
+    "stablelm": f"{SYS} USER: What is this?\n<image> ASSISTANT: A cat.<|endoftext|>USER: Its colour? ASSISTANT: "
                 "Black.<|endoftext|>",
-    "openchat": f"{SYS} USER: <image>\nWhat is this? ASSISTANT: A cat.<|end_of_turn|>USER: Its colour? "
+    "openchat": f"{SYS} USER: What is this?\n<image> ASSISTANT: A cat.<|end_of_turn|>USER: Its colour? "
                 "ASSISTANT: Black.<|end_of_turn|>",
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is this?"
               "<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nIts colour?<|im_end|>\n"
@@ -37,7 +38,8 @@ SUPERVISED = {"vicuna_v1": [" A cat.</s>", " Black.</s>"], "phi": [" A cat.<|end
               "openchat": [" A cat.<|end_of_turn|>", " Black.<|end_of_turn|>"],
               "chatml": ["A cat.<|im_end|>", "Black.<|im_end|>"]}
 QUESTION = {"vicuna_v1": f"{SYS} USER: <image>\nIs it a cat? ASSISTANT:",
-            "openchat": f"{SYS} USER: <image>\nIs it a cat? ASSISTANT:",
+            "openchat": f"{SYS} USER: Is it a cat?\n<image> ASSISTANT:",
+            "phi": f"{SYS} USER: Is it a cat?\n<image> ASSISTANT:",
             "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
                       "Is it a cat?<|im_end|>\n<|im_start|>assistant\n",
             "plain": "<image>\nIs it a cat?\n"}
@@ -221,3 +223,40 @@ def test_generation_prompt_uses_the_checkpoint_stage_template(tmp_path):
     assert prompt_ids("Is it a cat?", tok, cfg, True, stage_idx=0) == want_plain
     assert prompt_ids("Is it a cat?", tok, cfg, True) == render_prompt(
         "<image>\nIs it a cat?", tok, n, NAMED_TEMPLATES["vicuna_v1"])  # the last stage's: data's default
+
+
+# transformers' own environment extras: strftime_now, tojson with its options, the {% generation %} tag.
+HF_ENV_JINJA = ("{{ bos_token }}{{ strftime_now('%Y') }}|{{ {'z': 1, 'a': 'caf\u00e9'}|tojson(sort_keys=True, "
+                "separators=(',', ':')) }}|{% for m in messages %}{% if m.role == 'assistant' %}{{ 'A: ' }}{% generation %}"
+                "{{ m.content + eos_token }}{% endgeneration %}{{ '\\n' }}{% else %}{{ m.role + ': ' + m.content + "
+                "'\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+
+
+def test_tokenizer_template_has_transformers_environment(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    import datetime
+    d = _bpe_dir(tmp_path, tokenizers, chat_template=HF_ENV_JINJA)
+    template = get_template("tokenizer", load_tokenizer(str(d)))
+    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in CONV]
+    messages[0]["content"] = "<image>\nWhat is this?"
+    ours = conversation_text(CONV, template, has_image=True)
+    year = datetime.datetime.now().strftime("%Y")
+    assert ours == (f'<s>{year}|{{"a":"caf\u00e9","z":1}}|user: <image>\nWhat is this?\nA: A cat.<|im_end|>\n'
+                    "user: Its colour?\nA: Black.<|im_end|>\n")
+    assert ours == transformers.AutoTokenizer.from_pretrained(str(d)).apply_chat_template(messages, tokenize=False)
+    assert _supervised_pieces(CONV, template) == ["A cat.<|im_end|>", "Black.<|im_end|>"]
+
+
+@pytest.mark.parametrize("source, error", [("{{ messages[0].content.upper(1, 2) }}", "TypeError"),
+                                           ("{{ no_such_thing.attr }}", "UndefinedError")])
+def test_tokenizer_template_render_errors_are_one_line_config_errors(tmp_path, source, error):
+    tokenizers = pytest.importorskip("tokenizers")
+    d = _bpe_dir(tmp_path, tokenizers, chat_template=source)
+    template = get_template("tokenizer", load_tokenizer(str(d)), field="stages.sft.conversation_template")
+    with pytest.raises(ConfigError) as e:
+        conversation_text(CONV, template, has_image=True)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(
+        f"stages.sft.conversation_template: 'tokenizer': the chat_template of the tokenizer {d} fails to render")
+    assert f": {error}: " in message
