@@ -163,9 +163,10 @@ def find_latest(save_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as is, or a run folder's (save_dir's) latest complete checkpoint."""
+    """A checkpoint folder as is, or a run folder's (save_dir's) latest complete checkpoint; a
+    `.safetensors` file (model tensors only, e.g. train.init_from) as is."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if (path / "state.pt").is_file() or (path.suffix == ".safetensors" and path.is_file()):
         return path
     latest = find_latest(path)
     if latest is None:
@@ -184,16 +185,21 @@ def _legacy_numpy_globals() -> list:
             np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """The state dict of a complete checkpoint folder, unpickled with weights_only=True: a file that
-    holds anything but tensors and plain data is refused, never executed."""
+    holds anything but tensors and plain data is refused, never executed.
+
+    mmap: the tensors stay in the memory-mapped file and are read only where used (loading one
+    rank's slices of a big model). A `.safetensors` file gives {"model": name -> lazy tensor}."""
     path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return {"model": safetensors_tensors(path)}
     if not _complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (missing state.pt or meta.json)")
     file = path / "state.pt"
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _refused(file)
         if refused is not None or "weights only" in str(e).lower():
@@ -203,6 +209,27 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
     except Exception as e:  # corrupt file: name it rather than surfacing a pickle trace
         raise CheckpointError(f"{file}: cannot be read ({type(e).__name__}: {_first_line(e)})") from e
+
+
+class _SafetensorsTensor:
+    """One tensor of a safetensors file, read only where indexed: `.shape`, `[slices] -> tensor`."""
+
+    def __init__(self, handle, name: str):
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def __getitem__(self, box):
+        return self._slice[box]
+
+
+def safetensors_tensors(file: Path) -> dict:
+    """name -> lazy tensor of a safetensors file (no code in the format; nothing is read yet)."""
+    from safetensors import safe_open
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        return {k: _SafetensorsTensor(handle, k) for k in handle.keys()}
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: name it
+        raise CheckpointError(f"{file}: cannot be read as safetensors ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _refused(file: Path) -> str | None:

@@ -83,12 +83,24 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        t = torch.arange(max_seq_len, dtype=torch.float64)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the tables where the buffers live: a model built on the meta device calls this
+        after its tensors got storage (parallel/sharded_construction.py)."""
+        if self.cos.is_meta:
+            return
+        hd = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        t = torch.arange(self.max_seq_len, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)  # [S, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.cos.copy_(emb.cos().float())
+        self.sin.copy_(emb.sin().float())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, nh, S, hd], positions: [S] or [B, S]
@@ -219,6 +231,19 @@ class DecoderLayer(nn.Module):
         return x + y, aux
 
 
+def llm_init_rule(name: str, ndim: int, cfg) -> tuple[str, float]:
+    """(kind, scale) of a decoder tensor's initial values: matrices N(0, init_std), GPT-2 style
+    residual output projections (wo, w_down) scaled down with depth; biases 0, norm weights 1."""
+    if ndim < 2:
+        if name.endswith(".bias"):  # linear and LayerNorm biases start at zero
+            return "constant", 0.0
+        assert name.endswith("norm.weight"), f"no init rule for {name}"
+        return "constant", 1.0
+    owner = name.split(".")[-2] if name.endswith("weight") else name.split(".")[-1]
+    std = cfg.init_std
+    return "normal", std / math.sqrt(2 * cfg.num_layers) if owner in ("wo", "w_down") else std
+
+
 class DecoderLM(nn.Module):
     """Token embedding -> decoder layers -> final norm -> LM head."""
 
@@ -236,16 +261,14 @@ class DecoderLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        # GPT-2 style: residual output projections scaled down with depth.
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        """Draws from the global RNG (a model built directly); the trainer builds on the meta device
+        and draws per tensor instead (model/init.py), with these same rules."""
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                if name.endswith(".bias"):  # linear and LayerNorm biases start at zero
-                    nn.init.zeros_(p)
-                continue
-            last = name.split(".")[-2] if name.endswith("weight") else name.split(".")[-1]
-            nn.init.normal_(p, 0.0, out_std if last in ("wo", "w_down") else std)
+            kind, scale = llm_init_rule(name, p.dim(), self.cfg)
+            if kind == "normal":
+                nn.init.normal_(p, 0.0, scale)
+            elif name.endswith(".bias"):  # (norm weights keep the ones they were built with)
+                nn.init.constant_(p, scale)
 
     def forward(self, h: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches=None, segment_ids: torch.Tensor | None = None):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..checkpointing import CheckpointError
 from .state import REPLICATED, ParallelState, ShardSpec, named_shard_specs
-from .tensor_parallel import take_shard
+from .sharded_construction import shard_box
 
 
 def _gather_tensor(t: torch.Tensor, spec: ShardSpec, state: ParallelState) -> torch.Tensor:
@@ -50,10 +50,12 @@ def full_state_dict(model: nn.Module, state: ParallelState) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], state: ParallelState,
-                         strict: bool = True) -> None:
-    """Load a single-process state dict into a parallelized model: each rank takes its shard
-    (the resharding path: any layout can load what any other layout saved, once consolidated)."""
+def load_full_state_dict(model: nn.Module, full, state: ParallelState, strict: bool = True) -> None:
+    """Load a single-process state dict into a parallelized model: each rank copies only its own
+    box of every tensor (the resharding path: any layout loads what one process saved).
+
+    full: name -> tensor (a memory-mapped `torch.load(..., mmap=True)` reads only the pages of the
+    slices taken) or -> a lazy safetensors tensor (checkpointing.safetensors_tensors: only the box is read)."""
     specs = named_shard_specs(model)
     local = model.state_dict()
     missing = [k for k in local if k not in full]
@@ -63,16 +65,25 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], state:
     for k, dst in local.items():
         if k not in full:
             continue
-        src, spec = full[k], specs.get(k, REPLICATED)
-        if spec.ep_dim is not None:
-            n = dst.shape[spec.ep_dim]
-            src = src.narrow(spec.ep_dim, state.ep_rank * n, n)
-        if spec.tp_dim is not None:
-            src = take_shard(src, spec.tp_dim, state.tp_size, state.tp_rank)
-        if src.shape != dst.shape:
-            raise CheckpointError(f"load_full_state_dict: {k}: checkpoint shard {tuple(src.shape)} does not fit "
-                                  f"the model's {tuple(dst.shape)}")
-        dst.copy_(src)
+        src = full[k]
+        want, starts = shard_box(specs.get(k, REPLICATED), tuple(dst.shape), state)
+        shape = tuple(src.shape)
+        if shape != want:
+            raise CheckpointError(f"load_full_state_dict: {k}: checkpoint tensor {shape} does not fit the "
+                                  f"model's {want} (this rank's shard {tuple(dst.shape)})")
+        copy_box(dst, src, starts)
+
+
+def copy_box(dst: torch.Tensor, src, starts: tuple[int, ...]) -> None:
+    """dst[i] = src[starts + i]; the part of dst past src's end (vocabulary padding) is zero."""
+    shape = tuple(src.shape)
+    ends = [min(s + n, f) for s, n, f in zip(starts, dst.shape, shape)]
+    box = tuple(slice(s, max(e, s)) for s, e in zip(starts, ends))
+    inside = dst[tuple(slice(0, b.stop - b.start) for b in box)]
+    if inside.shape != dst.shape:
+        dst.zero_()
+    if inside.numel():
+        inside.copy_(src[box] if dst.dim() else src[()])  # a view of a (mapped) tensor, or read from the file
 
 
 def local_parameter_count(model: nn.Module) -> dict[str, int]:

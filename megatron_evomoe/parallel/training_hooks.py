@@ -3,7 +3,8 @@
 One `ParallelTraining` exists for every run: a one-process run has a `ParallelState` of size 1,
 whose groups are trivial, so every collective below is a no-op and the trainer has no second path.
 
-    par = ParallelTraining(model, state, cfg)        # parallelizes the model (no-op for one process)
+    par = ParallelTraining(model, state, cfg)        # parallelizes the model (no-op for one process);
+    par.materialise(device, seed)                    # a meta-built model: this rank's shards get values
     par.apply_stage_structure(stage, gen)            # dense -> evolve -> sparse on the sharded model
     par.set_trainable(stage, idx)                    # pattern check over all pipeline stages
     zero = par.start_stage(params, lr, wd, betas)    # the stage's gradient reducer, or (parallel.zero1)
@@ -26,11 +27,13 @@ import torch
 import torch.distributed as dist
 
 from .. import checkpointing as ckpt
+from ..stages.structure import build_model
 from ..stages.trainable import set_trainable
 from .data_parallel import ZeroAdamW, all_reduce_floats, clip_grad_norm_
 from .apply_layout import apply_dp, parallelize
 from .pipeline import forward_backward_1f1b
 from .reshard import checkpoint_meta, layout_name, rank_checkpoint_dir, shard_state_for
+from .sharded_construction import materialise_shards
 from .sharded_state import load_full_state_dict
 from .stage_structure import apply_stage_structure
 from .state import ParallelState, comm_device
@@ -126,11 +129,20 @@ class ParallelTraining:
                                        f"{int(t[0])}); delete the newer per-rank checkpoints or restore the missing "
                                        "ones")
 
+    def materialise(self, device, seed: int) -> None:
+        """Storage and initial values for this rank's shards of a model built on the meta device
+        (sharded_construction.py): the values the one-process model holds there."""
+        materialise_shards(self.model, self.state, self.cfg, device, seed)
+
     def load_full_weights(self, loaded: dict, source: str) -> None:
-        """Pretrained single-process weights (train.init_from): every rank keeps its own shard."""
-        if self.state.world_size == 1:  # names the first tensor and the config fields that differ
-            ckpt.check_model_fits(self.model.state_dict(), loaded, source, self.cfg.to_dict(),
-                                  "the model/vision sections must describe the same architecture")
+        """Pretrained single-process weights (train.init_from): every rank copies only its own
+        slices out of `loaded["model"]` (memory-mapped or lazy tensors: the rest is never read)."""
+        # against the one-process model's shapes (built on the meta device: no memory), in every layout:
+        # names the first tensor and the config fields that differ
+        with torch.device("meta"):
+            full = build_model(self.cfg, self.model.image_token_id).state_dict()
+        ckpt.check_model_fits(full, loaded, source, self.cfg.to_dict(),
+                              "the model/vision sections must describe the same architecture")
         load_full_state_dict(self.model, loaded["model"], self.state)
 
     def load_state(self, ckpt_state: dict, opt, load_optimizer: bool, where: str = "resume") -> None:

@@ -109,9 +109,13 @@ class Trainer:
             self.data = prepare_data(cfg)
         agree_on_config(state, cfg)  # every rank resolved the same config (the tokenizer's vocabulary too)
         self.tokenizer = self.data.tokenizer
-        self.model = build_model(cfg, self.tokenizer.image_token_id).to(self.device)
-        # every rank builds the same full model (same seed), then keeps its shard
+        # sharded construction: the model is built on the meta device (shapes only) and parallelized
+        # there; each rank then gives storage and initial values to its own shards only, the values
+        # of the one-process model with the same train.seed (parallel/sharded_construction.py)
+        with torch.device("meta"):
+            self.model = build_model(cfg, self.tokenizer.image_token_id)
         self.par = ParallelTraining(self.model, state, cfg)
+        self.par.materialise(self.device, t.seed)
         # Upcycling/router creation draws from its own generator, so the stage
         # transition is reproducible whether or not the run was resumed.
         self.structure_gen = torch.Generator().manual_seed(t.seed + 7919)
@@ -193,7 +197,7 @@ class Trainer:
             found = ckpt.resolve_checkpoint(path)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"train.init_from: {e}") from None
-        state = ckpt.load_checkpoint(found)
+        state = ckpt.load_checkpoint(found, mmap=True)  # each rank reads only its slices of the tensors
         check_init_image_processing(self.cfg, state, found)
         self.par.load_full_weights(state, f"train.init_from: {found}")
         log.info("initialised the model from %s", found)
