@@ -111,8 +111,8 @@ def fill_box(out: torch.Tensor, rule: InitRule, seed: int, name: str, full_shape
     for chunk in torch.unique(rows // per).tolist():
         r0 = chunk * per
         vals = draw_chunk(rule, seed, name, chunk, min(per, num_rows - r0), last)  # [n, last]
-        sel = (rows >= r0) & (rows < r0 + per)
-        dst[sel] = vals[rows[sel] - r0, c0:c1].to(device=out.device, dtype=out.dtype)
+        sel = (rows >= r0) & (rows < r0 + per)  # [box rows], on the CPU like the drawn chunk
+        dst[sel.to(out.device)] = vals[rows[sel] - r0, c0:c1].to(device=out.device, dtype=out.dtype)
         del vals
     if box is not inside:
         inside.copy_(box)

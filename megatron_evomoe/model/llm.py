@@ -268,7 +268,7 @@ class DecoderLM(nn.Module):
             if kind == "normal":
                 nn.init.normal_(p, 0.0, scale)
             elif name.endswith(".bias"):  # (norm weights keep the ones they were built with)
-                nn.init.constant_(p, scale)
+                nn.init.zeros_(p)
 
     def forward(self, h: torch.Tensor, modality: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches=None, segment_ids: torch.Tensor | None = None):

@@ -1,6 +1,7 @@
 """Turn the plain model into its parallel version (torchtitan-style `apply_*` functions).
 
-    model = build_model(cfg, image_token_id)           # the same plain model, same seed, on every rank
+    with torch.device("meta"):
+        model = build_model(cfg, image_token_id)       # shapes only: no rank holds the full model
     parallelize(model, state, cfg)                     # in place, in this order:
       1. split_pipeline   keep this stage's decoder layers (+ vision/embedding on the first stage,
                           final norm/LM head on the last); the others become absent modules
@@ -12,10 +13,14 @@
                           global batch (the aux loss does not depend on the layout)
       5. apply_compile    train.compile: torch.compile each decoder layer in place (compile.py);
                           last, as in torchtitan, so the graphs capture the sharded modules and hooks
+    materialise_shards(model, state, cfg, device, seed)  # sharded_construction.py: storage + init
     reducer = apply_dp(model, params, state)           # after the trainable set is known
 
-Each step copies this rank's shard out of the full weights, so a model built with the same
-seed and then parallelized computes exactly what the single-process model computes. Modules
+On a meta model the steps only reshape: the shards are shapes, and `materialise_shards` then gives
+this rank's tensors storage and the values the one-process model holds in the same place (per-tensor
+streams over the full tensor, model/init.py), so every layout computes exactly what one process
+computes. On a model with values (tests, the stage structure changes) each step copies this rank's
+shard out of the full weights, with the same result. Modules
 keep their parameter names (patterns such as `llm.layers.{moe}.mlp.*` still match), and their
 `_shard_specs` say how each tensor relates to the full one. `parallelize` is idempotent, so it is
 called again after every stage's structure change (stage_structure.py). With a ParallelState of

@@ -60,7 +60,8 @@ FIRST_RELEASE = {
         torch.utils.data.DataLoader(worker_init_fn=) torch.utils.data.DataLoader(multiprocessing_context=)
         torch.utils.data.DataLoader(generator=)
         torch.utils.data.Sampler torch.utils.tensorboard.SummaryWriter torch.version torch.version.cuda
-        torch.where torch.zeros torch.zeros_like
+        torch.where torch.zeros torch.zeros_like torch.unique torch.UntypedStorage
+        torch.utils._python_dispatch.TorchDispatchMode torch.utils._pytree.tree_flatten
         torch.Generator(device=) torch.arange(device=) torch.arange(dtype=) torch.argsort(dim=)
         torch.argsort(stable=) torch.autocast(dtype=) torch.autocast(enabled=) torch.bincount(minlength=)
         torch.cuda.Event(enable_timing=) torch.repeat_interleave(output_size=) torch.cat(dim=) torch.distributed.TCPStore(is_master=) torch.distributed.TCPStore(timeout=)
