@@ -199,7 +199,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     file = path / "state.pt"
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(file))
     except pickle.UnpicklingError as e:
         refused = _refused(file)
         if refused is not None or "weights only" in str(e).lower():
@@ -230,6 +230,15 @@ def safetensors_tensors(file: Path) -> dict:
         return {k: _SafetensorsTensor(handle, k) for k in handle.keys()}
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: name it
         raise CheckpointError(f"{file}: cannot be read as safetensors ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _is_zip(file: Path) -> bool:
+    """torch.save's zip format (every file of this project): the only one torch.load can mmap."""
+    try:
+        with open(file, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _refused(file: Path) -> str | None:
