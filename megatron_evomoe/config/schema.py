@@ -193,7 +193,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_interval: int = 10
     tensorboard: bool = True
-    progress_bar: bool = True
+    # Weights & Biases project the main rank also logs to (needs `pip install wandb`; WANDB_MODE is honoured,
+    # the run is named after save_dir); "" = off.
+    wandb_project: str = ""
+    # The MFU's denominator, TFLOP/s per GPU: a number > 0, or "auto": the GPU's dense bf16 peak from
+    # stages/flops.py's table (no MFU for a GPU not in it), on a CPU a GEMM rate measured at the start.
+    peak_tflops: Union[float, int, str] = "auto"
+    progress_bar: bool = True  # a tqdm bar, only when stderr is a terminal (a batch job's log gets the log lines)
     resume: bool = True
     # Start stage 0 from these weights (a run folder or checkpoint, e.g. from
     # `python -m megatron_evomoe.convert hf-to-evomoe`); ignored when resuming.

@@ -199,6 +199,8 @@ def _validate_data_and_train(cfg: Config) -> None:
     _require(t.save_interval >= 0, "train.save_interval", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _require(t.log_interval >= 1, "train.log_interval", "must be >= 1")
+    _require(t.peak_tflops == "auto" or (not isinstance(t.peak_tflops, str) and t.peak_tflops > 0),
+             "train.peak_tflops", f"must be a number > 0 (TFLOP/s per GPU) or 'auto', got {t.peak_tflops!r}")
     _require(t.num_threads >= 0, "train.num_threads", "must be >= 0 (0 = leave as is)")
     _require(0 <= t.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32) (numpy's seed range), got {t.seed}")
     _require(bool(t.save_dir.strip()), "train.save_dir", "must not be empty (checkpoints would land in the "

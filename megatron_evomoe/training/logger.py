@@ -1,19 +1,31 @@
-"""Training metrics sinks: console, a JSON-lines file, and TensorBoard when installed."""
+"""Training metrics sinks: a JSON-lines file, TensorBoard when installed, Weights & Biases when asked for.
+
+Keys (metrics.jsonl, TensorBoard and W&B alike): `train/<record field>` per log line, among them the throughput
+of training/throughput.py: train/tokens_per_s (every decoder position, all ranks), train/supervised_tokens_per_s,
+train/tflops_per_gpu and train/mfu (left out when the peak is unknown); `eval/<stage>/<score>` per evaluation.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+
+from ..config import ConfigError
 
 log = logging.getLogger("megatron_evomoe")
 
 
 class MetricsLogger:
-    def __init__(self, save_dir: str | Path, tensorboard: bool, enabled: bool = True):
+    def __init__(self, save_dir: str | Path, tensorboard: bool, enabled: bool = True, wandb_project: str = "",
+                 config: dict | None = None):
+        """enabled: this rank writes (the main rank); wandb_project: "" = no W&B; config: what W&B records."""
         self.enabled = enabled
         self.path = Path(save_dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
         self.write_failed = False  # (warn once per run of failed writes)
+        wandb = _import_wandb() if wandb_project else None  # on every rank: all stop alike when it is missing
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +36,10 @@ class MetricsLogger:
             except ImportError:
                 log.warning("tensorboard is not installed: logging to %s only "
                             "(pip install tensorboard)", self.path)
+        if wandb is not None:
+            # WANDB_MODE (online / offline / disabled) passed on as given: wandb's own default otherwise
+            self.wandb = wandb.init(project=wandb_project, name=Path(save_dir).resolve().name, dir=str(save_dir),
+                                    config=config or {}, mode=os.environ.get("WANDB_MODE") or None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -43,7 +59,21 @@ class MetricsLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb_project is set but wandb is not installed (pip install wandb), "
+                          "or set train.wandb_project=''") from None
+    return wandb

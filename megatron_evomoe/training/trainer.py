@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from .restore import check_init_image_processing, refuse_imported_save_dir
 from .routing_log import RoutingLog
 from .stage_data import StageData
 from .stop_request import StopRequest, TrainingStopped
+from .throughput import ThroughputMeter, resolve_peak
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -119,7 +120,8 @@ class Trainer:
         # Upcycling/router creation draws from its own generator, so the stage
         # transition is reproducible whether or not the run was resumed.
         self.structure_gen = torch.Generator().manual_seed(t.seed + 7919)
-        self.metrics = MetricsLogger(self.save_dir, t.tensorboard, enabled=self.par.is_main)
+        self.metrics = MetricsLogger(self.save_dir, t.tensorboard, enabled=self.par.is_main,
+                                     wandb_project=t.wandb_project, config=cfg.to_dict())
         # checkpoints: one folder per rank under parallelism (each rank saves its own shard)
         self.ckpt_dir = self.par.checkpoint_dir(self.save_dir)
         self.global_step = 0
@@ -250,7 +252,9 @@ class Trainer:
         cfg, stage = self.cfg, run.stage
         routing, data_log = RoutingLog(self.model), DataLog(run.data)
         pbar = _progress(cfg.train.progress_bar and self.par.is_main, stage, run.step)
-        t_last, tokens_since = time.perf_counter(), 0
+        state = self.par.state
+        speed = ThroughputMeter(cfg, stage.moe_mode, state.dp_group, state.world_size,
+                                resolve_peak(cfg, self.device, verbose=self.par.is_main))
         while run.step < stage.steps:
             lr = lr_at(run.step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * run.lr_scale
             for g in run.opt.param_groups:
@@ -268,19 +272,17 @@ class Trainer:
             record["samples"] = data_log.step()
             run.step += 1
             self.global_step += 1
-            tokens_since += num_tokens
+            speed.step(micro, num_tokens)  # (the batches' shapes; num_tokens: supervised, all DP ranks)
             record.update(stage=stage.name, stage_step=run.step, global_step=self.global_step, lr=lr)
             self.history.append(record)
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
             if run.step % cfg.train.log_interval == 0 or run.step == stage.steps:
-                now = time.perf_counter()
-                record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
+                speed_scalars, speed_text = speed.summary_and_reset()
                 data_scalars, data_text = data_log.summary_and_reset()
-                record.update(data_scalars)
-                self._log(record, routing, run.evo, data_text)
+                record.update({**speed_scalars, **data_scalars})
+                self._log(record, routing, run.evo, speed_text + data_text)
             if cfg.train.save_interval and run.step % cfg.train.save_interval == 0 and run.step < stage.steps:
                 self._save(run.idx, run.step, run.opt, run.data, run.evo, stage_end=False)
                 run.saved_step = run.step
@@ -404,9 +406,9 @@ class Trainer:
         scalars.update(routing_scalars)
         extra += routing_text
         self.metrics.log(self.global_step, {f"train/{k}" if "/" not in k else k: v for k, v in scalars.items()})
-        log.info("[%s %d] loss %.4f (lm %.4f aux %.4f) | lr %.2e | grad %.2f | %.0f tok/s%s",
+        log.info("[%s %d] loss %.4f (lm %.4f aux %.4f) | lr %.2e | grad %.2f%s",
                  record["stage"], record["stage_step"], record["loss"], record["lm_loss"], record["aux_loss"],
-                 record["lr"], record["grad_norm"], record.get("tokens_per_s", 0.0), extra)
+                 record["lr"], record["grad_norm"], extra)
 
     # ---------------------------------------------------------- checkpoint
     def _save(self, idx, step, opt, data, evo, stage_end: bool) -> None:
@@ -454,7 +456,8 @@ class Trainer:
 
 
 def _progress(enabled: bool, stage, start: int):
-    if not enabled:
+    """A tqdm bar on a terminal only: a batch job's log (SLURM) gets the periodic log lines, not every redraw."""
+    if not (enabled and sys.stderr.isatty()):
         return None
     try:
         from tqdm import tqdm

@@ -40,7 +40,7 @@ FIRST_RELEASE = {
         torch.distributed.isend torch.distributed.new_group torch.div torch.dtype torch.einsum torch.empty
         torch.empty_like torch.equal torch.float16 torch.float32 torch.float64 torch.from_numpy torch.full
         torch.full_like torch.gather torch.get_rng_state torch.int32 torch.int64 torch.int8 torch.is_tensor
-        torch.isfinite torch.load torch.logsumexp torch.long torch.manual_seed torch.multinomial
+        torch.isfinite torch.load torch.logsumexp torch.long torch.manual_seed torch.mm torch.mm(out=) torch.multinomial
         torch.nn.Conv2d torch.nn.Embedding torch.nn.GELU torch.nn.Identity torch.nn.LayerNorm torch.nn.Linear
         torch.nn.Module torch.nn.Module.__init__ torch.nn.ModuleList torch.nn.Parameter torch.nn.Sequential
         torch.nn.functional.cosine_similarity torch.nn.functional.cross_entropy torch.nn.functional.embedding
