@@ -128,7 +128,7 @@ def generate(model, prompts: Sequence[torch.Tensor], images: torch.Tensor | None
     results: list[list[int]] = [[] for _ in prompts]
     choose = lambda logits: pick_next(logits, temperature, 1.0, generator)  # noqa: E731
     for idx in groups.values():
-        batch = torch.stack([torch.as_tensor(prompts[i]) for i in idx]).to(device)
+        batch = torch.stack([prompts[i] for i in idx]).to(device)
         imgs = images[idx].to(device) if images is not None else None
         for row, i in zip(decode(model, batch, imgs, max_new_tokens, eos_id, choose, step=step), idx):
             results[i] = row

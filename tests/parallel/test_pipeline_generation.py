@@ -62,3 +62,34 @@ def test_pp2_decoding_equals_one_process():
 
 def test_tp2_pp2_decoding_equals_one_process():
     _check(run_distributed(_worker, 4, 2, 2), _reference())
+
+
+def _pope_questions(trained, tmp_path):
+    """Six POPE questions about the bundled test images (16x16 PNGs), labels alternating."""
+    lines = [json.dumps({"question_id": 100 + i, "image": f"test_{i % 4:05d}.png", "category": "random",
+                         "text": f"Is there a {w} in the image?", "label": "yes" if i % 2 else "no"})
+             for i, w in enumerate(["cat", "dog", "car", "tree", "cup", "bird"])]
+    qfile = tmp_path / "pope.jsonl"
+    qfile.write_text("\n".join(lines) + "\n")
+    return ["--ckpt", str(trained["run"]), "--benchmark", "pope", "--data", str(qfile),
+            "--images", str(trained["data"] / "images"), "--max-new-tokens", "4"]
+
+
+def _answers_worker(rank, world, args):
+    from megatron_evomoe.eval.model_answers import main
+    return main(args)
+
+
+def test_model_answers_pp2_writes_the_one_process_files(trained, tmp_path):
+    from megatron_evomoe.eval.model_answers import main
+    args = _pope_questions(trained, tmp_path)
+    one, two = tmp_path / "one", tmp_path / "pp2"
+    ref = main(args + ["--out", str(one)])
+    per_rank = run_distributed(_answers_worker, 2, args + ["--out", str(two), "--pp", "2"])
+    answers = (one / "pope_answers.jsonl").read_text()
+    assert answers.count("\n") == 6 and all(json.loads(line)["text"] for line in answers.splitlines())
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert (two / "pope_answers.jsonl").read_text() == answers
+    assert json.loads((two / "pope.json").read_text())["metrics"] == json.loads((one / "pope.json").read_text())["metrics"]
+    assert per_rank[0]["metrics"] == ref["metrics"]
+    assert per_rank[1]["responses"] == {str(q["question_id"]): q["answer"] for q in ref["questions"]}
