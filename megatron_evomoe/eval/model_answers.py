@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..cli import USER_ERRORS, ArgumentParser, int_at_least, user_error
 from ..generate import generate_texts, image_processor_for, load_for_inference, prompt_ids
 from ..parallel.apply_layout import parallelize
-from ..parallel.launch import init_distributed, shutdown_distributed
+from ..parallel.launch import init_distributed, launch_info, shutdown_distributed
 from ..parallel.pipeline_generation import decode_step_for
 from ..parallel.state import ParallelState
 from .runner import (BENCHMARKS, add_benchmark_flags, benchmark_options, finish_submission, run_benchmark,
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parallel_inference(model, cfg, tp: int, pp: int) -> ParallelState:
     """Split the loaded single-process `model` (on the CPU) over this torchrun job: `pp` stages of
     `tp` ranks, replicated over the rest of the world. Collective: every rank calls it."""
+    world = launch_info().world_size
+    if world % (tp * pp):
+        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} ranks per model does not divide the {world} process(es) "
+                         "of this job (launch it with torchrun --nproc-per-node=<a multiple of tp x pp>)")
     p = cfg.parallel
     p.tp, p.pp, p.ep, p.sequence_parallel = tp, pp, 1, False  # the layout of this job, not of training
     cfg.train.compile = False  # decode as one process does

@@ -10,7 +10,8 @@ Modules, lowest first: state (layout, groups, shard specs), specialise (the in-p
 that adds communication to a module), watchdog (heartbeats and named errors when a rank dies or
 hangs), tensor_parallel (TP/SP collectives and sharded layers), expert_parallel (all-to-all
 dispatcher, expert shards, global-batch router statistics), data_parallel (gradient reducer,
-ZeRO-1, global norm), pipeline (stage split + 1F1B), tensor_parallel_plan (which module becomes
+ZeRO-1, global norm), pipeline (stage split + 1F1B), pipeline_generation (KV-cache decoding
+split over the stages: `generation.decode`'s step), tensor_parallel_plan (which module becomes
 which sharded layer, and the region hooks), compile (`apply_compile`: train.compile, torch.compile
 per decoder layer), apply_layout (`parallelize`: the apply_* functions in order),
 sharded_state (full state dicts and loading them into any layout), stage_structure (dense ->
@@ -31,6 +32,7 @@ _EXPORTS = {
     "launch": ("init_distributed",),
     "apply_layout": ("apply_dp", "apply_ep", "apply_moe_stats", "parallelize"),
     "pipeline": ("forward_backward_1f1b", "split_pipeline"),
+    "pipeline_generation": ("PipelineDecodeStep", "decode_step_for"),
     "reshard": ("consolidate",),
     "sharded_state": ("full_state_dict", "load_full_state_dict", "local_parameter_count"),
     "stage_structure": ("apply_stage_structure",),

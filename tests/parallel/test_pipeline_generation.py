@@ -1,6 +1,8 @@
 """Pipelined KV-cache decoding (parallel/pipeline_generation.py) gives exactly the tokens of one
-process (fp32, gloo): greedy and seeded sampling, prompts of two lengths with images, at pp=2 and
-tp2 x pp2; and `model_answers` under pp=2 writes the one-process answer files."""
+process (fp32, gloo): greedy and seeded sampling, prompts of two lengths with images, at pp=2 (also
+under NCCL's point-to-point rules, tests/parallel/nccl_emulation.py) and tp2 x pp2; and
+`model_answers` under pp=2 writes the one-process answer files (the main rank only writes them).
+The stage-end POPE at pp=2 is checked against one process in test_trainer_parallel.py."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ from megatron_evomoe.parallel.pipeline_generation import decode_step_for
 from tests.parallel.common import IMAGE_TOKEN, NUM_IMAGE_TOKENS, VOCAB, build_model, tiny_cfg
 
 from .dist_utils import run_distributed
+from .nccl_emulation import nccl_p2p_semantics
 
 MAX_NEW = 6
 EOS = VOCAB - 2
@@ -37,11 +40,16 @@ def _decode(model, step):
     return greedy, sampled
 
 
-def _worker(rank, world, tp, pp):
+def _worker(rank, world, tp, pp, nccl_rules=False):
+    """-> [decoded] (+ the same decoded under NCCL's P2P ordering rules, tests/parallel/nccl_emulation.py)."""
     cfg = tiny_cfg(tp=tp, pp=pp)
     state = ParallelState.build(cfg, rank, world)
     model = parallelize(build_model(cfg), state, cfg).eval()
-    return _decode(model, decode_step_for(state))
+    out = [_decode(model, decode_step_for(state))]
+    if nccl_rules:
+        with nccl_p2p_semantics(15.0):  # raises NcclOrderDeadlock where NCCL would hang
+            out.append(_decode(model, decode_step_for(state)))
+    return out
 
 
 def _reference():
@@ -52,12 +60,13 @@ def _check(per_rank, ref):
     greedy, sampled = ref
     assert sum(map(len, greedy)) >= 10 and len({t for row in greedy for t in row}) >= 3  # real answers
     assert greedy != sampled
-    for rank, got in enumerate(per_rank):
-        assert got == ref, f"rank {rank}: {got} vs one process {ref}"
+    for rank, runs in enumerate(per_rank):
+        for got in runs:
+            assert got == ref, f"rank {rank}: {got} vs one process {ref}"
 
 
-def test_pp2_decoding_equals_one_process():
-    _check(run_distributed(_worker, 2, 1, 2), _reference())
+def test_pp2_decoding_equals_one_process_also_under_nccl_p2p_rules():
+    _check(run_distributed(_worker, 2, 1, 2, True), _reference())
 
 
 def test_tp2_pp2_decoding_equals_one_process():
@@ -93,3 +102,16 @@ def test_model_answers_pp2_writes_the_one_process_files(trained, tmp_path):
     assert json.loads((two / "pope.json").read_text())["metrics"] == json.loads((one / "pope.json").read_text())["metrics"]
     assert per_rank[0]["metrics"] == ref["metrics"]
     assert per_rank[1]["responses"] == {str(q["question_id"]): q["answer"] for q in ref["questions"]}
+
+
+def test_model_answers_pp_without_enough_processes_is_one_line(trained, tmp_path, capsys):
+    from megatron_evomoe.eval.model_answers import main
+    try:
+        main(_pope_questions(trained, tmp_path) + ["--out", str(tmp_path / "o"), "--pp", "2"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--pp 2 in one process must be refused")
+    err = capsys.readouterr().err
+    assert "--tp 1 x --pp 2 = 2 ranks per model does not divide the 1 process(es)" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
