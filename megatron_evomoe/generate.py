@@ -29,7 +29,7 @@ import torch
 from .data.conversation import question_text, render_prompt
 from .data.conversation_templates import IMAGE_TAG, stage_template
 from .data.image_processing import ImageProcessor
-from .generation import KVCache
+from .generation import decode, pick_next
 from .checkpointing import resolve_checkpoint
 from .cli import USER_ERRORS, ArgumentParser, finite_float, int_at_least, user_error
 
@@ -89,73 +89,30 @@ def prompt_text(prompt: str, tokenizer, cfg, has_image: bool, stage_idx: int = -
 
 # =============================================================================== decoding
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """logits: [B, V] fp32 -> next ids [B]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cuts = [text.find(s) for s in stop if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-@torch.no_grad()
 def _decode_group(model, tokenizer, batch: torch.Tensor, images, max_new_tokens: int, temperature: float,
-                  top_p: float, generator, stop: Sequence[str]) -> List[str]:
-    """batch: [B, P] prompts of one length -> B answers."""
-    B, P = batch.shape
-    llm = model.llm
-    h, modality = model.embed(batch, images)
-    hd = llm.cfg.hidden_size // llm.cfg.num_heads
-    caches = [KVCache(B, layer.attn.wk.weight.shape[0] // hd, llm.cfg.max_seq_len, hd, h.dtype, h.device)
-              for layer in llm.layers]
-    logits, _ = llm(h, modality, torch.arange(P, device=h.device), caches)
-    eos = tokenizer.eos_id
-    new: List[List[int]] = [[] for _ in range(B)]
-    texts = [""] * B
-    done = [False] * B
-    for step in range(max_new_tokens):
-        last = logits[:, -1].float()
-        last[:, model.image_token_id] = float("-inf")  # image slots come only from images
-        nxt = _pick(last, temperature, top_p, generator)
-        for b, tok in enumerate(nxt.tolist()):
-            if done[b]:
-                continue
-            if tok == eos:
-                done[b] = True
-                continue
-            new[b].append(tok)
-            if stop:
-                texts[b], hit = _cut_at_stop(tokenizer.decode(new[b], skip_special_tokens=True), stop)
-                done[b] = hit
-        if all(done) or step == max_new_tokens - 1:
-            break
-        nxt = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, eos), nxt)
-        h, modality = model.embed(nxt[:, None], None)
-        logits, _ = llm(h, modality, torch.tensor([P + step], device=h.device), caches)
-    out = []
-    for b in range(B):
-        text = tokenizer.decode(new[b], skip_special_tokens=True)
-        out.append(_cut_at_stop(text, stop)[0].strip())
-    return out
+                  top_p: float, generator, stop: Sequence[str], step=None) -> List[str]:
+    """batch: [B, P] prompts of one length -> B answers (generation.decode, cut before a stop string)."""
+    text = lambda row: tokenizer.decode(row, skip_special_tokens=True)  # noqa: E731
+    ends = (lambda row: _cut_at_stop(text(row), stop)[1]) if stop else None
+    choose = lambda logits: pick_next(logits, temperature, top_p, generator)  # noqa: E731
+    rows = decode(model, batch, images, max_new_tokens, tokenizer.eos_id, choose, ends=ends, step=step)
+    return [_cut_at_stop(text(row), stop)[0].strip() for row in rows]
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], images: Optional[torch.Tensor] = None, *,
                    max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   stop: Sequence[str] = (), generator: Optional[torch.Generator] = None) -> List[str]:
+                   stop: Sequence[str] = (), generator: Optional[torch.Generator] = None,
+                   step=None) -> List[str]:
     """Answers to templated prompts (lists of ids); image i (of `images` [N, 3, H, W]) belongs to prompt i.
 
     Prompts are batched by length (no attention padding needed); each answer stops at EOS,
-    `max_new_tokens`, or before the first stop string.
+    `max_new_tokens`, or before the first stop string. `step`: the decoding step function
+    (`generation.decode`; a pipeline stage's: `parallel.pipeline_generation.decode_step_for`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -177,7 +134,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], images: O
         imgs = images[idx].to(device=device, dtype=dtype) if images is not None else None
         steps = min(max_new_tokens, limit - length)
         for i, text in zip(idx, _decode_group(model, tokenizer, batch, imgs, steps, temperature, top_p,
-                                              generator, stop)):
+                                              generator, stop, step)):
             answers[i] = text
     return answers
 

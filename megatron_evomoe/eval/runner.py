@@ -96,13 +96,15 @@ def _finish(name: str, data_path: str, questions: Sequence[Any], responses: Mapp
 
 def run_benchmark(
     name: str, data_path: str, image_root: Optional[str], answer_fn: AnswerFn, out_dir: str,
-    limit: Optional[int] = None, model_id: str = "megatron_evomoe", **options: Any,
+    limit: Optional[int] = None, model_id: str = "megatron_evomoe", write: bool = True, **options: Any,
 ) -> Dict[str, Any]:
     """Ask `answer_fn` every question of benchmark `name`, score, write JSON + print a table.
 
     POPE, MME and TextVQA answers are also written as LLaVA writes them,
     ``<out_dir>/<name>_answers.jsonl`` (``model_id`` in each line), for the official scripts.
-    Returns ``{"benchmark", "data", "metrics", "questions", "output_json", ...}``.
+    Returns ``{"benchmark", "data", "metrics", "questions", "output_json", ...}``; with
+    ``write=False`` only ``{"responses"}``: a parallel run's other ranks ask the same questions in
+    step with the main rank (their decoding is collective) and leave the files to it.
     """
     with contextlib.ExitStack() as stack:
         questions = _load(name, data_path, image_root, limit, options, stack)
@@ -113,6 +115,8 @@ def run_benchmark(
                 raise ValueError(f"{name}: answer_fn returned {type(answer).__name__} for question "
                                  f"{q.question_id!r}, expected str")
             responses[str(q.question_id)] = answer.strip()  # as LLaVA's answer files hold it
+        if not write:
+            return {"responses": responses}
         return _finish(name, data_path, questions, responses, out_dir, model_id=model_id)
 
 

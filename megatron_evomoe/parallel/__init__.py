@@ -11,7 +11,8 @@ Modules, lowest first: state (layout, groups, shard specs), specialise (the in-p
 that adds communication to a module), watchdog (heartbeats and named errors when a rank dies or
 hangs), tensor_parallel (TP/SP collectives and sharded layers), expert_parallel (all-to-all
 dispatcher, expert shards, global-batch router statistics), data_parallel (gradient reducer,
-ZeRO-1, global norm), pipeline (stage split + 1F1B), tensor_parallel_plan (which module becomes
+ZeRO-1, global norm), pipeline (stage split + 1F1B), pipeline_generation (KV-cache decoding
+split over the stages: `generation.decode`'s step), tensor_parallel_plan (which module becomes
 which sharded layer, and the region hooks), compile (`apply_compile`: train.compile, torch.compile
 per decoder layer), apply_layout (`parallelize`: the apply_* functions in order),
 sharded_construction (a meta-built model's shards materialised and initialised per rank),
@@ -34,6 +35,7 @@ _EXPORTS = {
     "launch": ("init_distributed",),
     "apply_layout": ("apply_dp", "apply_ep", "apply_moe_stats", "parallelize"),
     "pipeline": ("forward_backward_1f1b", "split_pipeline"),
+    "pipeline_generation": ("PipelineDecodeStep", "decode_step_for"),
     "reshard": ("consolidate",),
     "memory_tracking": ("LiveTensorBytes",),
     "sharded_construction": ("materialise_shards", "shard_box"),

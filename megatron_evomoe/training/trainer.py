@@ -24,6 +24,7 @@ from ..data.errors import DataError
 from ..model.mllm import IGNORE_INDEX
 from ..parallel.config_agreement import agree_on_config
 from ..parallel.launch import rank0_first
+from ..parallel.pipeline_generation import decode_step_for
 from ..parallel.state import ParallelState
 from ..parallel.training_hooks import ParallelTraining, checkpoint_step
 from ..parallel.watchdog import collective, set_step
@@ -326,12 +327,10 @@ class Trainer:
         cfg = self.cfg
         if not (stage.eval and cfg.data.num_eval_samples > 0):
             return
-        if self.par.pipeline:
-            log.warning("stage '%s': evaluation skipped (generation is not pipelined)", stage.name)
-            return
-        try:  # under TP/EP/DP every rank evaluates in step
-            with collective(f"stage '{stage.name}' POPE evaluation (tensor/expert-parallel collectives)"):
-                scores = evaluate_pope(self.model, self.data, cfg, self.device, stage_idx=cfg.stages.index(stage))
+        try:  # under TP/EP/DP/PP every rank evaluates in step (PP: pipelined decoding, same answers)
+            with collective(f"stage '{stage.name}' POPE evaluation (tensor/expert/pipeline-parallel collectives)"):
+                scores = evaluate_pope(self.model, self.data, cfg, self.device, stage_idx=cfg.stages.index(stage),
+                                       step=decode_step_for(self.par.state))
         except DataError:  # e.g. an unreadable evaluation image: the stage's checkpoint is already saved
             log.error("stage '%s' evaluation failed; its checkpoint is saved and a rerun continues with "
                       "the next stage without repeating this evaluation", stage.name)
