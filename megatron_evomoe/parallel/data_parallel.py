@@ -24,12 +24,24 @@ from .watchdog import collective
 
 
 class GradientReducer:
-    """All-reduces the gradients of `params` in flat buckets of about `bucket_size_mb` MiB.
+    """All-reduces the gradients of `params` in flat buckets of about `bucket_size_mb` MiB, each
+    bucket starting during the backward pass as soon as its gradients are final.
 
     params: [(name, parameter)] as the optimizer sees them. Expert parameters (ShardSpec.expert)
     go to the expert-DP group, the others to the DP group. A parameter whose gradient is None on
     some ranks (it received no gradient there) is reduced as zeros, and stays None only if it
-    is None on every rank of its group, as in a single-process run.
+    is None on every rank of its group, as in a single-process run: each bucket carries one
+    presence flag per tensor after its gradients, summed with them.
+
+    Overlap (as DDP): call `final_backward()` before the backward of a step's LAST micro-batch (the
+    trainer's loop; the 1F1B schedule before its last backward). During that backward each
+    parameter's post-accumulate hook marks it ready, and a bucket whose parameters are all ready
+    is all-reduced asynchronously. Buckets are filled from the last parameter to the first (the
+    order in which backward finishes them) and launched strictly in bucket order, so every rank of
+    a group issues the same collectives in the same order (NCCL matches them by issue order; a
+    bucket that is ready early waits for its predecessors). `reduce()` launches what is left
+    (buckets with a tensor that got no gradient on this rank, or everything when `final_backward`
+    was not called) and waits for all. Earlier micro-batches only accumulate: nothing is sent.
     """
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], state: ParallelState,
@@ -41,11 +53,12 @@ class GradientReducer:
         for name, p in params:
             by_group["expert_dp" if specs.get(name, REPLICATED).expert else "dp"].append((name, p))
         self.groups = {"dp": state.dp_group, "expert_dp": state.expert_dp_group}
-        # buckets: lists of params of one dtype, filled in order up to bucket_bytes
+        # buckets: lists of params of one dtype, filled up to bucket_bytes from the LAST parameter
+        # (its gradient is final first in backward), so bucket 0 can start first
         self.buckets: dict[str, list[list[tuple[str, nn.Parameter]]]] = {}
         for kind, items in by_group.items():
             buckets, current, size, dtype = [], [], 0, None
-            for name, p in items:
+            for name, p in reversed(items):
                 nbytes = p.numel() * p.element_size()
                 if current and (p.dtype != dtype or size + nbytes > self.bucket_bytes):
                     buckets.append(current)
@@ -55,15 +68,72 @@ class GradientReducer:
             if current:
                 buckets.append(current)
             self.buckets[kind] = buckets
-        self.bytes_reduced = 0  # last reduce(): bytes this rank all-reduced
+        self.bytes_reduced = 0  # last step: gradient bytes this rank all-reduced (flags not counted)
+        self.launch_log: list[tuple[str, int, bool]] = []  # last step: (kind, bucket, launched in backward)
+        self._pending: dict[str, list] = {}  # kind -> [(bucket index, work, flat)] in launch order
+        self._num_ready: dict[tuple[str, int], int] = {}
+        self._where: dict[int, tuple[str, int]] = {}
+        self._hooks = []
+        for kind, buckets in self.buckets.items():
+            if self.groups[kind] is None:
+                continue
+            for b, bucket in enumerate(buckets):
+                for _, p in bucket:
+                    self._where[id(p)] = (kind, b)
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+        self._reset()
 
     def num_buckets(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.buckets.items()}
 
+    def _reset(self) -> None:
+        self._armed = False
+        self._pending = {kind: [] for kind in self.buckets}
+        self._num_ready = {}
+        self._fresh = True  # the next launch is the step's first (it clears the last step's record)
+
+    def final_backward(self) -> None:
+        """The next backward is the step's last: start each bucket's all-reduce when it is ready."""
+        self._armed = True
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (a new stage builds a new reducer)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self._armed:
+            return
+        kind, b = self._where[id(p)]
+        self._num_ready[(kind, b)] = self._num_ready.get((kind, b), 0) + 1
+        self._launch_ready(kind, in_backward=True)
+
+    def _launch_ready(self, kind: str, in_backward: bool) -> None:
+        """Launch, in bucket order, every next bucket all of whose tensors are ready."""
+        buckets = self.buckets[kind]
+        while (b := len(self._pending[kind])) < len(buckets) and (
+                not in_backward or self._num_ready.get((kind, b), 0) == len(buckets[b])):
+            self._launch(kind, b, in_backward)
+
+    @torch.no_grad()
+    def _launch(self, kind: str, b: int, in_backward: bool) -> None:
+        if self._fresh:
+            self.launch_log, self.bytes_reduced, self._fresh = [], 0, False
+        bucket = [p for _, p in self.buckets[kind][b]]
+        # [gradients..., one presence flag per tensor]: the flags' sum says where any rank had one
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+                         + [torch.tensor([float(p.grad is not None) for p in bucket], dtype=bucket[0].dtype,
+                                         device=bucket[0].device)])
+        work = dist.all_reduce(flat, group=self.groups[kind], async_op=True)
+        self._pending[kind].append((b, work, flat))
+        self.launch_log.append((kind, b, in_backward))
+        self.bytes_reduced += (flat.numel() - len(bucket)) * flat.element_size()
+
     @torch.no_grad()
     def reduce(self) -> None:
-        """Call after backward, before clipping and the optimizer step."""
-        self.bytes_reduced = 0
+        """Call after backward, before clipping and the optimizer step: launch the buckets not yet
+        started, wait for all, and write the summed gradients back."""
         for kind, buckets in self.buckets.items():
             group = self.groups[kind]
             if group is None:
@@ -71,38 +141,27 @@ class GradientReducer:
             n = dist.get_world_size(group)
             label = "data-parallel" if kind == "dp" else "expert-data-parallel"
             with collective(f"all_reduce(gradients) on the {label} group", group):
-                for bucket, present in zip(buckets, _presence(buckets, group)):
-                    self._reduce_bucket(bucket, present, group, n)
+                self._launch_ready(kind, in_backward=False)
+                for b, work, flat in self._pending[kind]:
+                    work.wait()
+                    self._write_back([p for _, p in buckets[b]], flat, n)
+        self._reset()
 
-    def _reduce_bucket(self, bucket, present: list[bool], group, n: int) -> None:
-        live = [p for (_, p), has in zip(bucket, present) if has]
-        if not live:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in live])
-        dist.all_reduce(flat, group=group)
-        self.bytes_reduced += flat.numel() * flat.element_size()
+    def _write_back(self, bucket: list[nn.Parameter], flat: torch.Tensor, n: int) -> None:
+        numel = flat.numel() - len(bucket)
+        present = (flat[numel:] > 0).tolist()  # one host read per bucket
         if self.average:
             flat.div_(n)
         offset = 0
-        for p in live:
+        for p, has in zip(bucket, present):
             chunk = flat[offset:offset + p.numel()].view_as(p)
-            if p.grad is None:
+            offset += p.numel()
+            if not has:  # no rank had a gradient: None, as in one process
+                p.grad = None
+            elif p.grad is None:
                 p.grad = chunk.clone()
             else:
                 p.grad.copy_(chunk)
-            offset += p.numel()
-
-
-def _presence(buckets, group) -> list[list[bool]]:
-    """Per bucket, which params have a gradient anywhere in the group: one tiny all-reduce of every
-    bucket's flags and one host read for all of them (the bucket loop then never waits on the device)."""
-    params = [p for bucket in buckets for _, p in bucket]
-    if not params:
-        return []
-    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    read = iter(flags.tolist())
-    return [[bool(next(read)) for _ in bucket] for bucket in buckets]
 
 
 def global_grad_norm(model: nn.Module, params: list[tuple[str, nn.Parameter]], state: ParallelState) -> torch.Tensor:
@@ -197,6 +256,10 @@ class ZeroAdamW:
         groups = [g for g in groups if g["params"]] or [{"params": [nn.Parameter(torch.zeros(0))]}]
         self.inner = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
         self.bytes_reduced = 0
+        self._gathers = []  # [(part, work, gathered flat)]: the last step's all-gathers in flight
+        # every reader of the parameters through the model waits for them first
+        self._hooks = [model.register_forward_pre_hook(lambda *_: self.wait_params()),
+                       model.register_state_dict_pre_hook(lambda *_: self.wait_params())]
 
     @property
     def param_groups(self):
@@ -245,8 +308,14 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
+        """AdamW on this replica's ranges, then the all-gather of the updated ranges into every
+        replica's parameters, launched asynchronously: it overlaps whatever runs before the
+        parameters are next read (the step's logging, the next step's data and token count), and
+        `wait_params()` completes it. The model's forward and state_dict call it themselves
+        (hooks), so no reader sees stale parameters."""
+        self.wait_params()
         self.inner.step()
-        for part in self.parts:  # all-gather the updated ranges into every replica's parameters
+        for part in self.parts:
             params, n, shard = part["params"], part["n"], part["shard"]
             mine = params[0].new_zeros(shard)
             for p, lo, hi, master, _ in part["segments"]:
@@ -254,19 +323,41 @@ class ZeroAdamW:
             full = mine.new_empty(n * shard)
             if part["group"] is None:
                 full.copy_(mine)
+                work = None
             else:
-                all_gather_single(full, mine, group=part["group"])
-            offset = 0
-            for p in params:
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+                work = all_gather_single(full, mine, group=part["group"], async_op=True)
+            self._gathers.append((part, work, full))
+
+    @torch.no_grad()
+    def wait_params(self) -> None:
+        """Finish the last step's parameter all-gathers (no-op when none is outstanding)."""
+        gathers, self._gathers = self._gathers, []
+        if not gathers:
+            return
+        with collective("all_gather(parameters) of ZeRO-1 on the data-parallel groups"):
+            for part, work, full in gathers:
+                if work is not None:
+                    work.wait()
+                offset = 0
+                for p in part["params"]:
+                    p.copy_(full[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+    def remove_hooks(self) -> None:
+        """Finish any all-gather and detach from the model (a new stage builds a new optimizer)."""
+        self.wait_params()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def state_dict(self) -> dict:
+        self.wait_params()
         return self.inner.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
         """Load the moments; the master ranges are re-read from the parameters (same dtype, so
         exactly what they held when saved): load the model's weights first."""
+        self.wait_params()
         self.inner.load_state_dict(sd)
         with torch.no_grad():
             for part in self.parts:

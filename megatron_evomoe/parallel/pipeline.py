@@ -203,9 +203,11 @@ def _p2p_label(state: ParallelState, send_next, send_prev, recv_prev_shape, recv
 # 1F1B
 # --------------------------------------------------------------------------------------------------
 def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict], num_tokens: int,
-                          device: torch.device | str = "cpu", autocast_dtype=None) -> dict:
+                          device: torch.device | str = "cpu", autocast_dtype=None, before_last_backward=None) -> dict:
     """Run forward and backward of all micro-batches of one step on this stage (gradients
     accumulate in .grad). `num_tokens`: supervised tokens of the whole step over all DP ranks.
+    `before_last_backward`: called once, just before this stage's last backward (the gradient
+    reducer then starts its buckets during it: GradientReducer.final_backward).
 
     Returns {"lm_loss", "aux_loss"}: this DP rank's contributions summed over the stages.
     """
@@ -238,8 +240,13 @@ def forward_backward_1f1b(model, state: ParallelState, micro_batches: list[dict]
         in_flight.append((h_in, out, aux))
         return out
 
+    num_backward = [0]
+
     def bwd(grad_out):
         h_in, out, aux = in_flight.popleft()
+        num_backward[0] += 1
+        if num_backward[0] == M and before_last_backward is not None:
+            before_last_backward()
         if last:
             tensors, grads = [out], [torch.ones_like(out)]
         else:

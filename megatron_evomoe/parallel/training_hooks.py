@@ -10,6 +10,8 @@ whose groups are trivial, so every collective below is a no-op and the trainer h
     zero = par.start_stage(params, lr, wd, betas)    # the stage's gradient reducer, or (parallel.zero1)
                                                      # its ZeRO-1 optimizer, used instead of AdamW
     n = par.global_tokens(n_local)                   # supervised tokens of the global step
+    par.final_backward()                             # before the last micro-batch's backward: the DP
+                                                     # buckets all-reduce during it (overlap)
     lm, aux = par.forward_backward(micro, n, ...)    # pipeline only (pp > 1): 1F1B
     norm = par.reduce_and_clip(params, max_norm)     # DP/expert-DP all-reduce (ZeRO-1: reduce-scatter),
                                                      # global norm, clip
@@ -177,6 +179,8 @@ class ParallelTraining:
 
     # ------------------------------------------------------------------ stages
     def apply_stage_structure(self, stage, generator) -> None:
+        if self.zero_optimizer is not None:  # the structure change reads the parameters
+            self.zero_optimizer.wait_params()
         apply_stage_structure(self.model, self.cfg, stage, generator, self.state)
 
     def set_trainable(self, stage, stage_idx: int) -> list[str]:
@@ -193,6 +197,9 @@ class ParallelTraining:
         """The stage's gradient reducer; with ZeRO-1 the stage's sharded optimizer instead, returned
         for the trainer to use in place of AdamW (None: the trainer builds its usual optimizer)."""
         self.param_names = [n for n, _ in params]
+        for previous in (self.reducer, self.zero_optimizer):  # its hooks would stay on the parameters
+            if previous is not None:
+                previous.remove_hooks()
         self.reducer = self.zero_optimizer = None
         if self.zero1:
             self.zero_optimizer = ZeroAdamW(self.model, params, self.state, lr=lr, betas=betas,
@@ -207,8 +214,14 @@ class ParallelTraining:
 
     def forward_backward(self, micro, num_tokens: int, device, bf16: bool) -> tuple[float, float]:
         out = forward_backward_1f1b(self.model, self.state, micro, num_tokens, device,
-                                    autocast_dtype=torch.bfloat16 if bf16 else None)
+                                    autocast_dtype=torch.bfloat16 if bf16 else None,
+                                    before_last_backward=self.final_backward)
         return out["lm_loss"], out["aux_loss"]
+
+    def final_backward(self) -> None:
+        """The next backward is the step's last: the DP buckets start reducing during it."""
+        if self.reducer is not None:
+            self.reducer.final_backward()
 
     def reduce_and_clip(self, params, max_norm: float) -> float:
         if self.zero_optimizer is not None:  # each replica gets the summed gradient of its range only

@@ -358,13 +358,15 @@ class Trainer:
             if self.par.pipeline:
                 lm_total, aux_total = self.par.forward_backward(micro, num_tokens, self.device, cfg.train.bf16)
                 micro = []  # the 1F1B schedule ran forward and backward
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
                     out = self.model(batch["input_ids"], batch["images"], batch["labels"],
                                      positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
                 lm = out.lm_loss_sum / max(num_tokens, 1)
                 aux = out.aux_loss / len(micro)
+                if i == len(micro) - 1:  # the gradient all-reduce overlaps this backward
+                    self.par.final_backward()
                 (lm + aux).backward()
                 totals = totals + torch.stack([lm.detach().double(), aux.detach().double()])
             if micro:

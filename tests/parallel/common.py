@@ -85,13 +85,15 @@ def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: fl
         num_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the global count
         opt.zero_grad(set_to_none=True)
         if state.pp_size > 1:
-            tot = forward_backward_1f1b(model, state, micro, num_tokens)
+            tot = forward_backward_1f1b(model, state, micro, num_tokens, before_last_backward=reducer.final_backward)
             lm, aux = tot["lm_loss"], tot["aux_loss"]
         else:
             lm = aux = 0.0
-            for mb in micro:
+            for i, mb in enumerate(micro):
                 out = model(mb["input_ids"], mb["images"], mb["labels"])
                 lm_c, aux_c = out.lm_loss_sum / num_tokens, out.aux_loss / len(micro)
+                if i == len(micro) - 1 and not zero:  # the DP buckets all-reduce during this backward
+                    reducer.final_backward()
                 (lm_c + aux_c).backward()
                 lm, aux = lm + float(lm_c.detach()), aux + float(aux_c.detach())
         if zero is True:
