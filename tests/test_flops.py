@@ -31,7 +31,7 @@ def test_tiny_config_by_hand():
     assert f.terms == {k: 32 * v for k, v in per_token.items()}
     assert f.forward == 32 * 218112
     assert f.total == 3 * 32 * 218112 == 20_938_752
-    assert step_flops(cfg, 32, 16, recompute=True).total == 4 * 32 * 218112
+    assert step_flops(cfg, 32, 16, recompute="full").total == 4 * 32 * 218112
     # dense (stage I) and evolve (stage II: FFN1 only) run the MoE-designated layer as the dense FFN
     for mode in ("dense", "evolve"):
         d = step_flops(cfg, 32, 16, moe_mode=mode).terms

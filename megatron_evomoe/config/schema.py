@@ -188,6 +188,9 @@ class TrainConfig:
     adam_betas: list = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float = 1.0
     bf16: bool = False
+    # Activation recompute (model/recompute.py): "none"; "selective": the attention core and the up half of
+    # every FFN / expert MLP are recomputed in backward; "full": every decoder layer keeps only its input.
+    recompute: Literal["none", "selective", "full"] = "none"
     save_dir: str = "runs/default"
     save_interval: int = 100  # steps; 0 = only at stage ends
     keep_checkpoints: int = 2

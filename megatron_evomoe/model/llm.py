@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig, check_choice
 from .absent import is_absent
+from .recompute import recomputed
 
 
 class RMSNorm(nn.Module):
@@ -131,6 +132,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(hidden, num_kv_heads * self.head_dim, bias=qkv_bias)
         # out_bias: Phi's `dense` has one (StableLM's o_proj does not)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden, bias=out_bias)
+        self.recompute_core = False  # train.recompute=selective (model/recompute.py)
         for lin in (self.wq, self.wk, self.wv, self.wo):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
@@ -150,7 +152,7 @@ class Attention(nn.Module):
             assert kv_cache is None, "packed rows are a training forward (no KV cache)"
             if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:  # (not what DecoderLM gives)
                 attn_mask = attn_mask.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = self._core(q, k, v, attn_mask, False, gqa)
             return self.wo(y.transpose(1, 2).reshape(B, S, -1))
         causal = True
         if kv_cache is not None:
@@ -159,8 +161,14 @@ class Attention(nn.Module):
             # plain bool for SDPA even when torch.compile traces S as a symbol)
             if causal and k.shape[2] != S:
                 raise NotImplementedError("chunked prefill onto a non-empty KV cache")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        y = self._core(q, k, v, None, causal, gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+    def _core(self, q, k, v, attn_mask, causal: bool, gqa: bool) -> torch.Tensor:
+        """SDPA: [B, nh, S, hd] x3 -> [B, nh, S, hd]; recomputed in backward under selective recompute."""
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=gqa)
+        return recomputed(sdpa, q, k, v) if self.recompute_core else sdpa(q, k, v)
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -198,14 +206,19 @@ class FFN(nn.Module):
             self.w_gate = nn.Linear(hidden, ffn_hidden, bias=bias)
         self.w_up = nn.Linear(hidden, ffn_hidden, bias=bias)
         self.w_down = nn.Linear(ffn_hidden, hidden, bias=bias)
+        self.recompute_hidden = False  # train.recompute=selective (model/recompute.py)
         for lin in self.children():
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None):
+        h = recomputed(self._hidden, x) if self.recompute_hidden else self._hidden(x)  # [..., F]
+        return self.w_down(h), None
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu_tanh":
-            return self.w_down(F.gelu(self.w_up(x), approximate="tanh")), None
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)), None
+            return F.gelu(self.w_up(x), approximate="tanh")
+        return F.silu(self.w_gate(x)) * self.w_up(x)
 
 
 class DecoderLayer(nn.Module):
@@ -220,8 +233,14 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = None if getattr(cfg, "parallel_residual", False) else build_norm(cfg)
         self.mlp: nn.Module = FFN(cfg.hidden_size, cfg.ffn_hidden_size, getattr(cfg, "ffn_activation", "swiglu"),
                                   bias=getattr(cfg, "mlp_bias", False))
+        self.recompute = "none"  # train.recompute: "full" reruns this layer in backward (model/recompute.py)
 
     def forward(self, x, modality, rope, positions, kv_cache=None, attn_mask=None):
+        if self.recompute == "full":  # (model/recompute.py)
+            return recomputed(self._forward, x, modality, rope, positions, kv_cache, attn_mask)
+        return self._forward(x, modality, rope, positions, kv_cache, attn_mask)
+
+    def _forward(self, x, modality, rope, positions, kv_cache=None, attn_mask=None):
         if self.mlp_norm is None:  # x + attn(ln(x)) + mlp(ln(x))
             h = self.attn_norm(x)
             y, aux = self.mlp(h, modality)

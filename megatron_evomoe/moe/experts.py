@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, check_choice
+from ..model.recompute import recomputed
 from ..ops.grouped_gemm import grouped_mm
 
 # Which linear of the dense FFN each expert tensor comes from, and which of its tensors:
@@ -67,6 +68,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         check_choice(ModelConfig, "ffn_activation", activation, "model.ffn_activation")  # the FFN's
         self.backend, self.activation = backend, activation
+        self.recompute_hidden = False  # train.recompute=selective (model/recompute.py)
         E, C, Fh = num_experts, hidden, ffn_hidden
         shapes = {"w_gate": (E, C, Fh), "w_up": (E, C, Fh), "w_down": (E, Fh, C),
                   "b_gate": (E, Fh), "b_up": (E, Fh), "b_down": (E, C)}
@@ -104,14 +106,17 @@ class GroupedExperts(nn.Module):
             no_down_bias = {k: v for k, v in self.tensors().items() if k != "b_down"}
             return experts_loop_reference(x, tokens_per_expert, no_down_bias, self.activation)
         offsets = _offsets(tokens_per_expert)
+        h = recomputed(self._hidden, x, offsets) if self.recompute_hidden else self._hidden(x, offsets)  # [N, F]
+        return grouped_mm(h, self.w_down, offsets, backend=self.backend)  # [N, C]
+
+    def _hidden(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The up half: [N, C] -> the activated [N, F] (recomputed in backward under selective recompute)."""
         owner = row_owner(offsets, x.shape[0]) if self.b_up is not None else None
         up = self._add_bias(grouped_mm(x, self.w_up, offsets, backend=self.backend), self.b_up, owner)  # [N, F]
         if self.activation == "gelu_tanh":
-            h = F.gelu(up, approximate="tanh")
-        else:
-            gate = self._add_bias(grouped_mm(x, self.w_gate, offsets, backend=self.backend), self.b_gate, owner)
-            h = F.silu(gate) * up
-        return grouped_mm(h, self.w_down, offsets, backend=self.backend)  # [N, C]
+            return F.gelu(up, approximate="tanh")
+        gate = self._add_bias(grouped_mm(x, self.w_gate, offsets, backend=self.backend), self.b_gate, owner)
+        return F.silu(gate) * up
 
     def add_down_bias(self, y: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if self.b_down is None:

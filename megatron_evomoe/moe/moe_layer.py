@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.recompute import recomputing
 from .experts import GroupedExperts
 from .router import Router, RoutingOutput
 from .token_dispatcher import LocalTokenDispatcher
@@ -39,7 +40,7 @@ class MoELayer(nn.Module):
         y_perm = self.experts(x_perm, tokens_per_expert)  # [T*K, C]
         y = self.dispatcher.combine(y_perm, routing.gates.to(y_perm.dtype), handle)  # [T, C]
         self.last_tokens_per_expert = routing.tokens_per_expert.detach()
-        if self.routing_hook is not None:
+        if self.routing_hook is not None and not recomputing():  # once per micro-batch, not again in backward
             self.routing_hook(self, routing, modality)
         aux = self.aux_loss_coeff * routing.aux_loss + self.z_loss_coeff * routing.z_loss
         if self.shared_expert is not None:

@@ -11,7 +11,9 @@
       3. apply_ep         keep this rank's experts, install the all-to-all dispatcher
       4. apply_moe_stats  routers compute their load-balancing statistics over the DP group's
                           global batch (the aux loss does not depend on the layout)
-      5. apply_compile    train.compile: torch.compile each decoder layer in place (compile.py);
+      5. apply_recompute  train.recompute: full (each decoder layer reruns in backward) or selective
+                          (attention core, FFN/expert up half); before compile, which traces it
+      6. apply_compile    train.compile: torch.compile each decoder layer in place (compile.py);
                           last, as in torchtitan, so the graphs capture the sharded modules and hooks
     materialise_shards(model, state, cfg, device, seed)  # sharded_construction.py: storage + init
     reducer = apply_dp(model, params, state)           # after the trainable set is known
@@ -31,6 +33,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..model.absent import is_absent
+from ..model.recompute import apply_recompute
 from ..moe.moe_layer import MoELayer
 from .compile import apply_compile
 from .data_parallel import GradientReducer
@@ -41,15 +44,16 @@ from .tensor_parallel_plan import apply_tp, replace_param
 
 
 def parallelize(model, state: ParallelState, cfg):
-    """Apply PP split, TP, EP, the global-batch router statistics and train.compile, in that order
-    (idempotent)."""
+    """Apply PP split, TP, EP, the global-batch router statistics, train.recompute and train.compile, in
+    that order (idempotent)."""
     if state.pp_size > 1:
         split_pipeline(model, state, cfg)  # 1. first, so later steps only touch this stage's modules
     apply_tp(model, state, cfg)  # 2. shards from the full weights
     apply_ep(model, state, cfg)  # 3. after TP: slices the (F-sharded) experts along the expert dim
     apply_moe_stats(model, state, cfg)  # 4.
+    apply_recompute(model, cfg.train.recompute)  # 5. marks the present layers (and their new MLPs)
     if cfg.train.compile:
-        apply_compile(model)  # 5. last: compiles this stage's layers as the steps above left them
+        apply_compile(model)  # 6. last: compiles this stage's layers as the steps above left them
     return model
 
 

@@ -13,7 +13,9 @@ Conventions (what "TFLOP/s" and "MFU" mean wherever this project reports them):
   FLOPs in hardware, so the MFU of attention-heavy runs reads higher than the hardware utilisation;
 - MoE layers count the top_k experts each token is routed to (not all experts), plus the router;
 - training = forward + backward = 3 x forward (backward: the activation and the weight gradient
-  of each product); full activation recomputation adds one more forward (4 x). This is the model
+  of each product); full activation recomputation adds one more forward (4 x); selective
+  recomputation (model/recompute.py) adds the forward of what it reruns: the attention scores and
+  the up half of every FFN and expert MLP (2 of SwiGLU's 3 matrices, 1 of GELU's 2). This is the model
   FLOP count of MFU (PaLM appendix B): a stage that freezes weights does less work but is still
   credited 3 x, so its MFU is comparable across stages;
 - the embedding lookup is free; the LM head is a [C, V] product on every token.
@@ -33,6 +35,7 @@ class FlopCount:
     dense_ffn, moe_experts, shared_expert, router, lm_head, vision, projector)."""
     terms: dict
     multiplier: float  # 3: forward + backward; 4: with full activation recomputation
+    recomputed: float = 0.0  # selective recompute: the forward FLOPs run again in backward
 
     @property
     def forward(self) -> float:
@@ -40,14 +43,14 @@ class FlopCount:
 
     @property
     def total(self) -> float:
-        return self.multiplier * self.forward
+        return self.multiplier * self.forward + self.recomputed
 
     def tflops_per_s(self, seconds: float) -> float:
         return self.total / seconds / 1e12
 
 
 def step_flops(cfg: Config, num_tokens: int, seq_len: int, *, num_images: int = 0, moe_mode: str = "sparse",
-               recompute: bool = False) -> FlopCount:
+               recompute: str = "none") -> FlopCount:
     """FLOPs of one training step over `num_tokens` decoder tokens in sequences of `seq_len`, with
     `num_images` images through the vision tower. `moe_mode`: how the MoE-designated layers run
     (dense / evolve: the dense FFN, stage II runs FFN1 only; sparse: routed experts)."""
@@ -58,7 +61,13 @@ def step_flops(cfg: Config, num_tokens: int, seq_len: int, *, num_images: int = 
     terms = {name: num_tokens * f for name, f in per_token.items()}
     if num_images:
         terms.update({name: num_images * f for name, f in _vision_per_image(cfg).items()})
-    return FlopCount(terms=terms, multiplier=4.0 if recompute else 3.0)
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"step_flops: recompute must be none, selective or full, got {recompute!r}")
+    again = 0.0
+    if recompute == "selective":
+        up_share = 2 / 3 if cfg.model.ffn_activation == "swiglu" else 1 / 2  # the up half's matrices
+        again = terms["attention_scores"] + up_share * (terms["dense_ffn"] + terms["moe_experts"])
+    return FlopCount(terms=terms, multiplier=4.0 if recompute == "full" else 3.0, recomputed=again)
 
 
 def _decoder_per_token(cfg: Config, seq_len: int, moe_mode: str) -> dict:

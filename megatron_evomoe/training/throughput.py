@@ -38,18 +38,13 @@ def batch_counts(micro: list[dict]) -> tuple[int, int]:
     return num_tokens, num_images
 
 
-def recompute_arg(cfg) -> bool:
-    """step_flops' recompute argument. (train.recompute comes with another change; until then "none".)"""
-    return getattr(cfg.train, "recompute", "none") == "full"
-
-
 def rates(cfg, num_tokens: int, num_images: int, num_supervised: int, seconds: float, moe_mode: str,
           world_size: int, peak: float | None) -> dict:
     """The log's figures for job-wide counts done in `seconds`: tokens_per_s, supervised_tokens_per_s,
     tflops_per_gpu and, with a peak (TFLOP/s), mfu."""
     seconds = max(seconds, 1e-9)
     flops = step_flops(cfg, num_tokens, cfg.data.seq_len, num_images=num_images, moe_mode=moe_mode,
-                       recompute=recompute_arg(cfg))
+                       recompute=cfg.train.recompute)
     tflops = flops.tflops_per_s(seconds) / world_size
     out = {"tokens_per_s": num_tokens / seconds, "supervised_tokens_per_s": num_supervised / seconds,
            "tflops_per_gpu": tflops}

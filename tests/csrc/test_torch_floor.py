@@ -58,6 +58,8 @@ FIRST_RELEASE = {
         torch.utils.data.DataLoader(num_workers=) torch.utils.data.DataLoader(collate_fn=)
         torch.utils.data.DataLoader(pin_memory=) torch.utils.data.DataLoader(prefetch_factor=)
         torch.utils.data.DataLoader(worker_init_fn=) torch.utils.data.DataLoader(multiprocessing_context=)
+        torch.is_grad_enabled torch.utils.checkpoint.checkpoint torch.utils.checkpoint.checkpoint(use_reentrant=)
+        torch.utils.checkpoint.checkpoint(context_fn=) torch.distributed.all_reduce(async_op=)
         torch.utils.data.DataLoader(generator=)
         torch.utils.data.Sampler torch.utils.tensorboard.SummaryWriter torch.version torch.version.cuda
         torch.where torch.zeros torch.zeros_like torch.unique torch.UntypedStorage
