@@ -10,7 +10,8 @@ Python object torch keeps unique while the storage lives: views and nn.Parameter
 count twice). Not counted: storages made before the region or outside ops (the file mapping of
 `torch.load(mmap=True)`: the page cache, not the process's memory; slicing it makes views) and
 meta tensors. The peak is what the allocator had to hold for these tensors at once; its caching
-and fragmentation are not included. Used by tests/parallel/test_sharded_construction.py.
+and fragmentation are not included. Works under FakeTensorMode too (enter it inside the fake mode):
+the memory plan's measurement (stages/memory_plan.py). Used by tests/parallel/test_sharded_construction.py.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-def _storage_ptr(x) -> int | None:
+def _storage_id(x) -> int | None:
+    """The identity of x's storage: torch keeps one Python storage object per live storage (real or
+    fake: a FakeTensor's storage has no data pointer, so pointers cannot tell storages apart)."""
     if isinstance(x, torch.Tensor) and not x.is_meta:
-        return x.untyped_storage().data_ptr()
+        return id(x.untyped_storage())
     if isinstance(x, torch.UntypedStorage):
-        return x.data_ptr()
+        return id(x)
     return None
 
 
@@ -38,9 +41,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage_ptr(x) for x in tree_flatten((args, kwargs))[0]}  # views and in-place ops alias these
+        inputs = {_storage_id(x) for x in tree_flatten((args, kwargs))[0]}  # views and in-place ops alias these
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta and _storage_ptr(t) not in inputs:
+            if isinstance(t, torch.Tensor) and not t.is_meta and _storage_id(t) not in inputs:
                 self._count(t.untyped_storage())
         return out
 

@@ -9,7 +9,6 @@ whose groups are trivial, so every collective below is a no-op and the trainer h
     par.set_trainable(stage, idx)                    # pattern check over all pipeline stages
     zero = par.start_stage(params, lr, wd, betas)    # the stage's gradient reducer, or (parallel.zero1)
                                                      # its ZeRO-1 optimizer, used instead of AdamW
-    n = par.global_tokens(n_local)                   # supervised tokens of the global step
     par.final_backward()                             # before the last micro-batch's backward: the DP
                                                      # buckets all-reduce during it (overlap)
     lm, aux = par.forward_backward(micro, n, ...)    # pipeline only (pp > 1): 1F1B
@@ -209,9 +208,6 @@ class ParallelTraining:
         return self.zero_optimizer
 
     # ------------------------------------------------------------------ steps
-    def global_tokens(self, num_tokens: int) -> int:
-        return int(round(all_reduce_floats([float(num_tokens)], self.state.dp_group)[0]))
-
     def forward_backward(self, micro, num_tokens: int, device, bf16: bool) -> tuple[float, float]:
         out = forward_backward_1f1b(self.model, self.state, micro, num_tokens, device,
                                     autocast_dtype=torch.bfloat16 if bf16 else None,

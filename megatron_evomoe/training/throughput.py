@@ -22,7 +22,6 @@ import time
 import torch
 
 from ..parallel.data_parallel import all_reduce_floats
-from ..parallel.watchdog import collective
 from ..stages.flops import peak_tflops, step_flops
 
 log = logging.getLogger("megatron_evomoe")
@@ -59,31 +58,35 @@ def rates_text(r: dict) -> str:
     return text + (f" MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
 
 
-class ThroughputMeter:
-    """Counts between two log lines; `summary_and_reset` sums them over DP (one all-reduce per log line)."""
+def global_step_counts(micro: list[dict], num_supervised: int, dp_group) -> tuple[int, int, int]:
+    """(supervised tokens, decoder positions, images) of the whole step, all data-parallel ranks: the step's
+    one count all-reduce (the loss needs the supervised count anyway; the log's counts ride along)."""
+    num_tokens, num_images = batch_counts(micro)
+    totals = all_reduce_floats([float(num_supervised), float(num_tokens), float(num_images)], dp_group)
+    return tuple(int(round(v)) for v in totals)
 
-    def __init__(self, cfg, moe_mode: str, dp_group, world_size: int, peak: float | None):
-        self.cfg, self.moe_mode, self.dp_group = cfg, moe_mode, dp_group
+
+class ThroughputMeter:
+    """Job-wide counts between two log lines and the rates they make (no collective of its own)."""
+
+    def __init__(self, cfg, moe_mode: str, world_size: int, peak: float | None):
+        self.cfg, self.moe_mode = cfg, moe_mode
         self.world_size, self.peak = world_size, peak
         self._reset(clock())
 
     def _reset(self, now: float) -> None:
         self.t_last, self.num_tokens, self.num_images, self.num_supervised = now, 0, 0, 0
 
-    def step(self, micro: list[dict], num_supervised: int) -> None:
-        """micro: this rank's micro-batches of the step; num_supervised: the step's supervised tokens, all ranks."""
-        num_tokens, num_images = batch_counts(micro)
+    def step(self, num_supervised: int, num_tokens: int, num_images: int) -> None:
+        """One step's counts over all DP ranks (`global_step_counts`)."""
+        self.num_supervised += num_supervised
         self.num_tokens += num_tokens
         self.num_images += num_images
-        self.num_supervised += num_supervised
 
     def summary_and_reset(self) -> tuple[dict, str]:
         """Scalars (`rates`' keys) of the interval since the last call, and the console fragment."""
-        with collective("all_reduce(token and image counts for the log) on the data-parallel group", self.dp_group):
-            num_tokens, num_images = all_reduce_floats([float(self.num_tokens), float(self.num_images)],
-                                                       self.dp_group)
         now = clock()
-        r = rates(self.cfg, int(round(num_tokens)), int(round(num_images)), self.num_supervised, now - self.t_last,
+        r = rates(self.cfg, self.num_tokens, self.num_images, self.num_supervised, now - self.t_last,
                   self.moe_mode, self.world_size, self.peak)
         self._reset(now)
         return r, rates_text(r)

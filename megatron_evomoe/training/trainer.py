@@ -41,7 +41,7 @@ from .restore import check_init_image_processing, refuse_imported_save_dir
 from .routing_log import RoutingLog
 from .stage_data import StageData
 from .stop_request import StopRequest, TrainingStopped
-from .throughput import ThroughputMeter, resolve_peak
+from .throughput import ThroughputMeter, global_step_counts, resolve_peak
 
 log = logging.getLogger("megatron_evomoe")
 
@@ -254,7 +254,7 @@ class Trainer:
         routing, data_log = RoutingLog(self.model), DataLog(run.data)
         pbar = _progress(cfg.train.progress_bar and self.par.is_main, stage, run.step)
         state = self.par.state
-        speed = ThroughputMeter(cfg, stage.moe_mode, state.dp_group, state.world_size,
+        speed = ThroughputMeter(cfg, stage.moe_mode, state.world_size,
                                 resolve_peak(cfg, self.device, verbose=self.par.is_main))
         while run.step < stage.steps:
             lr = lr_at(run.step, stage.steps, stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule) * run.lr_scale
@@ -262,7 +262,7 @@ class Trainer:
                 g["lr"] = lr
             micro = self._next_micro_batches(run)
             try:
-                record, num_tokens = self._train_step(run.opt, run.params, micro, run.evo, run.step, stage)
+                record, counts = self._train_step(run.opt, run.params, micro, run.evo, run.step, stage)
             except NonFiniteError:  # train.nonfinite=stop: the steps before this one are kept
                 self._save_before_stop(run)
                 raise
@@ -273,7 +273,7 @@ class Trainer:
             record["samples"] = data_log.step()
             run.step += 1
             self.global_step += 1
-            speed.step(micro, num_tokens)  # (the batches' shapes; num_tokens: supervised, all DP ranks)
+            speed.step(*counts)  # (supervised tokens, positions, images of the step, all DP ranks)
             record.update(stage=stage.name, stage_step=run.step, global_step=self.global_step, lr=lr)
             self.history.append(record)
             if pbar is not None:
@@ -347,8 +347,10 @@ class Trainer:
         cfg = self.cfg
         num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         # the loss is normalised by the supervised tokens of the global step
+        # (the log's positions and images ride along: throughput.py)
         with collective("all_reduce(token count) on the data-parallel group", self.par.state.dp_group):
-            num_tokens = self.par.global_tokens(num_tokens)
+            counts = global_step_counts(micro, num_tokens, self.par.state.dp_group)
+        num_tokens = counts[0]
         opt.zero_grad(set_to_none=True)
         lm_total, aux_total = 0.0, 0.0
         # (lm, aux) summed on the device in fp64, in micro-batch order: the same additions as Python
@@ -386,13 +388,13 @@ class Trainer:
             log.warning("%s: step skipped (train.nonfinite=%s)", msg, cfg.train.nonfinite)
             opt.zero_grad(set_to_none=True)
             record["skipped"] = True
-            return record, num_tokens
+            return record, counts
         if evo is not None:
             evo.before_step()
         opt.step()
         if evo is not None:
             evo.after_step()
-        return record, num_tokens
+        return record, counts
 
     # ------------------------------------------------------------- logging
     def _log(self, record: dict, routing: RoutingLog, evo, extra: str = "") -> None:

@@ -61,9 +61,9 @@ def test_counts_every_position_images_padding_and_packed_rows():
 def test_rates_are_step_flops_over_time_and_world(monkeypatch):
     cfg = _cfg("--train.peak_tflops=0.002")
     _fake_clock(monkeypatch, 2.5)  # 2.5 s between log lines
-    meter = throughput.ThroughputMeter(cfg, "sparse", None, world_size=4, peak=0.002)
-    meter.step([_unpacked(2, 84, [84, 10], 2)], num_supervised=47)
-    meter.step([_unpacked(2, 84, [84, 84], 1)], num_supervised=84)
+    meter = throughput.ThroughputMeter(cfg, "sparse", world_size=4, peak=0.002)
+    meter.step(*throughput.global_step_counts([_unpacked(2, 84, [84, 10], 2)], 47, None))
+    meter.step(*throughput.global_step_counts([_unpacked(2, 84, [84, 84], 1)], 84, None))
     scalars, text = meter.summary_and_reset()
     flops = step_flops(cfg, 4 * 84, 84, num_images=3, moe_mode="sparse").total  # the interval's 2 steps
     assert scalars["tokens_per_s"] == 4 * 84 / 2.5 and scalars["supervised_tokens_per_s"] == 131 / 2.5
@@ -72,7 +72,7 @@ def test_rates_are_step_flops_over_time_and_world(monkeypatch):
     assert f"{4 * 84 / 2.5:.0f} tok/s ({131 / 2.5:.0f} supervised)" in text and "MFU" in text
     # counts restart after a log line; without a peak there is no MFU (never a wrong one)
     meter.peak = None
-    meter.step([_unpacked(1, 84, [84], 0)], num_supervised=1)
+    meter.step(*throughput.global_step_counts([_unpacked(1, 84, [84], 0)], 1, None))
     scalars, text = meter.summary_and_reset()
     assert scalars["tokens_per_s"] == 84 / 2.5 and "mfu" not in scalars and "MFU" not in text
     dense = throughput.rates(cfg, 84, 0, 1, 1.0, "dense", 1, None)["tflops_per_gpu"]
@@ -81,20 +81,14 @@ def test_rates_are_step_flops_over_time_and_world(monkeypatch):
 
 def _dp_counts(rank, world):
     import torch.distributed as dist
-    ticks = iter([0.0, 1.0])  # one second between the meter's start and the log line
-    throughput.clock = lambda: next(ticks)  # (this process's own copy of the module)
-    meter = throughput.ThroughputMeter(_cfg(), "dense", dist.group.WORLD, world_size=world, peak=None)
-    meter.step([_unpacked(2, 84, [84, 84], num_images=rank + 1)], num_supervised=10)  # rank 1 has 2 images
-    return meter.summary_and_reset()[0]
+    # rank 1 has 2 images and 7 supervised tokens
+    return throughput.global_step_counts([_unpacked(2, 84, [84, 84], num_images=rank + 1)], 3 + 4 * rank,
+                                         dist.group.WORLD)
 
 
 def test_tokens_and_images_are_summed_over_data_parallel_ranks():
-    cfg = _cfg()
     r0, r1 = run_distributed(_dp_counts, 2)
-    assert r0 == r1
-    assert r0["tokens_per_s"] == 2 * 2 * 84  # both ranks' positions
-    flops = step_flops(cfg, 4 * 84, 84, num_images=3, moe_mode="dense").total  # images 1 + 2
-    assert r0["tflops_per_gpu"] == pytest.approx(flops / 2 / 1e12, rel=1e-12)
+    assert r0 == r1 == (3 + 7, 2 * 2 * 84, 1 + 2)  # both ranks' supervised tokens, positions, images
 
 
 def test_peak_auto(monkeypatch, caplog):
