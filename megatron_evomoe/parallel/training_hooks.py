@@ -178,8 +178,7 @@ class ParallelTraining:
 
     # ------------------------------------------------------------------ stages
     def apply_stage_structure(self, stage, generator) -> None:
-        if self.zero_optimizer is not None:  # the structure change reads the parameters
-            self.zero_optimizer.wait_params()
+        self.wait_for_params()  # the structure change reads the parameters
         apply_stage_structure(self.model, self.cfg, stage, generator, self.state)
 
     def set_trainable(self, stage, stage_idx: int) -> list[str]:
@@ -213,6 +212,12 @@ class ParallelTraining:
                                     autocast_dtype=torch.bfloat16 if bf16 else None,
                                     before_last_backward=self.final_backward)
         return out["lm_loss"], out["aux_loss"]
+
+    def wait_for_params(self) -> None:
+        """Every parameter holds its value after the optimizer step (ZeRO-1's all-gather is asynchronous;
+        the model's forward and state_dict wait by themselves, any other reader calls this)."""
+        if self.zero_optimizer is not None:
+            self.zero_optimizer.wait_params()
 
     def final_backward(self) -> None:
         """The next backward is the step's last: the DP buckets start reducing during it."""

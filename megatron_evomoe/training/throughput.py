@@ -119,7 +119,8 @@ def resolve_peak(cfg, device: torch.device, verbose: bool = True) -> float | Non
 def measured_gemm_tflops(hidden: int, dtype: torch.dtype, rows: int = 2048, min_seconds: float = 0.05) -> float:
     """Best TFLOP/s of [rows, hidden] @ [hidden, hidden] on the CPU over 3 timed batches of ~min_seconds
     (once per process: the CPU's 'peak' for MFU, at the matrix width the model runs)."""
-    a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, hidden, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # its own: the run's RNG stream (resumed bit-identically) is untouched
+    a, b = torch.randn(rows, hidden, dtype=dtype, generator=g), torch.randn(hidden, hidden, dtype=dtype, generator=g)
     out = torch.mm(a, b)  # warm-up: BLAS init, page faults
     flop = 2 * rows * hidden * hidden
     best = 0.0

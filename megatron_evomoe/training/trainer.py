@@ -393,6 +393,7 @@ class Trainer:
             evo.before_step()
         opt.step()
         if evo is not None:
+            self.par.wait_for_params()  # the evolution reads FFN1's new values (ZeRO-1 gathers them asynchronously)
             evo.after_step()
         return record, counts
 
