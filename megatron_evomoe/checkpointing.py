@@ -62,25 +62,48 @@ def save_checkpoint(save_dir: str | Path, name: str, state: dict, meta: dict, ke
     is a CheckpointError naming the path and the cause, after which the previous checkpoint (and
     `latest`) are as they were and no temporary folder is left."""
     check_plain(state)
-    root = checkpoint_root(save_dir)
-    final = root / name
-    # named for their owner: another live run's save in progress is never cleaned up (_prune)
-    tmp, aside = root / f".tmp-{name}-{owner_tag()}", root / f".old-{name}-{owner_tag()}"
+    tmp = temporary_folder(save_dir, name)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         with open(tmp / "state.pt", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk) as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {checkpoint_root(save_dir) / name}: {_cause(e)}; "
+                              f"{_previous(save_dir)}") from e
+    return publish(save_dir, name, tmp, meta, keep)
+
+
+def temporary_folder(save_dir: str | Path, name: str, tag: str | None = None) -> Path:
+    """A fresh, empty folder to write checkpoint `name` into, named for its owner (`tag`: this
+    process by default; a distributed save uses rank 0's): another live run's save in progress is
+    never cleaned up (_prune)."""
+    root = checkpoint_root(save_dir)
+    tmp = root / f".tmp-{name}-{tag or owner_tag()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"could not save checkpoint {root / name}: {_cause(e)}; {_previous(save_dir)}") from e
+    return tmp
+
+
+def publish(save_dir: str | Path, name: str, tmp: Path, meta: dict, keep: int, tag: str | None = None) -> Path:
+    """Mark the written folder `tmp` complete (meta.json), move it to checkpoint `name` and point
+    `latest` at it; older checkpoints beyond `keep` are removed. On failure the previous checkpoint
+    and `latest` are as they were (CheckpointError)."""
+    root = checkpoint_root(save_dir)
+    final, aside = root / name, root / f".old-{name}-{tag or owner_tag()}"
+    try:
         write_file_atomic(tmp / "meta.json", json.dumps({**meta, "complete": True}, indent=1))
         if final.exists():  # re-saving the same step (e.g. after a resume): kept aside until replaced
             os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(root)
         write_file_atomic(root / "latest", name)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (full disk) as RuntimeError
+    except OSError as e:
         _undo(tmp, aside, final)
         raise CheckpointError(f"could not save checkpoint {final}: {_cause(e)}; {_previous(save_dir)}") from e
     shutil.rmtree(aside, ignore_errors=True)
@@ -134,9 +157,15 @@ def check_plain(obj, where: str = "state") -> None:
                         "or plain data; convert it (checkpoints are loaded with weights_only=True)")
 
 
+def is_distributed(path: Path) -> bool:
+    """A distributed (DCP) checkpoint folder: parallel/distributed_checkpoint.py reads it."""
+    return (Path(path) / ".metadata").is_file()
+
+
 def _complete(path: Path) -> bool:
     try:
-        return json.loads((path / "meta.json").read_text()).get("complete") is True and (path / "state.pt").is_file()
+        return (json.loads((path / "meta.json").read_text()).get("complete") is True
+                and ((path / "state.pt").is_file() or is_distributed(path)))
     except (OSError, ValueError):
         return False
 
@@ -166,11 +195,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as is, or a run folder's (save_dir's) latest complete checkpoint; a
     `.safetensors` file (model tensors only, e.g. train.init_from) as is."""
     path = Path(path)
-    if (path / "state.pt").is_file() or (path.suffix == ".safetensors" and path.is_file()):
+    if (path / "state.pt").is_file() or is_distributed(path) or (path.suffix == ".safetensors" and path.is_file()):
         return path
     latest = find_latest(path)
     if latest is None:
-        raise CheckpointError(f"{path}: neither a checkpoint folder (state.pt + meta.json) nor a run folder "
+        raise CheckpointError(f"{path}: neither a checkpoint folder (state.pt or .metadata, + meta.json) nor a run folder "
                               "with complete checkpoints")
     return latest
 
@@ -190,12 +219,17 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     holds anything but tensors and plain data is refused, never executed.
 
     mmap: the tensors stay in the memory-mapped file and are read only where used (loading one
-    rank's slices of a big model). A `.safetensors` file gives {"model": name -> lazy tensor}."""
+    rank's slices of a big model). A `.safetensors` file gives {"model": name -> lazy tensor}. A
+    distributed checkpoint gives its model tensors in full and rank 0's plain state (no optimizer:
+    a parallel run loads its own boxes of that directly)."""
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
         return {"model": safetensors_tensors(path)}
     if not _complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (missing state.pt or meta.json)")
+    if is_distributed(path):  # the model, gathered from the boxes (one process's memory)
+        from .parallel.distributed_checkpoint import read_full_state
+        return read_full_state(path)
     file = path / "state.pt"
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):

@@ -194,6 +194,10 @@ class TrainConfig:
     save_dir: str = "runs/default"
     save_interval: int = 100  # steps; 0 = only at stage ends
     keep_checkpoints: int = 2
+    # Write checkpoints in a background thread: the step's tensors are copied at the step boundary
+    # (host memory: one copy of this rank's model and optimizer state) and training goes on while they
+    # are written; `latest` moves only once the whole checkpoint is on disk.
+    async_save: bool = False
     log_interval: int = 10
     tensorboard: bool = True
     # Weights & Biases project the main rank also logs to (needs `pip install wandb`; WANDB_MODE is honoured,

@@ -1,26 +1,24 @@
-"""Per-shard checkpoints that load into a different layout, and the consolidation tool.
+"""The converter for the earlier per-rank checkpoint format, into one that every layout resumes from.
 
-Under parallelism every rank saves its own shard (checkpointing.py's atomic format) under
+Before distributed checkpoints (distributed_checkpoint.py), every rank of a parallel run saved its
+own shard under
 
     <save_dir>/ranks/<layout>/<rank>/checkpoints/<name>/state.pt      layout = tp2-pp1-ep2-dp2
 
-and records, next to its tensors, how each one relates to the full tensor (`ShardSpec`), its
-coordinates in the layout and the names of its optimizer's parameters. That is enough to
-rebuild the single-process checkpoint offline, without processes:
+with, next to its tensors, how each relates to the full tensor (`ShardSpec`), its coordinates in
+the layout and the names of its optimizer's parameters. That is enough to rebuild the
+single-process checkpoint offline, without processes:
 
     python -m megatron_evomoe.parallel.reshard RUN_DIR [--layout tp2-pp1-ep2-dp2] [--name NAME]
 
-writes the consolidated checkpoint to RUN_DIR/checkpoints/<name> (the one-process location;
-model, AdamW moments, step, sampler, RNG and evolution state), which
+writes it to RUN_DIR/checkpoints/<name> (the one-process location; model, AdamW moments, step,
+sampler, RNG and evolution state), from which a one-process run and a run under any layout
+resume (each rank keeps its shard of every tensor and moment). ZeRO-1 per-rank checkpoints cannot
+be converted (their moments are flat ranges without per-tensor bounds); resume them with a
+version before distributed checkpoints.
 
-  * a one-process run with --train.save_dir=RUN_DIR resumes from as from its own, and
-  * a run under *any* other layout resumes from too: a parallel trainer that finds no
-    checkpoint of its own layout loads the consolidated one and keeps its shard of every
-    tensor (model and optimizer moments) - that is the resharding path.
-
-The global batch of each stage (train/stages.<name>.global_batch_size) does not depend on the
-layout, so the data stream and the loss continue unchanged across a layout change; only the derived
-accumulation, global / (micro_batch_size x dp), changes.
+The global batch of each stage does not depend on the layout, so the data stream and the loss
+continue unchanged across a layout change; only the derived accumulation changes.
 """
 from __future__ import annotations
 
@@ -42,15 +40,13 @@ def layout_name(state) -> str:
     return f"tp{state.tp_size}-pp{state.pp_size}-ep{state.ep_size}-dp{state.dp_size}"
 
 
-def rank_checkpoint_dir(save_dir, state) -> Path:
-    return Path(save_dir) / "ranks" / layout_name(state) / f"{state.rank:05d}"
-
-
-def checkpoint_meta(model, state, param_names: list[str]) -> dict:
-    """What a per-rank checkpoint needs for offline consolidation."""
-    specs = {k: [s.tp_dim, s.full_size, s.ep_dim, s.expert] for k, s in named_shard_specs(model).items()}
-    return {"layout": layout_name(state), "world_size": state.world_size, "rank": state.rank,
-            "coords": state.layout.coords(state.rank), "specs": specs, "param_names": list(param_names)}
+def refuse_per_rank_checkpoints(save_dir) -> None:
+    """CheckpointError when a run folder holds per-rank checkpoints of the earlier format and no
+    checkpoint it can resume from: resuming would silently start over."""
+    root = Path(save_dir) / "ranks"
+    if root.is_dir() and any(root.iterdir()):
+        raise ckpt.CheckpointError(f"{save_dir}: holds per-rank checkpoints of the earlier format ({root}); convert "
+                                   f"them once with `python -m megatron_evomoe.parallel.reshard {save_dir}`, then rerun")
 
 
 def _spec(meta: dict, name: str) -> ShardSpec:

@@ -15,14 +15,16 @@ whose groups are trivial, so every collective below is a no-op and the trainer h
     norm = par.reduce_and_clip(params, max_norm)     # DP/expert-DP all-reduce (ZeRO-1: reduce-scatter),
                                                      # global norm, clip
     lm, aux = par.sum_losses(lm, aux)                # the global step's losses, for the record
-Checkpoints: each rank saves its own shard (`checkpoint_dir`, `checkpoint_extras`); `load_state`
-restores this layout's shard or reshards a consolidated (single-process) checkpoint.
+Checkpoints (`checkpoint_write`, `load_state`): one process writes `state.pt`; a parallel job writes
+one distributed checkpoint (distributed_checkpoint.py: each tensor once, by full-tensor boxes), which
+any layout or one process loads. A one-process (or consolidated) `state.pt` loads into any layout too.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,9 @@ from ..stages.trainable import set_trainable
 from .data_parallel import ZeroAdamW, all_reduce_floats, clip_grad_norm_
 from .apply_layout import apply_dp, parallelize
 from .pipeline import forward_backward_1f1b
-from .reshard import checkpoint_meta, layout_name, rank_checkpoint_dir, shard_state_for
+from .checkpoint_boxes import fresh_entry, install_entries, live_entries, model_boxes, optimizer_boxes, optimizer_slots
+from .distributed_checkpoint import DistributedCheckpointer, saved_model_shapes
+from .reshard import layout_name, shard_state_for
 from .sharded_construction import materialise_shards
 from .sharded_state import load_full_state_dict
 from .stage_structure import apply_stage_structure
@@ -53,6 +57,7 @@ class ParallelTraining:
         self.zero_optimizer: ZeroAdamW | None = None
         self.param_names: list[str] = []
         parallelize(model, state, cfg)
+        self.checkpointer = DistributedCheckpointer(state.rank, state.world_size)
 
     @property
     def pipeline(self) -> bool:
@@ -77,16 +82,31 @@ class ParallelTraining:
         return self.state.world_size == 1
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_dir(self, save_dir) -> Path:
-        """Where this rank saves: save_dir itself for one process, else its own shard folder
-        <save_dir>/ranks/<layout>/<rank> (reshard.py)."""
-        return Path(save_dir) if self.state.world_size == 1 else rank_checkpoint_dir(save_dir, self.state)
+    @property
+    def layout(self) -> str:
+        return layout_name(self.state)
 
-    def checkpoint_extras(self) -> dict:
-        """Saved next to a rank's shard: specs, coordinates, optimizer parameter names (reshard.py)."""
+    def checkpoint_write(self, save_dir, name: str, plain: dict, opt, meta: dict, keep: int,
+                         staged: bool) -> Callable[[], Path]:
+        """The save of checkpoint `name`, to run now or in the background (staged: on copies taken
+        here, at the step boundary, so training may go on changing the live tensors)."""
+        meta = {**meta, "layout": self.layout}
         if self.state.world_size == 1:
-            return {}
-        return {"parallel": dict(checkpoint_meta(self.model, self.state, self.param_names), zero1=self.zero1)}
+            state = {"model": self.model.state_dict(), "optimizer": opt.state_dict(), **plain}
+            if staged:
+                state = _staged(state)
+            return lambda: ckpt.save_checkpoint(save_dir, name, state, meta, keep)
+        params = self._trainable()
+        inner, slots = optimizer_slots(opt, params)
+        boxes = {**model_boxes(self.model, self.state),
+                 **optimizer_boxes(self.model, slots, live_entries(inner, slots), self.state)}
+        if staged:
+            boxes, plain = {k: b.staged() for k, b in boxes.items()}, _staged(plain)
+        return lambda: self.checkpointer.save(save_dir, name, boxes, plain, meta, keep)
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        named = dict(self.model.named_parameters())
+        return [(n, named[n]) for n in self.param_names]
 
     def newest_common_checkpoint(self, ckpt_dir) -> Path | None:
         """This rank's newest checkpoint that every rank also completed. A rank killed while saving
@@ -147,8 +167,10 @@ class ParallelTraining:
         load_full_state_dict(self.model, loaded["model"], self.state)
 
     def load_state(self, ckpt_state: dict, opt, load_optimizer: bool, where: str = "resume") -> None:
-        """Restore model (and optimizer) from this layout's own shard, or reshard a consolidated
-        (single-process) checkpoint to this layout."""
+        """Restore model (and optimizer): from a distributed checkpoint, each rank reads its own boxes
+        (any saved layout); a `state.pt` (one process, or consolidated) is resharded to this layout."""
+        if "dcp_folder" in ckpt_state:
+            return self._load_distributed(ckpt_state, opt, load_optimizer, where)
         saved = ckpt_state.get("parallel", {})
         own = saved.get("layout", CONSOLIDATED_LAYOUT) == layout_name(self.state)
         saved_zero1 = bool(saved.get("zero1", False))
@@ -175,6 +197,22 @@ class ParallelTraining:
             stage = self.cfg.stages[ckpt_state["stage_idx"]].name
             raise ckpt.CheckpointError(f"{where}: its optimizer state does not fit this stage's trainable "
                                        f"parameters ({e}); was stages.{stage}.trainable changed?") from None
+
+    def _load_distributed(self, ckpt_state: dict, opt, load_optimizer: bool, where: str) -> None:
+        folder = ckpt_state["dcp_folder"]
+        boxes = model_boxes(self.model, self.state)
+        own = {k[len("model/"):]: torch.empty(b.shape, device="meta") for k, b in boxes.items()}
+        ckpt.check_model_fits(own, {"model": saved_model_shapes(folder), "config": ckpt_state.get("config")},
+                              where, self.cfg.to_dict(),
+                              "use a new train.save_dir (or train.resume=false) for another architecture")
+        load_optimizer = load_optimizer and bool(self.param_names)
+        if load_optimizer:  # zeros in this layout's shape (ZeRO-1 or not), filled from the saved moments
+            inner, slots = optimizer_slots(opt, self._trainable())
+            entries = {s.name: fresh_entry(s) for s in slots}
+            boxes.update(optimizer_boxes(self.model, slots, entries, self.state))
+        self.checkpointer.load(folder, boxes, where)
+        if load_optimizer:
+            install_entries(opt, inner, slots, entries)
 
     # ------------------------------------------------------------------ stages
     def apply_stage_structure(self, stage, generator) -> None:
@@ -243,3 +281,9 @@ class ParallelTraining:
 def checkpoint_step(path) -> int:
     """The global step a checkpoint folder was saved at (its meta.json)."""
     return int(json.loads((Path(path) / "meta.json").read_text()).get("global_step", -1))
+
+
+def _staged(tree):
+    """A copy of a state's tensors (and of the containers holding them): what was there at the step."""
+    from torch.utils._pytree import tree_map
+    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)

@@ -37,6 +37,9 @@ from .evaluation import evaluate_pope
 from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
+from ..parallel.distributed_checkpoint import read_plain, saved_layout
+from ..parallel.reshard import refuse_per_rank_checkpoints
+from .background_save import BackgroundSave
 from .restore import check_init_image_processing, refuse_imported_save_dir
 from .routing_log import RoutingLog
 from .stage_data import StageData
@@ -123,8 +126,7 @@ class Trainer:
         self.structure_gen = torch.Generator().manual_seed(t.seed + 7919)
         self.metrics = MetricsLogger(self.save_dir, t.tensorboard, enabled=self.par.is_main,
                                      wandb_project=t.wandb_project, config=cfg.to_dict())
-        # checkpoints: one folder per rank under parallelism (each rank saves its own shard)
-        self.ckpt_dir = self.par.checkpoint_dir(self.save_dir)
+        self.saves = BackgroundSave(t.async_save)  # checkpoint writes, in the background with train.async_save
         self.global_step = 0
         self.history: list[dict] = []  # per-step records, for tests and reports
         self.stop = StopRequest(t.exit_signal)  # SIGTERM / SIGINT / train.exit_signal: stop with a checkpoint
@@ -132,9 +134,13 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
         self.stop.install()
+        failing = True
         try:
-            return self._run()
+            history = self._run()
+            failing = False
+            return history
         finally:
+            self.saves.close(failing)  # the last checkpoint is on disk before the process can end
             self.stop.restore()
             self.metrics.close()
             if self.run_lock is not None:  # (the save_dir is free for the next run of this process too)
@@ -164,20 +170,28 @@ class Trainer:
             return None
         refuse_imported_save_dir(self.cfg)  # an HF import's folder holds weights, nothing to resume
         with collective("resume: all_reduce(MIN of the newest checkpoint step) over all ranks"):
-            path = self.par.newest_common_checkpoint(self.ckpt_dir)
-        if path is None and self.ckpt_dir != self.save_dir:  # a consolidated checkpoint (parallel/reshard.py)
-            path = ckpt.find_latest(self.save_dir)
+            path = self.par.newest_common_checkpoint(self.save_dir)
+        if path is None:
+            refuse_per_rank_checkpoints(self.save_dir)
         with collective("resume: all_reduce(checkpoint step) over all ranks"):  # all ranks resume the same step
             self.par.agree_on_step(-1 if path is None else checkpoint_step(path))
         if path is None:
             return None
-        state = ckpt.load_checkpoint(path)
+        state = self._read_plain(path)
         if not 0 <= state["stage_idx"] < len(self.cfg.stages):
             raise ckpt.CheckpointError(f"resume: {path} is from stage {state['stage_idx'] + 1}, but the config has "
                                        f"{len(self.cfg.stages)} stages; use a new train.save_dir or train.resume=false")
         self._check_stage_names(state, path)
         log.info("resuming from %s (stage %s, step %d)", path, self.cfg.stages[state["stage_idx"]].name, state["step"])
         return state
+
+    def _read_plain(self, path) -> dict:
+        """The checkpoint's state; of a distributed one only the plain part (each rank loads its own
+        boxes of the tensors later): this rank's own in the same layout, else rank 0's."""
+        if not ckpt.is_distributed(path):
+            return ckpt.load_checkpoint(path)
+        same = saved_layout(path) == self.par.layout
+        return {**read_plain(path, self.par.state.rank if same else 0), "dcp_folder": path}
 
     def _check_stage_names(self, state: dict, path) -> None:
         """A resumed run continues stage `stage_idx` of the checkpoint's stage list: the config's stages up to
@@ -321,7 +335,7 @@ class Trainer:
             raise DataError(f"stopped at {where}: a sample failed to load on another rank (its error names the "
                             "file); the steps before it are checkpointed", reason="other_rank")
         raise TrainingStopped(f"stopped by {self.stop.describe()} at {where}; the steps before it are "
-                              f"checkpointed in {self.ckpt_dir}: rerun the same command to resume")
+                              f"checkpointed in {self.save_dir}: rerun the same command to resume")
 
     def _evaluate_stage(self, stage) -> None:
         cfg = self.cfg
@@ -416,9 +430,7 @@ class Trainer:
 
     # ---------------------------------------------------------- checkpoint
     def _save(self, idx, step, opt, data, evo, stage_end: bool) -> None:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": opt.state_dict(),
+        plain = {
             "stage_idx": idx,
             "step": step,
             "global_step": self.global_step,
@@ -427,14 +439,18 @@ class Trainer:
             "structure_gen": self.structure_gen.get_state(),
             "evolution": evo.state_dict() if evo is not None else None,
             "config": self.cfg.to_dict(),
-            **self.par.checkpoint_extras(),  # shard specs and coordinates, for consolidation and resharding
         }
         stage = self.cfg.stages[idx]
         name = f"{idx:02d}-{stage.name}-step{step:06d}"
         meta = {"stage": stage.name, "stage_idx": idx, "step": step, "global_step": self.global_step,
                 "stage_end": stage_end}
-        path = ckpt.save_checkpoint(self.ckpt_dir, name, state, meta, self.cfg.train.keep_checkpoints)
-        log.info("saved checkpoint %s", path)
+        # (model and optimizer: state.pt for one process, each rank's boxes of a distributed checkpoint)
+        write = self.par.checkpoint_write(self.save_dir, name, plain, opt, meta, self.cfg.train.keep_checkpoints,
+                                          staged=self.saves.enabled)
+
+        def save_and_log():
+            log.info("saved checkpoint %s", write())
+        self.saves.submit(save_and_log)
 
     def _save_before_stop(self, run: "StageRun") -> None:
         """A checkpoint of the steps done since the last one, before a stop (bad data, a signal, a non-finite
@@ -442,13 +458,14 @@ class Trainer:
         if run.step in (0, run.saved_step):  # the stage's start (the previous stage end covers it) / just saved
             return
         self._save(run.idx, run.step, run.opt, run.data, run.evo, stage_end=False)
+        self.saves.wait()  # (the stop is reported once this checkpoint is on disk)
         run.saved_step = run.step
 
     def _restore(self, state: dict, opt, data, evo) -> int:
         stage = self.cfg.stages[state["stage_idx"]]
         load_opt = state["step"] < stage.steps
         # this layout's own shard, or a consolidated checkpoint resharded
-        where = f"resume: the checkpoint of stage '{stage.name}' step {state['step']} in {self.ckpt_dir}"
+        where = f"resume: the checkpoint of stage '{stage.name}' step {state['step']} in {self.save_dir}"
         self.par.load_state(state, opt, load_opt, where)
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])

@@ -62,12 +62,12 @@ def split_step(batch: dict, num_micro: int, dp_rank: int, dp_size: int) -> list[
 
 
 def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: float = 1e-2,
-          bucket_size_mb: float = 0.002, zero: bool = False) -> dict:
+          bucket_size_mb: float = 0.002, zero: bool = False, optimizer: list | None = None) -> dict:
     """AdamW steps as the trainer does them: loss / global token count, aux / micro-batches,
     DP reduction, global-norm clipping. Returns per-step losses and grad norms (DP-summed).
     zero: ZeRO-1 (`ZeroAdamW`: sharded optimizer state, reduce-scatter + all-gather); weight decay
     then applies to matrices only, as in training/optim.py, and `zero="reference"` gives the
-    unsharded run with those same groups."""
+    unsharded run with those same groups. optimizer: a list the optimizer is appended to (for checkpoints)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if zero is True:
         from megatron_evomoe.parallel.data_parallel import ZeroAdamW
@@ -79,6 +79,8 @@ def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: fl
     else:
         opt = torch.optim.AdamW([p for _, p in params], lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     reducer = apply_dp(model, params, state, bucket_size_mb=bucket_size_mb)
+    if optimizer is not None:
+        optimizer.append(opt)
     losses, norms = [], []
     for batch in steps:
         micro = split_step(batch, num_micro, state.dp_rank, state.dp_size)

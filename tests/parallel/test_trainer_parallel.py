@@ -1,6 +1,6 @@
 """The real trainer under TP/SP/EP/DP/PP reproduces the one-process trainer, through all four stages
 of the tiny recipe (projector, dense warm-up, expert evolution, split + DTR training), including
-the evolved experts at the split, the stage-end POPE evaluation, and a crash + per-rank resume."""
+the evolved experts at the split, the stage-end POPE evaluation, and a crash + resume from the distributed checkpoint, also into other layouts."""
 from __future__ import annotations
 
 import time
@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from megatron_evomoe import checkpointing as ckpt
 from megatron_evomoe.config import load_config
 from megatron_evomoe.parallel import ParallelState, full_state_dict
 from megatron_evomoe.training.trainer import Trainer
@@ -96,30 +97,31 @@ def test_trainer_world2_tp_sp_resume_and_pp(references, data_root, tmp_path):
         evals, ref_evals_accum2 = _compare(f"pp2 rank {rank}", p["summary"], references["accum2"][:2])
         # the stage-end POPE decoded through the pipeline (parallel/pipeline_generation.py): same scores
         assert evals == ref_evals_accum2 and evals[0]["num_questions"] == 8
-    assert (tmp_path / "tp2_sp" / "ranks" / "tp2-pp1-ep1-dp1" / "00001" / "checkpoints").is_dir()
+    # one distributed checkpoint for the job (both ranks' boxes, one metadata), no per-rank folders
+    latest = ckpt.find_latest(tmp_path / "tp2_sp")
+    assert sorted(p.name for p in latest.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    assert not (tmp_path / "tp2_sp" / "ranks").exists()
     _check_reshard(references, data_root, tmp_path)
 
 
 def _check_reshard(references, data_root, tmp_path):
-    """TP2 per-rank checkpoint (mid-stage: model shards, sharded AdamW moments, evolved-expert
-    buffers) -> consolidated offline -> resumed by one process and by DP2: both continue the
-    one-process trajectory."""
+    """TP2 distributed checkpoint (mid-stage: model shards, sharded AdamW moments, evolved-expert
+    buffers) -> resumed directly by one process and by DP2: both continue the one-process trajectory."""
     import shutil
 
-    from megatron_evomoe.parallel.reshard import consolidate
-    path = consolidate(tmp_path / "tp2_crash")
+    path = ckpt.find_latest(tmp_path / "tp2_crash")
     assert path.name == "02-evolution-step000002", path
     for name in ("as_single", "as_dp2"):
         shutil.copytree(tmp_path / "tp2_crash" / "checkpoints", tmp_path / name / "checkpoints")
     ref_losses, ref_evals, _ = references["plain"]
     single = run_distributed(_single, 1, str(data_root), str(tmp_path / "as_single"), [])[0]
-    _compare("consolidated -> 1 process", single[:2], (ref_losses, ref_evals), skip_before=7)
+    _compare("tp2 -> 1 process", single[:2], (ref_losses, ref_evals), skip_before=7)
     assert single[1] == ref_evals
     dp2 = run_distributed(_parallel, 2, str(data_root), str(tmp_path),
                           [("as_dp2", ["--train.micro_batch_size=2"], 0)])
     for rank, res in enumerate(dp2):
         assert res["as_dp2"]["resumed_from"] == 8
-        _compare(f"consolidated -> dp2 rank {rank}", res["as_dp2"]["summary"], (ref_losses, ref_evals), skip_before=7)
+        _compare(f"tp2 -> dp2 rank {rank}", res["as_dp2"]["summary"], (ref_losses, ref_evals), skip_before=7)
 
 
 def test_trainer_world4_tp2_ep2_dp2(references, data_root, tmp_path):

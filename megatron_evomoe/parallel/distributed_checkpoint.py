@@ -1,0 +1,206 @@
+"""Distributed checkpoints (torch.distributed.checkpoint): every tensor written once by the whole
+job, loadable into any TP/PP/EP/DP layout, ZeRO-1 or not, or into one process, with no
+consolidation step.
+
+    <save_dir>/checkpoints/<name>/
+        .metadata            DCP's index: each tensor's full shape and the boxes stored, and where
+        __<rank>_0.distcp    the boxes rank <rank> wrote (replicas are written by one rank only)
+        meta.json            written last, by rank 0: {"complete": true, "format": "dcp", ...}
+
+Keys: model/<name>, optim/<name>/{exp_avg, exp_avg_sq, step} (checkpoint_boxes.py), and
+extras/<rank>: each rank's plain state (stage, step, data position, RNG, evolution, config), bytes
+of torch.save read back with weights_only=True. A run resumed in the same layout takes its own
+rank's extras; in another layout every rank takes rank 0's, as a one-process run would.
+
+Atomic like checkpointing.py: every rank writes into the same temporary folder (named for rank 0),
+and rank 0 renames it once DCP has written every rank's data and the metadata, then moves `latest`.
+A job killed mid-save leaves the previous checkpoint as `latest`. The save_dir must be on a file
+system every rank sees (as for Megatron-LM's and torchtitan's checkpoints).
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+from .. import checkpointing as ckpt
+from .checkpoint_boxes import Box, Boxes
+from .dcp_planners import BoxLoadPlanner, BoxSavePlanner, SafeFileSystemReader
+
+FORMAT = "dcp"
+
+
+def extras_key(rank: int) -> str:
+    return f"extras/{rank:05d}"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+class DistributedCheckpointer:
+    """Saves and loads this rank's boxes; collective over all ranks (its own gloo group, so that a
+    save running in the background never interleaves with the training's collectives)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None  # (collective: every rank)
+        tag = [ckpt.owner_tag()]
+        if self.group is not None:  # the temporary folder is named for rank 0, which cleans up after it
+            dist.broadcast_object_list(tag, src=0, group=self.group)
+        self.tag = tag[0]
+
+    def _agree(self, error: str | None) -> None:
+        """Raise on every rank if rank 0 failed (the others would wait for it in the next collective)."""
+        status = [error]
+        if self.group is not None:
+            dist.broadcast_object_list(status, src=0, group=self.group)
+        if status[0]:
+            raise ckpt.CheckpointError(status[0])
+
+    def save(self, save_dir, name: str, boxes: dict[str, Boxes], plain: dict, meta: dict, keep: int) -> Path:
+        """Write checkpoint `name` (collective). `boxes`: this rank's tensors; `plain`: its plain state."""
+        ckpt.check_plain(plain)
+        extras = io.BytesIO()
+        torch.save(plain, extras)
+        state = {**boxes, extras_key(self.rank): extras}
+        final = ckpt.checkpoint_root(save_dir) / name
+        tmp, error = None, None
+        if self.rank == 0:
+            try:
+                tmp = ckpt.temporary_folder(save_dir, name, self.tag)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        self._agree(error)
+        tmp = ckpt.checkpoint_root(save_dir) / f".tmp-{name}-{self.tag}"
+        try:
+            with _quiet():
+                dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True),
+                         planner=BoxSavePlanner(), process_group=self.group, no_dist=self.group is None)
+        except Exception as e:  # noqa: BLE001 - DCP reports any rank's failure on every rank
+            if self.rank == 0:
+                ckpt.shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.CheckpointError(f"could not save checkpoint {final}: {_first_line(e)}; "
+                                       f"{ckpt._previous(save_dir)}") from e
+        if self.rank == 0:
+            try:
+                ckpt.publish(save_dir, name, tmp, {**meta, "format": FORMAT, "world_size": self.world_size},
+                             keep, self.tag)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        self._agree(error)
+        return final
+
+    def load(self, folder, boxes: dict[str, Boxes], where: str) -> None:
+        """Copy the checkpoint's values into this rank's boxes (collective), from whichever saved boxes
+        overlap them: the layout it was saved in does not matter."""
+        metadata = read_metadata(folder)
+        missing = [k for k in boxes if k not in metadata.state_dict_metadata]
+        if missing:
+            raise ckpt.CheckpointError(f"{where}: {folder} has no {missing[0]!r} ({len(missing)} tensors missing)")
+        wrong = [k for k in boxes if tuple(metadata.state_dict_metadata[k].size) != tuple(boxes[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ckpt.CheckpointError(f"{where}: {k}: checkpoint shape {tuple(metadata.state_dict_metadata[k].size)} "
+                                       f"vs model {tuple(boxes[k].shape)}")
+        _read(folder, boxes, self.group, where)
+
+
+def _quiet():
+    """DCP warns on every one-process (no_dist) call that it assumes one process: it does, by design."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return _Exit(ctx)
+
+
+class _Exit:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
+def read_metadata(folder):
+    """The checkpoint's DCP metadata (unpickled without running code), with every data file present."""
+    folder = Path(folder)
+    try:
+        metadata = SafeFileSystemReader(folder).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing, corrupt or refused .metadata: name it
+        refused = " (refused: it names objects other than DCP's data types)" if "pickle" in type(e).__module__ else ""
+        raise ckpt.CheckpointError(f"{folder / '.metadata'}: cannot be read{refused} "
+                                   f"({type(e).__name__}: {_first_line(e)})") from None
+    files = sorted({info.relative_path for info in metadata.storage_data.values()})
+    absent = [f for f in files if not (folder / f).is_file()]
+    if absent:
+        raise ckpt.CheckpointError(f"{folder}: the shard file {absent[0]} is missing ({len(absent)} of {len(files)}); "
+                                   "the checkpoint is incomplete, resume from an earlier one")
+    return metadata
+
+
+def _read(folder, state: dict, group, where: str) -> BoxLoadPlanner:
+    planner = BoxLoadPlanner()
+    try:
+        with _quiet():
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=planner, process_group=group,
+                     no_dist=group is None)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt shard file: name the folder
+        raise ckpt.CheckpointError(f"{where}: {folder} cannot be read ({_first_line(e)})") from None
+    return planner
+
+
+def read_plain(folder, rank: int) -> dict:
+    """Rank `rank`'s plain state (its extras), read alone (no process group)."""
+    metadata = read_metadata(folder)
+    key = extras_key(rank) if extras_key(rank) in metadata.state_dict_metadata else extras_key(0)
+    planner = _read(folder, {key: io.BytesIO()}, None, "resume")
+    return _unpickle_plain(planner.loaded_bytes[key], f"{folder} {key}")
+
+
+def _unpickle_plain(data: bytes, where: str) -> dict:
+    try:
+        with torch.serialization.safe_globals(ckpt._legacy_numpy_globals()):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refused (not plain data) or corrupt
+        raise ckpt.CheckpointError(f"{where}: cannot be read as plain data ({_first_line(e)})") from None
+
+
+def read_full_state(folder) -> dict:
+    """The one-process view of a distributed checkpoint: every model tensor in full, and rank 0's plain
+    state (for evaluation, reports, HF export and one-process tools; no process group needed)."""
+    metadata = read_metadata(folder)
+    model = {}
+    boxes: dict = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model/"):
+            t = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+            model[key[len("model/"):]] = t
+            boxes[key] = Boxes(tuple(md.size), [Box(t, (0,) * len(md.size))])
+    boxes[extras_key(0)] = io.BytesIO()
+    planner = _read(folder, boxes, None, "load")
+    return {**_unpickle_plain(planner.loaded_bytes[extras_key(0)], f"{folder} extras"), "model": model}
+
+
+def saved_model_shapes(folder) -> dict[str, torch.Tensor]:
+    """name -> a meta tensor of the saved full shape, for every model tensor (checks against a model)."""
+    return {k[len("model/"):]: torch.empty(tuple(md.size), device="meta")
+            for k, md in read_metadata(folder).state_dict_metadata.items() if k.startswith("model/")}
+
+
+def saved_layout(folder) -> str | None:
+    """The layout a checkpoint was saved in (meta.json), None when it does not say."""
+    try:
+        return json.loads((Path(folder) / "meta.json").read_text()).get("layout")
+    except (OSError, ValueError):
+        return None
