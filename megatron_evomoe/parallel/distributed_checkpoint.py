@@ -19,9 +19,11 @@ system every rank sees (as for Megatron-LM's and torchtitan's checkpoints).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,8 +34,11 @@ from torch.distributed.checkpoint import FileSystemWriter
 from .. import checkpointing as ckpt
 from .checkpoint_boxes import Box, Boxes
 from .dcp_planners import BoxLoadPlanner, BoxSavePlanner, SafeFileSystemReader
+from .watchdog import collective, is_comm_failure
 
 FORMAT = "dcp"
+SAVING = "checkpoint save (DCP: plans, data and metadata on the checkpoint group)"
+LOADING = "checkpoint load (DCP: the read plan on the checkpoint group)"
 
 
 def extras_key(rank: int) -> str:
@@ -49,9 +54,10 @@ class DistributedCheckpointer:
     """Saves and loads this rank's boxes; collective over all ranks (its own gloo group, so that a
     save running in the background never interleaves with the training's collectives)."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, timeout_s: float = 1800.0):
         self.rank, self.world_size = rank, world_size
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None  # (collective: every rank)
+        # (collective: every rank; new_group does not inherit init_process_group's timeout)
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world_size > 1 else None
         tag = [ckpt.owner_tag()]
         if self.group is not None:  # the temporary folder is named for rank 0, which cleans up after it
             dist.broadcast_object_list(tag, src=0, group=self.group)
@@ -65,8 +71,16 @@ class DistributedCheckpointer:
         if status[0]:
             raise ckpt.CheckpointError(status[0])
 
-    def save(self, save_dir, name: str, boxes: dict[str, Boxes], plain: dict, meta: dict, keep: int) -> Path:
-        """Write checkpoint `name` (collective). `boxes`: this rank's tensors; `plain`: its plain state."""
+    def save(self, save_dir, name: str, boxes: dict[str, Boxes], plain: dict, meta: dict, keep: int,
+             watched: bool = True) -> Path:
+        """Write checkpoint `name` (collective). `boxes`: this rank's tensors; `plain`: its plain state.
+        watched: inside a watchdog region (a dead or hung peer is named); a background save is not
+        (the watchdog follows the training thread), a peer's failure is its CheckpointError."""
+        region = collective(SAVING) if watched else contextlib.nullcontext()
+        with region:
+            return self._save(save_dir, name, boxes, plain, meta, keep)
+
+    def _save(self, save_dir, name: str, boxes: dict[str, Boxes], plain: dict, meta: dict, keep: int) -> Path:
         ckpt.check_plain(plain)
         extras = io.BytesIO()
         torch.save(plain, extras)
@@ -87,6 +101,7 @@ class DistributedCheckpointer:
         except Exception as e:  # noqa: BLE001 - DCP reports any rank's failure on every rank
             if self.rank == 0:
                 ckpt.shutil.rmtree(tmp, ignore_errors=True)
+            _raise_comm_failure(e)
             raise ckpt.CheckpointError(f"could not save checkpoint {final}: {_first_line(e)}; "
                                        f"{ckpt._previous(save_dir)}") from e
         if self.rank == 0:
@@ -110,7 +125,21 @@ class DistributedCheckpointer:
             k = wrong[0]
             raise ckpt.CheckpointError(f"{where}: {k}: checkpoint shape {tuple(metadata.state_dict_metadata[k].size)} "
                                        f"vs model {tuple(boxes[k].shape)}")
-        _read(folder, boxes, self.group, where)
+        with collective(LOADING):
+            try:
+                _read(folder, boxes, self.group, where)
+            except ckpt.CheckpointError as e:
+                _raise_comm_failure(e.__cause__)
+                raise
+
+
+def _raise_comm_failure(e: BaseException | None) -> None:
+    """A peer died or hung during DCP's exchanges: re-raise the backend's error itself, for the
+    watchdog region to name the rank (DCP may wrap it, per rank, in a CheckpointException)."""
+    causes = [e, *getattr(e, "failures", {}).values()] if e is not None else []
+    for cause in causes:
+        if isinstance(cause, BaseException) and is_comm_failure(cause):
+            raise cause
 
 
 def _quiet():
@@ -156,7 +185,7 @@ def _read(folder, state: dict, group, where: str) -> BoxLoadPlanner:
             dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=planner, process_group=group,
                      no_dist=group is None)
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt shard file: name the folder
-        raise ckpt.CheckpointError(f"{where}: {folder} cannot be read ({_first_line(e)})") from None
+        raise ckpt.CheckpointError(f"{where}: {folder} cannot be read ({_first_line(e)})") from e
     return planner
 
 

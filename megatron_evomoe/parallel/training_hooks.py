@@ -57,7 +57,7 @@ class ParallelTraining:
         self.zero_optimizer: ZeroAdamW | None = None
         self.param_names: list[str] = []
         parallelize(model, state, cfg)
-        self.checkpointer = DistributedCheckpointer(state.rank, state.world_size)
+        self.checkpointer = DistributedCheckpointer(state.rank, state.world_size, cfg.parallel.timeout_s)
 
     @property
     def pipeline(self) -> bool:
@@ -102,7 +102,7 @@ class ParallelTraining:
                  **optimizer_boxes(self.model, slots, live_entries(inner, slots), self.state)}
         if staged:
             boxes, plain = {k: b.staged() for k, b in boxes.items()}, _staged(plain)
-        return lambda: self.checkpointer.save(save_dir, name, boxes, plain, meta, keep)
+        return lambda: self.checkpointer.save(save_dir, name, boxes, plain, meta, keep, watched=not staged)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         named = dict(self.model.named_parameters())

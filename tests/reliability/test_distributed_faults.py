@@ -20,16 +20,10 @@ TIMEOUT_S = 20.0
 
 # the collective in which rank 0 waits for rank 1, dead or hung in its 2nd optimizer step (the projector
 # stage's last): rank 0 has finished step 2 (its collectives come before the optimizer step) and the
-# next one with rank 1 as peer is, per layout:
-FIRST_WAIT = {
-    # the step's first collective: the agreement on stopping (a signal or a bad sample on any rank)
-    "dp2": "all_reduce(stop and bad-sample flags) over all ranks (ranks 0, 1) at step 3",
-    "ep2": "all_reduce(stop and bad-sample flags) over all ranks (ranks 0, 1) at step 3",
-    # the warm-up stage's structure change gathers the TP-sharded FFN of the MoE layer
-    "tp2": "stage 'warmup' structure change (TP/EP gathers, router broadcast) (ranks 0, 1) at step 2",
-    # each pipeline stage learns which of the warm-up stage's patterns the other stage trains
-    "pp2": "stage 'warmup' set-up (all_reduce of the trainable patterns on the pipeline group) (ranks 0, 1) at step 2",
-}
+# next one with rank 1 as peer is, in every layout, the stage-end checkpoint: one distributed
+# checkpoint for the job, written by all ranks together
+FIRST_WAIT = {layout: "checkpoint save (DCP: plans, data and metadata on the checkpoint group) (ranks 0, 1) at step 2"
+              for layout in ("dp2", "ep2", "tp2", "pp2")}
 
 
 ACTIONS = ("hang", "kill")
