@@ -199,7 +199,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = find_latest(path)
     if latest is None:
-        raise CheckpointError(f"{path}: neither a checkpoint folder (state.pt or .metadata, + meta.json) nor a run folder "
+        raise CheckpointError(f"{path}: neither a checkpoint folder (meta.json with state.pt or DCP .metadata) nor a run folder "
                               "with complete checkpoints")
     return latest
 

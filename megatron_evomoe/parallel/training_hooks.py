@@ -200,11 +200,14 @@ class ParallelTraining:
 
     def _load_distributed(self, ckpt_state: dict, opt, load_optimizer: bool, where: str) -> None:
         folder = ckpt_state["dcp_folder"]
-        boxes = model_boxes(self.model, self.state)
-        own = {k[len("model/"):]: torch.empty(b.shape, device="meta") for k, b in boxes.items()}
-        ckpt.check_model_fits(own, {"model": saved_model_shapes(folder), "config": ckpt_state.get("config")},
+        # against the one-process model of the checkpoint's stage (meta: no memory), in every layout
+        # (a pipeline stage alone would see the other stages' tensors as unexpected)
+        with torch.device("meta"):
+            full = build_model(self.cfg, self.model.image_token_id, up_to_stage=ckpt_state["stage_idx"]).state_dict()
+        ckpt.check_model_fits(full, {"model": saved_model_shapes(folder), "config": ckpt_state.get("config")},
                               where, self.cfg.to_dict(),
                               "use a new train.save_dir (or train.resume=false) for another architecture")
+        boxes = model_boxes(self.model, self.state)
         load_optimizer = load_optimizer and bool(self.param_names)
         if load_optimizer:  # zeros in this layout's shape (ZeRO-1 or not), filled from the saved moments
             inner, slots = optimizer_slots(opt, self._trainable())

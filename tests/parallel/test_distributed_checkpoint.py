@@ -54,12 +54,12 @@ def _worker(rank, world, tmp):
     model = parallelize(C.build_model(cfg), state, cfg)
     C.train(model, state, batches, 2, zero=True, optimizer=opts)
     boxes, _, _ = _boxes(model, opts[0], state)
-    saver.save(tmp, "a", boxes, {"step": 2, "rank": rank}, {"global_step": 2}, keep=3)
+    saver.save(tmp, "a", boxes, {"stage_idx": 0, "step": 2, "rank": rank}, {"global_step": 2}, keep=3)
     out = {"full_a": full_state_dict(model, state)}
     # ---- an asynchronous save writes what the tensors held when it was submitted
     saves = BackgroundSave(True)
     staged = {k: b.staged() for k, b in boxes.items()}
-    saves.submit(lambda: saver.save(tmp, "async", staged, {"step": 2, "rank": rank}, {"global_step": 3}, keep=3))
+    saves.submit(lambda: saver.save(tmp, "async", staged, {"stage_idx": 0, "step": 2, "rank": rank}, {"global_step": 3}, keep=3))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # training goes on
@@ -77,7 +77,7 @@ def _worker(rank, world, tmp):
     install_entries(opt_b, inner, slots, entries)
     # saved again from B: the same tensors as A's checkpoint (model and moments), bit for bit
     boxes_b, _, _ = _boxes(model_b, opt_b, state_b)
-    saver.save(tmp, "b", boxes_b, {"step": 2, "rank": rank}, {"global_step": 4}, keep=3)
+    saver.save(tmp, "b", boxes_b, {"stage_idx": 0, "step": 2, "rank": rank}, {"global_step": 4}, keep=3)
     out["steps_b"] = sorted({float(opt_b.state[p]["step"]) for _, p in params_b})
     return out
 

@@ -67,7 +67,7 @@ def run_trial(trial: dict, reference: Path, data_root: Path, work: Path) -> dict
     else:
         if first.returncode == 0:
             out["problems"].append("the killed run exited 0")
-        out["problems"] += harness.check_latest_loadable(save, layout)  # nothing half-written is latest
+        out["problems"] += harness.check_latest_loadable(save)  # nothing half-written is latest
         resumed = harness.run(harness.command(save, data_root, layout))
         (work / "resumed.log").write_text(resumed.stderr)
     if resumed.returncode != 0:
@@ -75,7 +75,7 @@ def run_trial(trial: dict, reference: Path, data_root: Path, work: Path) -> dict
     m = re.search(r"resuming from \S+/(\S+) \(", resumed.stderr)
     out["resumed_from"] = m.group(1) if m else "start"
     if resumed.returncode == 0:
-        out["problems"] += harness.compare(reference, save, layout)
+        out["problems"] += harness.compare(reference, save)
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 fault_launcher.py MODE N -- <args>      # every rank runs it
 
 MODE (when): step     -> inside the N-th optimizer step (after backward, before optimizer.step)
-             save     -> half-way through writing the N-th checkpoint file
+             save     -> half-way through writing (this rank's part of) the N-th checkpoint
              evolve   -> inside the N-th evolution update, after some evolved tensors changed
              stage    -> right after the N-th stage-end checkpoint is complete
              eval     -> inside the N-th stage-end evaluation
@@ -86,10 +86,23 @@ def install(mode: str, n: int) -> None:
             return real(self, *a, **k)
         torch.optim.AdamW.step = step
     elif mode == "save":
-        real_save = torch.save
+        # the N-th checkpoint (state.pt of one process; a rank's part of a distributed one) dies at its
+        # first write into a file: after DCP's planning, with the other ranks writing theirs
+        from megatron_evomoe import checkpointing
+        from megatron_evomoe.parallel import distributed_checkpoint as dcp_mod
+        real_save, now = torch.save, {"armed": False}
+
+        def counted(real):
+            def wrapper(*a, **k):
+                now["armed"] = hit()
+                return real(*a, **k)
+            return wrapper
+        checkpointing.save_checkpoint = counted(checkpointing.save_checkpoint)
+        dcp_mod.DistributedCheckpointer._save = counted(dcp_mod.DistributedCheckpointer._save)
 
         def save(obj, f, *a, **k):
-            if hit():
+            if now["armed"] and hasattr(f, "fileno"):
+                now["armed"] = False
                 if os.environ.get("EVOMOE_FAULT_ACTION", "kill") not in SIGNALS:  # dies half-way through
                     f.write(b"\x80\x02partial checkpoint bytes")
                     f.flush()

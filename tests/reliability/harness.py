@@ -1,7 +1,7 @@
 """Launch the tiny demo training (1 process, or 2 under torchrun or started by hand, in any of the
 2-process layouts), with or without an injected fault, and compare a run with a reference of the
-same layout: losses and grad norms of every step, and the final parameters of every rank, bit for
-bit. Shared by the CI tests and by fault_campaign.py (the long version)."""
+same layout: losses and grad norms of every step, and the final parameters (the job's one
+checkpoint), bit for bit. Shared by the CI tests and by fault_campaign.py (the long version)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_evomoe import checkpointing as ckpt
-from megatron_evomoe.parallel.reshard import layout_name
-from megatron_evomoe.parallel.state import ParallelState, RankLayout
+from megatron_evomoe.parallel.state import RankLayout
 from tests.training.tiny_config import STAGES, TINY
 
 HERE = Path(__file__).resolve().parent
@@ -46,13 +45,6 @@ class Layout:
         # (TINY's train.global_batch_size is GLOBAL_BATCH: the accumulation follows from the micro-batch)
         micro = GLOBAL_BATCH // (self.ranks.dp * accum)
         return out + ([f"--train.micro_batch_size={micro}"] if micro != GLOBAL_BATCH else [])
-
-    def rank_dirs(self, save_dir) -> list[Path]:
-        """Where each rank checkpoints: save_dir itself for one process, else its shard folder."""
-        if self.nproc == 1:
-            return [Path(save_dir)]
-        name = layout_name(ParallelState(self.ranks))
-        return [Path(save_dir) / "ranks" / name / f"{r:05d}" for r in range(self.nproc)]
 
 
 # tiny recipe: 4 heads (2 KV), FFN 48, 2 layers, 4 experts: tp=2, pp=2 and ep=2 all fit (a test checks it)
@@ -115,10 +107,6 @@ def start_ranks(save_dir, data_root, fault, fault_vars: dict, layout: str = "dp2
     return procs
 
 
-def rank_dirs(save_dir, layout: str) -> list[Path]:
-    return LAYOUTS[layout].rank_dirs(save_dir)
-
-
 def step_records(save_dir) -> tuple[dict, dict, int]:
     """What metrics.jsonl logged per global step (a resumed run logs re-done steps again): step ->
     [(loss, grad norm)], step -> [stage-end POPE scores], and the number of lines that are not JSON
@@ -138,28 +126,26 @@ def step_records(save_dir) -> tuple[dict, dict, int]:
     return train, evals, bad
 
 
-def final_models(save_dir, layout: str) -> list[dict]:
-    return [ckpt.load_checkpoint(ckpt.find_latest(d))["model"] for d in rank_dirs(save_dir, layout)]
+def final_model(save_dir) -> dict:
+    """The full model of the run's latest checkpoint (one per job, in every layout)."""
+    return ckpt.load_checkpoint(ckpt.find_latest(save_dir))["model"]
 
 
-def check_latest_loadable(save_dir, layout: str) -> list[str]:
-    """After a kill: on every rank the latest checkpoint (if any) is complete and loads."""
-    problems = []
-    for d in rank_dirs(save_dir, layout):
-        latest = ckpt.find_latest(d)
-        if latest is None:
-            continue
-        try:
-            ckpt.load_checkpoint(latest)
-        except ckpt.CheckpointError as e:
-            problems.append(f"{d}: latest checkpoint does not load: {e}")
-    return problems
+def check_latest_loadable(save_dir) -> list[str]:
+    """After a kill: the latest checkpoint (if any) is complete and loads."""
+    latest = ckpt.find_latest(save_dir)
+    if latest is None:
+        return []
+    try:
+        ckpt.load_checkpoint(latest)
+    except ckpt.CheckpointError as e:
+        return [f"{save_dir}: latest checkpoint does not load: {e}"]
+    return []
 
 
-def compare(reference, got, layout: str) -> list[str]:
+def compare(reference, got) -> list[str]:
     """Differences between a run and the reference: [] when every logged step (also the steps a
-    resumed run did twice), every stage-end evaluation and every rank's final parameters are
-    bitwise equal."""
+    resumed run did twice), every stage-end evaluation and the final parameters are bitwise equal."""
     (ref, ref_evals, _), (runs, evals, bad) = step_records(reference), step_records(got)
     problems = [f"{bad} unreadable line(s) in metrics.jsonl"] if bad else []
     if sorted(runs) != list(range(1, NUM_STEPS + 1)):
@@ -171,12 +157,12 @@ def compare(reference, got, layout: str) -> list[str]:
             for rec in records:
                 if step in want and rec != want[step][0]:
                     problems.append(f"step {step}: {what} {rec} vs {want[step][0]}")
-    for r, (a, b) in enumerate(zip(final_models(reference, layout), final_models(got, layout))):
-        if a.keys() != b.keys():
-            problems.append(f"rank {r}: other parameter names")
-            continue
+    a, b = final_model(reference), final_model(got)
+    if a.keys() != b.keys():
+        problems.append("other parameter names")
+    else:
         differ = [k for k in a if not torch.equal(a[k], b[k])]
         if differ:
-            problems.append(f"rank {r}: {len(differ)} tensors differ, e.g. {differ[0]}")
+            problems.append(f"{len(differ)} tensors differ, e.g. {differ[0]}")
     return problems
 

@@ -300,7 +300,7 @@ def test_model_answers_limit_and_missing_checkpoint(capsys, pope_files, tmp_path
     assert exits_2(capsys, answers_main, "--ckpt", tmp_path, *args, "--limit", "0").endswith(
         "error: argument --limit: must be >= 1, got 0 (see --help)")
     assert exits_2(capsys, answers_main, "--ckpt", tmp_path / "none", *args) == (
-        f"error: {tmp_path / 'none'}: neither a checkpoint folder (state.pt + meta.json) nor a run folder with "
+        f"error: {tmp_path / 'none'}: neither a checkpoint folder (meta.json with state.pt or DCP .metadata) nor a run folder with "
         "complete checkpoints")
 
 

@@ -53,7 +53,7 @@ def test_signal_stops_with_a_checkpoint_and_resumes_bit_identically(reference, d
     assert _latest_step(save) == saved_step  # every completed step is in the checkpoint: none lost
     resumed = harness.run(cmd, harness.fault_env(action, once=once))  # (the marker: no signal this time)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert harness.compare(reference, save, "single") == []
+    assert harness.compare(reference, save) == []
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,10 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(reference_dp2, d
     assert stopped.returncode != 0
     assert "stopped: stopped by SIGTERM at stage 'warmup' step 3" in stopped.stderr, stopped.stderr[-3000:]
     assert "stopped: stopped by a stop request on another rank at stage 'warmup' step 3" in stopped.stderr
-    assert [_latest_step(d) for d in harness.rank_dirs(save, "dp2")] == [4, 4]
+    assert _latest_step(save) == 4  # (one checkpoint, written by both ranks)
     resumed = harness.run(cmd, harness.fault_env("term", rank=1, once=once))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert harness.compare(reference_dp2, save, "dp2") == []
+    assert harness.compare(reference_dp2, save) == []
 
 
 def test_signal_names_and_numbers():
