@@ -86,6 +86,7 @@ class Dims:
     sp: bool  # sequence parallelism: the residual stream is a 1/tp sequence shard
     act: int  # bytes of a linear's output: 2 under bf16 autocast, else 4
     bf16: bool
+    fused_router: bool  # the DTR runs its fused (CUDA) op, not its PyTorch reference
 
     @property
     def T(self) -> int:
@@ -135,9 +136,9 @@ def attention_bytes(d: Dims, grad_in: bool, norm_trains: bool, attn_trains: bool
     [S, rd] x 2 per q and k; SDPA's q, k, v [B, nh/tp, S, hd] (nkv for k, v) and, unless selective
     recomputes the core, its output and log-sum-exp [B, nh/tp, S] fp32; wo's input (the SDPA output);
     the residual sum [Tr, C] fp32 (the next norm's input)."""
-    if not (grad_in or norm_trains or attn_trains):
+    grad = grad_in or norm_trains or attn_trains  # a gradient flows through the attention core
+    if not grad:
         return 0
-    grad = grad_in or norm_trains  # a gradient flows through the attention's input
     nhl, q_width, kv_width = d.nh // d.tp, d.C // d.tp, d.nkv * d.hd // d.tp
     kept = _norm(d, grad_in, norm_trains)
     kept += attn_trains * _linear_inputs(d, d.T, d.C, 3)
@@ -154,9 +155,9 @@ def ffn_bytes(d: Dims, grad_in: bool, norm_trains: bool, ffn_trains: bool, selec
     kept: the norm's; w_gate/w_up's input [T, C] (selective: the checkpoint's fp32 input instead);
     unless selective: gate, silu(gate), up [T, F/tp] (GELU: up only); w_down's input [T, F/tp]; the
     residual sum [Tr, C] fp32."""
-    if not (grad_in or norm_trains or ffn_trains):
+    grad = grad_in or norm_trains or ffn_trains  # a gradient flows through the FFN's hidden
+    if not grad:
         return 0
-    grad = grad_in or norm_trains
     Fl = d.F // d.tp
     kept = _norm(d, grad_in, norm_trains)
     if selective:
@@ -168,28 +169,48 @@ def ffn_bytes(d: Dims, grad_in: bool, norm_trains: bool, ffn_trains: bool, selec
     return kept + d.Tr * d.C * FP32
 
 
-def moe_bytes(d: Dims, grad_in: bool, norm_trains: bool, experts_train: bool, router_trains: bool,
-              selective: bool, swiglu: bool, num_experts: int, top_k: int, router: tuple[int, int, int] | None
-              ) -> int:
+def router_bytes(cfg: Config, d: Dims, router_trains: bool, fused: bool) -> int:
+    """What the router of a MoE layer keeps per token when a gradient reaches it (tokens [T]).
+
+    Every router: logits and probabilities [T, E] fp32 (the z-loss's logsumexp and the softmax keep
+    them), top-k ids int64 and gates fp32 [T, K], the logsumexp [T]. The DTR on CUDA (fused Triton op,
+    ops/dtr.py) keeps its input z [T, C] fp32 and its hypernetwork's h [T, H], u [T, 2R], e [T, D]. Its
+    PyTorch reference (the CPU backend, kernels/dtr_reference.py) keeps what autograd needs from its
+    einsums: h [T, H], P = z W2_down [T, H, 2R], u [T, 2R], silu(u_R) [T, R], Q = a W2_up [T, H, D], and
+    when the router trains the matmuls' inputs z [T, C], a [T, R], e [T, D]. A linear router keeps z
+    when it trains."""
+    E, K = cfg.moe.num_experts, cfg.moe.top_k
+    per_token = 2 * E * FP32 + K * (INT64 + FP32) + FP32
+    r = cfg.router
+    H, R, D = r.hyper_hidden_size, r.rank, r.embed_dim
+    if r.type != "dtr":
+        per_token += router_trains * d.C * FP32
+    elif fused:
+        per_token += (d.C + H + 2 * R + D) * FP32
+    else:
+        per_token += (H + H * 2 * R + 2 * R + R + H * D) * FP32 + router_trains * (d.C + R + D) * FP32
+    return d.T * per_token
+
+
+def moe_bytes(cfg: Config, d: Dims, grad_in: bool, norm_trains: bool, experts_train: bool, router_trains: bool,
+              selective: bool, fused_router: bool) -> int:
     """mlp_norm -> router -> permute -> grouped experts -> unpermute -> residual add.
 
     Tokens are balanced over the experts: T*K rows reach this rank's experts (also under EP).
-    kept: the norm's; the router's input z [T, C] fp32, logits and probabilities [T, E] fp32, top-k ids
-    int64 and gates fp32 [T, K] (DTR: its hypernetwork's h [T, H], u [T, 2R], e [T, D] fp32; router
-    = (H, 2R, D), None for a linear router); the permutation's row map [T, K] int64; the experts' input
-    x_perm [T*K, C] (the grouped GEMMs' custom ops keep their inputs whenever the graph is recorded);
-    unless selective: up, gate, silu(gate) [T*K, F/tp]; w_down's input [T*K, F/tp]; the unpermute's
-    y_perm [T*K, C]; the residual sum [Tr, C] fp32."""
-    if not (grad_in or norm_trains or experts_train or router_trains):
-        return 0
+    kept: the norm's; the router's (`router_bytes`); the permutation's row map [T, K] int64; the
+    experts' input x_perm [T*K, C] (the grouped GEMMs' custom ops keep their inputs whenever the graph
+    is recorded); unless selective: up, gate, silu(gate) [T*K, F/tp]; w_down's input [T*K, F/tp]; the
+    unpermute's y_perm [T*K, C]; the residual sum [Tr, C] fp32."""
     grad = grad_in or norm_trains
-    g_router = grad or router_trains  # the router's op is recorded
+    g_router = grad or router_trains  # the router's graph is recorded
     g_experts = grad or experts_train
-    Fl, TK = d.F // d.tp, d.T * top_k
+    if not (g_router or g_experts):
+        return 0
+    swiglu = cfg.model.ffn_activation == "swiglu"
+    Fl, TK = d.F // d.tp, d.T * cfg.moe.top_k
     kept = _norm(d, grad_in, norm_trains)
-    kept += g_router * d.T * (d.C * FP32 + 2 * num_experts * FP32 + top_k * (INT64 + FP32)
-                              + (sum(router) * FP32 if router else 0))
-    kept += grad * d.T * top_k * INT64
+    kept += g_router * router_bytes(cfg, d, router_trains, fused_router)
+    kept += grad * TK * INT64
     if g_experts:
         kept += _linear_inputs(d, TK, d.C, 2 if swiglu else 1) if not selective else TK * d.C * FP32
         kept += (not selective) * (3 if swiglu else 1) * TK * Fl * d.act
@@ -273,10 +294,8 @@ def _layer_bytes(cfg: Config, d: Dims, i: int, kind: str, grad_in: bool, t, mode
     kept = attention_bytes(d, grad_in, parts["attn_norm"], parts["attn"], selective, rotary_dim(cfg.model))
     grad_mid = grad_in or parts["attn_norm"] or parts["attn"]
     if kind == "sparse":
-        r = cfg.router
-        router = (r.hyper_hidden_size, 2 * r.rank, r.embed_dim) if r.type == "dtr" else None
-        kept += moe_bytes(d, grad_mid, parts["mlp_norm"], parts["mlp"], parts["router"], selective, swiglu,
-                          cfg.moe.num_experts, cfg.moe.top_k, router)
+        kept += moe_bytes(cfg, d, grad_mid, parts["mlp_norm"], parts["mlp"], parts["router"], selective,
+                          d.fused_router)
     else:  # dense and evolve (stage II's forward is FFN1 alone)
         kept += ffn_bytes(d, grad_mid, parts["mlp_norm"], parts["mlp"], selective, swiglu)
     return kept, grad_out
@@ -285,11 +304,14 @@ def _layer_bytes(cfg: Config, d: Dims, i: int, kind: str, grad_in: bool, t, mode
 # --------------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------------
-def dims(cfg: Config, micro_batch_size: int | None = None) -> Dims:
+def dims(cfg: Config, device_type: str = "cuda") -> Dims:
+    """The shapes of one micro-batch on a rank whose tensors live on `device_type` (it picks the DTR's
+    backend: the fused op on CUDA unless router.backend=torch, the PyTorch reference elsewhere)."""
     m, p = cfg.model, cfg.parallel
-    return Dims(B=micro_batch_size or cfg.train.micro_batch_size, S=cfg.data.seq_len, C=m.hidden_size,
-                F=m.ffn_hidden_size, nh=m.num_heads, nkv=m.num_kv_heads, tp=p.tp,
-                sp=bool(p.sequence_parallel and p.tp > 1), act=2 if cfg.train.bf16 else 4, bf16=cfg.train.bf16)
+    return Dims(B=cfg.train.micro_batch_size, S=cfg.data.seq_len, C=m.hidden_size, F=m.ffn_hidden_size,
+                nh=m.num_heads, nkv=m.num_kv_heads, tp=p.tp, sp=bool(p.sequence_parallel and p.tp > 1),
+                act=2 if cfg.train.bf16 else 4, bf16=cfg.train.bf16,
+                fused_router=device_type == "cuda" and cfg.router.backend != "torch")
 
 
 def optimizer_bytes(cfg: Config, counts: ShardCounts, dp: int, edp: int) -> int:
@@ -300,10 +322,11 @@ def optimizer_bytes(cfg: Config, counts: ShardCounts, dp: int, edp: int) -> int:
     return 3 * FP32 * ranges
 
 
-def stage_terms(cfg: Config, counts: ShardCounts, num_micro: int, dp: int, edp: int) -> tuple[dict, int]:
+def stage_terms(cfg: Config, counts: ShardCounts, num_micro: int, dp: int, edp: int,
+                device_type: str = "cuda") -> tuple[dict, int]:
     """(term -> bytes, micro-batches in flight) of one rank in one training stage."""
     in_flight = min(cfg.parallel.pp - counts.pp_rank, num_micro)  # 1F1B's warm-up depth
-    d = dims(cfg)
+    d = dims(cfg, device_type)
     terms = {
         "params": FP32 * counts.num_params,
         "grads": FP32 * (counts.num_trainable_dense + counts.num_trainable_expert),
@@ -315,10 +338,11 @@ def stage_terms(cfg: Config, counts: ShardCounts, num_micro: int, dp: int, edp: 
     return terms, in_flight
 
 
-def plan_memory(cfg: Config, world_size: int, count_shards) -> list[StagePlan]:
+def plan_memory(cfg: Config, world_size: int, count_shards, device_type: str = "cuda") -> list[StagePlan]:
     """One row per training stage: the pipeline stage with the largest total.
 
-    count_shards(cfg, world_size, stage_idx, pp_rank) -> ShardCounts (parallel/shard_counts.py)."""
+    count_shards(cfg, world_size, stage_idx, pp_rank) -> ShardCounts (parallel/shard_counts.py);
+    device_type: where the tensors live (the plan is for GPUs; "cpu" for the CPU measurement)."""
     p = cfg.parallel
     if world_size < 1 or world_size % (p.tp * p.pp):
         raise ConfigError(f"--world-size: {world_size} is not a multiple of parallel.tp * parallel.pp = "
@@ -333,7 +357,7 @@ def plan_memory(cfg: Config, world_size: int, count_shards) -> list[StagePlan]:
         best = None
         for pp_rank in range(p.pp):
             counts = count_shards(cfg, world_size, idx, pp_rank)
-            terms, in_flight = stage_terms(cfg, counts, num_micro, dp, dp // p.ep)
+            terms, in_flight = stage_terms(cfg, counts, num_micro, dp, dp // p.ep, device_type)
             row = StagePlan(stage.name, stage.moe_mode, pp_rank, num_micro, in_flight, terms)
             if best is None or row.total > best.total:
                 best = row
