@@ -56,9 +56,8 @@ def synthetic_micro_batch(cfg, generator: torch.Generator) -> dict:
     return {"input_ids": ids, "labels": labels, "images": images}
 
 
-def _train_step(model, opt, params, micro: list[dict], evo, cfg) -> None:
+def _train_step(model, opt, params, micro: list[dict], evo, cfg, num_tokens: int) -> None:
     """trainer.py::_train_step on one process: the same order of allocations and frees."""
-    num_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro) if micro else 1
     opt.zero_grad(set_to_none=True)
     for batch in micro:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
@@ -80,6 +79,24 @@ def _model_bytes(model) -> int:
     return sum(storages.values())
 
 
+@torch.no_grad()
+def _empty_shards(model) -> None:
+    """materialise_shards without the values (FakeTensorMode has none to draw): empty (fake) storage for
+    every meta parameter and buffer, tied parameters kept tied."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                mod._parameters[name] = done[id(p)]
+        for name, b in mod._buffers.items():
+            if b is not None and b.is_meta:
+                mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        if hasattr(mod, "init_buffers"):
+            mod.init_buffers()
+
+
 def build_stage_model(cfg, stage_idx: int, fake: bool):
     """This stage's model on one process as the trainer holds it: built on the meta device, materialised,
     then converted stage by stage (the evolved copies and the experts are made from the dense FFN)."""
@@ -87,11 +104,8 @@ def build_stage_model(cfg, stage_idx: int, fake: bool):
     with torch.device("meta"):
         model = build_model(cfg, IMAGE_TOKEN)
     parallelize(model, state, cfg)
-    if fake:  # shapes only (FakeTensorMode is active): no values to draw
-        model.to_empty(device="cpu")
-        for m in model.modules():
-            if hasattr(m, "init_buffers"):
-                m.init_buffers()
+    if fake:
+        _empty_shards(model)
     else:
         materialise_shards(model, state, cfg, "cpu", cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -100,28 +114,38 @@ def build_stage_model(cfg, stage_idx: int, fake: bool):
     return parallelize(model, state, cfg)  # (train.recompute marks the new MLPs)
 
 
+def supervised_tokens(cfg) -> int:
+    """The shifted labels' supervised count of one synthetic micro-batch (known without reading them)."""
+    unsupervised = 1 + (cfg.vision.num_image_tokens if cfg.vision.enabled else 0)
+    return cfg.train.micro_batch_size * (cfg.data.seq_len - unsupervised)
+
+
 def measure_step_peak(cfg, stage_idx: int, num_steps: int = 2, fake: bool = False) -> int:
     """Peak live tensor bytes of `num_steps` training steps of stage `stage_idx` on one process: the model's
     tensors plus the peak of everything the steps create (optimizer state, gradients, activations)."""
     cfg = copy.deepcopy(cfg)
     stage = cfg.stages[stage_idx]
     num_micro = accumulation_steps(cfg, stage, 1)
-    mode = contextlib.nullcontext()
+    mode, checks = contextlib.nullcontext(), contextlib.nullcontext()
     if fake:
+        from unittest import mock
+
         from torch._subclasses.fake_tensor import FakeTensorMode
         mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # the image-slot check reads a count on the host: fake tensors have no values (it allocates nothing)
+        checks = mock.patch("megatron_evomoe.model.mllm._check_image_slots", lambda *a: None)
     gen = torch.Generator().manual_seed(0)
     with mode:
         model = build_stage_model(cfg, stage_idx, fake)
         batches = [[synthetic_micro_batch(cfg, gen) for _ in range(num_micro)] for _ in range(num_steps)]
-        names = set(set_trainable(model, cfg, stage, stage_idx))
-        params = [(n, p) for n, p in model.named_parameters() if n in names]
-        with LiveTensorBytes() as mem:
-            opt = build_optimizer(params, stage.lr, cfg.train.weight_decay, tuple(cfg.train.adam_betas),
-                                  torch.device("cpu"))
-            evo = evolution_scheduler(model, cfg) if stage.moe_mode == "evolve" else None
-            for micro in batches:
-                _train_step(model, opt, params, micro, evo, cfg)
+    names = set(set_trainable(model, cfg, stage, stage_idx))  # (its pattern bookkeeping is a real tensor)
+    params = [(n, p) for n, p in model.named_parameters() if n in names]
+    with mode, checks, LiveTensorBytes() as mem:
+        opt = build_optimizer(params, stage.lr, cfg.train.weight_decay, tuple(cfg.train.adam_betas),
+                              torch.device("cpu"))
+        evo = evolution_scheduler(model, cfg) if stage.moe_mode == "evolve" else None
+        for micro in batches:
+            _train_step(model, opt, params, micro, evo, cfg, num_micro * supervised_tokens(cfg))
     return _model_bytes(model) + mem.peak
 
 
@@ -132,12 +156,14 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
     parser.add_argument("--measure", action="store_true", help="measure one rank's peak (world size 1 only)")
     parser.add_argument("--fake", action="store_true", help="measure under FakeTensorMode")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the plan's tensors live (the DTR's backend); --measure implies cpu")
     parser.add_argument("--markdown", help="also write the output to this file as a markdown snippet")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     if not cfg.model.vocab_size:
         parser.error("set --model.vocab_size=N (the plan does not load the tokenizer)")
-    rows = plan_memory(cfg, args.world_size, rank_shard_counts, args.device)
+    rows = plan_memory(cfg, args.world_size, rank_shard_counts, "cpu" if args.measure else args.device)
     lines = [format_plan(rows, args.gpu_memory_gb), verdict(rows, args.gpu_memory_gb)[1]]
     if args.measure:
         if args.world_size != 1:
