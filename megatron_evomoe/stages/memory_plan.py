@@ -11,7 +11,9 @@ Terms (one row per training stage, for its most loaded pipeline stage):
 - evolved: stage II's frozen evolved FFN copies (moe/evolution.py: num_experts - 1 buffers per FFN);
 - activations: what autograd keeps for backward per micro-batch (derived per tensor below), times the
   micro-batches in flight (1F1B: pp - pipeline rank, at most the accumulation steps);
-- logits: the LM head's logits and the loss buffers of one micro-batch (last pipeline stage only).
+- logits: the LM head's logits and the loss buffers of one micro-batch (last pipeline stage only);
+- rerun: with train.recompute, what the backward's rerun of the largest layer adds on top (the loss
+  buffers but the logits are freed by then, so only the excess over them counts).
 
 The parameter terms are exact: the element counts come from the real model built on the meta device and
 sharded as the parallel code shards it (`ShardCounts`, counted by parallel/shard_counts.py, passed in:
@@ -35,7 +37,7 @@ from ..config.global_batch import accumulation_steps
 GIB = 2 ** 30
 FP32 = 4
 INT64 = 8
-TERMS = ("params", "grads", "optimizer", "evolved", "activations", "logits")
+TERMS = ("params", "grads", "optimizer", "evolved", "activations", "logits", "rerun")
 
 
 @dataclass(frozen=True)
@@ -257,30 +259,71 @@ def logits_bytes(d: Dims, vocab_size: int) -> int:
     return d.T * Vl * d.act + 3 * shifted * FP32
 
 
+def _grad_into_rank(counts: ShardCounts) -> bool:
+    """Whether a gradient flows into this rank's first decoder layer (something upstream trains)."""
+    first_layer = min(i for i, _ in counts.layers)
+    return any(p in counts.trains for p in ("vision", "projector", "embed")) or any(
+        p.startswith("layers.") and int(p.split(".")[1]) < first_layer for p in counts.trains)
+
+
+def _layers_with_grad(cfg: Config, d: Dims, counts: ShardCounts, mode: str):
+    """(layer index, bytes it keeps under `mode`, gradient into it, gradient out of it) per layer here."""
+    grad = _grad_into_rank(counts)
+    for i, kind in counts.layers:
+        kept, grad_out = _layer_bytes(cfg, d, i, kind, grad, counts.trains, mode)
+        yield i, kind, kept, grad, grad_out
+        grad = grad_out
+
+
 def rank_activation_bytes(cfg: Config, d: Dims, counts: ShardCounts) -> int:
     """One micro-batch's kept activations on this rank (its pipeline stage's layers only), plus under
     bf16 the bf16 copies of the weights that autocast makes and the linears keep for backward."""
     t, mode = counts.trains, cfg.train.recompute
-    first_layer = min(i for i, _ in counts.layers)
-    grad = any(p in t for p in ("vision", "projector", "embed")) or any(
-        p.startswith("layers.") and int(p.split(".")[1]) < first_layer for p in t)
+    grad = _grad_into_rank(counts)
     kept = 0
     copies = set()  # parts whose matrices autocast copies and keeps
     if counts.has_first:
         kept += vision_bytes(cfg, d, "vision" in t, "projector" in t)
         copies |= {p for p, on in (("vision", "vision" in t), ("projector", grad)) if on}
         kept += grad * d.Tr * d.C * FP32  # the decoder's input (the spliced embeddings)
-    for i, kind in counts.layers:
-        kept_layer, grad_out = _layer_bytes(cfg, d, i, kind, grad, t, mode)
+    for i, _, kept_layer, _, grad_out in _layers_with_grad(cfg, d, counts, mode):
         if grad_out and mode != "full":
-            copies |= {f"layers.{i}.attn", f"layers.{i}.mlp", f"layers.{i}.router"}
-        kept, grad = kept + kept_layer, grad_out
+            copies |= _layer_parts(i)
+        kept += kept_layer
     if counts.has_last:
         kept += lm_head_bytes(d, "norm" in t, "lm_head" in t)
         copies.add("lm_head")
     if d.bf16:
         kept += 2 * sum(n for p, n in counts.matrices.items() if p in copies)
     return kept
+
+
+def _layer_parts(i: int) -> set[str]:
+    return {f"layers.{i}.attn", f"layers.{i}.mlp", f"layers.{i}.router"}
+
+
+def rerun_bytes(cfg: Config, d: Dims, counts: ShardCounts) -> int:
+    """What recompute adds in backward beyond the loss buffers, which are freed by then but for the logits
+    tensor (the step's output holds it): the largest layer's rerun (under full its whole forward, with
+    its bf16 weight copies; under selective the recomputed core and FFN up half) plus the gradient of
+    that layer's output [Tr, C] fp32. 0 without recompute."""
+    mode = cfg.train.recompute
+    if mode == "none":
+        return 0
+    largest = 0
+    for i, kind, kept, grad_in, grad_out in _layers_with_grad(cfg, d, counts, mode):
+        if not grad_out:
+            continue
+        again = _layer_bytes(cfg, d, i, kind, grad_in, counts.trains, "none")[0] - kept
+        if d.bf16 and mode == "full":
+            again += 2 * sum(n for p, n in counts.matrices.items() if p in _layer_parts(i))
+        largest = max(largest, again)
+    if not largest:
+        return 0
+    loss_buffers = 0
+    if counts.has_last:
+        loss_buffers = logits_bytes(d, cfg.model.vocab_size) - d.T * -(-cfg.model.vocab_size // d.tp) * d.act
+    return max(0, largest + d.Tr * d.C * FP32 - loss_buffers)
 
 
 def _layer_bytes(cfg: Config, d: Dims, i: int, kind: str, grad_in: bool, t, mode: str) -> tuple[int, bool]:
@@ -334,6 +377,7 @@ def stage_terms(cfg: Config, counts: ShardCounts, num_micro: int, dp: int, edp: 
         "evolved": FP32 * counts.num_evolved,
         "activations": in_flight * rank_activation_bytes(cfg, d, counts),
         "logits": logits_bytes(d, cfg.model.vocab_size) if counts.has_last else 0,
+        "rerun": rerun_bytes(cfg, d, counts),
     }
     return terms, in_flight
 
@@ -385,6 +429,7 @@ FIXES = {
     "params": "more parallel.tp or parallel.pp (or parallel.ep for experts)",
     "grads": "more parallel.tp or parallel.pp (or parallel.ep for experts)",
     "evolved": "more parallel.tp or parallel.pp",
+    "rerun": "train.recompute=selective (reruns less than full) or more parallel.tp",
 }
 
 
