@@ -149,6 +149,52 @@ def measure_step_peak(cfg, stage_idx: int, num_steps: int = 2, fake: bool = Fals
     return _model_bytes(model) + mem.peak
 
 
+def measure_parallel_step_peak(cfg, stage_idx: int, state, num_steps: int = 2) -> int:
+    """`measure_step_peak` on one rank of a launched layout (`state` from ParallelState.build): the trainer's
+    ParallelTraining path (sharded construction, the stage structure changes, TP/SP hooks, the DP reducer or
+    ZeRO-1, the 1F1B schedule under PP)."""
+    from megatron_evomoe.parallel.training_hooks import ParallelTraining
+    cfg = copy.deepcopy(cfg)
+    stage = cfg.stages[stage_idx]
+    num_micro = accumulation_steps(cfg, stage, state.dp_size)
+    with torch.device("meta"):
+        model = build_model(cfg, IMAGE_TOKEN)
+    par = ParallelTraining(model, state, cfg)
+    par.materialise("cpu", cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    for s in cfg.stages[:stage_idx + 1]:
+        par.apply_stage_structure(s, gen)
+    names = set(par.set_trainable(stage, stage_idx))
+    params = [(n, p) for n, p in model.named_parameters() if n in names]
+    data = torch.Generator().manual_seed(state.dp_rank)  # each DP rank its own samples
+    batches = [[synthetic_micro_batch(cfg, data) for _ in range(num_micro)] for _ in range(num_steps)]
+    num_tokens = num_micro * state.dp_size * supervised_tokens(cfg)
+    with LiveTensorBytes() as mem:
+        betas = tuple(cfg.train.adam_betas)
+        opt = par.start_stage(params, stage.lr, cfg.train.weight_decay, betas) or build_optimizer(
+            params, stage.lr, cfg.train.weight_decay, betas, torch.device("cpu"))
+        evo = evolution_scheduler(model, cfg) if stage.moe_mode == "evolve" else None
+        for micro in batches:
+            opt.zero_grad(set_to_none=True)
+            if par.pipeline:
+                par.forward_backward(micro, num_tokens, "cpu", cfg.train.bf16)
+            else:
+                for i, batch in enumerate(micro):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.bf16):
+                        out = model(batch["input_ids"], batch["images"], batch["labels"])
+                    if i == len(micro) - 1:
+                        par.final_backward()
+                    (out.lm_loss_sum / num_tokens + out.aux_loss / len(micro)).backward()
+            par.reduce_and_clip(params, cfg.train.clip_grad)
+            if evo is not None:
+                evo.before_step()
+            opt.step()
+            par.wait_for_params()
+            if evo is not None:
+                evo.after_step()
+    return _model_bytes(model) + mem.peak
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -158,6 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fake", action="store_true", help="measure under FakeTensorMode")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="where the plan's tensors live (the DTR's backend); --measure implies cpu")
+    parser.add_argument("--measure-stages", help="comma-separated stage names to measure (default: all)")
     parser.add_argument("--markdown", help="also write the output to this file as a markdown snippet")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
@@ -168,15 +215,22 @@ def main(argv=None) -> int:
     if args.measure:
         if args.world_size != 1:
             parser.error("--measure measures a layout of size 1 (--world-size 1)")
-        lines += ["", f"{'stage':<14}{'plan GiB':>10}{'measured GiB':>14}{'plan / measured':>17}"]
+        how = "FakeTensorMode" if args.fake else "real tensors"
+        lines += ["", f"measured ({how}, one process, 2 steps; the plan for tensors on the CPU):",
+                  f"{'stage':<14}{'plan GiB':>10}{'measured GiB':>14}{'plan / measured':>17}"]
+        wanted = args.measure_stages.split(",") if args.measure_stages else [r.stage for r in rows]
         for idx, row in enumerate(rows):
+            if row.stage not in wanted:
+                continue
+            if args.fake and row.moe_mode == "sparse":  # (the router's token gathers have data-dependent shapes)
+                lines.append(f"{row.stage:<14}{row.total / GIB:>10.3f}{'n/a (fake)':>14}")
+                continue
             peak = measure_step_peak(cfg, idx, fake=args.fake)
             lines.append(f"{row.stage:<14}{row.total / GIB:>10.3f}{peak / GIB:>14.3f}{row.total / peak:>17.3f}")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        cmd = " ".join(["python benchmarks/memory_plan.py", "--config", args.config, "--world-size",
-                        str(args.world_size), *overrides])
+        cmd = " ".join(["python benchmarks/memory_plan.py", *(argv if argv is not None else sys.argv[1:])])
         Path(args.markdown).write_text(f"`{cmd}`\n\n```\n{text}\n```\n")
     return 0
 
