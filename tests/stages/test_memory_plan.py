@@ -6,8 +6,8 @@ tensors) in its dense stage I and its sparse stage III (DTR, only the routers tr
 and full; and of a ~133M-parameter dense model with images under FakeTensorMode (shapes only), bf16 autocast with
 selective recompute (benchmarks/RESULTS.md has fp32 and full too). The plan's total must be within 15% of the measured peak (it is within
 2% for all of them); its parameter, gradient and optimizer terms are exact. The layout terms (TP, PP's
-micro-batches in flight, ZeRO-1) are checked against the counts they are made of, and the dry run's
-table, verdict and bad --gpu-memory-gb.
+micro-batches in flight, ZeRO-1) are checked against the counts they are made of, TP2 with sequence
+parallelism against a measured rank (2 processes), and the dry run's table, verdict and bad --gpu-memory-gb.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from megatron_evomoe.stages.memory_plan import FP32, GIB, plan_memory, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from memory_plan import build_stage_model, measure_step_peak  # noqa: E402
+from memory_plan import build_stage_model, measure_parallel_step_peak, measure_step_peak  # noqa: E402
+
+from ..parallel.dist_utils import run_distributed  # noqa: E402
 
 TINY = ["--model.vocab_size=512", "--train.micro_batch_size=8", "--train.global_batch_size=16"]
 # ~133M parameters: 12 layers of 768 (GQA 12/4 heads, SwiGLU 2048), vocab 32000, a 4-layer ViT of 196 patches
@@ -77,6 +79,24 @@ def test_medium_model_under_fake_tensors():
     assert 130e6 < row.terms["params"] / FP32 < 136e6
     peak = measure_step_peak(cfg, 0, fake=True)
     assert abs(row.total / peak - 1) < TOLERANCE, (row.terms, row.total, peak)
+
+
+def _rank_peak(rank, world, cfg, stage_idx):
+    from megatron_evomoe.parallel import ParallelState
+    return measure_parallel_step_peak(cfg, stage_idx, ParallelState.build(cfg, rank, world))
+
+
+def test_tensor_and_sequence_parallel_rank_is_the_measured_peak():
+    """TP2 with sequence parallelism (the 7B recipe's layout), two gloo processes, stage I: each rank's
+    plan (half the heads, FFN columns and vocabulary; the residual stream a half-sequence shard) against
+    its measured peak."""
+    cfg = _tiny("--parallel.tp=2", "--parallel.sequence_parallel=true")
+    row = plan_memory(cfg, 2, rank_shard_counts, "cpu")[1]
+    one = plan_memory(_tiny(), 1, rank_shard_counts, "cpu")[1]
+    assert row.terms["activations"] < 0.6 * one.terms["activations"]
+    assert row.terms["logits"] < 0.6 * one.terms["logits"]
+    for peak in run_distributed(_rank_peak, 2, cfg, 1):
+        assert abs(row.total / peak - 1) < TOLERANCE, (row.terms, row.total, peak)
 
 
 def test_layout_terms_follow_the_shards():
