@@ -103,12 +103,6 @@ class Dims:
         return self.C // self.nh
 
 
-def check_gpu_memory(gpu_memory_gb: float) -> float:
-    if not gpu_memory_gb > 0:
-        raise ValueError(f"--gpu-memory-gb: must be > 0, got {gpu_memory_gb}")
-    return gpu_memory_gb
-
-
 # --------------------------------------------------------------------------------------------------
 # Activations: what autograd keeps for backward, per tensor (bytes of one micro-batch)
 # --------------------------------------------------------------------------------------------------

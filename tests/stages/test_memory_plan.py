@@ -5,7 +5,7 @@ micro-batch, clipping, AdamW), one process, of the tiny recipe (examples/configs
 tensors) in its dense stage I and its sparse stage III (DTR, only the routers train), with recompute none
 and full; and of a ~133M-parameter dense model with images under FakeTensorMode (shapes only), bf16 autocast with
 selective recompute (benchmarks/RESULTS.md has fp32 and full too). The plan's total must be within 15% of the measured peak (it is within
-2% for all of them); its parameter, gradient and optimizer terms are exact. The layout terms (TP, PP's
+5% for all of them, benchmarks/RESULTS.md); its parameter, gradient and optimizer terms are exact. The layout terms (TP, PP's
 micro-batches in flight, ZeRO-1) are checked against the counts they are made of, TP2 with sequence
 parallelism against a measured rank (2 processes), and the dry run's table, verdict and bad --gpu-memory-gb.
 """
@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import pretrain_evomoe
 from megatron_evomoe.config import load_config
 from megatron_evomoe.parallel.shard_counts import rank_shard_counts
 from megatron_evomoe.stages.memory_plan import FP32, GIB, plan_memory, verdict
+from megatron_evomoe.stages.trainable import set_trainable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -52,7 +52,6 @@ def test_tiny_recipe_plan_is_the_measured_peak(stage_idx, recompute):
     assert abs(row.total / peak - 1) < TOLERANCE, (row.terms, row.total, peak)
     # the parameter terms are exact: the materialised model, its trainable tensors, AdamW's two moments
     model = build_stage_model(cfg, stage_idx, fake=False)
-    from megatron_evomoe.stages.trainable import set_trainable
     trainable = set(set_trainable(model, cfg, cfg.stages[stage_idx], stage_idx))
     num_trainable = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     num_tensors = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
