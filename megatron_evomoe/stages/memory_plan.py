@@ -404,13 +404,14 @@ def plan_memory(cfg: Config, world_size: int, count_shards, device_type: str = "
 
 
 def format_plan(rows: list[StagePlan], gpu_memory_gb: float) -> str:
-    """The table: one row per training stage, GiB per term and the total."""
-    head = f"{'stage':<14}{'moe_mode':<9}{'pp':>3}{'micro':>6}" + "".join(f"{t:>12}" for t in TERMS) + \
+    """The table: one row per training stage (led by its index, so that no row starts like a row of the
+    parameter table above it), GiB per term and the total."""
+    head = f"{'#':<3}{'stage':<14}{'moe_mode':<9}{'pp':>3}{'micro':>6}" + "".join(f"{t:>12}" for t in TERMS) + \
         f"{'total GiB':>11}"
     lines = [f"memory per GPU (GiB, the most loaded pipeline stage; micro: micro-batches in flight) against "
              f"{gpu_memory_gb:g} GiB:", head]
-    for r in rows:
-        lines.append(f"{r.stage:<14}{r.moe_mode:<9}{r.pp_rank:>3}{r.num_in_flight:>6}"
+    for i, r in enumerate(rows):
+        lines.append(f"{i:<3}{r.stage:<14}{r.moe_mode:<9}{r.pp_rank:>3}{r.num_in_flight:>6}"
                      + "".join(f"{r.terms[t] / GIB:>12.2f}" for t in TERMS) + f"{r.total / GIB:>11.2f}")
     return "\n".join(lines)
 
