@@ -9,7 +9,8 @@ Terms (one row per training stage, for its most loaded pipeline stage):
   1/dp range (1/expert-dp for experts) of moments plus the fp32 master copy of that range
   (parallel/data_parallel.py::ZeroAdamW);
 - evolved: stage II's frozen evolved FFN copies (moe/evolution.py: num_experts - 1 buffers per FFN);
-- activations: what autograd keeps for backward per micro-batch (derived per tensor below), times the
+- activations: what autograd keeps for backward per micro-batch (derived per tensor below; one image
+  per sample, the worst case; under bf16 with the bf16 weight copies autocast makes), times the
   micro-batches in flight (1F1B: pp - pipeline rank, at most the accumulation steps);
 - logits: the LM head's logits and the loss buffers of one micro-batch (last pipeline stage only);
 - rerun: with train.recompute, what the backward's rerun of the largest layer adds on top (the loss
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..config import Config, ConfigError
 from ..config.global_batch import accumulation_steps
+from ..model.llm import rotary_dim
 
 GIB = 2 ** 30
 FP32 = 4
@@ -327,7 +329,6 @@ def _layer_bytes(cfg: Config, d: Dims, i: int, kind: str, grad_in: bool, t, mode
     if mode == "full":  # only the checkpoint's input (when nothing kept it before) and its output
         return (grad_out and not grad_in) * d.Tr * d.C * FP32 + grad_out * d.Tr * d.C * FP32, grad_out
     selective, swiglu = mode == "selective", cfg.model.ffn_activation == "swiglu"
-    from ..model.llm import rotary_dim
     kept = attention_bytes(d, grad_in, parts["attn_norm"], parts["attn"], selective, rotary_dim(cfg.model))
     grad_mid = grad_in or parts["attn_norm"] or parts["attn"]
     if kind == "sparse":
