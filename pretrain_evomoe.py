@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=1 pretrain_evomoe.py --config ... [--section.field=value ...]
     torchrun --nproc_per_node=4 pretrain_evomoe.py --config ... --parallel.tp=2 --parallel.ep=2   # gloo on CPU
     python pretrain_evomoe.py --config ... --dry-run     # validate, print sizes and the plan
+    python pretrain_evomoe.py --config ... --dry-run --world-size 8 --gpu-memory-gb 80   # + memory per GPU
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from megatron_evomoe.cli import USER_ERRORS, ArgumentParser, user_error
+from megatron_evomoe.cli import USER_ERRORS, ArgumentParser, finite_float, int_at_least, user_error
 from megatron_evomoe.config import ConfigError, load_config
 from megatron_evomoe.parallel.watchdog import EXIT_CODE_DISTRIBUTED_FAULT, DistributedFaultError
 from megatron_evomoe.training.nonfinite import NonFiniteError
@@ -23,6 +24,12 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print sizes and the plan, exit")
+    parser.add_argument("--gpu-memory-gb", type=finite_float(0.0, low_open=True), default=80.0,
+                        help="--dry-run: memory of one GPU in GiB (an '80 GB' GPU holds 80 GiB) the plan is "
+                             "checked against (default 80)")
+    parser.add_argument("--world-size", type=int_at_least(1), default=None,
+                        help="--dry-run: number of processes of the planned run (default: $WORLD_SIZE, else "
+                             "the smallest the layout allows, tp * pp * ep)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
@@ -77,6 +84,34 @@ def print_plan(cfg) -> None:
               f" {row['llm_active_per_token']:>16,} {row['vision']:>12,}  {', '.join(stage.trainable)}")
 
 
+def planned_world_size(cfg, world_size: int | None) -> int:
+    """--world-size, else $WORLD_SIZE (a dry run inside the launcher), else tp * pp * ep (dp = ep)."""
+    import os
+    if world_size is not None:
+        return world_size
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.ep
+
+
+def print_memory_plan(cfg, world_size: int | None, gpu_memory_gb: float) -> None:
+    """The memory plan per training stage (stages/memory_plan.py) and the verdict against the GPU; a
+    plan that does not fit is also a logged warning."""
+    from megatron_evomoe.parallel.shard_counts import rank_shard_counts
+    from megatron_evomoe.stages.memory_plan import format_plan, plan_memory, verdict
+    world = planned_world_size(cfg, world_size)
+    p = cfg.parallel
+    print(f"memory plan: world size {world} = tp {p.tp} x pp {p.pp} x dp {world // (p.tp * p.pp)} (ep {p.ep}), "
+          f"micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}, bf16={cfg.train.bf16}, "
+          f"recompute={cfg.train.recompute}, zero1={p.zero1}")
+    rows = plan_memory(cfg, world, rank_shard_counts)
+    print(format_plan(rows, gpu_memory_gb))
+    fits, line = verdict(rows, gpu_memory_gb)
+    print(line)
+    if not fits:
+        logging.warning("%s", line.removeprefix("warning: "))
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -85,6 +120,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             check_stage_templates(cfg)
             print_plan(cfg)
+            print_memory_plan(cfg, args.world_size, args.gpu_memory_gb)
             return 0
         from megatron_evomoe.parallel.launch import init_distributed
         from megatron_evomoe.training.trainer import Trainer
