@@ -21,11 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint_error import CheckpointError
 from .process_identity import HOST, is_gone, owner_tag, tagged_pid
-
-
-class CheckpointError(RuntimeError):
-    """Saving or loading a checkpoint failed; the message names the path."""
 
 
 def checkpoint_root(save_dir: str | Path) -> Path:
@@ -228,7 +225,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not _complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (missing state.pt or meta.json)")
     if is_distributed(path):  # the model, gathered from the boxes (one process's memory)
-        from .parallel.distributed_checkpoint import read_full_state
+        from .dcp_reading import read_full_state
         return read_full_state(path)
     file = path / "state.pt"
     try:

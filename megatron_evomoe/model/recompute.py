@@ -11,12 +11,17 @@
 
 A checkpointed forward runs twice: side effects that must count once (the routing statistics of
 `MoELayer.routing_hook`) are skipped while `recomputing()` is true. The losses are not side effects:
-the recomputed aux loss is discarded by autograd with the rest of the recomputed outputs.
+the recomputed aux loss is discarded by autograd with the rest of the recomputed outputs. State that
+the forward reads but that lives only for the top-level call (whether sequence parallelism is active:
+parallel/tensor_parallel.py) is captured when the region first runs and restored for its rerun, which
+backward starts after that call has returned: objects holding such state register with
+`keep_for_recompute`.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +29,12 @@ from torch.utils.checkpoint import checkpoint
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 _local = threading.local()  # (autograd may run a backward, and so a recompute, on its own thread)
+_kept: "weakref.WeakSet" = weakref.WeakSet()  # objects with forward_state() / set_forward_state(value)
+
+
+def keep_for_recompute(obj) -> None:
+    """A rerun sees `obj.forward_state()` as it was in the first forward of its region."""
+    _kept.add(obj)
 
 
 def recomputing() -> bool:
@@ -32,16 +43,22 @@ def recomputing() -> bool:
 
 
 @contextlib.contextmanager
-def _recompute_context():
+def _recompute_context(forward_states: list):
     previous, _local.active = recomputing(), True
+    now = [(obj, obj.forward_state()) for obj, _ in forward_states]
+    for obj, value in forward_states:
+        obj.set_forward_state(value)
     try:
         yield
     finally:
         _local.active = previous
+        for obj, value in now:
+            obj.set_forward_state(value)
 
 
 def _contexts():
-    return contextlib.nullcontext(), _recompute_context()
+    """(around the first forward, around its rerun): called when the region first runs."""
+    return contextlib.nullcontext(), _recompute_context([(obj, obj.forward_state()) for obj in list(_kept)])
 
 
 def recomputed(fn, *args):

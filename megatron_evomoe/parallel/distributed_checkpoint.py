@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,22 +31,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from .. import checkpointing as ckpt
-from .checkpoint_boxes import Box, Boxes
-from .dcp_planners import BoxLoadPlanner, BoxSavePlanner, SafeFileSystemReader
+from ..dcp_reading import _first_line, _quiet, _read, extras_key, read_metadata
+from .checkpoint_boxes import Boxes
+from .dcp_planners import BoxSavePlanner
 from .watchdog import collective, is_comm_failure
 
 FORMAT = "dcp"
 SAVING = "checkpoint save (DCP: plans, data and metadata on the checkpoint group)"
 LOADING = "checkpoint load (DCP: the read plan on the checkpoint group)"
-
-
-def extras_key(rank: int) -> str:
-    return f"extras/{rank:05d}"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 class DistributedCheckpointer:
@@ -140,91 +131,6 @@ def _raise_comm_failure(e: BaseException | None) -> None:
     for cause in causes:
         if isinstance(cause, BaseException) and is_comm_failure(cause):
             raise cause
-
-
-def _quiet():
-    """DCP warns on every one-process (no_dist) call that it assumes one process: it does, by design."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    return _Exit(ctx)
-
-
-class _Exit:
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
-
-
-def read_metadata(folder):
-    """The checkpoint's DCP metadata (unpickled without running code), with every data file present."""
-    folder = Path(folder)
-    try:
-        metadata = SafeFileSystemReader(folder).read_metadata()
-    except Exception as e:  # noqa: BLE001 - a missing, corrupt or refused .metadata: name it
-        refused = " (refused: it names objects other than DCP's data types)" if "pickle" in type(e).__module__ else ""
-        raise ckpt.CheckpointError(f"{folder / '.metadata'}: cannot be read{refused} "
-                                   f"({type(e).__name__}: {_first_line(e)})") from None
-    files = sorted({info.relative_path for info in metadata.storage_data.values()})
-    absent = [f for f in files if not (folder / f).is_file()]
-    if absent:
-        raise ckpt.CheckpointError(f"{folder}: the shard file {absent[0]} is missing ({len(absent)} of {len(files)}); "
-                                   "the checkpoint is incomplete, resume from an earlier one")
-    return metadata
-
-
-def _read(folder, state: dict, group, where: str) -> BoxLoadPlanner:
-    planner = BoxLoadPlanner()
-    try:
-        with _quiet():
-            dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=planner, process_group=group,
-                     no_dist=group is None)
-    except Exception as e:  # noqa: BLE001 - a truncated or corrupt shard file: name the folder
-        raise ckpt.CheckpointError(f"{where}: {folder} cannot be read ({_first_line(e)})") from e
-    return planner
-
-
-def read_plain(folder, rank: int) -> dict:
-    """Rank `rank`'s plain state (its extras), read alone (no process group)."""
-    metadata = read_metadata(folder)
-    key = extras_key(rank) if extras_key(rank) in metadata.state_dict_metadata else extras_key(0)
-    planner = _read(folder, {key: io.BytesIO()}, None, "resume")
-    return _unpickle_plain(planner.loaded_bytes[key], f"{folder} {key}")
-
-
-def _unpickle_plain(data: bytes, where: str) -> dict:
-    try:
-        with torch.serialization.safe_globals(ckpt._legacy_numpy_globals()):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - refused (not plain data) or corrupt
-        raise ckpt.CheckpointError(f"{where}: cannot be read as plain data ({_first_line(e)})") from None
-
-
-def read_full_state(folder) -> dict:
-    """The one-process view of a distributed checkpoint: every model tensor in full, and rank 0's plain
-    state (for evaluation, reports, HF export and one-process tools; no process group needed)."""
-    metadata = read_metadata(folder)
-    model = {}
-    boxes: dict = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if key.startswith("model/"):
-            t = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-            model[key[len("model/"):]] = t
-            boxes[key] = Boxes(tuple(md.size), [Box(t, (0,) * len(md.size))])
-    boxes[extras_key(0)] = io.BytesIO()
-    planner = _read(folder, boxes, None, "load")
-    return {**_unpickle_plain(planner.loaded_bytes[extras_key(0)], f"{folder} extras"), "model": model}
-
-
-def saved_model_shapes(folder) -> dict[str, torch.Tensor]:
-    """name -> a meta tensor of the saved full shape, for every model tensor (checks against a model)."""
-    return {k[len("model/"):]: torch.empty(tuple(md.size), device="meta")
-            for k, md in read_metadata(folder).state_dict_metadata.items() if k.startswith("model/")}
 
 
 def saved_layout(folder) -> str | None:

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.recompute import keep_for_recompute
 from .flat_collectives import all_gather_single, reduce_scatter_single
 from .specialise import specialise
 from .state import ShardSpec
@@ -51,6 +52,13 @@ class TensorParallelContext:
         self.group, self.size, self.rank = group, size, rank
         self.sequence_parallel = sequence_parallel and size > 1
         self.sp_active = False  # set by the top-level forward for its duration
+        keep_for_recompute(self)  # a recomputed layer (backward, after that forward) sees it as it was
+
+    def forward_state(self) -> bool:
+        return self.sp_active
+
+    def set_forward_state(self, active: bool) -> None:
+        self.sp_active = active
 
     @property
     def sp(self) -> bool:

@@ -36,7 +36,8 @@ from .data_parallel import ZeroAdamW, all_reduce_floats, clip_grad_norm_
 from .apply_layout import apply_dp, parallelize
 from .pipeline import forward_backward_1f1b
 from .checkpoint_boxes import fresh_entry, install_entries, live_entries, model_boxes, optimizer_boxes, optimizer_slots
-from .distributed_checkpoint import DistributedCheckpointer, saved_model_shapes
+from ..dcp_reading import saved_model_shapes
+from .distributed_checkpoint import DistributedCheckpointer
 from .reshard import layout_name, shard_state_for
 from .sharded_construction import materialise_shards
 from .sharded_state import load_full_state_dict

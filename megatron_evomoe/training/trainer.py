@@ -10,7 +10,6 @@ step, sampler position, RNG states and the evolution generator.
 from __future__ import annotations
 
 import logging
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,11 @@ from .evaluation import evaluate_pope
 from .logger import MetricsLogger
 from .nonfinite import NonFiniteError, first_nonfinite_grad
 from .optim import build_optimizer, lr_at
-from ..parallel.distributed_checkpoint import read_plain, saved_layout
+from ..dcp_reading import read_plain
+from ..parallel.distributed_checkpoint import saved_layout
 from ..parallel.reshard import refuse_per_rank_checkpoints
 from .background_save import BackgroundSave
+from .rng_state import rng_state, seed_everything, set_rng_state
 from .restore import check_init_image_processing, refuse_imported_save_dir
 from .routing_log import RoutingLog
 from .stage_data import StageData
@@ -55,39 +56,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every generator's state as tensors and plain data (checkpoints load with weights_only=True):
-    python's is a tuple of ints; numpy's key array is kept as an int64 tensor."""
-    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _numpy_rng(saved) -> tuple:
-    if not isinstance(saved, dict):  # numpy's own tuple, in checkpoints of earlier versions
-        return saved
-    return (saved["name"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
-            saved["cached_gaussian"])
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(_numpy_rng(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:

@@ -16,7 +16,8 @@ from megatron_evomoe import checkpointing as ckpt
 from megatron_evomoe.parallel import ParallelState, full_state_dict, parallelize
 from megatron_evomoe.parallel.checkpoint_boxes import (Box, Boxes, fresh_entry, install_entries, live_entries,
                                                        model_boxes, optimizer_boxes, optimizer_slots)
-from megatron_evomoe.parallel.distributed_checkpoint import DistributedCheckpointer, _read, read_metadata
+from megatron_evomoe.dcp_reading import _read, read_metadata
+from megatron_evomoe.parallel.distributed_checkpoint import DistributedCheckpointer
 from megatron_evomoe.training.background_save import BackgroundSave
 
 from . import common as C
@@ -129,7 +130,7 @@ def test_bad_distributed_checkpoints_are_one_line_errors(saved, tmp_path):
         ckpt.load_checkpoint(broken)
     assert "\n" not in str(e.value)
     # another model shape (hidden 48 instead of 32), through the trainer's loading path
-    from megatron_evomoe.parallel.distributed_checkpoint import read_plain
+    from megatron_evomoe.dcp_reading import read_plain
     from megatron_evomoe.parallel.training_hooks import ParallelTraining
     wider = C.tiny_cfg(extra=["--model.hidden_size=48"])  # (the checkpoint's is 256)
     par = ParallelTraining(C.build_model(wider), ParallelState.single(wider), wider)

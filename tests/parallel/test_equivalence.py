@@ -44,10 +44,10 @@ LAYOUTS = {
     "pp2_ep2": (dict(pp=2, ep=2), 4),
     # activation recompute (model/recompute.py) under the layout: the same numbers as one process without it
     "pp2_selective": (dict(pp=2, extra=["--train.recompute=selective"]), 4),
-    "tp2_ep2_full": (dict(tp=2, ep=2, extra=["--train.recompute=full"]), 2),
+    "tp2_sp_ep2_full": (dict(tp=2, ep=2, sp=True, extra=["--train.recompute=full"]), 2),
 }
 WORLD2 = ["tp2", "tp2_sp", "ep2", "dp2", "pp2", "pp2_selective"]
-WORLD4 = ["tp2_ep2", "dp4_ep2", "pp2_dp2", "tp2_pp2_sp", "pp2_ep2", "tp2_ep2_full"]
+WORLD4 = ["tp2_ep2", "dp4_ep2", "pp2_dp2", "tp2_pp2_sp", "pp2_ep2", "tp2_sp_ep2_full"]
 
 
 def _dispatch_check(model, state, batch) -> list[dict]:

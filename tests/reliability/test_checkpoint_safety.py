@@ -36,7 +36,8 @@ from megatron_evomoe.process_identity import HOST, start_ticks
 from megatron_evomoe.run_lock import RunLock
 from megatron_evomoe.tools.report import main as report_main
 from megatron_evomoe.training.restore import load_trained_model
-from megatron_evomoe.training.trainer import Trainer, rng_state, set_rng_state
+from megatron_evomoe.training.rng_state import rng_state, set_rng_state
+from megatron_evomoe.training.trainer import Trainer
 from tests.training.tiny_config import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
