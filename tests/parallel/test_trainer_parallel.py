@@ -10,7 +10,9 @@ import torch
 
 from megatron_evomoe import checkpointing as ckpt
 from megatron_evomoe.config import load_config
+from megatron_evomoe.convert.export import evomoe_to_hf
 from megatron_evomoe.parallel import ParallelState, full_state_dict
+from megatron_evomoe.training.restore import load_trained_model
 from megatron_evomoe.training.trainer import Trainer
 from tests.parallel.common import run_until_crash
 from tests.training.tiny_config import STAGES, TINY
@@ -111,6 +113,12 @@ def _check_reshard(references, data_root, tmp_path):
 
     path = ckpt.find_latest(tmp_path / "tp2_crash")
     assert path.name == "02-evolution-step000002", path
+    # read by one process for evaluation, reports and export (its values: the resumes below continue
+    # the one-process trajectory from them)
+    model, cfg, _, state = load_trained_model(path)
+    assert state["global_step"] == 7 and cfg.parallel.tp == 2
+    exported = evomoe_to_hf(path, tmp_path / "hf", fmt="evomoe", echo=lambda _: None)
+    assert (exported / "config.json").is_file()
     for name in ("as_single", "as_dp2"):
         shutil.copytree(tmp_path / "tp2_crash" / "checkpoints", tmp_path / name / "checkpoints")
     ref_losses, ref_evals, _ = references["plain"]

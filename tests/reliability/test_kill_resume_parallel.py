@@ -64,6 +64,23 @@ def test_rank_killed_mid_checkpoint_write_then_same_command(reference, layout, d
     assert harness.compare(reference, save) == []
 
 
+@pytest.mark.parametrize("layout", ["dp2"], scope="module")  # (the writer thread is the same in every layout)
+def test_rank_killed_mid_asynchronous_checkpoint_write_then_same_command(reference, layout, data_root, tmp_path):
+    # train.async_save: the checkpoint is written by a background thread while training goes on; rank 1
+    # dies half-way through its part of the 3rd; the job stops, and the rerun (also asynchronous)
+    # resumes from the 2nd and ends bit-identical to the synchronous reference
+    save, background = tmp_path / "run", ["--train.async_save=true"]
+    killed = harness.run(harness.command(save, data_root, layout, fault=("save", "3"), extra=background),
+                         harness.fault_env("kill", rank=1))
+    assert killed.returncode != 0 and "fault_launcher: kill on rank 1" in killed.stderr, killed.stderr[-3000:]
+    assert ckpt.find_latest(save).name == "01-warmup-step000002"
+    assert harness.check_latest_loadable(save) == []
+    resumed = harness.run(harness.command(save, data_root, layout, extra=background))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "01-warmup-step000002" in resumed.stderr
+    assert harness.compare(reference, save) == []
+
+
 def test_torchrun_max_restarts_resumes_after_a_rank_dies_mid_step(reference, layout, data_root, tmp_path):
     save, marker = tmp_path / "run", tmp_path / "fired"
     # rank 1 is killed inside the optimizer step of global step 7 (evolution stage), once; rank 0 may
