@@ -129,8 +129,8 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # ZeRO-1: shard the AdamW state over the DP (dense) and expert-DP (experts) replicas
     # (parallel/data_parallel.py::ZeroAdamW). A no-op where there is nothing to shard over
-    # (one process, or dp == 1). Its per-rank checkpoints resume only in the
-    # same layout with zero1 on; consolidating them (parallel/reshard.py) is not supported.
+    # (one process, or dp == 1). Its moments are checkpointed per tensor (parallel/checkpoint_boxes.py):
+    # a checkpoint resumes in any layout, with zero1 on or off.
     zero1: bool = False
     bucket_mb: float = 25.0  # gradient all-reduce bucket size (MiB) without zero1
     # seconds a collective may wait for the other ranks before the run stops with an error naming
