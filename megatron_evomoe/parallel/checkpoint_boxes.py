@@ -45,6 +45,13 @@ class Boxes:
         return Boxes(self.shape, [Box(b.data.detach().to("cpu", copy=True), b.offsets) for b in self.boxes])
 
 
+def staged_copy(tree):
+    """A copy of a state's tensors on the host (and of the containers holding them): what they held at
+    the step boundary, for a save that writes later (train.async_save)."""
+    from torch.utils._pytree import tree_map
+    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
+
+
 def clipped(data: torch.Tensor, offsets, shape) -> Box | None:
     """The part of a box inside the full tensor (a TP shard of the vocabulary may reach into the
     padding past its end); None when nothing is inside."""

@@ -35,7 +35,8 @@ from ..stages.trainable import set_trainable
 from .data_parallel import ZeroAdamW, all_reduce_floats, clip_grad_norm_
 from .apply_layout import apply_dp, parallelize
 from .pipeline import forward_backward_1f1b
-from .checkpoint_boxes import fresh_entry, install_entries, live_entries, model_boxes, optimizer_boxes, optimizer_slots
+from .checkpoint_boxes import (fresh_entry, install_entries, live_entries, model_boxes, optimizer_boxes,
+                               optimizer_slots, staged_copy)
 from ..dcp_reading import saved_model_shapes
 from .distributed_checkpoint import DistributedCheckpointer
 from .reshard import layout_name, shard_state_for
@@ -95,14 +96,14 @@ class ParallelTraining:
         if self.state.world_size == 1:
             state = {"model": self.model.state_dict(), "optimizer": opt.state_dict(), **plain}
             if staged:
-                state = _staged(state)
+                state = staged_copy(state)
             return lambda: ckpt.save_checkpoint(save_dir, name, state, meta, keep)
         params = self._trainable()
         inner, slots = optimizer_slots(opt, params)
         boxes = {**model_boxes(self.model, self.state),
                  **optimizer_boxes(self.model, slots, live_entries(inner, slots), self.state)}
         if staged:
-            boxes, plain = {k: b.staged() for k, b in boxes.items()}, _staged(plain)
+            boxes, plain = {k: b.staged() for k, b in boxes.items()}, staged_copy(plain)
         return lambda: self.checkpointer.save(save_dir, name, boxes, plain, meta, keep, watched=not staged)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -286,8 +287,3 @@ def checkpoint_step(path) -> int:
     """The global step a checkpoint folder was saved at (its meta.json)."""
     return int(json.loads((Path(path) / "meta.json").read_text()).get("global_step", -1))
 
-
-def _staged(tree):
-    """A copy of a state's tensors (and of the containers holding them): what was there at the step."""
-    from torch.utils._pytree import tree_map
-    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
