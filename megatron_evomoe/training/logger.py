@@ -9,11 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from ..config import ConfigError
 
 log = logging.getLogger("megatron_evomoe")
+
+
+def _run_id(save_dir: Path) -> str:
+    """The save_dir's W&B run id, made on its first run (`wandb_run_id`, next to metrics.jsonl)."""
+    from ..checkpointing import write_file_atomic
+    path = save_dir / "wandb_run_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    write_file_atomic(path, run_id)
+    return run_id
 
 
 class MetricsLogger:
@@ -38,8 +50,10 @@ class MetricsLogger:
                             "(pip install tensorboard)", self.path)
         if wandb is not None:
             # WANDB_MODE (online / offline / disabled) passed on as given: wandb's own default otherwise
+            # one W&B run per save_dir: a resumed job (same save_dir) continues its curves
             self.wandb = wandb.init(project=wandb_project, name=Path(save_dir).resolve().name, dir=str(save_dir),
-                                    config=config or {}, mode=os.environ.get("WANDB_MODE") or None)
+                                    config=config or {}, mode=os.environ.get("WANDB_MODE") or None,
+                                    id=_run_id(Path(save_dir)), resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

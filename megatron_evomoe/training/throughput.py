@@ -101,6 +101,8 @@ def resolve_peak(cfg, device: torch.device, verbose: bool = True) -> float | Non
     elif device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak, source = peak_tflops(name), f"the dense bf16 peak of {name} (stages/flops.py)"
+        if not cfg.train.bf16:  # (the convention; an fp32/TF32 run's matmuls peak lower, so its MFU reads low)
+            source += "; this run is train.bf16=false: its MFU is against the bf16 peak all the same"
         if peak is None:
             if verbose:
                 log.warning("train.peak_tflops=auto: %r is not in stages/flops.py's GPU table, MFU is not logged "

@@ -159,8 +159,12 @@ def test_wandb_sink(monkeypatch, tmp_path):
     logger = MetricsLogger(tmp_path / "myrun", tensorboard=False, wandb_project="evomoe", config={"train": {"seed": 1}})
     logger.log(3, {"train/loss": 1.5, "train/tokens_per_s": 100.0, "train/stage": "s"})
     logger.close()
-    assert calls["init"] == {"project": "evomoe", "name": "myrun", "dir": str(tmp_path / "myrun"),
-                             "config": {"train": {"seed": 1}}, "mode": "offline"}
+    run_id = (tmp_path / "myrun" / "wandb_run_id").read_text()
+    assert calls.pop("init") == {"project": "evomoe", "name": "myrun", "dir": str(tmp_path / "myrun"),
+                                 "config": {"train": {"seed": 1}}, "mode": "offline", "id": run_id, "resume": "allow"}
+    assert len(run_id) == 16
+    MetricsLogger(tmp_path / "myrun", tensorboard=False, wandb_project="evomoe").close()  # a resumed job: the same run
+    assert calls.pop("init")["id"] == run_id
     assert calls["log"] == [(3, {"train/loss": 1.5, "train/tokens_per_s": 100.0})] and calls["finished"]
     # not the main rank: no run; wandb missing: one ConfigError naming the field and the install
     MetricsLogger(tmp_path / "other", tensorboard=False, enabled=False, wandb_project="evomoe")
