@@ -17,7 +17,6 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import _create_read_item_for_byteio, create_read_items_for_chunk_list
-from torch.distributed.checkpoint.storage import StorageMeta
 
 from .checkpoint_boxes import Box, Boxes
 
@@ -118,9 +117,8 @@ class SafeFileSystemReader(FileSystemReader):
     torch.load(weights_only=True) by the base reader."""
 
     def read_metadata(self, *args, **kwargs):
-        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+        with self.fs.create_stream(self.fs.concat_path(self.path, ".metadata"), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        if getattr(metadata, "storage_meta", None) is not None:  # (what the base reader records in it)
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
         return metadata

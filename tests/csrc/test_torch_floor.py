@@ -96,8 +96,42 @@ FIRST_RELEASE = {
     # with its device_type argument (2.4); AdamW(fused=) runs on CPU too (2.4: CUDA-only before).
     "2.4": """torch.library.custom_op torch.library.custom_op(mutates_args=) torch.get_autocast_dtype
               torch.is_autocast_enabled torch.optim.AdamW(fused=)""",
+    # 2.5 also dates the distributed checkpoints' torch.distributed.checkpoint names (parallel/
+    # distributed_checkpoint.py, dcp_planners.py, dcp_reading.py): present in 2.5 (dcp.save/load with planners
+    # and process_group since 2.2), dated at the floor, their first release not checked further
     "2.5": """torch.OutOfMemoryError torch.serialization.safe_globals torch.serialization.get_unsafe_globals_in_checkpoint
-              torch.nn.functional.scaled_dot_product_attention(enable_gqa=)""",
+              torch.nn.functional.scaled_dot_product_attention(enable_gqa=)
+              torch.layout torch.memory_format torch.utils._pytree.tree_map torch.distributed.new_group(backend=)
+              torch.distributed.broadcast_object_list torch.distributed.broadcast_object_list(group=)
+              torch.distributed.broadcast_object_list(src=)
+              torch.distributed.checkpoint.FileSystemReader torch.distributed.checkpoint.FileSystemWriter
+              torch.distributed.checkpoint.FileSystemWriter(single_file_per_rank=)
+              torch.distributed.checkpoint.FileSystemWriter(sync_files=)
+              torch.distributed.checkpoint.default_planner.DefaultLoadPlanner
+              torch.distributed.checkpoint.default_planner.DefaultSavePlanner
+              torch.distributed.checkpoint.load torch.distributed.checkpoint.load(no_dist=)
+              torch.distributed.checkpoint.load(planner=) torch.distributed.checkpoint.load(process_group=)
+              torch.distributed.checkpoint.load(storage_reader=)
+              torch.distributed.checkpoint.metadata.ChunkStorageMetadata
+              torch.distributed.checkpoint.metadata.ChunkStorageMetadata(offsets=)
+              torch.distributed.checkpoint.metadata.ChunkStorageMetadata(sizes=)
+              torch.distributed.checkpoint.metadata.MetadataIndex
+              torch.distributed.checkpoint.metadata.TensorProperties.create_from_tensor
+              torch.distributed.checkpoint.planner.LoadPlan torch.distributed.checkpoint.planner.SavePlan
+              torch.distributed.checkpoint.planner.TensorWriteData
+              torch.distributed.checkpoint.planner.TensorWriteData(chunk=)
+              torch.distributed.checkpoint.planner.TensorWriteData(properties=)
+              torch.distributed.checkpoint.planner.TensorWriteData(size=)
+              torch.distributed.checkpoint.planner.WriteItem torch.distributed.checkpoint.planner.WriteItem(index=)
+              torch.distributed.checkpoint.planner.WriteItem(tensor_data=)
+              torch.distributed.checkpoint.planner.WriteItem(type=)
+              torch.distributed.checkpoint.planner.WriteItemType.BYTE_IO
+              torch.distributed.checkpoint.planner.WriteItemType.SHARD
+              torch.distributed.checkpoint.planner_helpers._create_read_item_for_byteio
+              torch.distributed.checkpoint.planner_helpers.create_read_items_for_chunk_list
+              torch.distributed.checkpoint.save torch.distributed.checkpoint.save(no_dist=)
+              torch.distributed.checkpoint.save(planner=) torch.distributed.checkpoint.save(process_group=)
+              torch.distributed.checkpoint.save(storage_writer=)""",
 }
 # Newer than the floor: used only in the one file named, behind a hasattr/getattr fallback.
 GUARDED = {
