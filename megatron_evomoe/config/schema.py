@@ -87,6 +87,11 @@ class MoEConfig:
     layers: str = "alternate"  # alternate (1, 3, ...) | even (0, 2, ...: MoE-LLaVA) | all | none | comma list, e.g. "1,3"
     aux_loss_coeff: float = 0.001
     z_loss_coeff: float = 0.0
+    # aux: the Switch load-balancing loss (aux_loss_coeff); aux_free: a per-expert routing bias moved after
+    # every step against the global batch's load (DeepSeek-V3; moe/load_balancing.py), no balancing loss;
+    # both; none. The z-loss is separate.
+    load_balancing: Literal["aux", "aux_free", "both", "none"] = "aux"
+    bias_update_rate: float = 0.001  # aux_free / both: the bias step per optimizer step
     renormalize: bool = True  # renormalise the top-k gates to sum to 1 (k > 1)
     expert_backend: Literal["auto", "torch", "loop", "triton", "cuda_ext", "cpu_ext"] = "auto"
     # How the experts of a MoE layer are made from the dense FFN when the

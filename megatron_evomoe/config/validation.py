@@ -65,6 +65,7 @@ def validate(cfg: Config) -> None:
     _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
              f"{moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
     _require(moe.aux_loss_coeff >= 0, "moe.aux_loss_coeff", "must be >= 0")
+    _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", "must be >= 0")
     _require(moe.z_loss_coeff >= 0, "moe.z_loss_coeff", "must be >= 0")
     _require(0.0 <= moe.drop_ratio <= 1.0, "moe.drop_ratio", "must be in [0, 1]")
     _require(moe.noise_std >= 0, "moe.noise_std", "must be >= 0")

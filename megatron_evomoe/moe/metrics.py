@@ -30,6 +30,14 @@ def load_cv(counts: torch.Tensor) -> float:
     return float(c.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
+def max_violation(counts: torch.Tensor) -> float:
+    """MaxVio (DeepSeek-V3's balance measure): (max_e load_e - mean load) / mean load; 0 = balanced,
+    E - 1 = every assignment on one expert."""
+    c = counts.double()
+    mean = c.mean()
+    return float((c.max() - mean) / mean) if mean > 0 else 0.0
+
+
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Shannon entropy in nats along `dim` (0 log 0 = 0)."""
     p = p.double()

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..model.recompute import recomputing
 from .experts import GroupedExperts
+from .load_balancing import update_bias
 from .router import Router, RoutingOutput
 from .token_dispatcher import LocalTokenDispatcher
 
@@ -30,6 +31,12 @@ class MoELayer(nn.Module):
         self.routing_hook = None
         self.last_tokens_per_expert: torch.Tensor | None = None
         self.shared_expert = shared_expert  # optional dense expert added to the routed output (shared_expert.py)
+        self.step_load: torch.Tensor | None = None  # [E] this rank's assignments since the last bias update
+
+    def update_expert_bias(self, load: torch.Tensor) -> None:
+        """After an optimizer step: move the router's expert bias by the step's global load [E]."""
+        update_bias(self.router.expert_bias, load, self.router.bias_update_rate)
+        self.step_load = None
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor):
         shape = x.shape
@@ -40,6 +47,9 @@ class MoELayer(nn.Module):
         y_perm = self.experts(x_perm, tokens_per_expert)  # [T*K, C]
         y = self.dispatcher.combine(y_perm, routing.gates.to(y_perm.dtype), handle)  # [T, C]
         self.last_tokens_per_expert = routing.tokens_per_expert.detach()
+        if self.router.expert_bias is not None and self.training and not recomputing():  # (once per micro-batch)
+            load = self.last_tokens_per_expert
+            self.step_load = load if self.step_load is None else self.step_load + load
         if self.routing_hook is not None and not recomputing():  # once per micro-batch, not again in backward
             self.routing_hook(self, routing, modality)
         aux = self.aux_loss_coeff * routing.aux_loss + self.z_loss_coeff * routing.z_loss

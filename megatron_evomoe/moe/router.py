@@ -17,6 +17,7 @@ from torch import nn
 from ..model.modality import NUM_MODALITIES
 from ..ops.permute import expert_counts
 from ..ops.topk_softmax import topk_softmax
+from .load_balancing import biased_topk
 
 
 @dataclass
@@ -57,6 +58,26 @@ class Router(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.renormalize, self.backend = renormalize, backend
+        self.register_buffer("expert_bias", None)  # [E]: aux-loss-free balancing (load_balancing.py); None: off
+
+    def enable_expert_bias(self, update_rate: float) -> "Router":
+        """Choose experts by probs + a per-expert bias (a checkpointed buffer [E]), which the trainer moves by
+        `update_rate` after every step (moe/load_balancing.py)."""
+        self.expert_bias = torch.zeros(self.num_experts)  # (a persistent buffer: in the state dict)
+        self.bias_update_rate = update_rate
+        return self
+
+    def biased_choice(self, probs, topk_idx, gates, counts):
+        """With an expert bias, the choice made again from probs + bias (the routing op's is unbiased):
+        (topk_idx, gates, counts or None to recount); without one, as given."""
+        if self.expert_bias is None:
+            return topk_idx, gates, counts
+        return (*biased_topk(probs, self.expert_bias, self.top_k, self.renormalize), None)
+
+    def init_buffers(self) -> None:
+        """The bias's starting value, after a meta-built router got storage (parallel/sharded_construction.py)."""
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
 
     def compute_logits(self, z: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -68,6 +89,7 @@ class Router(nn.Module):
 
     def _finish(self, logits, probs, topk_idx, gates, counts=None) -> RoutingOutput:
         """counts: [E] from the routing op when it computes them (the DTR's), else a sync-free histogram."""
+        topk_idx, gates, counts = self.biased_choice(probs, topk_idx, gates, counts)
         if counts is None:
             counts = expert_counts(topk_idx, self.num_experts)
         return RoutingOutput(logits, probs, topk_idx, gates, counts,

@@ -20,6 +20,7 @@ import torch
 from .dtr import DynamicTokenRouter
 from .evolution import EvolvingFFN
 from .experts import GroupedExperts, dense_tensors, intermediate_dim
+from .load_balancing import uses_aux_loss, uses_bias
 from .moe_layer import MoELayer
 from .router import PerModalityLinearRouter, Router, TopKRouter
 from .shared_expert import SharedExpert
@@ -103,8 +104,10 @@ def upcycle_to_moe(ffn, cfg, generator: torch.Generator):
         with torch.device("meta"):  # built without touching the global RNG; values from `generator`
             shared = SharedExpert(hidden, cfg.moe.shared_expert_size)
         shared = shared.to_empty(device=w.device).init_for_upcycling(cfg.model.init_std, generator)
-    layer = MoELayer(router, experts, aux_loss_coeff=cfg.moe.aux_loss_coeff, z_loss_coeff=cfg.moe.z_loss_coeff,
-                     shared_expert=shared)
+    if uses_bias(cfg.moe.load_balancing):
+        router.enable_expert_bias(cfg.moe.bias_update_rate)
+    aux = cfg.moe.aux_loss_coeff if uses_aux_loss(cfg.moe.load_balancing) else 0.0
+    layer = MoELayer(router, experts, aux_loss_coeff=aux, z_loss_coeff=cfg.moe.z_loss_coeff, shared_expert=shared)
     return layer.to(device=w.device, dtype=w.dtype)
 
 

@@ -181,6 +181,7 @@ class GlobalBatchRouterMixin:
 
     def _finish(self, logits, probs, topk_idx, gates, counts=None) -> RoutingOutput:
         E, K = self.num_experts, self.top_k
+        topk_idx, gates, counts = self.biased_choice(probs, topk_idx, gates, counts)
         if counts is None:
             counts = expert_counts(topk_idx, E)
         stats = torch.cat([counts.double(), counts.new_tensor([probs.shape[0]]).double()])

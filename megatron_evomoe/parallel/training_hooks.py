@@ -39,6 +39,7 @@ from .checkpoint_boxes import (fresh_entry, install_entries, live_entries, model
                                optimizer_slots, staged_copy)
 from ..dcp_reading import saved_model_shapes
 from .distributed_checkpoint import DistributedCheckpointer
+from .expert_bias import update_expert_biases
 from .reshard import layout_name, shard_state_for
 from .sharded_construction import materialise_shards
 from .sharded_state import load_full_state_dict
@@ -275,6 +276,10 @@ class ParallelTraining:
         if self.state.world_size == 1:  # torch's own (fused) norm: a one-process run's numbers, bit for bit
             return float(torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm or float("inf")))
         return clip_grad_norm_(self.model, params, max_norm, self.state)
+
+    def update_expert_biases(self, skipped: bool = False) -> None:
+        """After the optimizer step (or a skipped one): aux-loss-free balancing (expert_bias.py)."""
+        update_expert_biases(self.model, self.state.dp_group, skipped)
 
     def sum_losses(self, lm: float, aux: float) -> tuple[float, float]:
         """This rank's loss contributions -> the global step's losses (sum over DP; the pipeline

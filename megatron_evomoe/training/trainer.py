@@ -369,11 +369,13 @@ class Trainer:
                 raise NonFiniteError(msg)
             log.warning("%s: step skipped (train.nonfinite=%s)", msg, cfg.train.nonfinite)
             opt.zero_grad(set_to_none=True)
+            self.par.update_expert_biases(skipped=True)
             record["skipped"] = True
             return record, counts
         if evo is not None:
             evo.before_step()
         opt.step()
+        self.par.update_expert_biases()  # (aux-loss-free balancing; nothing to do without it)
         if evo is not None:
             self.par.wait_for_params()  # the evolution reads FFN1's new values (ZeRO-1 gathers them asynchronously)
             evo.after_step()

@@ -9,6 +9,7 @@ from megatron_evomoe.model.mllm import IGNORE_INDEX, MultimodalLM
 from megatron_evomoe.moe.experts import is_weight_matrix
 from megatron_evomoe.parallel import (ParallelState, all_reduce_floats, apply_dp, clip_grad_norm_,
                                       forward_backward_1f1b, parallelize)
+from megatron_evomoe.parallel.expert_bias import update_expert_biases
 from megatron_evomoe.stages.structure import apply_stage_structure
 
 VOCAB = 51  # odd: exercises the vocabulary padding of the vocab-parallel layers
@@ -105,6 +106,7 @@ def train(model, state: ParallelState, steps: list[dict], num_micro: int, lr: fl
             reducer.reduce()
             norms.append(clip_grad_norm_(model, params, 1.0, state))
         opt.step()
+        update_expert_biases(model, state.dp_group)  # (moe.load_balancing=aux_free|both only)
         lm, aux = all_reduce_floats([lm, aux], state.dp_group)
         losses.append(lm + aux)
     out = {"losses": losses, "grad_norms": norms, "reducer_bytes": reducer.bytes_reduced,
