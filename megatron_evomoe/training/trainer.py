@@ -191,7 +191,9 @@ class Trainer:
     def _run_stage(self, idx: int, stage, resume: dict | None) -> None:
         run = self._begin_stage(idx, stage, resume)
         try:
-            if run.step >= stage.steps:  # resumed from the stage's end: only the move to the next is left
+            if run.step >= stage.steps:  # resumed from the stage's end: the move to the next is left, and
+                if not self._evaluated(idx, stage):  # the evaluation if a stop came between the two
+                    self._evaluate_stage(stage)
                 return
             self._train_stage(run)
         finally:
@@ -305,6 +307,18 @@ class Trainer:
         raise TrainingStopped(f"stopped by {self.stop.describe()} at {where}; the steps before it are "
                               f"checkpointed in {self.save_dir}: rerun the same command to resume")
 
+    def _evaluated_marker(self, idx: int, stage) -> Path:
+        """Written into the stage-end checkpoint once its evaluation is done (or failed on bad data)."""
+        return ckpt.checkpoint_root(self.save_dir) / f"{idx:02d}-{stage.name}-step{stage.steps:06d}" / "evaluated"
+
+    def _evaluated(self, idx: int, stage) -> bool:
+        return not (stage.eval and self.cfg.data.num_eval_samples > 0) or self._evaluated_marker(idx, stage).exists()
+
+    def _mark_evaluated(self, stage, outcome: str) -> None:
+        self.saves.wait()  # (the stage-end checkpoint's folder exists once its write is done)
+        if self.par.is_main:
+            ckpt.write_file_atomic(self._evaluated_marker(self.cfg.stages.index(stage), stage), outcome)
+
     def _evaluate_stage(self, stage) -> None:
         cfg = self.cfg
         if not (stage.eval and cfg.data.num_eval_samples > 0):
@@ -314,6 +328,7 @@ class Trainer:
                 scores = evaluate_pope(self.model, self.data, cfg, self.device, stage_idx=cfg.stages.index(stage),
                                        step=decode_step_for(self.par.state))
         except DataError:  # e.g. an unreadable evaluation image: the stage's checkpoint is already saved
+            self._mark_evaluated(stage, "failed: bad evaluation data")
             log.error("stage '%s' evaluation failed; its checkpoint is saved and a rerun continues with "
                       "the next stage without repeating this evaluation", stage.name)
             raise
@@ -324,6 +339,7 @@ class Trainer:
                  scores["blind_f1"])
         self.metrics.log(self.global_step, {f"eval/{stage.name}/{k}": v for k, v in scores.items()})
         self.history.append({"stage": stage.name, "eval": scores})
+        self._mark_evaluated(stage, "done")
 
     def _train_step(self, opt, params, micro, evo, step, stage):
         cfg = self.cfg

@@ -101,7 +101,8 @@ def test_trainer_world2_tp_sp_resume_and_pp(references, data_root, tmp_path):
         assert evals == ref_evals_accum2 and evals[0]["num_questions"] == 8
     # one distributed checkpoint for the job (both ranks' boxes, one metadata), no per-rank folders
     latest = ckpt.find_latest(tmp_path / "tp2_sp")
-    assert sorted(p.name for p in latest.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    assert sorted(p.name for p in latest.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "evaluated",
+                                                        "meta.json"]  # (evaluated: its POPE evaluation is done)
     assert not (tmp_path / "tp2_sp" / "ranks").exists()
     _check_reshard(references, data_root, tmp_path)
 

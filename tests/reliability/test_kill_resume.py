@@ -73,3 +73,19 @@ def test_killed_run_resumes_bit_identically(reference, data_root, tmp_path, faul
     a = ckpt.load_checkpoint(ckpt.find_latest(reference))["model"]
     b = ckpt.load_checkpoint(ckpt.find_latest(save))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_between_the_last_checkpoint_and_its_evaluation(reference, data_root, tmp_path):
+    # right after the router stage's final checkpoint, before its POPE evaluation: the rerun resumes from
+    # that checkpoint, has no step left, and runs the evaluation the kill cut off (the same scores)
+    save = tmp_path / "run"
+    killed = run_training(save, data_root, ("stage", "4"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    final = save / "checkpoints" / "03-router-step000003"
+    assert ckpt.find_latest(save) == final and not (final / "evaluated").exists()
+    resumed = run_training(save, data_root)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert (final / "evaluated").read_text() == "done"
+    evals = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
+    want = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
+    assert len(want) == 1 and evals == want
