@@ -35,7 +35,7 @@ def _train(rank, world, data, save_dir, extra):
         error = None
     except DataError as e:
         error = str(e)
-    steps = json.loads((ckpt.find_latest(trainer.ckpt_dir) / "meta.json").read_text())["global_step"]
+    steps = json.loads((ckpt.find_latest(trainer.save_dir) / "meta.json").read_text())["global_step"]
     return {"error": error, "saved_step": steps, "losses": [(h["global_step"], h["loss"]) for h in trainer.history]}
 
 
