@@ -101,7 +101,7 @@ FIRST_RELEASE = {
     # and process_group since 2.2), dated at the floor, their first release not checked further
     "2.5": """torch.OutOfMemoryError torch.serialization.safe_globals torch.serialization.get_unsafe_globals_in_checkpoint
               torch.nn.functional.scaled_dot_product_attention(enable_gqa=)
-              torch.layout torch.memory_format torch.utils._pytree.tree_map torch.distributed.new_group(backend=)
+              torch.sign torch.layout torch.memory_format torch.utils._pytree.tree_map torch.distributed.new_group(backend=)
               torch.distributed.broadcast_object_list torch.distributed.broadcast_object_list(group=)
               torch.distributed.broadcast_object_list(src=)
               torch.distributed.checkpoint.FileSystemReader torch.distributed.checkpoint.FileSystemWriter
