@@ -72,12 +72,17 @@ def save_checkpoint(save_dir: str | Path, name: str, state: dict, meta: dict, ke
     return publish(save_dir, name, tmp, meta, keep)
 
 
+def temporary_path(save_dir: str | Path, name: str, tag: str | None = None) -> Path:
+    """Where checkpoint `name` is written before it is complete (every rank of a distributed save
+    writes into rank 0's)."""
+    return checkpoint_root(save_dir) / f".tmp-{name}-{tag or owner_tag()}"
+
+
 def temporary_folder(save_dir: str | Path, name: str, tag: str | None = None) -> Path:
     """A fresh, empty folder to write checkpoint `name` into, named for its owner (`tag`: this
     process by default; a distributed save uses rank 0's): another live run's save in progress is
     never cleaned up (_prune)."""
-    root = checkpoint_root(save_dir)
-    tmp = root / f".tmp-{name}-{tag or owner_tag()}"
+    root, tmp = checkpoint_root(save_dir), temporary_path(save_dir, name, tag)
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

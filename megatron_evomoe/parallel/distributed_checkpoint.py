@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -76,22 +77,20 @@ class DistributedCheckpointer:
         extras = io.BytesIO()
         torch.save(plain, extras)
         state = {**boxes, extras_key(self.rank): extras}
-        final = ckpt.checkpoint_root(save_dir) / name
-        tmp, error = None, None
-        if self.rank == 0:
+        final, tmp, error = ckpt.checkpoint_root(save_dir) / name, ckpt.temporary_path(save_dir, name, self.tag), None
+        if self.rank == 0:  # a fresh folder, made once for all ranks
             try:
-                tmp = ckpt.temporary_folder(save_dir, name, self.tag)
+                ckpt.temporary_folder(save_dir, name, self.tag)
             except ckpt.CheckpointError as e:
                 error = str(e)
         self._agree(error)
-        tmp = ckpt.checkpoint_root(save_dir) / f".tmp-{name}-{self.tag}"
         try:
             with _quiet():
                 dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True),
                          planner=BoxSavePlanner(), process_group=self.group, no_dist=self.group is None)
         except Exception as e:  # noqa: BLE001 - DCP reports any rank's failure on every rank
             if self.rank == 0:
-                ckpt.shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
             _raise_comm_failure(e)
             raise ckpt.CheckpointError(f"could not save checkpoint {final}: {_first_line(e)}; "
                                        f"{ckpt._previous(save_dir)}") from e
