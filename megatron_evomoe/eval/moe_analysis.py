@@ -52,10 +52,13 @@ def lm_loss(model, batches) -> float:
 
 @torch.no_grad()
 def analyze(model, cfg, bundle, num_samples: int = 128, batch_size: int = 32, max_tokens: int = 512,
-            shuffle_seed: int = 0, pope: bool = True, stage_idx: int = -1) -> dict:
-    """`stage_idx`: the checkpoint's stage, whose conversation template the data is rendered with."""
+            shuffle_seed: int = 0, pope: bool = True, stage_idx: int = -1, lm_file: str = "instruct.json") -> dict:
+    """`stage_idx`: the checkpoint's stage, whose conversation template the data is rendered with.
+    `lm_file`: the records (under the data root) whose last `num_samples` give the LM loss and the routing
+    statistics; the default, the training file, makes that loss held-in. The POPE scores carry `correct`,
+    1/0 per question (with the router shuffled too)."""
     model.eval()
-    data = LlavaDataset(bundle.root / "instruct.json", bundle.root / "images", bundle.tokenizer, cfg.data.seq_len,
+    data = LlavaDataset(bundle.root / lm_file, bundle.root / "images", bundle.tokenizer, cfg.data.seq_len,
                         cfg.vision.num_image_tokens, ImageProcessor.from_config(cfg.vision),
                         template=stage_template(cfg, stage_idx, bundle.tokenizer))
     # the last records: the sampler may have reached the first ones less often
@@ -78,9 +81,10 @@ def analyze(model, cfg, bundle, num_samples: int = 128, batch_size: int = 32, ma
         result["lm_loss_router_shuffled"] = lm_loss(model, batches)
     if pope:
         device = next(model.parameters()).device
-        result["pope"] = evaluate_pope(model, bundle, cfg, device, stage_idx=stage_idx)
+        result["pope"] = evaluate_pope(model, bundle, cfg, device, stage_idx=stage_idx, per_question=True)
         with shuffled_routers(model, shuffle_seed):
-            result["pope_router_shuffled"] = evaluate_pope(model, bundle, cfg, device, stage_idx=stage_idx)
+            result["pope_router_shuffled"] = evaluate_pope(model, bundle, cfg, device, stage_idx=stage_idx,
+                                                           per_question=True)
         result["pope_f1_drop_under_shuffle"] = result["pope"]["f1"] - result["pope_router_shuffled"]["f1"]
         result["pope_acc_drop_under_shuffle"] = result["pope"]["accuracy"] - result["pope_router_shuffled"]["accuracy"]
     result["lm_loss_increase_under_shuffle"] = result["lm_loss_router_shuffled"] - result["lm_loss"]

@@ -11,7 +11,7 @@ from .data_setup import POPE_ANSWER_TOKENS, pope_dataset
 
 @torch.no_grad()
 def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: int = 64,
-                  blind_baseline: bool = True, stage_idx: int = -1, step=None) -> dict:
+                  blind_baseline: bool = True, stage_idx: int = -1, step=None, per_question: bool = False) -> dict:
     """Greedy answers to the held-out yes/no questions -> accuracy, precision, recall, F1, yes-ratio.
 
     With `blind_baseline`, the same questions are also asked with blank images
@@ -20,9 +20,12 @@ def evaluate_pope(model, bundle, cfg: Config, device: torch.device, batch_size: 
     the blind score shows that the model looks at the image.  The prompts use stage `stage_idx`'s
     conversation template (the stage just trained; negative: from the end). `step`: the decoding
     step function (`generation.decode`); under PP every rank of the pipeline calls this in step with
-    `parallel.pipeline_generation.decode_step_for(state)` and gets the same scores.
+    `parallel.pipeline_generation.decode_step_for(state)` and gets the same scores. `per_question`: also
+    `correct`, 1/0 per question in file order (what a bootstrap over questions resamples).
     """
     scores = _pope_scores(model, bundle, cfg, device, batch_size, blind=False, stage_idx=stage_idx, step=step)
+    if not per_question:
+        del scores["correct"]
     if blind_baseline:
         blind = _pope_scores(model, bundle, cfg, device, batch_size, blind=True, stage_idx=stage_idx, step=step)
         scores.update(blind_accuracy=blind["accuracy"], blind_f1=blind["f1"])
@@ -50,4 +53,5 @@ def _pope_scores(model, bundle, cfg: Config, device: torch.device, batch_size: i
             preds.append(parse_yes_no(bundle.tokenizer.decode(ids, skip_special_tokens=True).strip()))
             labels.append(s.label)
     model.train(was_training)
-    return {**pope_metrics(preds, labels), "num_questions": n}
+    correct = [int(p == str(y).lower()) for p, y in zip(preds, labels)]  # (labels: "yes"/"no")
+    return {**pope_metrics(preds, labels), "num_questions": n, "correct": correct}
