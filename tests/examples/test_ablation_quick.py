@@ -48,6 +48,7 @@ def test_quick_study_fills_every_table_and_restarts_without_redoing_runs(tmp_pat
     # every stage III run keeps its answers per question, for the bootstrap
     row = json.loads(next((out / "results").glob("*paper__evolution_dtr.json")).read_text())
     assert len(row["pope_correct"]) == 16 and set(row["pope_correct"]) <= {0, 1}
+    assert sum(row["pope_correct"]) / 16 == pytest.approx(row["pope_acc"])
     # a rerun of the finished study redoes nothing and reports the same tables
     again = _study(out, data_root)
     assert again.returncode == 0, again.stderr[-3000:]
