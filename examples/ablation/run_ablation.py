@@ -22,7 +22,7 @@ leaves `results/<seed>__<protocol>__<variant>.json` and is not redone; a killed 
 checkpoint. Held-out LM loss: 256 instruction records split off before training (`<out>/data`).
 The tables, paired tests and plots come from `study_report.py` (also runnable alone on `<out>`).
 
-    python examples/ablation/run_ablation.py --out runs/ablation --jobs 2          # full study (~45 min, 2 cores)
+    python examples/ablation/run_ablation.py --out runs/ablation --jobs 2          # full study (~1 h, 2 cores)
     python examples/ablation/run_ablation.py --out runs/ablation --quick --jobs 1  # smoke run for CI
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ VARIANTS = {
 }
 PROTOCOLS = ("paper", "moe_llava")
 # stage II: 700 steps is where the evolved experts' distance from FFN1 reaches 95% of its final value
-# (RESULTS.md, "How long stage II must be"); stage III: 200, the router's loss flat well before
+# (RESULTS.md, "How long stage II must be"); stage III: 200, its training loss (logged every 25 steps)
+# shows no downward trend after the first 50; that length was not varied
 FULL = {"projector": 150, "warmup": 1200, "stage2": 700, "stage3": 200, "eval": 632, "heldout": 256}
 QUICK = {"projector": 10, "warmup": 20, "stage2": 10, "stage3": 10, "eval": 16, "heldout": 16}
 FIRST_SEED = 42
